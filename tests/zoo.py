@@ -1,0 +1,488 @@
+"""A zoo of small test architectures written in plain PyTorch.
+
+Nothing here imports ``tunnelgraph``: the zoo is the material the library is
+tested against. Every model is tiny (a CPU forward costs a few milliseconds at
+most), is returned in eval mode, and is deterministic given the global torch
+seed that the caller sets before calling ``entry.build()``.
+
+Models with BatchNorm get non-trivial running statistics and affine
+parameters, so that BN folding / tracing tests actually exercise them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    name: str  # short id, used as pytest id
+    build: Callable[[], nn.Module]  # builds a fresh model (eval mode)
+    input_shape: tuple[int, ...]  # example input shape INCLUDING batch dim
+    has_batchnorm: bool
+    traceable: bool = True  # False only for the untraceable model
+
+
+def example_input(
+    entry: ZooEntry, dtype: torch.dtype = torch.float32, batch: int | None = None
+) -> torch.Tensor:
+    """Random standard-normal input of ``entry.input_shape``.
+
+    ``batch`` replaces the leading (batch) dimension when given.
+    """
+    shape = tuple(entry.input_shape)
+    if batch is not None:
+        shape = (int(batch),) + shape[1:]
+    return torch.randn(shape, dtype=dtype)
+
+
+def _randomize_batchnorm(model: nn.Module) -> nn.Module:
+    """Give every BatchNorm non-trivial running stats and affine params."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                n = m.num_features
+                if m.affine:
+                    m.weight.uniform_(0.5, 1.5)
+                    m.bias.copy_(torch.randn(n) * 0.1)
+                if m.track_running_stats:
+                    m.running_mean.copy_(torch.randn(n) * 0.2)
+                    m.running_var.uniform_(0.5, 2.0)
+                    m.num_batches_tracked.fill_(10)
+    return model
+
+
+def _finish(model: nn.Module) -> nn.Module:
+    return _randomize_batchnorm(model).eval()
+
+
+# ---------------------------------------------------------------------------
+# 1. mlp_tanh
+# ---------------------------------------------------------------------------
+class MLPTanh(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(10, 16)
+        self.act1 = nn.Tanh()
+        self.fc2 = nn.Linear(16, 12)
+        self.act2 = nn.Tanh()
+        self.fc3 = nn.Linear(12, 8)
+        self.act3 = nn.Tanh()
+        self.fc4 = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act1(self.fc1(x))
+        x = self.act2(self.fc2(x))
+        x = self.act3(self.fc3(x))
+        return self.fc4(x)
+
+
+# ---------------------------------------------------------------------------
+# 2. paper_cnn
+# ---------------------------------------------------------------------------
+class PaperCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 8, 5)
+        self.act = nn.Sigmoid()
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(8 * 24 * 24, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.flatten(self.act(self.conv(x))))
+
+
+# ---------------------------------------------------------------------------
+# 3. paper_deep_cnn
+# ---------------------------------------------------------------------------
+class PaperDeepCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        in_ch = 3
+        for _ in range(3):
+            layers += [
+                nn.Conv2d(in_ch, 64, 3, padding=1),
+                nn.BatchNorm2d(64),
+                nn.ReLU(),
+                nn.MaxPool2d(2, stride=2),
+            ]
+            in_ch = 64
+        for _ in range(2):
+            layers += [nn.Conv2d(64, 64, 3, padding=1), nn.ReLU()]
+        self.features = nn.Sequential(*layers)
+        self.flatten = nn.Flatten()
+        self.classifier = nn.Linear(64 * 4 * 4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.flatten(self.features(x)))
+
+
+# ---------------------------------------------------------------------------
+# 4. conv_stride_pad_dilation
+# ---------------------------------------------------------------------------
+class ConvStridePadDilation(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, stride=2, padding=1)  # 16 -> 8
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(8, 12, 3, padding=2, dilation=2)  # 8 -> 8
+        self.relu2 = nn.ReLU()
+        self.conv3 = nn.Conv2d(12, 6, 3, stride=1, padding=1)  # 8 -> 8
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(6 * 8 * 8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu1(self.conv1(x))
+        x = self.relu2(self.conv2(x))
+        x = self.conv3(x)
+        return self.fc(self.flatten(x))
+
+
+# ---------------------------------------------------------------------------
+# 5. conv1d
+# ---------------------------------------------------------------------------
+class Conv1dNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv1d(4, 8, 3, padding=1)  # 32 -> 32
+        self.relu = nn.ReLU()
+        self.conv2 = nn.Conv1d(8, 8, 5, stride=2)  # 32 -> 14
+        self.elu = nn.ELU()
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(8 * 14, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.conv1(x))
+        x = self.elu(self.conv2(x))
+        return self.fc(self.flatten(x))
+
+
+# ---------------------------------------------------------------------------
+# 6. grouped_conv
+# ---------------------------------------------------------------------------
+class GroupedConv(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(4, 8, 3, padding=1)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, groups=4)
+        self.relu2 = nn.ReLU()
+        self.conv3 = nn.Conv2d(8, 8, 1)
+        self.relu3 = nn.ReLU()
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(8 * 8 * 8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu1(self.conv1(x))
+        x = self.relu2(self.conv2(x))
+        x = self.relu3(self.conv3(x))
+        return self.fc(self.flatten(x))
+
+
+# ---------------------------------------------------------------------------
+# 7. depthwise_separable
+# ---------------------------------------------------------------------------
+class DepthwiseSeparable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.expand = nn.Conv2d(3, 8, 1)
+        self.relu = nn.ReLU()
+        self.depthwise = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.hardswish = nn.Hardswish()
+        self.pointwise = nn.Conv2d(8, 12, 1)
+        self.silu = nn.SiLU()
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(12 * 8 * 8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.expand(x))
+        x = self.hardswish(self.depthwise(x))
+        x = self.silu(self.pointwise(x))
+        return self.fc(self.flatten(x))
+
+
+# ---------------------------------------------------------------------------
+# 8. resnet_stack
+# ---------------------------------------------------------------------------
+class BasicBlock(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.relu = nn.ReLU()  # used twice, as in torchvision's BasicBlock
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out = out + identity
+        return self.relu(out)
+
+
+class ResNetStack(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1, bias=False),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+        )
+        self.layer1 = nn.Sequential(BasicBlock(8), BasicBlock(8))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layer1(self.stem(x))
+        return self.fc(self.flatten(self.pool(x)))
+
+
+# ---------------------------------------------------------------------------
+# 9. inception_concat
+# ---------------------------------------------------------------------------
+class InceptionConcat(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv_in = nn.Conv2d(3, 8, 1)
+        self.relu_in = nn.ReLU()
+        self.b1_conv = nn.Conv2d(8, 4, 1)
+        self.b1_act = nn.ReLU()
+        self.b2_conv = nn.Conv2d(8, 6, 3, padding=1)
+        self.b2_act = nn.ReLU()
+        self.b3_conv = nn.Conv2d(8, 5, 1)
+        self.b3_act = nn.Tanh()
+        self.conv_out = nn.Conv2d(15, 8, 1)
+        self.relu_out = nn.ReLU()
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(8 * 6 * 6, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu_in(self.conv_in(x))
+        b1 = self.b1_act(self.b1_conv(x))
+        b2 = self.b2_act(self.b2_conv(x))
+        b3 = self.b3_act(self.b3_conv(x))
+        x = torch.cat([b1, b2, b3], dim=1)
+        x = self.relu_out(self.conv_out(x))
+        return self.fc(self.flatten(x))
+
+
+# ---------------------------------------------------------------------------
+# 10. transformer_mlp
+# ---------------------------------------------------------------------------
+class TransformerMLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ln = nn.LayerNorm(16)
+        self.fc1 = nn.Linear(16, 32)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(32, 16)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.fc2(self.act(self.fc1(self.ln(x))))
+        return self.head(x)
+
+
+# ---------------------------------------------------------------------------
+# 11. functional_mix
+# ---------------------------------------------------------------------------
+class FunctionalMix(nn.Module):
+    """Mixes nn modules with functional / torch-level activations."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)  # 8 -> 8
+        self.conv2 = nn.Conv2d(6, 6, 3, stride=2, padding=1)  # 8 -> 4
+        self.fc1 = nn.Linear(6 * 4 * 4, 16)
+        self.fc2 = nn.Linear(16, 16)
+        self.fc3 = nn.Linear(16, 12)
+        self.fc4 = nn.Linear(12, 12)
+        self.fc5 = nn.Linear(12, 8)
+        self.fc6 = nn.Linear(8, 8)
+        self.fc7 = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.conv1(x))
+        x = torch.tanh(self.conv2(x))
+        x = x * 2.0
+        x = x.view(x.size(0), -1)
+        x = F.leaky_relu(self.fc1(x), 0.1)
+        x = F.gelu(self.fc2(x))
+        x = F.silu(self.fc3(x))
+        x = F.softplus(self.fc4(x))
+        x = F.elu(self.fc5(x))
+        x = torch.relu(self.fc6(x))
+        x = torch.sigmoid(self.fc7(x))
+        return x
+
+
+# ---------------------------------------------------------------------------
+# 12. hardcoded_view
+# ---------------------------------------------------------------------------
+class HardcodedView(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 3)  # 8 -> 6
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(4, 6, 3)  # 6 -> 4
+        self.relu2 = nn.ReLU()
+        self.fc = nn.Linear(96, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu1(self.conv1(x))
+        x = self.relu2(self.conv2(x))
+        x = x.view(-1, 96)  # literal width: 6 * 4 * 4
+        return self.fc(x)
+
+
+# ---------------------------------------------------------------------------
+# 13. untraceable
+# ---------------------------------------------------------------------------
+class Untraceable(nn.Module):
+    """Data-dependent Python control flow: torch.fx.symbolic_trace fails."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(10, 8)
+        self.fc2 = nn.Linear(8, 4)
+        self.fc3 = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.fc1(x))
+        if h.sum() > 0:
+            return self.fc2(h)
+        return self.fc3(h)
+
+
+# ---------------------------------------------------------------------------
+# 14. mlp_bn_dropout
+# ---------------------------------------------------------------------------
+class MLPBNDropout(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(10, 16)
+        self.bn = nn.BatchNorm1d(16)
+        self.relu = nn.ReLU()
+        self.dropout = nn.Dropout(0.1)
+        self.fc2 = nn.Linear(16, 8)
+        self.sigmoid = nn.Sigmoid()
+        self.fc3 = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.dropout(self.relu(self.bn(self.fc1(x))))
+        x = self.sigmoid(self.fc2(x))
+        return self.fc3(x)
+
+
+# ---------------------------------------------------------------------------
+# 15. conv_bn_pool_avg
+# ---------------------------------------------------------------------------
+class ConvBNPoolAvg(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.relu = nn.ReLU()
+        self.avgpool = nn.AvgPool2d(2)  # 8 -> 4
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.lrelu = nn.LeakyReLU(0.2)
+        self.maxpool = nn.MaxPool2d(2)  # 4 -> 2
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(8 * 2 * 2, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.avgpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.maxpool(self.lrelu(self.conv2(x)))
+        return self.fc(self.flatten(x))
+
+
+# ---------------------------------------------------------------------------
+# 16. softplus_sigmoid_mlp
+# ---------------------------------------------------------------------------
+class SoftplusSigmoidMLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(6, 10)
+        self.softplus = nn.Softplus()
+        self.fc2 = nn.Linear(10, 10)
+        self.sigmoid = nn.Sigmoid()
+        self.fc3 = nn.Linear(10, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.softplus(self.fc1(x))
+        x = self.sigmoid(self.fc2(x))
+        return self.fc3(x)
+
+
+# ---------------------------------------------------------------------------
+# 17. functional_flatten (torch.flatten + torch.sigmoid on the conv path)
+# ---------------------------------------------------------------------------
+class FunctionalFlatten(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3)  # 6 -> 4
+        self.fc1 = nn.Linear(4 * 4 * 4, 8)
+        self.fc2 = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.sigmoid(self.conv(x))
+        x = torch.flatten(x, 1)
+        x = F.relu(self.fc1(x))
+        return self.fc2(x)
+
+
+def _builder(cls: type[nn.Module]) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        return _finish(cls())
+
+    build.__name__ = f"build_{cls.__name__}"
+    build.__qualname__ = build.__name__
+    return build
+
+
+ZOO: list[ZooEntry] = [
+    ZooEntry("mlp_tanh", _builder(MLPTanh), (4, 10), has_batchnorm=False),
+    ZooEntry("paper_cnn", _builder(PaperCNN), (4, 1, 28, 28), has_batchnorm=False),
+    ZooEntry("paper_deep_cnn", _builder(PaperDeepCNN), (2, 3, 32, 32), has_batchnorm=True),
+    ZooEntry(
+        "conv_stride_pad_dilation",
+        _builder(ConvStridePadDilation),
+        (4, 3, 16, 16),
+        has_batchnorm=False,
+    ),
+    ZooEntry("conv1d", _builder(Conv1dNet), (4, 4, 32), has_batchnorm=False),
+    ZooEntry("grouped_conv", _builder(GroupedConv), (4, 4, 8, 8), has_batchnorm=False),
+    ZooEntry(
+        "depthwise_separable", _builder(DepthwiseSeparable), (4, 3, 8, 8), has_batchnorm=False
+    ),
+    ZooEntry("resnet_stack", _builder(ResNetStack), (4, 3, 8, 8), has_batchnorm=True),
+    ZooEntry("inception_concat", _builder(InceptionConcat), (4, 3, 6, 6), has_batchnorm=False),
+    ZooEntry("transformer_mlp", _builder(TransformerMLP), (4, 5, 16), has_batchnorm=False),
+    ZooEntry("functional_mix", _builder(FunctionalMix), (4, 3, 8, 8), has_batchnorm=False),
+    ZooEntry("hardcoded_view", _builder(HardcodedView), (4, 1, 8, 8), has_batchnorm=False),
+    ZooEntry(
+        "untraceable", _builder(Untraceable), (4, 10), has_batchnorm=False, traceable=False
+    ),
+    ZooEntry("mlp_bn_dropout", _builder(MLPBNDropout), (4, 10), has_batchnorm=True),
+    ZooEntry("conv_bn_pool_avg", _builder(ConvBNPoolAvg), (4, 3, 8, 8), has_batchnorm=True),
+    ZooEntry(
+        "softplus_sigmoid_mlp", _builder(SoftplusSigmoidMLP), (4, 6), has_batchnorm=False
+    ),
+    ZooEntry(
+        "functional_flatten", _builder(FunctionalFlatten), (4, 2, 6, 6), has_batchnorm=False
+    ),
+]
+
+TRACEABLE: list[ZooEntry] = [e for e in ZOO if e.traceable]
+
+ZOO_BY_NAME: dict[str, ZooEntry] = {e.name: e for e in ZOO}
+
+__all__ = ["ZooEntry", "ZOO", "TRACEABLE", "ZOO_BY_NAME", "example_input"]

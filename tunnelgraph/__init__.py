@@ -1,0 +1,41 @@
+"""tunnelgraph: function-preserving structural rewrites of neural networks, as graphs.
+
+Trace a model into a DAG of units, find the channels that can be cloned
+(tunnel sites), and open, close or reorganise tunnels without changing the
+function the network computes (Escaping Flat Areas via Function-Preserving
+Structural Network Modifications).
+"""
+
+from tunnelgraph.analysis.groups import THROUGH_OPTIONS, ChannelGroup, ParamSlice
+from tunnelgraph.analysis.sites import AnalysisReport, Site
+from tunnelgraph.api import analyze, apply_edit, find_sites, merge, reorganize, rewrite
+from tunnelgraph.errors import RewriteError, SiteError, TraceError, TunnelgraphError
+from tunnelgraph.frontends.fx import trace
+from tunnelgraph.ir import Graph
+from tunnelgraph.rewrite.edits import ChannelEdit
+from tunnelgraph.verify import EquivalenceReport, verify
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "THROUGH_OPTIONS",
+    "AnalysisReport",
+    "ChannelEdit",
+    "ChannelGroup",
+    "EquivalenceReport",
+    "Graph",
+    "ParamSlice",
+    "RewriteError",
+    "Site",
+    "SiteError",
+    "TraceError",
+    "TunnelgraphError",
+    "analyze",
+    "apply_edit",
+    "find_sites",
+    "merge",
+    "reorganize",
+    "rewrite",
+    "trace",
+    "verify",
+]

@@ -1,0 +1,1 @@
+"""The rule engine: channel groups, legal clone sites and why other places are not sites."""

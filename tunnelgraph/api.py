@@ -1,0 +1,215 @@
+"""The public entry points: find sites, analyse, and rewrite PyTorch models.
+
+Every rewrite returns a new model and leaves its input untouched unless
+``inplace=True``; a rewrite that fails raises before anything is changed.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterable, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from tunnelgraph.analysis.groups import ChannelGroup, channel_groups, check_through
+from tunnelgraph.analysis.sites import AnalysisReport, Site, analyze_graph, find_site, sites_of
+from tunnelgraph.backends.pytorch import apply_plan
+from tunnelgraph.errors import SiteError
+from tunnelgraph.frontends.fx import trace
+from tunnelgraph.ir import Graph
+from tunnelgraph.rewrite import edits
+from tunnelgraph.rewrite.edits import ChannelEdit, Coefficient
+from tunnelgraph.rewrite.plan import plan_edit
+
+logger = logging.getLogger(__name__)
+
+ExampleInputs = Union[torch.Tensor, Sequence[torch.Tensor]]
+Lambda = Union[float, Sequence[float], np.ndarray, torch.Tensor]
+
+
+def find_sites(
+    model: nn.Module | Graph, example_inputs: ExampleInputs | None = None, *, through: Iterable[str] = ()
+) -> list[Site]:
+    """Every channel of ``model`` that can be cloned function-preservingly.
+
+    Args:
+        model: a PyTorch module (traced with ``torch.fx`` on
+            ``example_inputs``) or an already traced :class:`Graph`.
+        example_inputs: inputs of the model's forward (shapes matter).
+        through: per-channel operations that sites may pass, cloning them
+            with the channel: any of ``"batchnorm"``, ``"pooling"``,
+            ``"dropout"``, ``"depthwise"``. By default, as in the paper,
+            units feeding them are not sites.
+
+    Returns:
+        The sites, group by group in graph order, channels in order.
+    """
+    return sites_of(channel_groups(_graph(model, example_inputs), through))
+
+
+def analyze(
+    model: nn.Module | Graph, example_inputs: ExampleInputs | None = None, *, through: Iterable[str] = ()
+) -> AnalysisReport:
+    """Every hidden channel group of ``model``, legal or not, and why (see :func:`find_sites`)."""
+    return analyze_graph(_graph(model, example_inputs), through)
+
+
+def rewrite(
+    model: nn.Module,
+    site: Site | str,
+    lam: Lambda = 0.5,
+    *,
+    example_inputs: ExampleInputs | None = None,
+    through: Iterable[str] = (),
+    inplace: bool = False,
+) -> nn.Module:
+    """Open a tunnel: clone ``site``'s channel into a new last channel of its group.
+
+    The clone copies the channel's inbound weights, bias and per-channel
+    parameters (batch-norm statistics included). Outbound weight ``w`` of the
+    channel becomes ``lam * w`` and the clone's ``(1 - lam) * w``, so the
+    network computes the same function.
+
+    Args:
+        model: the network; not modified unless ``inplace``.
+        site: a :class:`Site` from :func:`find_sites` on this model, or its
+            name (then ``example_inputs`` and ``through`` are needed to find it).
+        lam: a number, or a vector of ``site.outbound_size`` numbers in the
+            order documented on :class:`Site` (consumer by consumer,
+            row-major over each consumer's weight columns of the channel).
+        inplace: edit ``model`` itself instead of a copy.
+
+    Returns:
+        The rewritten model, with one more channel in the site's group.
+    """
+    resolved = _resolve(model, site, example_inputs, through)
+    vector = _lambda(lam, resolved)
+    edit = edits.clone(resolved.group.size, resolved.channel, vector)
+    return _apply(model, resolved.group, edit, inplace)
+
+
+def merge(
+    model: nn.Module,
+    site: Site | str,
+    into: int,
+    *,
+    example_inputs: ExampleInputs | None = None,
+    through: Iterable[str] = (),
+    inplace: bool = False,
+) -> nn.Module:
+    """Close a tunnel: merge ``site``'s channel into channel ``into`` of the same group.
+
+    Inbound weights, biases and per-channel parameters of ``into`` become the
+    mean of the two channels; outbound weights are summed; ``site``'s
+    channel is removed. Exact when the two channels have equal inbound
+    weights (right after :func:`rewrite`); otherwise it changes the function,
+    which :func:`verify` measures.
+    """
+    resolved = _resolve(model, site, example_inputs, through)
+    edit = _edit(lambda: edits.merge(resolved.group.size, resolved.channel, into))
+    return _apply(model, resolved.group, edit, inplace)
+
+
+def reorganize(
+    model: nn.Module,
+    merge: tuple[Site | str, int],
+    clone: Site | str | int,
+    lam: Lambda = 0.5,
+    *,
+    example_inputs: ExampleInputs | None = None,
+    through: Iterable[str] = (),
+    inplace: bool = False,
+) -> nn.Module:
+    """The paper's shape-preserving tunnel (MATH.md section 6).
+
+    ``merge = (site, into)`` merges ``site``'s channel into channel ``into``
+    (as :func:`merge`); then ``clone`` (a site or a channel index of the same
+    group) is cloned into the slot that the merge freed, splitting its
+    outbound weights by ``lam`` (as :func:`rewrite`). Every shape is kept.
+    The merge is exact only when the two merged channels are redundant;
+    measure the change with :func:`verify`.
+    """
+    merged_site, into = merge
+    resolved = _resolve(model, merged_site, example_inputs, through)
+    group = resolved.group
+    if isinstance(clone, int):
+        cloned = clone
+    else:
+        cloned_site = _resolve(model, clone, example_inputs, through)
+        if cloned_site.group.name != group.name:
+            raise SiteError(
+                f"the cloned site {cloned_site.name} is not in the merged site's group '{group.name}'"
+            )
+        cloned = cloned_site.channel
+    vector = _lambda(lam, resolved)
+    edit = _edit(lambda: edits.reorganize(group.size, resolved.channel, into, cloned, vector))
+    return _apply(model, group, edit, inplace)
+
+
+def apply_edit(model: nn.Module, group: ChannelGroup, edit: ChannelEdit, *, inplace: bool = False) -> nn.Module:
+    """Apply any channel edit (see :mod:`tunnelgraph.rewrite.edits`) to one group of ``model``."""
+    return _apply(model, group, edit, inplace)
+
+
+def _apply(model: nn.Module, group: ChannelGroup, edit: ChannelEdit, inplace: bool) -> nn.Module:
+    if not group.legal:
+        raise SiteError(f"group '{group.name}' cannot be rewritten: {'; '.join(group.reasons)}")
+    plan = plan_edit(group, edit)
+    result = apply_plan(model, plan, inplace=inplace)
+    logger.debug("group '%s': %d -> %d channels", group.name, group.size, plan.result.size)
+    return result
+
+
+def _graph(model: nn.Module | Graph, example_inputs: ExampleInputs | None) -> Graph:
+    if isinstance(model, Graph):
+        return model
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected an nn.Module or a tunnelgraph Graph, got {type(model).__name__}")
+    if example_inputs is None:
+        raise ValueError(
+            "example_inputs are required to trace a PyTorch model: pass a tensor (or a tuple of "
+            "tensors) of the shape the model's forward expects"
+        )
+    return trace(model, example_inputs)
+
+
+def _resolve(
+    model: nn.Module, site: Site | str, example_inputs: ExampleInputs | None, through: Iterable[str]
+) -> Site:
+    if isinstance(site, Site):
+        return site
+    if not isinstance(site, str):
+        raise TypeError(f"site must be a tunnelgraph Site or its name, got {type(site).__name__}")
+    if example_inputs is None:
+        raise SiteError(
+            f"to find site {site!r} by name, pass example_inputs= (and through= if the site "
+            "passes batch norm, pooling, dropout or depthwise layers), or pass a Site from "
+            "tg.find_sites"
+        )
+    return find_site(channel_groups(trace(model, example_inputs), check_through(through)), site)
+
+
+def _lambda(lam: Lambda, site: Site) -> Coefficient:
+    if isinstance(lam, torch.Tensor):
+        lam = lam.detach().cpu().double().numpy()
+    array = np.asarray(lam, dtype=np.float64)
+    if not np.all(np.isfinite(array)):
+        raise ValueError("lam must be finite")
+    if array.ndim == 0:
+        return float(array)
+    if array.shape != (site.outbound_size,):
+        raise ValueError(
+            f"lam must be a number or a vector of {site.outbound_size} entries (one per outbound "
+            f"weight of site {site.name}, consumers {', '.join(site.consumers)}); got shape "
+            f"{array.shape}"
+        )
+    return array
+
+
+def _edit(build) -> ChannelEdit:  # type: ignore[no-untyped-def]
+    try:
+        return build()
+    except ValueError as error:
+        raise SiteError(str(error)) from error

@@ -1,0 +1,1 @@
+"""Backends apply rewrite plans to a framework's model."""

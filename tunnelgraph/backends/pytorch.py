@@ -1,0 +1,160 @@
+"""Torch backend: apply a :class:`RewritePlan` to an ``nn.Module``.
+
+The result is an ordinary module: the same classes (``nn.Linear``,
+``nn.Conv2d``, ``nn.BatchNorm2d``, ...) with resized parameters and
+consistent attributes, so ``state_dict``, saving, loading and
+``torch.onnx.export`` work. Only when the forward hard-codes a width in a
+reshape (``x.view(-1, 4608)``) is the result a ``torch.fx.GraphModule``
+carrying the updated constant.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any
+
+import torch
+import torch.fx
+import torch.nn as nn
+
+from tunnelgraph.analysis.groups import ChannelGroup, WidthLiteral
+from tunnelgraph.errors import RewriteError, SiteError
+from tunnelgraph.rewrite.plan import RewritePlan, TensorEdit
+
+logger = logging.getLogger(__name__)
+
+
+def apply_plan(model: nn.Module, plan: RewritePlan, *, inplace: bool = False) -> nn.Module:
+    """Apply ``plan`` to ``model`` and return the rewritten module.
+
+    Every new tensor is computed before anything is assigned, so a failure
+    leaves ``model`` untouched; unless ``inplace`` is true, ``model`` is
+    deep-copied and the copy is edited.
+    """
+    check_fits(model, plan.group)
+    state = _tensors(model)
+    new_tensors = {}
+    with torch.no_grad():
+        for tensor_edit in plan.tensors:
+            name = tensor_edit.slice.param
+            new_tensors[name] = edit_tensor(state[name].detach(), tensor_edit)
+    target = model if inplace else copy.deepcopy(model)
+    modules = []
+    for name, tensor in new_tensors.items():
+        module_name, _, attribute = name.rpartition(".")
+        module = target.get_submodule(module_name)
+        if attribute in module._parameters:
+            old = module._parameters[attribute]
+            module._parameters[attribute] = nn.Parameter(tensor, requires_grad=old.requires_grad)
+        else:
+            module._buffers[attribute] = tensor
+        if module not in modules:
+            modules.append(module)
+    for module in modules:
+        _resize(module)
+    if plan.literals:
+        target = _patch_literals(target, plan.group.literals, plan.literals)
+    return target
+
+
+def check_fits(model: nn.Module, group: ChannelGroup) -> None:
+    """Raise :class:`SiteError` unless ``model``'s parameters have the shapes ``group`` expects."""
+    state = _tensors(model)
+    for param_slice in group.slices:
+        tensor = state.get(param_slice.param)
+        if tensor is None:
+            raise SiteError(
+                f"the model has no parameter '{param_slice.param}' that group '{group.name}' "
+                "refers to; find sites on this model with tg.find_sites(model, example_inputs)"
+            )
+        if tuple(tensor.shape) != param_slice.shape:
+            raise SiteError(
+                f"group '{group.name}' was found on a model where '{param_slice.param}' has shape "
+                f"{param_slice.shape}, but here it has {tuple(tensor.shape)}; find sites on this "
+                "model with tg.find_sites(model, example_inputs)"
+            )
+
+
+def edit_tensor(tensor: torch.Tensor, tensor_edit: TensorEdit) -> torch.Tensor:
+    """The rewritten copy of ``tensor`` (see :class:`TensorEdit`)."""
+    param_slice = tensor_edit.slice
+    axis, block, offset = param_slice.axis, param_slice.block, param_slice.offset
+    span = tensor_edit.size * block
+    segment = tensor.narrow(axis, offset, span)
+    index = [
+        (copied if copied is not None else 0) * block + element
+        for copied in tensor_edit.copies
+        for element in range(block)
+    ]
+    new_segment = segment.index_select(axis, torch.tensor(index, device=tensor.device))
+    for new, copied in enumerate(tensor_edit.copies):
+        if copied is not None:
+            continue
+        value = torch.zeros_like(segment.narrow(axis, 0, block))
+        for old, factor in tensor_edit.sources[new]:
+            coefficient = torch.as_tensor(factor, dtype=tensor.dtype, device=tensor.device)
+            value = value + coefficient * segment.narrow(axis, old * block, block)
+        new_segment.narrow(axis, new * block, block).copy_(value)
+    head = tensor.narrow(axis, 0, offset)
+    tail = tensor.narrow(axis, offset + span, tensor.shape[axis] - offset - span)
+    return torch.cat([head, new_segment, tail], dim=axis).contiguous()
+
+
+def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = dict(model.named_parameters())
+    tensors.update(model.named_buffers())
+    return tensors
+
+
+def _resize(module: nn.Module) -> None:
+    """Make a module's size attributes agree with its (already resized) tensors."""
+    if isinstance(module, nn.Linear):
+        module.out_features, module.in_features = module.weight.shape
+    elif isinstance(module, nn.modules.conv._ConvNd):
+        out_channels = module.weight.shape[0]
+        was_depthwise = module.groups > 1 and module.groups == module.in_channels == module.out_channels
+        if was_depthwise:
+            module.groups = module.in_channels = module.out_channels = out_channels
+        else:
+            module.out_channels = out_channels
+            module.in_channels = module.weight.shape[1] * module.groups
+    elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+        reference = module.running_mean if module.running_mean is not None else module.weight
+        module.num_features = reference.shape[0]
+    else:
+        raise RewriteError(f"tunnelgraph cannot resize a {type(module).__name__}")
+
+
+def _patch_literals(
+    model: nn.Module, before: tuple[WidthLiteral, ...], after: tuple[WidthLiteral, ...]
+) -> torch.fx.GraphModule:
+    """Re-trace ``model`` and rewrite hard-coded reshape widths to their new values."""
+    module = torch.fx.symbolic_trace(model)
+    nodes = {node.name: node for node in module.graph.nodes}
+    for old, new in zip(before, after):
+        node = nodes.get(new.node)
+        if node is None or _read(node.args, new.path) != old.value:
+            raise RewriteError(
+                f"could not find the literal width {old.value} of node '{new.node}' again when "
+                "re-tracing the model; rewrite the forward with x.flatten(1) or x.view(x.size(0), -1)"
+            )
+        node.args = _write(node.args, new.path, new.value)
+    module.recompile()
+    logger.info(
+        "the forward hard-codes %d reshape width(s); returning a torch.fx.GraphModule with "
+        "the updated values", len(after),
+    )
+    return module
+
+
+def _read(args: Any, path: tuple[int, ...]) -> Any:
+    for index in path:
+        args = args[index]
+    return args
+
+
+def _write(args: Any, path: tuple[int, ...], value: int) -> Any:
+    items = list(args)
+    items[path[0]] = value if len(path) == 1 else _write(items[path[0]], path[1:], value)
+    return type(args)(items) if isinstance(args, (tuple, list)) else items

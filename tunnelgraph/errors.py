@@ -1,0 +1,17 @@
+"""Exceptions raised by tunnelgraph; each message names the problem and the way out."""
+
+
+class TunnelgraphError(Exception):
+    """Base class of every error tunnelgraph raises on purpose."""
+
+
+class TraceError(TunnelgraphError):
+    """A model could not be turned into a graph (fx tracing or shape propagation failed)."""
+
+
+class SiteError(TunnelgraphError, ValueError):
+    """A site is unknown, illegal for the requested rewrite, or does not fit the model."""
+
+
+class RewriteError(TunnelgraphError):
+    """A rewrite could not be applied; the input model is left untouched."""

@@ -1,0 +1,429 @@
+"""PyTorch frontend: ``torch.fx`` tracing plus shape propagation into a :class:`Graph`.
+
+Every fx node becomes one IR node. Operations this module does not know
+become ``BLOCKING`` nodes that name the operation, so the rule engine can
+refuse the sites whose paths cross them instead of guessing.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import operator
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.fx.passes.shape_prop import ShapeProp
+
+from tunnelgraph.errors import TraceError
+from tunnelgraph.ir import ChannelMap, Graph, Node, OpKind, ParamRef
+
+logger = logging.getLogger(__name__)
+
+_ACTIVATION_MODULES: tuple[type[nn.Module], ...] = (
+    nn.ReLU, nn.LeakyReLU, nn.Sigmoid, nn.Tanh, nn.GELU, nn.SiLU, nn.ELU, nn.Softplus,
+    nn.Hardswish, nn.ReLU6, nn.Hardtanh, nn.Hardsigmoid, nn.Mish, nn.SELU, nn.CELU,
+    nn.Softsign, nn.Tanhshrink,
+)
+_POOLING_MODULES: tuple[type[nn.Module], ...] = (
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.LPPool1d, nn.LPPool2d,
+)
+_DROPOUT_MODULES: tuple[type[nn.Module], ...] = (
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+)
+_BATCHNORM_MODULES: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_CONV_MODULES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+_ACTIVATION_FUNCTIONS: set[Callable[..., Any]] = {
+    F.relu, F.relu_, torch.relu, torch.relu_, F.leaky_relu, F.leaky_relu_, torch.sigmoid,
+    F.sigmoid, torch.tanh, F.tanh, F.gelu, F.silu, F.elu, F.softplus, F.hardswish, F.relu6,
+    F.hardtanh, F.hardsigmoid, F.mish, F.selu, F.celu, F.softsign, torch.exp, torch.abs,
+    torch.neg, torch.square, operator.neg,
+}
+_ACTIVATION_METHODS = {
+    "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "exp", "abs", "neg", "square",
+}
+_POOLING_FUNCTIONS: set[Callable[..., Any]] = {
+    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
+    F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
+}
+_DROPOUT_FUNCTIONS: set[Callable[..., Any]] = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d}
+_ELEMENTWISE_FUNCTIONS: dict[Callable[..., Any], str] = {
+    operator.add: "add", operator.iadd: "add", torch.add: "add",
+    operator.sub: "sub", operator.isub: "sub", torch.sub: "sub",
+    operator.mul: "mul", operator.imul: "mul", torch.mul: "mul",
+    operator.truediv: "div", operator.itruediv: "div", torch.div: "div",
+}
+_ELEMENTWISE_METHODS = {
+    "add": "add", "add_": "add", "sub": "sub", "sub_": "sub", "mul": "mul", "mul_": "mul",
+    "div": "div", "div_": "div",
+}
+_CONCAT_FUNCTIONS: set[Callable[..., Any]] = {torch.cat, torch.concat, torch.concatenate}
+_RESHAPE_FUNCTIONS: set[Callable[..., Any]] = {torch.flatten, torch.reshape}
+_RESHAPE_METHODS = {"view", "reshape", "flatten"}
+_METADATA_METHODS = {"size", "dim", "numel"}
+_METADATA_ATTRIBUTES = {"shape", "dtype", "device", "ndim"}
+
+
+def trace(
+    model: nn.Module,
+    example_inputs: torch.Tensor | Sequence[torch.Tensor],
+    *,
+    concrete_args: dict[str, Any] | None = None,
+    tracer: torch.fx.Tracer | None = None,
+) -> Graph:
+    """Trace ``model`` with ``torch.fx`` and record every tensor's shape.
+
+    Args:
+        model: the network. It is not modified: shapes are recorded in eval
+            mode under ``torch.no_grad()`` and every module's training flag is
+            restored afterwards.
+        example_inputs: one tensor or a sequence of tensors, passed
+            positionally to ``model``.
+        concrete_args: forwarded to ``torch.fx.symbolic_trace`` to fix
+            arguments that drive Python control flow.
+        tracer: a custom tracer, e.g. one whose ``is_leaf_module`` keeps an
+            untraceable submodule opaque (it then blocks the sites around it).
+
+    Returns:
+        The graph. ``graph.source`` holds the ``torch.fx.GraphModule``.
+
+    Raises:
+        TraceError: fx could not trace the model, or the example inputs do
+            not fit it. The message names the cause and the ways out.
+    """
+    inputs = _as_tuple(example_inputs)
+    try:
+        if tracer is not None:
+            fx_graph = tracer.trace(model, concrete_args=concrete_args)
+            module = torch.fx.GraphModule(tracer.root, fx_graph, model.__class__.__name__)
+        else:
+            module = torch.fx.symbolic_trace(model, concrete_args=concrete_args)
+    except Exception as error:  # fx raises many types; all mean "cannot trace"
+        raise TraceError(
+            f"torch.fx could not trace {type(model).__name__}: {type(error).__name__}: {error}. "
+            "Ways out: pass concrete_args to fix the arguments that drive Python control "
+            "flow, or pass a tracer whose is_leaf_module() keeps the offending submodule "
+            "opaque (its neighbourhood is then reported as blocked), or rewrite the forward "
+            "without data-dependent branches."
+        ) from error
+
+    modes = {name: sub.training for name, sub in model.named_modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            ShapeProp(module).propagate(*inputs)
+    except Exception as error:
+        raise TraceError(
+            f"running {type(model).__name__} on the example inputs failed "
+            f"({type(error).__name__}: {error}); pass example_inputs with the shapes and "
+            "dtypes the model's forward expects."
+        ) from error
+    finally:
+        for name, sub in model.named_modules():
+            sub.train(modes[name])
+
+    graph = _Translator(model, module).run()
+    graph.source = module  # type: ignore[attr-defined]
+    logger.debug("traced %s into %d nodes", type(model).__name__, len(graph))
+    return graph
+
+
+def _as_tuple(example_inputs: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs)
+    raise TypeError(
+        f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}"
+    )
+
+
+def _shape(fx_node: torch.fx.Node) -> tuple[int, ...] | None:
+    meta = fx_node.meta.get("tensor_meta")
+    if meta is None or not hasattr(meta, "shape"):
+        return None
+    return tuple(int(size) for size in meta.shape)
+
+
+class _Translator:
+    """Turns one traced GraphModule into IR nodes, fx node by fx node."""
+
+    def __init__(self, model: nn.Module, module: torch.fx.GraphModule) -> None:
+        self.model = model
+        self.module = module
+        self.graph = Graph(type(model).__name__)
+        self.kinds: dict[str, OpKind] = {}
+        self.aliases = self._parameter_aliases(model)
+
+    @staticmethod
+    def _parameter_aliases(model: nn.Module) -> set[str]:
+        """Names of parameters whose storage is reachable under more than one name."""
+        by_id: dict[int, list[str]] = {}
+        tensors = list(model.named_parameters(remove_duplicate=False))
+        tensors += list(model.named_buffers(remove_duplicate=False))
+        for name, tensor in tensors:
+            by_id.setdefault(id(tensor), []).append(name)
+        return {name for names in by_id.values() if len(names) > 1 for name in names}
+
+    def run(self) -> Graph:
+        for fx_node in self.module.graph.nodes:
+            node = self._translate(fx_node)
+            self.kinds[node.name] = node.kind
+            maps = node.attrs.pop("_maps", None)
+            self.graph.add(node, maps)
+        return self.graph
+
+    # -- helpers -----------------------------------------------------------
+    def _tensor_inputs(self, fx_node: torch.fx.Node) -> tuple[str, ...]:
+        names: list[str] = []
+
+        def visit(arg: Any) -> None:
+            if isinstance(arg, torch.fx.Node):
+                names.append(arg.name)
+            elif isinstance(arg, (tuple, list)):
+                for item in arg:
+                    visit(item)
+            elif isinstance(arg, dict):
+                for item in arg.values():
+                    visit(item)
+
+        visit(fx_node.args)
+        visit(fx_node.kwargs)
+        return tuple(names)
+
+    def _params(self, module_name: str, roles: Sequence[str]) -> dict[str, ParamRef]:
+        sub = self.module.get_submodule(module_name)
+        refs = {}
+        for role in roles:
+            tensor = getattr(sub, role, None)
+            if isinstance(tensor, torch.Tensor):
+                name = f"{module_name}.{role}"
+                refs[role] = ParamRef(name, tuple(tensor.shape), name in self.aliases)
+        return refs
+
+    def _node(self, fx_node: torch.fx.Node, kind: OpKind, op: str, **attrs: Any) -> Node:
+        return Node(
+            name=fx_node.name,
+            kind=kind,
+            op=op,
+            inputs=self._tensor_inputs(fx_node),
+            shape=_shape(fx_node),
+            attrs=attrs,
+        )
+
+    def _blocking(self, fx_node: torch.fx.Node, detail: str) -> Node:
+        return self._node(fx_node, OpKind.BLOCKING, "unknown", detail=detail)
+
+    # -- dispatch ----------------------------------------------------------
+    def _translate(self, fx_node: torch.fx.Node) -> Node:
+        if fx_node.op == "placeholder":
+            return self._node(fx_node, OpKind.INPUT, "input")
+        if fx_node.op == "output":
+            return self._node(fx_node, OpKind.OUTPUT, "output")
+        if fx_node.op == "get_attr":
+            return self._node(fx_node, OpKind.CONSTANT, "constant", target=str(fx_node.target))
+        if fx_node.op == "call_module":
+            return self._module(fx_node)
+        if fx_node.op == "call_function":
+            return self._function(fx_node, fx_node.target)
+        if fx_node.op == "call_method":
+            return self._method(fx_node, str(fx_node.target))
+        return self._blocking(fx_node, f"fx opcode {fx_node.op}")
+
+    def _module(self, fx_node: torch.fx.Node) -> Node:
+        name = str(fx_node.target)
+        sub = self.module.get_submodule(name)
+        if isinstance(sub, nn.Linear):
+            node = self._node(fx_node, OpKind.PARAMETRIC, "linear", in_axis=-1)
+            rank = len(node.shape or (0, 0))
+            node.channel_axis = rank - 1
+        elif isinstance(sub, _CONV_MODULES):
+            depthwise = sub.groups > 1 and sub.groups == sub.in_channels == sub.out_channels
+            if depthwise:
+                node = self._node(fx_node, OpKind.CHANNELWISE, "depthwise", requires_axis=1)
+            else:
+                node = self._node(fx_node, OpKind.PARAMETRIC, "conv", in_axis=1, groups=sub.groups)
+                node.channel_axis = 1
+            if sub.padding_mode != "zeros":
+                node.attrs["padding_mode"] = sub.padding_mode
+        elif isinstance(sub, _BATCHNORM_MODULES):
+            node = self._node(fx_node, OpKind.CHANNELWISE, "batchnorm", requires_axis=1)
+            node.module = name
+            node.params = self._params(name, ("weight", "bias", "running_mean", "running_var"))
+            return node
+        elif isinstance(sub, _ACTIVATION_MODULES) or (
+            isinstance(sub, nn.PReLU) and sub.num_parameters == 1
+        ):
+            node = self._node(fx_node, OpKind.CHANNELWISE, "activation", function=type(sub).__name__)
+            return node
+        elif isinstance(sub, _POOLING_MODULES):
+            return self._node(fx_node, OpKind.CHANNELWISE, "pooling", requires_axis=1)
+        elif isinstance(sub, _DROPOUT_MODULES):
+            return self._node(fx_node, OpKind.CHANNELWISE, "dropout")
+        elif isinstance(sub, nn.Identity):
+            return self._node(fx_node, OpKind.CHANNELWISE, "identity")
+        elif isinstance(sub, nn.Flatten):
+            return self._reshape(fx_node)
+        elif isinstance(sub, nn.LayerNorm):
+            node = self._node(fx_node, OpKind.BLOCKING, "layernorm", detail="layer norm mixes channels")
+            node.module = name
+            return node
+        elif isinstance(sub, (nn.Softmax, nn.LogSoftmax, nn.Softmin)):
+            return self._node(fx_node, OpKind.BLOCKING, "softmax", detail="softmax mixes channels")
+        else:
+            node = self._blocking(fx_node, f"module {type(sub).__name__}")
+            node.module = name
+            return node
+        node.module = name
+        node.params = self._params(name, ("weight", "bias"))
+        return node
+
+    def _function(self, fx_node: torch.fx.Node, target: Any) -> Node:
+        if target in _ACTIVATION_FUNCTIONS:
+            return self._node(fx_node, OpKind.CHANNELWISE, "activation", function=target.__name__)
+        if target in _POOLING_FUNCTIONS:
+            return self._node(fx_node, OpKind.CHANNELWISE, "pooling", requires_axis=1)
+        if target in _DROPOUT_FUNCTIONS:
+            return self._node(fx_node, OpKind.CHANNELWISE, "dropout")
+        if target in _ELEMENTWISE_FUNCTIONS:
+            return self._elementwise(fx_node, _ELEMENTWISE_FUNCTIONS[target])
+        if target in _CONCAT_FUNCTIONS:
+            return self._concat(fx_node)
+        if target in _RESHAPE_FUNCTIONS:
+            return self._reshape(fx_node)
+        if target is torch.mean:
+            return self._mean(fx_node)
+        if target is operator.getitem or target is getattr:
+            return self._metadata_or_blocking(fx_node, "indexing")
+        if _shape(fx_node) is None and all(
+            self.kinds.get(name) == OpKind.METADATA for name in self._tensor_inputs(fx_node)
+        ):
+            return self._node(fx_node, OpKind.METADATA, "metadata")
+        name = getattr(target, "__name__", str(target))
+        return self._blocking(fx_node, f"function {name}")
+
+    def _method(self, fx_node: torch.fx.Node, method: str) -> Node:
+        if method in _ACTIVATION_METHODS:
+            return self._node(fx_node, OpKind.CHANNELWISE, "activation", function=method)
+        if method in _ELEMENTWISE_METHODS:
+            return self._elementwise(fx_node, _ELEMENTWISE_METHODS[method])
+        if method in _RESHAPE_METHODS:
+            return self._reshape(fx_node)
+        if method in _METADATA_METHODS:
+            return self._node(fx_node, OpKind.METADATA, "metadata")
+        if method == "mean":
+            return self._mean(fx_node)
+        if method == "contiguous":
+            return self._node(fx_node, OpKind.CHANNELWISE, "identity")
+        return self._blocking(fx_node, f"method .{method}()")
+
+    def _metadata_or_blocking(self, fx_node: torch.fx.Node, what: str) -> Node:
+        sources = self._tensor_inputs(fx_node)
+        if fx_node.target is getattr and fx_node.args[1] in _METADATA_ATTRIBUTES:
+            return self._node(fx_node, OpKind.METADATA, "metadata")
+        if sources and all(self.kinds.get(name) == OpKind.METADATA for name in sources[:1]):
+            return self._node(fx_node, OpKind.METADATA, "metadata")
+        return self._blocking(fx_node, what)
+
+    def _elementwise(self, fx_node: torch.fx.Node, op: str) -> Node:
+        tensors = [
+            arg for arg in fx_node.args
+            if isinstance(arg, torch.fx.Node) and self.kinds.get(arg.name) != OpKind.METADATA
+        ]
+        others = [arg for arg in fx_node.args if arg not in tensors]
+        if len(tensors) == 1 and all(isinstance(arg, (int, float, torch.fx.Node)) for arg in others):
+            return self._node(fx_node, OpKind.CHANNELWISE, "scale", function=op)
+        if len(tensors) == 2 and not fx_node.kwargs.get("alpha") and not fx_node.kwargs.get("rounding_mode"):
+            return self._node(fx_node, OpKind.COUPLING, op)
+        return self._blocking(fx_node, f"element-wise {op} with arguments {fx_node.args}")
+
+    def _concat(self, fx_node: torch.fx.Node) -> Node:
+        tensors = fx_node.args[0]
+        dim = fx_node.args[1] if len(fx_node.args) > 1 else fx_node.kwargs.get("dim", 0)
+        shape = _shape(fx_node)
+        if shape is None or not isinstance(dim, int) or not isinstance(tensors, (list, tuple)):
+            return self._blocking(fx_node, "concat with a computed dimension")
+        dim = dim % len(shape)
+        maps: dict[int, ChannelMap] = {}
+        offset = 0
+        for position, tensor in enumerate(tensors):
+            maps[position] = ChannelMap(offset, 1)
+            tensor_shape = _shape(tensor)
+            if tensor_shape is None:
+                return self._blocking(fx_node, "concat of a non-tensor")
+            offset += tensor_shape[dim]
+        return self._node(fx_node, OpKind.COUPLING, "concat", dim=dim, _maps=maps)
+
+    def _mean(self, fx_node: torch.fx.Node) -> Node:
+        source = fx_node.args[0]
+        in_shape = _shape(source) if isinstance(source, torch.fx.Node) else None
+        dims = fx_node.args[1] if len(fx_node.args) > 1 else fx_node.kwargs.get("dim")
+        keepdim = fx_node.args[2] if len(fx_node.args) > 2 else fx_node.kwargs.get("keepdim", False)
+        if in_shape is None or dims is None:
+            return self._blocking(fx_node, "mean over all dimensions")
+        dims = (dims,) if isinstance(dims, int) else tuple(dims)
+        reduced = tuple(sorted(d % len(in_shape) for d in dims))
+        return self._node(
+            fx_node, OpKind.CHANNELWISE, "pooling", reduces=reduced, keepdim=bool(keepdim)
+        )
+
+    def _reshape(self, fx_node: torch.fx.Node) -> Node:
+        source = fx_node.args[0] if fx_node.args else None
+        in_shape = _shape(source) if isinstance(source, torch.fx.Node) else None
+        out_shape = _shape(fx_node)
+        if in_shape is None or out_shape is None:
+            return self._blocking(fx_node, "reshape of unknown shape")
+        merged = _merged_range(in_shape, out_shape)
+        if merged is None:
+            return self._node(
+                fx_node, OpKind.BLOCKING, "reshape",
+                detail=f"reshape {in_shape} -> {out_shape} is not a flatten",
+            )
+        start, end = merged
+        literals = _literal_widths(fx_node, len(out_shape))
+        return self._node(
+            fx_node, OpKind.RESHAPE, "flatten", start=start, end=end, literal_widths=literals
+        )
+
+
+def _merged_range(in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> tuple[int, int] | None:
+    """The input axes ``start..end`` (inclusive) a reshape merges into one, if it is a flatten."""
+    if in_shape == out_shape:
+        return (0, 0)
+    merged_count = len(in_shape) - len(out_shape) + 1
+    if merged_count < 1:
+        return None
+    for start in range(len(out_shape)):
+        end = start + merged_count - 1
+        if (
+            in_shape[:start] == out_shape[:start]
+            and in_shape[end + 1:] == out_shape[start + 1:]
+            and math.prod(in_shape[start:end + 1]) == out_shape[start]
+        ):
+            return (start, end)
+    return None
+
+
+def _literal_widths(fx_node: torch.fx.Node, rank: int) -> dict[int, tuple[tuple[int, ...], int]]:
+    """Output axis -> (argument path, value) for sizes written as literals in view/reshape."""
+    if fx_node.op == "call_module" or fx_node.target in ("flatten", torch.flatten):
+        return {}
+    sizes: Any = fx_node.args[1:]
+    base: tuple[int, ...] = ()
+    if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
+        sizes, base = sizes[0], (1,)
+    else:
+        sizes, base = list(sizes), ()
+    found = {}
+    for axis, size in enumerate(sizes):
+        if isinstance(size, int) and size != -1 and axis < rank:
+            path = base + (axis,) if base else (1 + axis,)
+            found[axis] = (path, size)
+    return found

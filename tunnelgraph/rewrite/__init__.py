@@ -1,0 +1,1 @@
+"""The channel-edit algebra and the framework-free plans that backends apply."""

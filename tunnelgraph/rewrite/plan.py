@@ -1,0 +1,108 @@
+"""From a channel edit and a group's layout to concrete, per-parameter edits.
+
+A :class:`RewritePlan` is framework-free: it names parameters, axes and
+index blocks, with coefficient arrays already cut and shaped for each
+consumer. A backend applies it to its own storage (torch tensors, ONNX
+initializers) with :func:`apply_tensor_edit`-style code of its own.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from tunnelgraph.analysis.groups import ChannelGroup, ParamSlice, WidthLiteral
+from tunnelgraph.rewrite.edits import ChannelEdit, Coefficient
+
+
+@dataclass(frozen=True, eq=False)
+class TensorEdit:
+    """How one parameter changes along one axis.
+
+    The group's channels occupy ``slice.offset`` to
+    ``slice.offset + size * slice.block`` along ``slice.axis``; after the edit
+    that range holds ``len(sources)`` channel blocks. New block ``j`` is
+    ``sum(coefficient * old block k for k, coefficient in sources[j])``; each
+    coefficient is a float or an array of shape ``slice.slice_shape()``.
+    ``copies[j]`` is the old block that new block ``j`` copies unchanged, or
+    ``None`` when it is a combination.
+    """
+
+    slice: ParamSlice
+    size: int
+    sources: tuple[tuple[tuple[int, Coefficient], ...], ...]
+    copies: tuple[int | None, ...]
+
+    @property
+    def new_shape(self) -> tuple[int, ...]:
+        shape = list(self.slice.shape)
+        shape[self.slice.axis] += (len(self.sources) - self.size) * self.slice.block
+        return tuple(shape)
+
+
+@dataclass(frozen=True, eq=False)
+class RewritePlan:
+    """Everything a backend needs to apply one channel edit to one group.
+
+    Attributes:
+        group: the group as it is before the edit.
+        edit: the channel edit.
+        tensors: one :class:`TensorEdit` per parameter entry the group owns.
+        literals: reshape literals with the values they must have afterwards.
+        result: the group as it is after the edit.
+    """
+
+    group: ChannelGroup
+    edit: ChannelEdit
+    tensors: tuple[TensorEdit, ...]
+    literals: tuple[WidthLiteral, ...]
+    result: ChannelGroup
+
+
+def plan_edit(group: ChannelGroup, edit: ChannelEdit) -> RewritePlan:
+    """Map ``edit`` onto every parameter entry of ``group``.
+
+    Vector coefficients (lambda) have ``group.outbound_size`` entries and are
+    cut consumer by consumer, in the order of the group's outbound slices.
+    """
+    if edit.size != group.size:
+        raise ValueError(f"edit is for {edit.size} channels, group '{group.name}' has {group.size}")
+    outbound = [s for s in group.slices if s.role == "outbound"]
+    starts = np.cumsum([0] + [s.channel_numel for s in outbound])
+    tensors = []
+    for param_slice in group.slices:
+        inbound = param_slice.role != "outbound"
+        if inbound:
+            cut = None
+        else:
+            index = outbound.index(param_slice)
+            cut = (int(starts[index]), int(starts[index + 1]))
+        terms = edit.inbound if inbound else edit.outbound
+        sources = tuple(
+            tuple((old, _shape_coefficient(factor, param_slice, cut, group)) for old, factor in t.items())
+            for t in terms
+        )
+        copies = tuple(edit.is_copy(new, inbound) for new in range(edit.new_size))
+        tensors.append(TensorEdit(param_slice, group.size, sources, copies))
+    result = group.resized(edit.delta)
+    return RewritePlan(group, edit, tuple(tensors), result.literals if edit.delta else (), result)
+
+
+def _shape_coefficient(
+    factor: Coefficient, param_slice: ParamSlice, cut: tuple[int, int] | None, group: ChannelGroup
+) -> Coefficient:
+    if np.ndim(factor) == 0:
+        return float(factor)
+    if cut is None:
+        raise ValueError("vector coefficients apply to outbound weights only")
+    vector = np.asarray(factor, dtype=np.float64)
+    if vector.shape != (group.outbound_size,):
+        raise ValueError(
+            f"lambda has {vector.size} entries; group '{group.name}' has {group.outbound_size} "
+            "outbound weights per channel"
+        )
+    part = vector[cut[0]:cut[1]]
+    assert part.size == math.prod(param_slice.slice_shape())
+    return part.reshape(param_slice.slice_shape())
