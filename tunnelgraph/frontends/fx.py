@@ -238,6 +238,11 @@ class _Translator:
         return self._blocking(fx_node, f"fx opcode {fx_node.op}")
 
     def _module(self, fx_node: torch.fx.Node) -> Node:
+        node = self._module_node(fx_node)
+        node.module = str(fx_node.target)
+        return node
+
+    def _module_node(self, fx_node: torch.fx.Node) -> Node:
         name = str(fx_node.target)
         sub = self.module.get_submodule(name)
         if isinstance(sub, nn.Linear):
@@ -255,7 +260,6 @@ class _Translator:
                 node.attrs["padding_mode"] = sub.padding_mode
         elif isinstance(sub, _BATCHNORM_MODULES):
             node = self._node(fx_node, OpKind.CHANNELWISE, "batchnorm", requires_axis=1)
-            node.module = name
             node.params = self._params(name, ("weight", "bias", "running_mean", "running_var"))
             return node
         elif isinstance(sub, _ACTIVATION_MODULES) or (
@@ -272,16 +276,11 @@ class _Translator:
         elif isinstance(sub, nn.Flatten):
             return self._reshape(fx_node)
         elif isinstance(sub, nn.LayerNorm):
-            node = self._node(fx_node, OpKind.BLOCKING, "layernorm", detail="layer norm mixes channels")
-            node.module = name
-            return node
+            return self._node(fx_node, OpKind.BLOCKING, "layernorm", detail="layer norm mixes channels")
         elif isinstance(sub, (nn.Softmax, nn.LogSoftmax, nn.Softmin)):
             return self._node(fx_node, OpKind.BLOCKING, "softmax", detail="softmax mixes channels")
         else:
-            node = self._blocking(fx_node, f"module {type(sub).__name__}")
-            node.module = name
-            return node
-        node.module = name
+            return self._blocking(fx_node, f"module {type(sub).__name__}")
         node.params = self._params(name, ("weight", "bias"))
         return node
 

@@ -1,0 +1,98 @@
+"""The torch.fx frontend: node kinds, shapes, channel maps, and the error path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import tunnelgraph as tg
+from tunnelgraph.ir import ChannelMap, OpKind
+from zoo import ZOO_BY_NAME, ZooEntry, example_input
+
+
+def test_paper_cnn_graph_has_kinds_shapes_and_parameters() -> None:
+    entry = ZOO_BY_NAME["paper_cnn"]
+    graph = tg.trace(entry.build(), example_input(entry))
+    kinds = [(node.op, node.kind) for node in graph]
+    assert kinds == [
+        ("input", OpKind.INPUT),
+        ("conv", OpKind.PARAMETRIC),
+        ("activation", OpKind.CHANNELWISE),
+        ("flatten", OpKind.RESHAPE),
+        ("linear", OpKind.PARAMETRIC),
+        ("output", OpKind.OUTPUT),
+    ]
+    conv = graph["conv"]
+    assert conv.shape == (4, 8, 24, 24) and conv.channel_axis == 1
+    assert conv.params["weight"].name == "conv.weight" and conv.params["weight"].shape == (8, 1, 5, 5)
+    flatten = graph["flatten"]
+    assert (flatten.attrs["start"], flatten.attrs["end"]) == (1, 3)
+    assert graph.maps("conv", "act") == (ChannelMap(0, 1),)
+
+
+def test_concat_edges_carry_offsets() -> None:
+    entry = ZOO_BY_NAME["inception_concat"]
+    graph = tg.trace(entry.build(), example_input(entry))
+    (concat,) = [node for node in graph if node.op == "concat"]
+    offsets = [graph.maps(name, concat.name)[0].offset for name in concat.inputs]
+    assert offsets == [0, 4, 10]
+
+
+def test_every_traceable_zoo_model_traces_with_shapes(zoo_entry: ZooEntry) -> None:
+    model = zoo_entry.build()
+    graph = tg.trace(model, example_input(zoo_entry))
+    assert len(graph) >= 3
+    for node in graph:
+        if node.kind in (OpKind.PARAMETRIC, OpKind.CHANNELWISE, OpKind.COUPLING, OpKind.RESHAPE):
+            assert node.shape is not None, node.name
+
+
+def test_untraceable_model_raises_trace_error_with_ways_out() -> None:
+    entry = ZOO_BY_NAME["untraceable"]
+    with pytest.raises(tg.TraceError, match="concrete_args") as info:
+        tg.find_sites(entry.build(), example_input(entry))
+    assert "is_leaf_module" in str(info.value)
+
+
+def test_wrong_example_inputs_raise_trace_error() -> None:
+    entry = ZOO_BY_NAME["paper_cnn"]
+    with pytest.raises(tg.TraceError, match="example_inputs"):
+        tg.trace(entry.build(), torch.randn(2, 3, 28, 28))
+
+
+def test_tracing_leaves_training_flags_and_buffers_alone() -> None:
+    entry = ZOO_BY_NAME["resnet_stack"]
+    model = entry.build().train()
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    tg.trace(model, example_input(entry))
+    assert all(module.training for module in model.modules())
+    assert all(torch.equal(buffers[k], v) for k, v in model.named_buffers())
+
+
+def test_unknown_module_becomes_a_blocking_node() -> None:
+    model = nn.Sequential(nn.Linear(4, 6), nn.Softmin(dim=1), nn.Linear(6, 2))
+    graph = tg.trace(model, torch.randn(3, 4))
+    assert graph["_1"].kind == OpKind.BLOCKING
+    model = nn.Sequential(nn.Linear(4, 6), nn.Unflatten(1, (2, 3)), nn.Flatten(), nn.Linear(6, 2))
+    graph = tg.trace(model, torch.randn(3, 4))
+    assert graph["_1"].kind == OpKind.BLOCKING and "Unflatten" in graph["_1"].attrs["detail"]
+
+
+def test_a_custom_tracer_keeps_a_submodule_opaque() -> None:
+    class Branchy(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x if x.sum() > 0 else -x
+
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), Branchy(), nn.Linear(6, 2))
+
+    class Tracer(torch.fx.Tracer):
+        def is_leaf_module(self, module: nn.Module, name: str) -> bool:
+            return isinstance(module, Branchy) or super().is_leaf_module(module, name)
+
+    with pytest.raises(tg.TraceError):
+        tg.trace(model, torch.randn(3, 4))
+    graph = tg.trace(model, torch.randn(3, 4), tracer=Tracer())
+    report = tg.analyze(graph)
+    (group,) = [g for g in report.groups if g.name == "0"]
+    assert any("Branchy" in reason for reason in group.reasons)
