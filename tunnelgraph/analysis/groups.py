@@ -168,15 +168,15 @@ def channel_groups(graph: Graph, through: Iterable[str] = ()) -> list[ChannelGro
     chosen = check_through(through)
     classes = _channel_classes(graph)
     param_users = graph.param_users()
-    order = {node.name: index for index, node in enumerate(graph)}
     groups = []
-    for members in classes.members():
+    members_of = classes.members()
+    for members in members_of.values():
         nodes = [graph[name] for name in members]
         derived = any(node.op in ("concat", "flatten") for node in nodes)
         producers = [node for node in nodes if node.kind == OpKind.PARAMETRIC]
         if derived or not producers:
             continue
-        walker = _GroupWalker(graph, classes, chosen, param_users, order)
+        walker = _GroupWalker(graph, classes, members_of, chosen, param_users)
         groups.append(walker.run(producers))
     return groups
 
@@ -200,11 +200,12 @@ class _UnionFind:
                 root_a, root_b = root_b, root_a
             self.parent[root_b] = root_a
 
-    def members(self) -> list[list[str]]:
+    def members(self) -> dict[str, list[str]]:
+        """Root -> the class's names, in insertion (topological) order."""
         classes: dict[str, list[str]] = {}
         for name in self.parent:
             classes.setdefault(self.find(name), []).append(name)
-        return list(classes.values())
+        return classes
 
 
 def _data_inputs(graph: Graph, node: Node) -> list[str]:
@@ -231,15 +232,15 @@ class _GroupWalker:
         self,
         graph: Graph,
         classes: _UnionFind,
+        members_of: dict[str, list[str]],
         through: tuple[str, ...],
         param_users: dict[str, list[str]],
-        order: dict[str, int],
     ) -> None:
         self.graph = graph
         self.classes = classes
+        self.members_of = members_of
         self.through = through
         self.param_users = param_users
-        self.order = order
         self.slices: list[tuple[int, int, ParamSlice]] = []
         self.reasons: list[str] = []
         self.producers: list[str] = []
@@ -269,8 +270,7 @@ class _GroupWalker:
                 )
                 continue
             self.visited.add(root)
-            members = [node for node in self.graph if self.classes.find(node.name) == root]
-            for node in members:
+            for node in (self.graph[name] for name in self.members_of[root]):
                 queue.extend(self._member(node, channel_map, entry, entry_axis))
 
         if not self.producers:
@@ -473,7 +473,7 @@ class _GroupWalker:
                 ref.name, node.module or node.name, role, ref.shape, axis,
                 channel_map.offset, channel_map.block,
             )
-            self.slices.append((rank_order, self.order[node.name] * 16 + index, item))
+            self.slices.append((rank_order, self.graph.index(node.name) * 16 + index, item))
 
     def _check_tied(self) -> None:
         """Modules whose parameters appear in more than one role of this group."""

@@ -130,7 +130,7 @@ def trace(
             sub.train(modes[name])
 
     graph = _Translator(model, module).run()
-    graph.source = module  # type: ignore[attr-defined]
+    graph.source = module
     logger.debug("traced %s into %d nodes", type(model).__name__, len(graph))
     return graph
 

@@ -143,13 +143,17 @@ class Graph:
     def __init__(self, name: str = "graph") -> None:
         self.name = name
         self.nx = nx.DiGraph()
+        self.source: object | None = None
+        """The frontend's own form of the model (e.g. a ``torch.fx.GraphModule``), opaque here."""
         self._order: list[str] = []
+        self._index: dict[str, int] = {}
 
     def add(self, node: Node, maps: Mapping[int, ChannelMap] | None = None) -> Node:
         """Add ``node`` after its inputs; ``maps`` gives non-identity maps by input position."""
         if node.name in self.nx:
             raise ValueError(f"duplicate node name {node.name!r}")
         self.nx.add_node(node.name, node=node)
+        self._index[node.name] = len(self._order)
         self._order.append(node.name)
         for position, source in enumerate(node.inputs):
             if source not in self.nx:
@@ -177,10 +181,13 @@ class Graph:
         """All nodes, every node after its inputs."""
         return list(self)
 
+    def index(self, name: str) -> int:
+        """Position of ``name`` in the topological order."""
+        return self._index[name]
+
     def users(self, name: str) -> list[Node]:
         """Nodes that take ``name``'s output as an input, in topological order."""
-        successors = set(self.nx.successors(name))
-        return [node for node in self if node.name in successors]
+        return [self[user] for user in sorted(self.nx.successors(name), key=self._index.__getitem__)]
 
     def maps(self, source: str, target: str) -> tuple[ChannelMap, ...]:
         """The channel maps of every use of ``source`` by ``target``."""
