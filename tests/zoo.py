@@ -1,9 +1,12 @@
 """A zoo of small test architectures written in plain PyTorch.
 
-Nothing here imports ``tunnelgraph``: the zoo is the material the library is
-tested against. Every model is tiny (a CPU forward costs a few milliseconds at
-most), is returned in eval mode, and is deterministic given the global torch
-seed that the caller sets before calling ``entry.build()``.
+The zoo is the material the library is tested against, so nothing here
+imports ``tunnelgraph`` except :mod:`tunnelgraph.models` (the paper's
+reference architectures, themselves plain PyTorch): entries 2
+``paper_cnn``, 3 ``paper_deep_cnn`` and 18 ``residual_net_3`` are built from
+it. Every model is tiny (a CPU forward costs a few milliseconds at most), is
+returned in eval mode, and is deterministic given the global torch seed that
+the caller sets before calling ``entry.build()``.
 
 Models with BatchNorm get non-trivial running statistics and affine
 parameters, so that BN folding / tracing tests actually exercise them.
@@ -17,6 +20,8 @@ from typing import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from tunnelgraph import models
 
 
 @dataclass(frozen=True)
@@ -82,45 +87,7 @@ class MLPTanh(nn.Module):
         return self.fc4(x)
 
 
-# ---------------------------------------------------------------------------
-# 2. paper_cnn
-# ---------------------------------------------------------------------------
-class PaperCNN(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(1, 8, 5)
-        self.act = nn.Sigmoid()
-        self.flatten = nn.Flatten()
-        self.fc = nn.Linear(8 * 24 * 24, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.flatten(self.act(self.conv(x))))
-
-
-# ---------------------------------------------------------------------------
-# 3. paper_deep_cnn
-# ---------------------------------------------------------------------------
-class PaperDeepCNN(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        layers: list[nn.Module] = []
-        in_ch = 3
-        for _ in range(3):
-            layers += [
-                nn.Conv2d(in_ch, 64, 3, padding=1),
-                nn.BatchNorm2d(64),
-                nn.ReLU(),
-                nn.MaxPool2d(2, stride=2),
-            ]
-            in_ch = 64
-        for _ in range(2):
-            layers += [nn.Conv2d(64, 64, 3, padding=1), nn.ReLU()]
-        self.features = nn.Sequential(*layers)
-        self.flatten = nn.Flatten()
-        self.classifier = nn.Linear(64 * 4 * 4, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.flatten(self.features(x)))
+# 2. paper_cnn and 3. paper_deep_cnn come from tunnelgraph.models.
 
 
 # ---------------------------------------------------------------------------
@@ -439,9 +406,9 @@ class FunctionalFlatten(nn.Module):
         return self.fc2(x)
 
 
-def _builder(cls: type[nn.Module]) -> Callable[[], nn.Module]:
+def _builder(cls: Callable[..., nn.Module], **kwargs: int) -> Callable[[], nn.Module]:
     def build() -> nn.Module:
-        return _finish(cls())
+        return _finish(cls(**kwargs))
 
     build.__name__ = f"build_{cls.__name__}"
     build.__qualname__ = build.__name__
@@ -450,8 +417,13 @@ def _builder(cls: type[nn.Module]) -> Callable[[], nn.Module]:
 
 ZOO: list[ZooEntry] = [
     ZooEntry("mlp_tanh", _builder(MLPTanh), (4, 10), has_batchnorm=False),
-    ZooEntry("paper_cnn", _builder(PaperCNN), (4, 1, 28, 28), has_batchnorm=False),
-    ZooEntry("paper_deep_cnn", _builder(PaperDeepCNN), (2, 3, 32, 32), has_batchnorm=True),
+    ZooEntry("paper_cnn", _builder(models.paper_cnn), (4, 1, 28, 28), has_batchnorm=False),
+    ZooEntry(
+        "paper_deep_cnn",
+        _builder(models.paper_deep_cnn, classes=10, image_size=32),
+        (2, 3, 32, 32),
+        has_batchnorm=True,
+    ),
     ZooEntry(
         "conv_stride_pad_dilation",
         _builder(ConvStridePadDilation),
@@ -478,6 +450,12 @@ ZOO: list[ZooEntry] = [
     ),
     ZooEntry(
         "functional_flatten", _builder(FunctionalFlatten), (4, 2, 6, 6), has_batchnorm=False
+    ),
+    ZooEntry(
+        "residual_net_3",
+        _builder(models.residual_net, blocks=3, width=8),
+        (4, 3, 8, 8),
+        has_batchnorm=True,
     ),
 ]
 
