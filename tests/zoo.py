@@ -406,6 +406,57 @@ class FunctionalFlatten(nn.Module):
         return self.fc2(x)
 
 
+class GlobalMeanPool(nn.Module):
+    """conv -> relu -> conv -> relu -> x.mean((2, 3)) -> linear: pooling spelled as a reduction."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.conv2 = nn.Conv2d(6, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.conv2(F.relu(self.conv1(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+class SqueezeExcite(nn.Module):
+    """A squeeze-and-excitation gate: channels coupled through a broadcast multiply."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.squeeze = nn.Conv2d(8, 4, 1)
+        self.excite = nn.Conv2d(4, 8, 1)
+        self.head = nn.Conv2d(8, 6, 1)
+        self.fc = nn.Linear(6 * 6 * 6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv(x))
+        gate = torch.sigmoid(self.excite(torch.relu(self.squeeze(self.pool(x)))))
+        x = torch.tanh(self.head(x * gate))
+        return self.fc(torch.flatten(x, 1))
+
+
+class DenseBlock(nn.Module):
+    """DenseNet-style: a tensor feeds a conv and a concat; batch norm after the concat."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.grow = nn.Conv2d(4, 3, 3, padding=1)
+        self.bn = nn.BatchNorm2d(7)
+        self.mix = nn.Conv2d(7, 5, 1)
+        self.fc = nn.Linear(5 * 6 * 6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.stem(x))
+        y = torch.relu(self.grow(h))
+        z = torch.relu(self.bn(torch.cat([h, y], dim=1)))
+        return self.fc(torch.relu(self.mix(z)).flatten(1))
+
+
 def _builder(cls: Callable[..., nn.Module], **kwargs: int) -> Callable[[], nn.Module]:
     def build() -> nn.Module:
         return _finish(cls(**kwargs))
@@ -451,6 +502,9 @@ ZOO: list[ZooEntry] = [
     ZooEntry(
         "functional_flatten", _builder(FunctionalFlatten), (4, 2, 6, 6), has_batchnorm=False
     ),
+    ZooEntry("global_mean_pool", _builder(GlobalMeanPool), (4, 3, 6, 6), has_batchnorm=False),
+    ZooEntry("squeeze_excite", _builder(SqueezeExcite), (4, 3, 6, 6), has_batchnorm=False),
+    ZooEntry("dense_block", _builder(DenseBlock), (4, 3, 6, 6), has_batchnorm=True),
     ZooEntry(
         "residual_net_3",
         _builder(models.residual_net, blocks=3, width=8),

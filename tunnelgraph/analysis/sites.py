@@ -20,7 +20,9 @@ class Site:
             producer.
         channel: index of the channel in its group.
         inbound_size: K, the channel's inbound weights across all producers,
-            biases included (the rows of the paper's A).
+            biases included (the rows of the paper's A). Per-channel
+            parameters cloned along (batch norm, depthwise conv) are not
+            inbound weights and are not counted.
         outbound_size: L, the channel's outbound weights across all
             consumers (the columns of A, and the length of a vector lambda).
         producers: qualified names of the layers whose inbound weights

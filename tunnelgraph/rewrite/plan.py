@@ -26,8 +26,8 @@ class TensorEdit:
     that range holds ``len(sources)`` channel blocks. New block ``j`` is
     ``sum(coefficient * old block k for k, coefficient in sources[j])``; each
     coefficient is a float or an array of shape ``slice.slice_shape()``.
-    ``copies[j]`` is the old block that new block ``j`` copies unchanged, or
-    ``None`` when it is a combination.
+    ``copies[j]`` is the old block that new block ``j`` copies unchanged (its
+    ``sources[j]`` is then empty), or ``None`` when it is a combination.
     """
 
     slice: ParamSlice
@@ -69,23 +69,31 @@ def plan_edit(group: ChannelGroup, edit: ChannelEdit) -> RewritePlan:
     """
     if edit.size != group.size:
         raise ValueError(f"edit is for {edit.size} channels, group '{group.name}' has {group.size}")
-    outbound = [s for s in group.slices if s.role == "outbound"]
-    starts = np.cumsum([0] + [s.channel_numel for s in outbound])
+    outbound_cuts: dict[int, tuple[int, int]] = {}
+    start = 0
+    for index, param_slice in enumerate(group.slices):
+        if param_slice.role == "outbound":
+            outbound_cuts[index] = (start, start + param_slice.channel_numel)
+            start += param_slice.channel_numel
+    copies = {
+        inbound: tuple(edit.is_copy(new, inbound) for new in range(edit.new_size))
+        for inbound in (True, False)
+    }
     tensors = []
-    for param_slice in group.slices:
+    for index, param_slice in enumerate(group.slices):
         inbound = param_slice.role != "outbound"
-        if inbound:
-            cut = None
-        else:
-            index = outbound.index(param_slice)
-            cut = (int(starts[index]), int(starts[index + 1]))
+        cut = outbound_cuts.get(index)
         terms = edit.inbound if inbound else edit.outbound
         sources = tuple(
-            tuple((old, _shape_coefficient(factor, param_slice, cut, group)) for old, factor in t.items())
-            for t in terms
+            ()
+            if copied is not None
+            else tuple(
+                (old, _shape_coefficient(factor, param_slice, cut, group))
+                for old, factor in terms[new].items()
+            )
+            for new, copied in enumerate(copies[inbound])
         )
-        copies = tuple(edit.is_copy(new, inbound) for new in range(edit.new_size))
-        tensors.append(TensorEdit(param_slice, group.size, sources, copies))
+        tensors.append(TensorEdit(param_slice, group.size, sources, copies[inbound]))
     result = group.resized(edit.delta)
     return RewritePlan(group, edit, tuple(tensors), result.literals if edit.delta else (), result)
 

@@ -1,0 +1,19 @@
+"""The README's example runs as written."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def test_readme_python_example_runs() -> None:
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    assert blocks, "README.md has a python example"
+    namespace: dict[str, object] = {}
+    exec(compile(blocks[0], str(README), "exec"), namespace)
+    assert len(namespace["sites"]) == 8
+    assert namespace["site"].outbound_size == 5760
+    assert namespace["closed"].conv.out_channels == 8
+    assert namespace["wider"].conv.out_channels == 9
