@@ -29,6 +29,7 @@ def test_paper_cnn_graph_has_kinds_shapes_and_parameters() -> None:
     flatten = graph["flatten"]
     assert (flatten.attrs["start"], flatten.attrs["end"]) == (1, 3)
     assert graph.maps("conv", "act") == (ChannelMap(0, 1),)
+    assert graph.maps("act", "flatten") == (ChannelMap(0, 24 * 24),)
 
 
 def test_concat_edges_carry_offsets() -> None:

@@ -435,14 +435,13 @@ class _GroupWalker:
         self, node: Node, user: Node, channel_map: ChannelMap, axis: int
     ) -> list[tuple[str, ChannelMap, Node | None, int]]:
         start, end = user.attrs["start"], user.attrs["end"]
-        shape = node.shape or ()
         if axis < start:
             new_axis, new_map = axis, channel_map
         elif axis > end:
             new_axis, new_map = axis - (end - start), channel_map
         elif axis == start:
-            block = math.prod(shape[start + 1:end + 1])
-            new_axis, new_map = start, channel_map.then(ChannelMap(0, block))
+            (flatten_map,) = self.graph.maps(node.name, user.name)
+            new_axis, new_map = start, channel_map.then(flatten_map)
         else:
             self._reason(
                 f"flatten at node '{user.name}' interleaves the channels (channel axis {axis} "

@@ -387,8 +387,11 @@ class _Translator:
             )
         start, end = merged
         literals = _literal_widths(fx_node, len(out_shape))
+        # a channel on the first merged axis becomes a block of this many features
+        block = ChannelMap(0, math.prod(in_shape[start + 1:end + 1]))
         return self._node(
-            fx_node, OpKind.RESHAPE, "flatten", start=start, end=end, literal_widths=literals
+            fx_node, OpKind.RESHAPE, "flatten", start=start, end=end, literal_widths=literals,
+            _maps={0: block},
         )
 
 

@@ -69,7 +69,9 @@ class ChannelMap:
     Channel ``c`` occupies positions ``offset + c * block`` up to
     ``offset + (c + 1) * block`` (exclusive) along the target's channel axis.
     Identity is ``ChannelMap(0, 1)``; a concat input at offset ``o`` is
-    ``ChannelMap(o, 1)``; flattening ``C x H x W`` is ``ChannelMap(0, H * W)``.
+    ``ChannelMap(o, 1)``; flattening ``C x H x W`` is ``ChannelMap(0, H * W)``
+    (the map a channel on the first merged axis takes; the edge into a
+    flatten node carries it).
     """
 
     offset: int = 0
