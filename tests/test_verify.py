@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 import torch.nn as nn
 
@@ -49,3 +50,12 @@ def test_tuple_outputs_are_all_compared() -> None:
     a, b = Two(), Two()
     report = tg.verify(a, b, torch.randn(2, 3))
     assert report.outputs == 2 and not report.passed
+
+
+def test_models_without_tensor_outputs_are_refused() -> None:
+    class Nothing(nn.Module):
+        def forward(self, x: torch.Tensor) -> None:
+            return None
+
+    with pytest.raises(ValueError, match="no tensors"):
+        tg.verify(Nothing(), Nothing(), torch.randn(2, 3))

@@ -68,9 +68,11 @@ def verify(
     args = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
     outputs_a = _flatten(_run(model_a, args))
     outputs_b = _flatten(_run(model_b, args))
+    if not outputs_a:
+        raise ValueError("model_a returned no tensors: nothing to compare")
     if len(outputs_a) != len(outputs_b):
         raise ValueError(f"model_a returns {len(outputs_a)} tensors, model_b {len(outputs_b)}")
-    dtype = outputs_a[0].dtype if outputs_a else torch.float32
+    dtype = outputs_a[0].dtype
     default_rtol, default_atol = TOLERANCES.get(dtype, TOLERANCES[torch.float32])
     rtol = default_rtol if rtol is None else rtol
     atol = default_atol if atol is None else atol
@@ -78,7 +80,10 @@ def verify(
     passed = True
     for a, b in zip(outputs_a, outputs_b):
         if a.shape != b.shape:
-            raise ValueError(f"output shapes differ: {tuple(a.shape)} and {tuple(b.shape)}")
+            raise ValueError(
+                f"output shapes differ: {tuple(a.shape)} and {tuple(b.shape)}; the models do not "
+                "compute the same kind of result"
+            )
         a64, b64 = a.detach().double(), b.detach().double()
         diff = (a64 - b64).abs().max().item() if a.numel() else 0.0
         scale = a64.abs().max().item() if a.numel() else 0.0

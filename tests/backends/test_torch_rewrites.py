@@ -213,6 +213,10 @@ def test_hard_coded_view_width_is_carried_by_a_graph_module() -> None:
     assert isinstance(rewritten, torch.fx.GraphModule)
     assert "112" in rewritten.code  # 96 + 16 pixels of the new filter
     assert tg.verify(model, rewritten, x).passed
+    before = _params(model)
+    with pytest.raises(tg.RewriteError, match="inplace=False"):
+        tg.rewrite(model, site, 0.5, inplace=True)
+    assert all(torch.equal(before[k], v) for k, v in _params(model).items())
     other = [s for s in _sites(model, x, ()) if s.group_name == "conv1"][0]
     assert not isinstance(tg.rewrite(model, other, 0.5), torch.fx.GraphModule)
 

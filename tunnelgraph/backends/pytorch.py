@@ -33,6 +33,13 @@ def apply_plan(model: nn.Module, plan: RewritePlan, *, inplace: bool = False) ->
     deep-copied and the copy is edited.
     """
     check_fits(model, plan.group)
+    if inplace and plan.literals:
+        nodes = ", ".join(sorted({literal.node for literal in plan.literals}))
+        raise RewriteError(
+            f"the forward hard-codes a width that this rewrite changes (node(s) {nodes}), which "
+            "cannot be updated in place; call with inplace=False to get a torch.fx.GraphModule "
+            "with the new width, or write the reshape as x.flatten(1)"
+        )
     state = _tensors(model)
     new_tensors = {}
     with torch.no_grad():
