@@ -249,3 +249,34 @@ def test_site_by_name_needs_example_inputs() -> None:
         tg.rewrite(model, "fc9[3]", 0.5, example_inputs=x)
     with pytest.raises(tg.SiteError, match="out of range"):
         tg.rewrite(model, "fc1[16]", 0.5, example_inputs=x)
+
+
+def test_lambda_entries_follow_the_documented_order() -> None:
+    """Entry e of lam scales consumer weight (out_unit, pixel) with e = out_unit * pixels + pixel."""
+    entry = ZOO_BY_NAME["paper_cnn"]
+    model = entry.build().double()
+    x = example_input(entry, torch.float64)
+    site = _sites(model, x, ())[5]
+    pixels = 24 * 24
+    lam = np.arange(site.outbound_size, dtype=np.float64) / site.outbound_size
+    rewritten = tg.rewrite(model, site, lam)
+    before = model.fc.weight[:, 5 * pixels:6 * pixels].detach()
+    after = rewritten.fc.weight[:, 5 * pixels:6 * pixels].detach()
+    clone = rewritten.fc.weight[:, 8 * pixels:9 * pixels].detach()
+    expected = torch.from_numpy(lam.reshape(10, pixels))
+    torch.testing.assert_close(after, expected * before)
+    torch.testing.assert_close(clone, (1 - expected) * before)
+
+
+def test_lambda_order_spans_consumers_in_site_order() -> None:
+    entry = ZOO_BY_NAME["resnet_stack"]
+    model = entry.build().double()
+    x = example_input(entry, torch.float64)
+    site = tg.find_sites(model, x, through=ALL_THROUGH)[2]  # the residual stream, channel 2
+    assert site.consumers == ("layer1.0.conv1", "layer1.1.conv1", "fc")
+    lam = np.concatenate([np.full(8 * 9, 0.1), np.full(8 * 9, 0.2), np.full(10, 0.3)])
+    rewritten = tg.rewrite(model, site, lam)
+    for name, factor in (("layer1.0.conv1", 0.1), ("layer1.1.conv1", 0.2), ("fc", 0.3)):
+        old = dict(model.named_modules())[name].weight[:, 2]
+        new = dict(rewritten.named_modules())[name].weight[:, 2]
+        torch.testing.assert_close(new, factor * old)

@@ -244,8 +244,7 @@ class _GroupWalker:
         self.slices: list[tuple[int, int, ParamSlice]] = []
         self.reasons: list[str] = []
         self.producers: list[str] = []
-        self.consumers: list[str] = []
-        self.passed: list[str] = []
+        self.passed: list[tuple[int, str]] = []
         self.literals: list[WidthLiteral] = []
         self.nodes: list[str] = []
         self.axes: dict[str, int] = {}
@@ -282,12 +281,15 @@ class _GroupWalker:
             if (s.param, s.axis) in seen:
                 self._reason(f"channels reach parameter '{s.param}' twice")
             seen.add((s.param, s.axis))
+        def in_graph_order(role: Role) -> tuple[str, ...]:
+            return tuple(dict.fromkeys(s.module for s in slices if s.role == role))
+
         return ChannelGroup(
             name=first.module or first.name,
             size=size,
-            producers=tuple(self.producers),
-            consumers=tuple(self.consumers),
-            through=tuple(self.passed),
+            producers=in_graph_order("inbound"),
+            consumers=in_graph_order("outbound"),
+            through=tuple(name for _, name in sorted(self.passed)),
             slices=tuple(slices),
             literals=tuple(self.literals),
             reasons=tuple(self.reasons),
@@ -367,7 +369,7 @@ class _GroupWalker:
     def _channelwise(self, node: Node, channel_map: ChannelMap, axis: int) -> None:
         if node.op in _LABELS:
             where = node.module or node.name
-            self.passed.append(where)
+            self.passed.append((self.graph.index(node.name), where))
             if node.op not in self.through:
                 self._reason(
                     f"feeds {_LABELS[node.op]} '{where}' (pass through=('{node.op}',) to clone "
@@ -428,7 +430,6 @@ class _GroupWalker:
                 f"grouped convolution '{module}' (groups={user.attrs['groups']}) consumes these "
                 "channels: cloning one would break its group structure"
             )
-        self.consumers.append(module)
         self._add_slices(user, "outbound", 1, channel_map, roles=("weight",))
 
     def _flatten(
