@@ -32,7 +32,8 @@ def apply_plan(model: nn.Module, plan: RewritePlan, *, inplace: bool = False) ->
     leaves ``model`` untouched; unless ``inplace`` is true, ``model`` is
     deep-copied and the copy is edited.
     """
-    check_fits(model, plan.group)
+    state = _tensors(model)
+    check_fits(model, plan.group, state)
     if inplace and plan.literals:
         nodes = ", ".join(sorted({literal.node for literal in plan.literals}))
         raise RewriteError(
@@ -40,7 +41,6 @@ def apply_plan(model: nn.Module, plan: RewritePlan, *, inplace: bool = False) ->
             "cannot be updated in place; call with inplace=False to get a torch.fx.GraphModule "
             "with the new width, or write the reshape as x.flatten(1)"
         )
-    state = _tensors(model)
     new_tensors = {}
     with torch.no_grad():
         for tensor_edit in plan.tensors:
@@ -65,9 +65,14 @@ def apply_plan(model: nn.Module, plan: RewritePlan, *, inplace: bool = False) ->
     return target
 
 
-def check_fits(model: nn.Module, group: ChannelGroup) -> None:
-    """Raise :class:`SiteError` unless ``model``'s parameters have the shapes ``group`` expects."""
-    state = _tensors(model)
+def check_fits(
+    model: nn.Module, group: ChannelGroup, state: dict[str, torch.Tensor] | None = None
+) -> None:
+    """Raise :class:`SiteError` unless ``model``'s parameters have the shapes ``group`` expects.
+
+    ``state`` is ``model``'s parameters and buffers by name, when the caller already has them.
+    """
+    state = _tensors(model) if state is None else state
     for param_slice in group.slices:
         tensor = state.get(param_slice.param)
         if tensor is None:
