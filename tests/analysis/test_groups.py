@@ -182,3 +182,23 @@ def test_report_renders_every_group_with_its_reasons() -> None:
     markdown = report.to_markdown()
     assert "features.0" in markdown and "blocked: feeds batch norm" in markdown
     assert "128 sites in 2 of 6 channel groups" in markdown
+
+
+class _ShapeScaled(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(4, 6)
+        self.fc2 = nn.Linear(6, 6)
+        self.fc3 = nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.fc1(x))
+        h = h / h.size(1)  # counts channels: a clone would change it
+        h = 2.0 - torch.tanh(self.fc2(h)) * 3
+        return self.fc3(h)
+
+
+def test_scaling_by_a_shape_blocks_and_scaling_by_a_number_does_not() -> None:
+    report = tg.analyze(_ShapeScaled(), torch.randn(3, 4))
+    assert any("computed from shapes" in r for r in _group(report, "fc1").reasons)
+    assert _group(report, "fc2").legal

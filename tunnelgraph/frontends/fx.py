@@ -337,7 +337,10 @@ class _Translator:
             if isinstance(arg, torch.fx.Node) and self.kinds.get(arg.name) != OpKind.METADATA
         ]
         others = [arg for arg in fx_node.args if arg not in tensors]
-        if len(tensors) == 1 and all(isinstance(arg, (int, float, torch.fx.Node)) for arg in others):
+        if any(isinstance(arg, torch.fx.Node) for arg in others):
+            # x / x.size(1): the factor may count channels, and would change with them
+            return self._blocking(fx_node, f"element-wise {op} by a value computed from shapes")
+        if len(tensors) == 1 and all(isinstance(arg, (int, float)) for arg in others):
             return self._node(fx_node, OpKind.CHANNELWISE, "scale", function=op)
         if len(tensors) == 2 and not fx_node.kwargs.get("alpha") and not fx_node.kwargs.get("rounding_mode"):
             return self._node(fx_node, OpKind.COUPLING, op)
