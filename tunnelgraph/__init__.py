@@ -9,10 +9,12 @@ Structural Network Modifications).
 from tunnelgraph.analysis.groups import THROUGH_OPTIONS, ChannelGroup, ParamSlice
 from tunnelgraph.analysis.sites import AnalysisReport, Site
 from tunnelgraph.api import analyze, apply_edit, find_sites, merge, reorganize, rewrite
-from tunnelgraph.errors import RewriteError, SiteError, TraceError, TunnelgraphError
+from tunnelgraph.errors import RewriteError, SiteError, StatisticsError, TraceError, TunnelgraphError
 from tunnelgraph.frontends.fx import trace
 from tunnelgraph.ir import Graph
 from tunnelgraph.rewrite.edits import ChannelEdit
+from tunnelgraph.statistics.engine import SiteStatistics, a_statistics
+from tunnelgraph.statistics.lambdas import lambda_t, random_lambda, rank_sites
 from tunnelgraph.verify import EquivalenceReport, verify
 
 __version__ = "0.1.0"
@@ -28,12 +30,18 @@ __all__ = [
     "RewriteError",
     "Site",
     "SiteError",
+    "SiteStatistics",
+    "StatisticsError",
     "TraceError",
     "TunnelgraphError",
+    "a_statistics",
     "analyze",
     "apply_edit",
     "find_sites",
+    "lambda_t",
     "merge",
+    "random_lambda",
+    "rank_sites",
     "reorganize",
     "rewrite",
     "trace",

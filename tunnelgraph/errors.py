@@ -15,3 +15,7 @@ class SiteError(TunnelgraphError, ValueError):
 
 class RewriteError(TunnelgraphError):
     """A rewrite could not be applied; the input model is left untouched."""
+
+
+class StatisticsError(TunnelgraphError):
+    """A-statistics cannot be measured as asked (unsupported layer, bad data, mismatched sites)."""

@@ -1,0 +1,78 @@
+"""A-statistics against autograd on every site kind of the zoo (MATH.md sections 4, 5, 7)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tunnelgraph as tg
+from conftest import inbound_gradient, mean_gradients, regression_data, relative, squared_error
+from zoo import ZOO_BY_NAME, ZooEntry
+
+THROUGH = tg.THROUGH_OPTIONS
+
+
+def one_site_per_group(sites: list[tg.Site], generator: torch.Generator) -> list[tg.Site]:
+    groups: dict[str, list[tg.Site]] = {}
+    for site in sites:
+        groups.setdefault(site.group_name, []).append(site)
+    return [
+        members[int(torch.randint(len(members), (1,), generator=generator))] for members in groups.values()
+    ]
+
+
+def test_a_matches_autograd_in_the_rewritten_model(zoo_entry: ZooEntry) -> None:
+    """A @ lam and A @ (1 - lam) are the two inbound gradients after opening; A @ 1 the current one."""
+    model = zoo_entry.build().double()
+    data = regression_data(model, zoo_entry, torch.float64)
+    sites = tg.find_sites(model, data[0][0], through=THROUGH)
+    if not sites:
+        pytest.skip(f"{zoo_entry.name} has no sites")
+    generator = torch.Generator().manual_seed(1)
+    chosen = one_site_per_group(sites, generator)
+    stats = tg.a_statistics(model, chosen, data, squared_error, method="exact", progress=False)
+    before = mean_gradients(model, data, squared_error)
+    for site in chosen:
+        entry = stats[site.name]
+        assert entry.a is not None and entry.a.shape == (site.inbound_size, site.outbound_size)
+        lam = torch.rand(site.outbound_size, generator=generator, dtype=torch.float64) * 2 - 0.5
+        opened = tg.rewrite(model, site, lam)
+        after = mean_gradients(opened, data, squared_error)
+        original = inbound_gradient(after, site, site.channel)
+        clone = inbound_gradient(after, site, site.group.size)
+        assert relative(entry.a @ lam, original) <= 1e-6, site.name
+        assert relative(entry.a @ (1 - lam), clone) <= 1e-6, site.name
+        assert relative(entry.gradient, inbound_gradient(before, site, site.channel)) <= 1e-6, site.name
+        assert original.norm() > 0 or entry.sigma == 0
+
+
+@pytest.mark.parametrize("name", ["paper_cnn", "resnet_stack", "inception_concat", "conv1d"])
+def test_gradient_norm_identity_after_opening_with_lambda_t(name: str) -> None:
+    """||g_u||^2 + ||g_u'||^2 = ||A 1||^2 / 2 + 2 t^2 sigma_max(A)^2 (MATH.md section 4)."""
+    entry = ZOO_BY_NAME[name]
+    model = entry.build().double()
+    data = regression_data(model, entry, torch.float64)
+    sites = tg.find_sites(model, data[0][0], through=THROUGH)
+    site = max(sites, key=lambda s: (s.outbound_size, s.name))
+    stats = tg.a_statistics(model, [site], data, squared_error, progress=False)[site.name]
+    for t in (0.1, 1.0, 5.0):
+        opened = tg.rewrite(model, site, tg.lambda_t(stats, t))
+        after = mean_gradients(opened, data, squared_error)
+        norm = inbound_gradient(after, site, site.channel).norm() ** 2
+        norm += inbound_gradient(after, site, site.group.size).norm() ** 2
+        expected = stats.gradient.norm() ** 2 / 2 + 2 * t**2 * stats.sigma**2
+        assert relative(norm, expected) <= 1e-6, t
+
+
+def test_exact_triplet_is_the_svd_of_a() -> None:
+    entry = ZOO_BY_NAME["paper_cnn"]
+    model = entry.build().double()
+    data = regression_data(model, entry, torch.float64)
+    sites = tg.find_sites(model, data[0][0])
+    stats = tg.a_statistics(model, sites[:3], data, squared_error, progress=False)
+    for entry_stats in stats.values():
+        u, s, vh = torch.linalg.svd(entry_stats.a, full_matrices=False)
+        assert entry_stats.sigma == pytest.approx(float(s[0]), rel=1e-9)
+        assert abs(float(vh[0] @ entry_stats.direction)) == pytest.approx(1.0, abs=1e-9)
+        largest = entry_stats.direction.abs().argmax()
+        assert entry_stats.direction[largest] > 0

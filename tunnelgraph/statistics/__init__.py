@@ -1,0 +1,1 @@
+"""A-statistics: measured gradient statistics of every site, its steepest lambda, and site ranking."""

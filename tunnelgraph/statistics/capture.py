@@ -1,0 +1,217 @@
+"""Hooks that capture, from an ordinary forward and backward pass, what A-statistics need.
+
+For every group: each producer's input and output, each consumer's output
+error (the loss gradient at its pre-activation), and the values of the
+tensors outside the group that its chain reads. Module forward hooks record
+values (cloned, so in-place operations later in the forward cannot change
+them) and register tensor hooks on the consumers' outputs; full backward
+hooks are avoided because they break when an in-place operation follows a
+layer. Values the chain reads that no module produces (``torch.cat``'s
+other inputs, computed by functions) are recomputed from recorded module
+outputs and the model's inputs by replaying the traced graph.
+
+The same hooks serve a statistics pass over a data loader
+(:func:`tunnelgraph.a_statistics`) and a training loop
+(:class:`tunnelgraph.StatisticsTracker`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+import torch.fx
+import torch.nn as nn
+from torch.utils.hooks import RemovableHandle
+
+from tunnelgraph.errors import StatisticsError
+from tunnelgraph.statistics.chain import GroupChain, _fetch
+
+
+@dataclass
+class Capture:
+    """The values of one forward/backward pass that the groups' statistics read.
+
+    Attributes:
+        inputs: producer fx node -> the layer's input.
+        outputs: producer fx node -> the layer's output (pre-activation).
+        errors: consumer fx node -> loss gradient at the layer's output.
+        shapes: consumer fx node -> shape of the layer's input.
+        externals: fx node -> value, for nodes outside a group that its chain reads.
+        batch: samples in the pass (the leading size of the model's first input).
+    """
+
+    inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    outputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    errors: dict[str, torch.Tensor] = field(default_factory=dict)
+    externals: dict[str, Any] = field(default_factory=dict)
+    batch: int = 0
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+    def nbytes(self) -> int:
+        tensors = [*self.inputs.values(), *self.outputs.values(), *self.errors.values()]
+        tensors += [value for value in self.externals.values() if isinstance(value, torch.Tensor)]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def samples(self, start: int, stop: int) -> "Capture":
+        """The part of the capture for samples ``start:stop`` (tensors led by the batch axis)."""
+
+        def cut(value: Any) -> Any:
+            if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == self.batch:
+                return value[start:stop]
+            return value
+
+        return Capture(
+            {k: cut(v) for k, v in self.inputs.items()},
+            {k: cut(v) for k, v in self.outputs.items()},
+            {k: cut(v) for k, v in self.errors.items()},
+            {k: cut(v) for k, v in self.externals.items()},
+            stop - start,
+            {k: (stop - start, *v[1:]) if v and v[0] == self.batch else v for k, v in self.shapes.items()},
+        )
+
+
+class Recorder:
+    """Installs the capture hooks of some groups on a model; use as a context manager.
+
+    After each forward and backward, :meth:`take` returns the :class:`Capture`
+    and clears it for the next pass.
+    """
+
+    def __init__(self, model: nn.Module, chains: Sequence[GroupChain]) -> None:
+        self.model = model
+        self.chains = list(chains)
+        self.handles: list[RemovableHandle] = []
+        source = self.chains[0].source if self.chains else None
+        self.fx_nodes: dict[str, torch.fx.Node] = {n.name: n for n in source.graph.nodes} if source else {}
+        self.placeholders = [n for n in self.fx_nodes.values() if n.op == "placeholder"]
+        self.producers = {spec.node: spec for chain in self.chains for spec in chain.producers}
+        self.consumers = {spec.node: spec for chain in self.chains for spec in chain.consumers}
+        # nodes to recompute (functions), and module calls to record, for the externals
+        self.replay: dict[str, torch.fx.Node] = {}
+        self.recorded_calls: dict[str, list[str]] = {}  # module name -> its fx nodes in call order
+        for chain in self.chains:
+            for name in chain.externals:
+                self._need(self.fx_nodes[name])
+        for node in self.fx_nodes.values():
+            if node.op == "call_module" and str(node.target) in self.recorded_calls:
+                calls = self.recorded_calls[str(node.target)]
+                if node.name not in calls:
+                    calls.append(node.name)
+        self._reset()
+
+    def _need(self, node: torch.fx.Node) -> None:
+        if node.name in self.replay:
+            return
+        self.replay[node.name] = node
+        if node.op == "call_module":
+            self.recorded_calls.setdefault(str(node.target), [])
+            return
+        for arg in node.all_input_nodes:
+            self._need(arg)
+
+    def _reset(self) -> None:
+        self.capture = Capture()
+        self.root_args: tuple[Any, ...] = ()
+        self.root_kwargs: dict[str, Any] = {}
+        self.module_outputs: dict[str, list[Any]] = {name: [] for name in self.recorded_calls}
+        self.consumer_shapes: dict[str, tuple[torch.Size, torch.dtype, torch.device]] = {}
+
+    # -- hooks ---------------------------------------------------------------------
+    def __enter__(self) -> "Recorder":
+        self.handles.append(self.model.register_forward_pre_hook(self._on_model, with_kwargs=True))
+        for node, spec in self.producers.items():
+            self.handles.append(spec.module.register_forward_hook(self._producer_hook(node)))
+        for node, spec in self.consumers.items():
+            self.handles.append(spec.module.register_forward_hook(self._consumer_hook(node)))
+        for name in self.recorded_calls:
+            self.handles.append(self.model.get_submodule(name).register_forward_hook(self._module_hook(name)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+    def _on_model(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self._reset()
+        self.root_args, self.root_kwargs = args, kwargs
+        first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        self.capture.batch = int(first.shape[0]) if first is not None and first.dim() else 1
+
+    def _producer_hook(self, node: str):  # type: ignore[no-untyped-def]
+        def hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> None:
+            self.capture.inputs[node] = args[0].detach().clone()
+            self.capture.outputs[node] = output.detach().clone()
+
+        return hook
+
+    def _consumer_hook(self, node: str):  # type: ignore[no-untyped-def]
+        def hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> None:
+            self.consumer_shapes[node] = (output.shape, output.dtype, output.device)
+            self.capture.shapes[node] = tuple(args[0].shape)
+            if output.requires_grad:
+                # a tensor hook sees the gradient of this value even if an in-place op follows
+                output.register_hook(lambda grad: self.capture.errors.__setitem__(node, grad.detach()))
+
+        return hook
+
+    def _module_hook(self, name: str):  # type: ignore[no-untyped-def]
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            value = output.detach().clone() if isinstance(output, torch.Tensor) else output
+            self.module_outputs[name].append(value)
+
+        return hook
+
+    # -- after the backward pass ---------------------------------------------------------
+    def take(self) -> Capture:
+        """The capture of the last forward and backward pass; the recorder is cleared."""
+        capture = self.capture
+        missing = [node for node in self.producers if node not in capture.outputs]
+        if missing or not self.consumer_shapes:
+            raise StatisticsError(
+                f"the forward pass did not run layer(s) {', '.join(missing) or 'of the sites'}; pass "
+                "the model the sites were found on, and batches its forward accepts"
+            )
+        for node in self.consumers:
+            if node not in capture.errors:
+                # the loss does not depend on this consumer: its error is zero
+                shape, dtype, device = self.consumer_shapes[node]
+                capture.errors[node] = torch.zeros(shape, dtype=dtype, device=device)
+        with torch.no_grad():
+            values: dict[str, Any] = {}
+            for chain in self.chains:
+                for name in chain.externals:
+                    capture.externals[name] = self._value(self.fx_nodes[name], values)
+        self._reset()
+        return capture
+
+    def _value(self, node: torch.fx.Node, values: dict[str, Any]) -> Any:
+        if node.name in values:
+            return values[node.name]
+        if node.op == "placeholder":
+            index = self.placeholders.index(node)
+            if index < len(self.root_args):
+                value = self.root_args[index]
+            else:
+                value = self.root_kwargs.get(str(node.target), node.args[0] if node.args else None)
+            value = value.detach() if isinstance(value, torch.Tensor) else value
+        elif node.op == "get_attr":
+            value = _fetch(self.chains[0].source, str(node.target))
+        elif node.op == "call_module":
+            calls = self.recorded_calls[str(node.target)]
+            outputs = self.module_outputs[str(node.target)]
+            index = calls.index(node.name)
+            if index >= len(outputs):
+                raise StatisticsError(f"module '{node.target}' did not run in the forward pass")
+            value = outputs[index]
+        else:
+            args = torch.fx.node.map_arg(node.args, lambda arg: self._value(arg, values))
+            kwargs = torch.fx.node.map_arg(node.kwargs, lambda arg: self._value(arg, values))
+            if node.op == "call_function":
+                value = node.target(*args, **kwargs)  # type: ignore[operator]
+            else:
+                value = getattr(args[0], str(node.target))(*args[1:], **kwargs)
+        values[node.name] = value
+        return value

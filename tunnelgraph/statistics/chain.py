@@ -1,0 +1,505 @@
+"""One channel group as a re-executable piece of the network.
+
+A group's channels leave their *producers* (linear or conv layers), pass
+per-channel operations, residual adds, concats and flattens (the group's
+*chain*), and enter their *consumers*. For a site of the group, MATH.md
+defines column ``l`` of A as the inbound-weight gradient carried by the
+error that flows back through outbound entry ``l`` alone, pushed back through
+the chain. Everything here is linear algebra around one object: the chain,
+as a function from the producers' outputs to the consumers' inputs,
+re-executed on values captured from a real forward pass (so that
+``torch.func`` can linearise it), with every path that leaves the group
+through a consumer cut off.
+
+- Rows (inbound entries) enter the chain as tangents at the producers'
+  outputs: the input patch of each inbound weight, one per row, the same
+  for every channel (:meth:`GroupChain.row_tangents`).
+- Columns (outbound entries) are read off at the consumers: the weight
+  gradient of a consumer whose input is a tangent, times the outbound
+  weight (:meth:`GroupChain.contract`).
+
+Rows, columns and channels are all batched: one forward-mode pass of the
+chain serves every channel of the group at once, because the chain never
+mixes channels.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import operator
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tunnelgraph.analysis.groups import ChannelGroup, ParamSlice
+from tunnelgraph.errors import StatisticsError
+from tunnelgraph.ir import Graph, OpKind
+
+with warnings.catch_warnings():
+    # torch.func.jvp imports this lazily, and it scripts functions with the deprecated
+    # torch.jit.script; import it once here so users do not see torch's internal warning
+    warnings.simplefilter("ignore", DeprecationWarning)
+    import torch._decomp.decompositions_for_jvp  # noqa: F401
+
+_CONV_DIMS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
+_IN_PLACE_FUNCTIONS = {
+    operator.iadd: operator.add, operator.isub: operator.sub,
+    operator.imul: operator.mul, operator.itruediv: operator.truediv,
+}
+_BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_DROPOUT_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout}
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """A producer or consumer: its fx node, module and the parameter entries of the group it holds."""
+
+    node: str
+    name: str
+    module: nn.Module
+    slices: tuple[ParamSlice, ...]
+    offset: int  # first row (producer) or column (consumer) of this layer in A
+
+    @property
+    def size(self) -> int:
+        """Rows (producer) or columns (consumer) this layer contributes to A."""
+        return sum(s.channel_numel for s in self.slices)
+
+    @property
+    def conv_dims(self) -> int:
+        """Spatial dimensions of a conv layer, 0 for a linear layer."""
+        return _CONV_DIMS.get(type(self.module), 0)
+
+    @property
+    def weight_slice(self) -> ParamSlice:
+        return next(s for s in self.slices if s.param.endswith(".weight"))
+
+
+def _layer_kind_error(name: str, module: nn.Module, role: str) -> StatisticsError:
+    return StatisticsError(
+        f"A-statistics support linear and conv (groups=1) {role}s; '{name}' is "
+        f"{type(module).__name__}. Exclude its group's sites from the statistics."
+    )
+
+
+class GroupChain:
+    """A channel group of a traced model, ready to be linearised on captured values.
+
+    Attributes:
+        group: the group.
+        producers: the layers whose inbound weights make the channels, in the
+            order of A's rows.
+        consumers: the layers that read the channels, in the order of A's
+            columns (lambda's order).
+        nodes: the chain's fx nodes in execution order (per-channel
+            operations, adds, concats, flattens and the size queries they
+            use), producers excluded.
+        externals: fx nodes outside the group whose values the chain reads
+            (the other inputs of a concat, say); captured on every pass.
+        consumer_inputs: for each consumer, the node whose value it reads.
+    """
+
+    def __init__(self, model: nn.Module, graph: Graph, group: ChannelGroup) -> None:
+        if not group.legal:
+            raise StatisticsError(f"group '{group.name}' has no sites: {'; '.join(group.reasons)}")
+        source = graph.source
+        if not isinstance(source, torch.fx.GraphModule):
+            raise StatisticsError("A-statistics need a graph traced from a PyTorch model (tg.trace)")
+        self.group = group
+        self.model = model
+        self.fx_nodes = {node.name: node for node in source.graph.nodes}
+        self.source = source
+        members = set(group.nodes)
+
+        self.producers = self._layers(graph, group, "inbound", lambda node: node.name in members)
+        self.consumers = self._layers(
+            graph, group, "outbound", lambda node: any(name in members for name in node.inputs)
+        )
+        for spec in self.producers:
+            if not isinstance(spec.module, (nn.Linear, *_CONV_DIMS)):
+                raise _layer_kind_error(spec.name, spec.module, "producer")
+        for spec in self.consumers:
+            if not isinstance(spec.module, (nn.Linear, *_CONV_DIMS)) or getattr(spec.module, "groups", 1) != 1:
+                raise _layer_kind_error(spec.name, spec.module, "consumer")
+        producer_nodes = {spec.node for spec in self.producers}
+
+        chain = [name for name in group.nodes if name not in producer_nodes]
+        local = set(chain) | producer_nodes
+        for node in graph:
+            # size queries on the group's tensors (x.size(0) in a view) run with the chain
+            if node.kind == OpKind.METADATA and any(name in local for name in node.inputs):
+                chain.append(node.name)
+                local.add(node.name)
+        order = {name: index for index, name in enumerate(self.fx_nodes)}
+        self.nodes = tuple(sorted(chain, key=order.__getitem__))
+        externals: dict[str, None] = {}
+        for name in self.nodes:
+            for arg in self.fx_nodes[name].all_input_nodes:
+                if arg.name not in local:
+                    externals[arg.name] = None
+        self.externals = tuple(externals)
+        self.consumer_inputs = tuple(
+            next(arg.name for arg in self.fx_nodes[spec.node].all_input_nodes if arg.name in local)
+            for spec in self.consumers
+        )
+        self.inbound_size = group.inbound_size
+        self.outbound_size = group.outbound_size
+        self._callables = {name: self._callable(self.fx_nodes[name]) for name in self.nodes}
+        self.reach = self._reach(graph)
+
+    # -- construction ----------------------------------------------------------------
+    def _layers(
+        self, graph: Graph, group: ChannelGroup, role: str, belongs: Callable[[Any], bool]
+    ) -> tuple[LayerSpec, ...]:
+        specs = []
+        offset = 0
+        for name in dict.fromkeys(s.module for s in group.slices if s.role == role):
+            slices = tuple(s for s in group.slices if s.role == role and s.module == name)
+            candidates = [node for node in graph if node.module == name and belongs(node)]
+            if len(candidates) != 1:
+                raise StatisticsError(f"layer '{name}' of group '{group.name}' is not called exactly once")
+            spec = LayerSpec(candidates[0].name, name, self.model.get_submodule(name), slices, offset)
+            specs.append(spec)
+            offset += spec.size
+        return tuple(specs)
+
+    def _reach(self, graph: Graph) -> tuple[tuple[bool, ...], ...]:
+        """reach[i][j]: the chain carries producer i's output to consumer j's input."""
+        inside = set(self.nodes)
+        table = []
+        for producer in self.producers:
+            seen = {producer.node}
+            stack = [producer.node]
+            while stack:
+                for user in graph.users(stack.pop()):
+                    if user.name in inside and user.name not in seen:
+                        seen.add(user.name)
+                        stack.append(user.name)
+            table.append(tuple(name in seen for name in self.consumer_inputs))
+        return tuple(table)
+
+    def _callable(self, fx_node: torch.fx.Node) -> Callable[..., Any]:
+        """How the chain runs one node: without in-place updates, side effects or hooks."""
+        if fx_node.op == "call_module":
+            module = self.source.get_submodule(str(fx_node.target))
+            if isinstance(module, _BATCHNORM):
+                return _batchnorm(module)
+            if isinstance(module, (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)):
+                return _dropout(fx_node.name, lambda: module.training and module.p > 0)
+            if getattr(module, "inplace", False):
+                module = copy.copy(module)
+                module.inplace = False
+            return module.forward  # .forward: never fire hooks (ours or the user's)
+        if fx_node.op == "call_function":
+            target = fx_node.target
+            if target in _DROPOUT_FUNCTIONS:
+                return _dropout(fx_node.name, lambda: self.model.training)
+            target = _IN_PLACE_FUNCTIONS.get(target, target)
+            name = getattr(target, "__name__", "")
+            if name.endswith("_") and not name.startswith("_"):
+                owner = F if getattr(F, name, None) is target else torch
+                target = getattr(owner, name[:-1], target)
+
+            def call(*args: Any, **kwargs: Any) -> Any:
+                if kwargs.get("inplace"):
+                    kwargs = {**kwargs, "inplace": False}
+                return target(*args, **kwargs)
+
+            return call
+        if fx_node.op == "call_method":
+            method = str(fx_node.target)
+            if method.endswith("_") and not method.startswith("_"):
+                method = method[:-1]
+            return lambda self_, *args, **kwargs: getattr(self_, method)(*args, **kwargs)
+        if fx_node.op == "get_attr":
+            value = _fetch(self.source, str(fx_node.target))
+            return lambda: value
+        raise StatisticsError(f"node '{fx_node.name}' ({fx_node.op}) cannot be re-executed")
+
+    # -- the chain as a function -------------------------------------------------------
+    def run(self, outputs: Sequence[torch.Tensor], externals: dict[str, Any]) -> tuple[torch.Tensor, ...]:
+        """The consumers' inputs, given the producers' outputs and the captured externals."""
+        env: dict[str, Any] = dict(externals)
+        for spec, value in zip(self.producers, outputs):
+            env[spec.node] = value
+        for name in self.nodes:
+            fx_node = self.fx_nodes[name]
+            args = torch.fx.node.map_arg(fx_node.args, lambda arg: env[arg.name])
+            kwargs = torch.fx.node.map_arg(fx_node.kwargs, lambda arg: env[arg.name])
+            env[name] = self._callables[name](*args, **kwargs)
+        return tuple(env[name] for name in self.consumer_inputs)
+
+    def jvp_rows(
+        self,
+        outputs: Sequence[torch.Tensor],
+        externals: dict[str, Any],
+        producer: int,
+        tangents: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
+        """Tangents at every consumer input, one per row of ``tangents`` (at producer ``producer``)."""
+
+        def chain(value: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            values = list(outputs)
+            values[producer] = value
+            return self.run(values, externals)
+
+        def one(tangent: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            return torch.func.jvp(chain, (outputs[producer],), (tangent,))[1]
+
+        return torch.func.vmap(one)(tangents)
+
+    def jvp(
+        self, outputs: Sequence[torch.Tensor], externals: dict[str, Any], tangents: Sequence[torch.Tensor]
+    ) -> tuple[torch.Tensor, ...]:
+        """Tangents at the consumer inputs for one tangent per producer output."""
+        return torch.func.jvp(lambda *zs: self.run(zs, externals), tuple(outputs), tuple(tangents))[1]
+
+    def vjp(
+        self, outputs: Sequence[torch.Tensor], externals: dict[str, Any], cotangents: Sequence[torch.Tensor]
+    ) -> tuple[torch.Tensor, ...]:
+        """Errors at the producer outputs for errors at the consumer inputs, through the chain only."""
+        _, pullback = torch.func.vjp(lambda *zs: self.run(zs, externals), *outputs)
+        return pullback(tuple(cotangents))
+
+    # -- rows: inbound entries -------------------------------------------------------
+    def row_tangents(
+        self,
+        producer: int,
+        layer_input: torch.Tensor,
+        output: torch.Tensor,
+        rows: range,
+        patches: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Tangents at producer ``producer``'s output, one per inbound row in ``rows``.
+
+        Row ``r`` perturbs inbound entry ``r`` of every channel by one; since
+        the entry multiplies the same input in every channel, the tangent is
+        that input (a patch of it, for a conv: ``patches`` from
+        :func:`conv_patches` when already computed) broadcast over channels.
+        Returns a tensor of shape ``(len(rows),) + output.shape`` (expanded,
+        not copied, over channels).
+        """
+        spec = self.producers[producer]
+        module = spec.module
+        weight_rows = spec.weight_slice.channel_numel
+        parts = []
+        start, stop = rows.start, rows.stop
+        if start < weight_rows:
+            part = slice(start, min(stop, weight_rows))
+            if spec.conv_dims:
+                if patches is None:
+                    patches = conv_patches(module, layer_input)
+                picked = patches[:, part]  # (N, R, *spatial)
+                parts.append(picked.movedim(1, 0).unsqueeze(2).expand(-1, *output.shape))
+            else:
+                features = layer_input[..., part]  # (..., R)
+                parts.append(features.movedim(-1, 0).unsqueeze(-1).expand(-1, *output.shape))
+        if stop > weight_rows:  # the bias row
+            parts.append(torch.ones((1,) + tuple(output.shape), dtype=output.dtype, device=output.device))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def producer_tangent(self, producer: int, layer_input: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """The producer's output when its inbound weights are ``rows`` (channels x K_producer): A^T's input side."""
+        spec = self.producers[producer]
+        module = spec.module
+        weight_rows = spec.weight_slice.channel_numel
+        weight = rows[:, :weight_rows].reshape(module.weight.shape)
+        bias = rows[:, weight_rows] if rows.shape[1] > weight_rows else None
+        if spec.conv_dims:
+            conv = (F.conv1d, F.conv2d, F.conv3d)[spec.conv_dims - 1]
+            return conv(_prepad(module, layer_input), weight, bias, module.stride, 0, module.dilation)
+        return F.linear(layer_input, weight, bias)
+
+    def producer_gradient(self, producer: int, layer_input: torch.Tensor, error: torch.Tensor) -> torch.Tensor:
+        """Inbound-weight gradients (channels x K_producer) for an error at the producer's output."""
+        spec = self.producers[producer]
+        module = spec.module
+        if spec.conv_dims:
+            grad_weight = _conv_weight_grad(
+                spec.conv_dims, _prepad(module, layer_input), module.weight.shape, error, module.stride,
+                module.dilation,
+            )
+            reduce = [0] + list(range(2, error.dim()))
+        else:
+            grad_weight = error.reshape(-1, error.shape[-1]).T @ layer_input.reshape(-1, layer_input.shape[-1])
+            reduce = list(range(error.dim() - 1))
+        parts = [grad_weight.reshape(grad_weight.shape[0], -1)]
+        if len(spec.slices) > 1:
+            parts.append(error.sum(reduce).unsqueeze(1))
+        return torch.cat(parts, dim=1)
+
+    # -- columns: outbound entries ---------------------------------------------------
+    def contract(
+        self, consumer: int, tangent: torch.Tensor, error: torch.Tensor, channels: torch.Tensor
+    ) -> torch.Tensor:
+        """A's entries at one consumer's columns for a batch of row tangents.
+
+        Args:
+            tangent: (R, *input shape) tangents at the consumer's input.
+            error: the loss gradient at the consumer's output (pre-activation).
+            channels: the group channels wanted (S of them).
+
+        Returns:
+            (S, R, columns of this consumer): the consumer's weight gradient
+            for each tangent as input, times the outbound weight, in lambda's
+            order (row-major over the weight's per-channel slice).
+        """
+        spec = self.consumers[consumer]
+        module = spec.module
+        weight_slice = spec.weight_slice
+        positions = _positions(weight_slice, channels, tangent.device)
+        weight = module.weight.detach().index_select(1, positions)  # (V, S*B, *k)
+        rows = tangent.shape[0]
+        count = channels.numel()
+        if spec.conv_dims:
+            picked = tangent.index_select(2, positions)  # (R, N, S*B, *spatial)
+            inputs = picked.transpose(0, 1).reshape(picked.shape[1], -1, *picked.shape[3:])
+            grad = _conv_weight_grad(
+                spec.conv_dims, _prepad(module, inputs), (weight.shape[0], inputs.shape[1], *weight.shape[2:]),
+                error, module.stride, module.dilation,
+            )  # (V, R*S*B, *k)
+            grad = grad.reshape(weight.shape[0], rows, *weight.shape[1:])
+            entries = grad * weight.unsqueeze(1)  # (V, R, S*B, *k)
+            entries = entries.reshape(weight.shape[0], rows, count, -1, *weight.shape[2:])
+            return entries.movedim(2, 0).movedim(2, 1).reshape(count, rows, -1)
+        picked = tangent.index_select(tangent.dim() - 1, positions)  # (R, ..., S*B)
+        picked = picked.reshape(rows, -1, picked.shape[-1])  # (R, M, S*B)
+        grad = torch.matmul(picked.transpose(1, 2), error.reshape(-1, error.shape[-1]))  # (R, S*B, V)
+        entries = grad * weight.T.unsqueeze(0)  # (R, S*B, V)
+        entries = entries.reshape(rows, count, -1, weight.shape[0])  # (R, S, B, V)
+        return entries.permute(1, 0, 3, 2).reshape(count, rows, -1)
+
+    def consumer_error(
+        self, consumer: int, vectors: torch.Tensor, input_shape: Sequence[int], error: torch.Tensor
+    ) -> torch.Tensor:
+        """Error at the consumer's input when each channel's outbound weights are scaled by its vector.
+
+        ``vectors`` is (channels, columns of this consumer), for every channel
+        of the group: A's column side of a product A v.
+        """
+        spec = self.consumers[consumer]
+        module = spec.module
+        weight_slice = spec.weight_slice
+        channels = torch.arange(self.group.size, device=vectors.device)
+        positions = _positions(weight_slice, channels, vectors.device)
+        weight = module.weight.detach()
+        picked = weight.index_select(1, positions)  # (V, C*B, *k)
+        scaled = vectors.reshape(self.group.size, weight.shape[0], weight_slice.block, *weight.shape[2:])
+        scaled = scaled.movedim(0, 1).reshape(picked.shape) * picked
+        full = torch.zeros_like(weight).index_copy(1, positions, scaled)
+        if spec.conv_dims:
+            primal = error.new_zeros(tuple(input_shape))
+            padded = _prepad(module, primal)
+            grad = _conv_input_grad(spec.conv_dims, padded.shape, full, error, module.stride, module.dilation)
+            if padded.shape == primal.shape:
+                return grad
+            _, pullback = torch.func.vjp(lambda x: _prepad(module, x), primal)
+            return pullback(grad)[0]
+        return torch.matmul(error, full)
+
+    def consumer_columns(self, consumer: int, tangent: torch.Tensor, error: torch.Tensor) -> torch.Tensor:
+        """(channels, columns) of A^T u for one consumer, every channel of the group."""
+        channels = torch.arange(self.group.size, device=tangent.device)
+        return self.contract(consumer, tangent.unsqueeze(0), error, channels)[:, 0]
+
+    # -- sizes ------------------------------------------------------------------------
+    def column_slices(self) -> list[slice]:
+        return [slice(spec.offset, spec.offset + spec.size) for spec in self.consumers]
+
+    def row_slices(self) -> list[slice]:
+        return [slice(spec.offset, spec.offset + spec.size) for spec in self.producers]
+
+
+def _positions(weight_slice: ParamSlice, channels: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Indices along a consumer's input axis that hold ``channels``, channel-major."""
+    block = torch.arange(weight_slice.block, device=device)
+    starts = weight_slice.offset + channels.to(device) * weight_slice.block
+    return (starts.unsqueeze(1) + block).reshape(-1)
+
+
+def _fetch(module: nn.Module, target: str) -> Any:
+    value: Any = module
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _batchnorm(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    def call(x: torch.Tensor) -> torch.Tensor:
+        if module.training or module.running_mean is None:
+            # batch statistics, as the training forward used; running averages untouched
+            return F.batch_norm(x, None, None, module.weight, module.bias, True, 0.0, module.eps)
+        return F.batch_norm(
+            x, module.running_mean, module.running_var, module.weight, module.bias, False, 0.0, module.eps
+        )
+
+    return call
+
+
+def _dropout(name: str, active: Callable[[], bool]) -> Callable[..., torch.Tensor]:
+    def call(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if active():
+            raise StatisticsError(
+                f"dropout '{name}' is active (training mode) inside a site's chain; its random mask "
+                "cannot be replayed. Measure A-statistics with the model in eval mode "
+                "(tg.a_statistics does this), or track sites whose channels do not pass dropout."
+            )
+        return x
+
+    return call
+
+
+def _prepad(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``x`` padded as the conv pads it, so that the conv itself runs with padding 0."""
+    padding = module._reversed_padding_repeated_twice
+    if not any(padding):
+        return x
+    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+    return F.pad(x, padding, mode=mode)
+
+
+def conv_patches(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(N, C_in * prod(kernel), *output spatial): the input entry each weight multiplies, per output pixel."""
+    dims = _CONV_DIMS[type(module)]
+    x = _prepad(module, x)
+    if dims == 2:
+        patches = F.unfold(x, module.kernel_size, module.dilation, 0, module.stride)
+        out = [
+            (x.shape[2 + d] - module.dilation[d] * (module.kernel_size[d] - 1) - 1) // module.stride[d] + 1
+            for d in range(2)
+        ]
+        return patches.reshape(x.shape[0], -1, *out)
+    if dims == 1:
+        patches = F.unfold(
+            x.unsqueeze(2), (1, module.kernel_size[0]), (1, module.dilation[0]), 0, (1, module.stride[0])
+        )
+        return patches
+    rows = x.shape[1] * math.prod(module.kernel_size)
+    eye = torch.eye(rows, dtype=x.dtype, device=x.device).reshape(rows, x.shape[1], *module.kernel_size)
+    return F.conv3d(x, eye, None, module.stride, 0, module.dilation)
+
+
+def _conv_weight_grad(
+    dims: int, x: torch.Tensor, weight_shape: Sequence[int], error: torch.Tensor, stride: Any, dilation: Any
+) -> torch.Tensor:
+    grad = (torch.nn.grad.conv1d_weight, torch.nn.grad.conv2d_weight, torch.nn.grad.conv3d_weight)[dims - 1]
+    return grad(x, tuple(weight_shape), error, stride, 0, dilation)
+
+
+def _conv_input_grad(
+    dims: int, input_shape: Sequence[int], weight: torch.Tensor, error: torch.Tensor, stride: Any, dilation: Any
+) -> torch.Tensor:
+    grad = (torch.nn.grad.conv1d_input, torch.nn.grad.conv2d_input, torch.nn.grad.conv3d_input)[dims - 1]
+    return grad(tuple(input_shape), weight, error, stride, 0, dilation)
+
+
+def _tuple(value: Any, dims: int) -> list[int]:
+    if isinstance(value, int):
+        return [value] * dims
+    return list(value)

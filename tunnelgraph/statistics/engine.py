@@ -1,0 +1,495 @@
+"""The A-statistics engine: the matrix A of every site, its top singular triplet, over a data set.
+
+For a site (channel ``c`` of a group) with K inbound entries and L outbound
+entries, MATH.md sections 4, 5 and 7 define ``A`` (K x L): column ``l`` is
+the gradient of the channel's inbound weights carried by the error that
+flows back through outbound entry ``l`` alone. After opening the tunnel with
+a vector ``lam``, the channel's inbound gradient is ``A @ lam`` and the
+clone's ``A @ (1 - lam)``; ``A @ 1`` is the current gradient.
+
+Two paths compute it, for every channel of a group at once:
+
+- **exact**: A itself, one forward-mode pass of the group's chain per
+  inbound row, contracted with each consumer's output error (a weight
+  gradient); the top singular triplet then comes from the smaller Gram
+  matrix. Memory is bounded by chunking samples and rows
+  (``memory_budget``), whatever the data set's size.
+- **matrix-free**: only products ``A v`` (a consumer's input gradient with
+  its outbound weights scaled by ``v``, pushed back through the chain to a
+  producer weight gradient) and ``A^T u`` (a producer's forward with inbound
+  weights ``u``, pushed through the chain to a consumer weight gradient),
+  each one batched convolution pass over stored activations and errors,
+  inside Golub-Kahan-Lanczos bidiagonalisation. A is never formed.
+
+``method="auto"`` picks the cheaper by counting multiply-adds.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Literal, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from tunnelgraph.analysis.sites import Site
+from tunnelgraph.errors import StatisticsError
+from tunnelgraph.frontends.fx import trace
+from tunnelgraph.ir import Graph
+from tunnelgraph.statistics.capture import Capture, Recorder
+from tunnelgraph.statistics.chain import GroupChain, conv_patches
+from tunnelgraph.statistics.solve import Triplet, lanczos_top, top_singular
+
+logger = logging.getLogger(__name__)
+
+Method = Literal["auto", "exact", "matrix_free"]
+LossFn = Callable[[Any, Any], torch.Tensor]
+
+DEFAULT_MEMORY_BUDGET = 256 * 2**20
+"""Bytes of working memory the exact path aims to stay under per chunk."""
+
+
+@dataclass(frozen=True)
+class SiteStatistics:
+    """What the data says about opening one site.
+
+    Attributes:
+        site: the site's name.
+        a: A (K x L, float64, on the CPU): rows are the channel's inbound
+            entries in the order of the group's inbound slices (producer by
+            producer, weight entries row-major then the bias), columns its
+            outbound entries in lambda's order (see :class:`~tunnelgraph.Site`).
+            ``None`` when the matrix-free path measured the site.
+        sigma: the top singular value of A; sites rank by it.
+        direction: lambda*, the top right singular vector (length L, unit
+            norm), its sign fixed so that its largest-magnitude entry is
+            positive.
+        gradient: ``A @ 1`` (length K), the current gradient of the channel's
+            inbound weights.
+        samples: how many samples the sums ran over.
+        method: ``"exact"`` or ``"matrix_free"``.
+        steps: Lanczos steps (products with A and with A^T) on the
+            matrix-free path; 0 on the exact path.
+        residual: ``||A^T u - sigma v|| / sigma`` of the returned pair (0 on
+            the exact path).
+    """
+
+    site: str
+    a: torch.Tensor | None
+    sigma: float
+    direction: torch.Tensor
+    gradient: torch.Tensor
+    samples: int
+    method: str
+    steps: int = 0
+    residual: float = 0.0
+
+
+def a_statistics(
+    model: nn.Module,
+    sites: Sequence[Site],
+    data: Iterable[Any],
+    loss_fn: LossFn,
+    *,
+    batches: int | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+    method: Method = "auto",
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    max_steps: int = 20,
+    tol: float = 1e-5,
+) -> dict[str, SiteStatistics]:
+    """Measure A, its top singular triplet and the current gradient for every site.
+
+    Args:
+        model: the network the sites were found on (a DistributedDataParallel
+            or DataParallel wrapper is unwrapped). It runs in eval mode, so
+            batch norm uses its running statistics, dropout is off and A is
+            a plain sum over samples; training flags are restored afterwards,
+            and nothing else about the model changes (no ``.grad`` is
+            written).
+        sites: sites of this model, from :func:`tunnelgraph.find_sites`.
+        data: an iterable of ``(inputs, targets)`` batches, e.g. a
+            DataLoader; ``inputs`` is a tensor or a tuple of tensors passed
+            positionally to the model.
+        loss_fn: ``loss_fn(model(*inputs), targets)`` returns the batch
+            *mean* loss (as ``nn.CrossEntropyLoss()`` does). A is that of the
+            mean loss over all samples seen.
+        batches: use only the first ``batches`` batches (the paper's partial
+            pass); default: all of ``data``.
+        device: where to compute; default: where the model's parameters
+            are (CUDA when the model is on a GPU). Batches are moved there.
+        progress: show a tqdm bar over batches.
+        method: ``"exact"`` forms A; ``"matrix_free"`` finds the top triplet
+            from products with A and A^T over stored activations (``a`` is
+            then None); ``"auto"`` picks the cheaper per group.
+        memory_budget: bytes of working memory the exact path aims for.
+        max_steps, tol: Lanczos limits on the matrix-free path.
+
+    When ``torch.distributed`` is initialised, each rank passes its own
+    shard of the data; sums (A, or each product with A) are all-reduced, so
+    every rank gets the same statistics.
+
+    Returns:
+        Site name -> :class:`SiteStatistics`.
+    """
+    model = _unwrap(model)
+    if not sites:
+        return {}
+    device = torch.device(device) if device is not None else _model_device(model)
+    batches_iter = _batches(data, batches, device)
+    first = next(batches_iter, None)
+    if first is None:
+        raise StatisticsError("data yielded no batches; pass an iterable of (inputs, targets) batches")
+    batches_iter = itertools.chain([first], batches_iter)
+
+    modes = {name: sub.training for name, sub in model.named_modules()}
+    model.eval()
+    try:
+        graph = trace(model, first[0])
+        plans = _plans(model, graph, sites, method, max_steps)
+        return _measure(model, plans, batches_iter, loss_fn, batches, progress, memory_budget, max_steps, tol)
+    finally:
+        for name, sub in model.named_modules():
+            sub.train(modes[name])
+
+
+# -- planning -------------------------------------------------------------------------
+@dataclass
+class _GroupPlan:
+    chain: GroupChain
+    sites: list[Site]
+    method: str
+
+    @property
+    def channels(self) -> list[int]:
+        return [site.channel for site in self.sites]
+
+
+def _plans(model: nn.Module, graph: Graph, sites: Sequence[Site], method: Method, max_steps: int) -> list[_GroupPlan]:
+    if method not in ("auto", "exact", "matrix_free"):
+        raise ValueError(f"method must be 'auto', 'exact' or 'matrix_free', got {method!r}")
+    by_group: dict[str, list[Site]] = {}
+    for site in sites:
+        if not isinstance(site, Site):
+            raise TypeError(f"sites must be tunnelgraph Sites (from tg.find_sites), got {type(site).__name__}")
+        by_group.setdefault(site.group.name, []).append(site)
+    plans = []
+    for members in by_group.values():
+        group = members[0].group
+        _check_fits(model, members[0])
+        chain = GroupChain(model, graph, group)
+        chosen = method
+        if method == "auto":
+            exact, free = estimate_cost(chain, graph, max_steps=min(max_steps, 8))
+            chosen = "exact" if exact <= free else "matrix_free"
+            logger.debug("group %s: exact %.3g MAC/sample, matrix-free %.3g -> %s", group.name, exact, free, chosen)
+        plans.append(_GroupPlan(chain, members, chosen))
+    return plans
+
+
+def _check_fits(model: nn.Module, site: Site) -> None:
+    tensors = dict(model.named_parameters(remove_duplicate=False))
+    tensors.update(model.named_buffers(remove_duplicate=False))
+    for param_slice in site.group.slices:
+        tensor = tensors.get(param_slice.param)
+        if tensor is None or tuple(tensor.shape) != param_slice.shape:
+            raise StatisticsError(
+                f"site {site.name} does not fit this model (parameter '{param_slice.param}' "
+                f"{'is missing' if tensor is None else f'has shape {tuple(tensor.shape)}, not {param_slice.shape}'}); "
+                "find the sites on this model with tg.find_sites"
+            )
+
+
+def estimate_cost(chain: GroupChain, graph: Graph, *, max_steps: int = 8) -> tuple[float, float]:
+    """Multiply-adds per sample of the exact and of the matrix-free path for one group.
+
+    Exact: every inbound row is one weight-gradient contraction per
+    consumer. Matrix-free: each Lanczos step runs every producer forward and
+    weight gradient and every consumer input and weight gradient once.
+    """
+    channels = chain.group.size
+    producer_cost = sum(_positions_per_sample(graph, spec.node) * spec.size * channels for spec in chain.producers)
+    consumer_cost = sum(_positions_per_sample(graph, spec.node) * spec.size * channels for spec in chain.consumers)
+    exact = chain.inbound_size * consumer_cost
+    free = max_steps * 2 * (producer_cost + consumer_cost)
+    return float(exact), float(free)
+
+
+def _positions_per_sample(graph: Graph, node: str) -> int:
+    ir = graph[node]
+    if ir.shape is None or ir.channel_axis is None:
+        return 1
+    shape = ir.shape
+    return max(1, math.prod(shape) // max(1, shape[0]) // max(1, shape[ir.channel_axis]))
+
+
+# -- the pass over data -----------------------------------------------------------------
+def _measure(
+    model: nn.Module,
+    plans: list[_GroupPlan],
+    batches_iter: Iterable[tuple[Any, Any]],
+    loss_fn: LossFn,
+    batches: int | None,
+    progress: bool,
+    memory_budget: int,
+    max_steps: int,
+    tol: float,
+) -> dict[str, SiteStatistics]:
+    exact_plans = [plan for plan in plans if plan.method == "exact"]
+    free_plans = [plan for plan in plans if plan.method == "matrix_free"]
+    sums = {id(plan): None for plan in exact_plans}
+    stored: list[Capture] = []
+    samples = 0
+    with Recorder(model, [plan.chain for plan in plans]) as recorder:
+        for inputs, targets in tqdm(batches_iter, total=batches, desc="A-statistics", disable=not progress):
+            capture = run_batch(model, recorder, inputs, targets, loss_fn)
+            samples += capture.batch
+            for plan in exact_plans:
+                part = exact_a(plan.chain, capture, plan.channels, memory_budget, training=False)
+                part = part.double() * capture.batch
+                sums[id(plan)] = part if sums[id(plan)] is None else sums[id(plan)] + part
+            if free_plans:
+                stored.append(capture)
+    total = _all_reduce(torch.tensor(float(samples), dtype=torch.float64, device=_model_device(model)))
+    samples = int(total.item())
+    if samples == 0:
+        raise StatisticsError("data yielded no samples")
+
+    results: dict[str, SiteStatistics] = {}
+    for plan in exact_plans:
+        a = _all_reduce(sums[id(plan)]) / samples
+        results.update(statistics_from_a(plan.sites, a, samples))
+    for plan in free_plans:
+        results.update(_matrix_free(plan, stored, samples, max_steps, tol))
+    return {site.name: results[site.name] for plan in plans for site in plan.sites}
+
+
+def run_batch(model: nn.Module, recorder: Recorder, inputs: Any, targets: Any, loss_fn: LossFn) -> Capture:
+    """One forward and backward pass under the recorder's hooks; parameters' ``.grad`` untouched."""
+    inputs = inputs if isinstance(inputs, tuple) else (inputs,)
+    with torch.enable_grad():
+        leaves = [
+            x.detach().requires_grad_() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+            for x in inputs
+        ]
+        output = model(*leaves)
+        loss = loss_fn(output, targets)
+        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+            raise StatisticsError("loss_fn must return a scalar tensor (the batch's mean loss)")
+        wrt = [x for x in leaves if isinstance(x, torch.Tensor) and x.requires_grad]
+        if not wrt:
+            wrt = [p for p in model.parameters() if p.requires_grad]
+        if loss.requires_grad:
+            torch.autograd.grad(loss, wrt, allow_unused=True)
+    return recorder.take()
+
+
+def statistics_from_a(sites: Sequence[Site], a: torch.Tensor, samples: int) -> dict[str, SiteStatistics]:
+    """SiteStatistics of ``sites`` (one group, in the order of ``a``'s first axis) from their A matrices."""
+    triplet = top_singular(a)
+    results = {}
+    for index, site in enumerate(sites):
+        matrix = a[index].cpu()
+        results[site.name] = SiteStatistics(
+            site=site.name,
+            a=matrix,
+            sigma=float(triplet.sigma[index]),
+            direction=triplet.direction[index].cpu(),
+            gradient=matrix.sum(dim=1),
+            samples=samples,
+            method="exact",
+        )
+    return results
+
+
+@torch.no_grad()
+def exact_a(
+    chain: GroupChain, capture: Capture, channels: Sequence[int], memory_budget: int, *, training: bool
+) -> torch.Tensor:
+    """This capture's A for ``channels`` (S, K, L), in the model's dtype, for its batch-mean loss.
+
+    Samples are processed in chunks (unless ``training``: batch norm in
+    training mode couples them) and rows in chunks, to stay near
+    ``memory_budget`` bytes.
+    """
+    first = capture.outputs[chain.producers[0].node]
+    dtype, device = first.dtype, first.device
+    index = torch.tensor(list(channels), device=device)
+    result = torch.zeros(len(channels), chain.inbound_size, chain.outbound_size, dtype=dtype, device=device)
+    per_row = _bytes_per_row_and_sample(chain, capture)
+    rows_wanted = min(32, max(spec.size for spec in chain.producers))
+    chunk = capture.batch if training else max(1, min(capture.batch, memory_budget // max(1, per_row * rows_wanted)))
+    columns = chain.column_slices()
+    for start in range(0, capture.batch, chunk):
+        part = capture if chunk >= capture.batch else capture.samples(start, min(start + chunk, capture.batch))
+        outputs = [part.outputs[spec.node] for spec in chain.producers]
+        row_chunk = max(1, memory_budget // max(1, per_row * part.batch))
+        for i, spec in enumerate(chain.producers):
+            reachable = [j for j, reach in enumerate(chain.reach[i]) if reach]
+            if not reachable:
+                continue
+            layer_input = part.inputs[spec.node]
+            patches = conv_patches(spec.module, layer_input) if spec.conv_dims else None
+            for row in range(0, spec.size, row_chunk):
+                rows = range(row, min(row + row_chunk, spec.size))
+                seeds = chain.row_tangents(i, layer_input, outputs[i], rows, patches)
+                tangents = chain.jvp_rows(outputs, part.externals, i, seeds)
+                for j in reachable:
+                    error = part.errors[chain.consumers[j].node]
+                    block = chain.contract(j, tangents[j], error, index)
+                    result[:, spec.offset + rows.start:spec.offset + rows.stop, columns[j]] += block
+    return result
+
+
+def _bytes_per_row_and_sample(chain: GroupChain, capture: Capture) -> int:
+    """Rough working memory of one row tangent for one sample: the chain's tensors, a few times over."""
+    sizes = [capture.outputs[spec.node][0].numel() for spec in chain.producers]
+    sizes += [math.prod(capture.shapes[spec.node][1:]) for spec in chain.consumers]
+    itemsize = capture.outputs[chain.producers[0].node].element_size()
+    return 4 * sum(sizes) * itemsize
+
+
+# -- matrix-free ------------------------------------------------------------------------
+def _matrix_free(
+    plan: _GroupPlan, stored: list[Capture], samples: int, max_steps: int, tol: float
+) -> dict[str, SiteStatistics]:
+    chain = plan.chain
+    product, transposed = linear_operators(chain, stored, samples)
+    start = _start_vectors(chain, stored)
+    triplet: Triplet = lanczos_top(product, transposed, start, max_steps=max_steps, tol=tol)
+    gradient = product(torch.ones_like(start))
+    if bool((triplet.residual > tol * triplet.sigma).any()):
+        logger.warning(
+            "group %s: Lanczos stopped after %d steps with relative residual up to %.2g (tol %.2g)",
+            chain.group.name, triplet.steps, float((triplet.residual / triplet.sigma.clamp_min(1e-300)).max()), tol,
+        )
+    results = {}
+    for site in plan.sites:
+        c = site.channel
+        sigma = float(triplet.sigma[c])
+        results[site.name] = SiteStatistics(
+            site=site.name,
+            a=None,
+            sigma=sigma,
+            direction=triplet.direction[c].cpu(),
+            gradient=gradient[c].cpu(),
+            samples=samples,
+            method="matrix_free",
+            steps=triplet.steps,
+            residual=float(triplet.residual[c]) / sigma if sigma > 0 else 0.0,
+        )
+    return results
+
+
+def _start_vectors(chain: GroupChain, stored: list[Capture]) -> torch.Tensor:
+    device = stored[0].outputs[chain.producers[0].node].device
+    generator = torch.Generator().manual_seed(0)  # the same on every rank
+    start = torch.randn(chain.group.size, chain.outbound_size, generator=generator, dtype=torch.float64)
+    return start.to(device)
+
+
+def linear_operators(
+    chain: GroupChain, captures: Sequence[Capture], samples: int
+) -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]:
+    """``v -> A v`` and ``u -> A^T u`` for every channel of the group, summed over ``captures``.
+
+    Vectors are float64 (channels x L, channels x K); each pass runs in the
+    model's dtype and accumulates in float64; sums are all-reduced when
+    ``torch.distributed`` is initialised.
+    """
+    rows, columns = chain.row_slices(), chain.column_slices()
+    count = chain.group.size
+
+    @torch.no_grad()
+    def product(vectors: torch.Tensor) -> torch.Tensor:
+        result = torch.zeros(count, chain.inbound_size, dtype=torch.float64, device=vectors.device)
+        for capture in captures:
+            outputs = [capture.outputs[spec.node] for spec in chain.producers]
+            dtype = outputs[0].dtype
+            errors = [
+                chain.consumer_error(
+                    j, vectors[:, columns[j]].to(dtype), capture.shapes[spec.node], capture.errors[spec.node]
+                )
+                for j, spec in enumerate(chain.consumers)
+            ]
+            deltas = chain.vjp(outputs, capture.externals, errors)
+            for i, spec in enumerate(chain.producers):
+                grad = chain.producer_gradient(i, capture.inputs[spec.node], deltas[i])
+                result[:, rows[i]] += grad.double() * capture.batch
+        return _all_reduce(result) / samples
+
+    @torch.no_grad()
+    def transposed(vectors: torch.Tensor) -> torch.Tensor:
+        result = torch.zeros(count, chain.outbound_size, dtype=torch.float64, device=vectors.device)
+        for capture in captures:
+            outputs = [capture.outputs[spec.node] for spec in chain.producers]
+            dtype = outputs[0].dtype
+            seeds = [
+                chain.producer_tangent(i, capture.inputs[spec.node], vectors[:, rows[i]].to(dtype))
+                for i, spec in enumerate(chain.producers)
+            ]
+            tangents = chain.jvp(outputs, capture.externals, seeds)
+            for j, spec in enumerate(chain.consumers):
+                block = chain.consumer_columns(j, tangents[j], capture.errors[spec.node])
+                result[:, columns[j]] += block.double() * capture.batch
+        return _all_reduce(result) / samples
+
+    return product, transposed
+
+
+# -- helpers ---------------------------------------------------------------------------
+def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        tensor = tensor.clone()
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
+    while isinstance(model, wrappers):
+        model = model.module
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    return model
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _batches(data: Iterable[Any], limit: int | None, device: torch.device) -> Iterable[tuple[Any, Any]]:
+    if limit is not None and limit < 1:
+        raise ValueError(f"batches must be a positive number of batches or None, got {limit}")
+    try:
+        iterator = iter(data)
+    except TypeError as error:
+        raise StatisticsError(
+            f"data must be an iterable of (inputs, targets) batches (a DataLoader), got {type(data).__name__}"
+        ) from error
+    for index, batch in enumerate(iterator):
+        if limit is not None and index >= limit:
+            return
+        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+            raise StatisticsError(
+                f"batch {index} is a {type(batch).__name__}; each batch must be a pair (inputs, targets)"
+            )
+        inputs, targets = batch
+        inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else inputs
+        yield _to(inputs, device), _to(targets, device)
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(_to(item, device) for item in value)
+    return value
