@@ -118,6 +118,10 @@ class Recorder:
         self.module_outputs: dict[str, list[Any]] = {name: [] for name in self.recorded_calls}
         self.consumer_shapes: dict[str, tuple[torch.Size, torch.dtype, torch.device]] = {}
 
+    def producer_weights(self) -> list[torch.Tensor]:
+        """The producers' weight tensors (differentiating for them reaches every consumer)."""
+        return [spec.module.weight for spec in self.producers.values()]
+
     # -- hooks ---------------------------------------------------------------------
     def __enter__(self) -> "Recorder":
         self.handles.append(self.model.register_forward_pre_hook(self._on_model, with_kwargs=True))

@@ -152,6 +152,7 @@ class GroupChain:
         self.outbound_size = group.outbound_size
         self._callables = {name: self._callable(self.fx_nodes[name]) for name in self.nodes}
         self.reach = self._reach(graph)
+        self.diagonal = self._diagonal(graph)
 
     # -- construction ----------------------------------------------------------------
     def _layers(
@@ -183,6 +184,64 @@ class GroupChain:
                         stack.append(user.name)
             table.append(tuple(name in seen for name in self.consumer_inputs))
         return tuple(table)
+
+    def _diagonal(self, graph: Graph) -> tuple[tuple[bool, ...], ...]:
+        """diagonal[i][j]: the chain maps producer i's output to consumer j's input entry by entry.
+
+        True when every node on the way is element-wise on tensors of the
+        producer's shape (activations, batch norm, dropout, scaling, adds)
+        ending, at most, in one flatten: then the chain's Jacobian is a
+        diagonal (up to the flatten's reordering), one forward-mode pass with
+        a tangent of ones gives all of it, and A needs no per-row pass.
+        """
+        inside = set(self.nodes)
+        elementwise = {"activation", "batchnorm", "dropout", "identity", "scale", "add", "sub", "mul", "div"}
+        table = []
+        for i, producer in enumerate(self.producers):
+            shape = graph[producer.node].shape
+            row = []
+            for j, consumer in enumerate(self.consumers):
+                row.append(
+                    self.reach[i][j]
+                    and self._walk_is_diagonal(graph, producer, self.consumer_inputs[j], shape, inside, elementwise)
+                )
+            table.append(tuple(row))
+        return tuple(table)
+
+    def _walk_is_diagonal(
+        self,
+        graph: Graph,
+        producer: LayerSpec,
+        end: str,
+        shape: Any,
+        inside: set[str],
+        elementwise: set[str],
+    ) -> bool:
+        if shape is None or (producer.conv_dims == 0 and len(shape) != 2):
+            return False
+        start = producer.node
+        stack = [(start, False)]
+        seen = set()
+        while stack:
+            name, flattened = stack.pop()
+            for user in graph.users(name):
+                if user.name not in inside or user.name in seen:
+                    continue
+                seen.add(user.name)
+                if user.kind == OpKind.METADATA:
+                    continue
+                if user.op == "flatten" and not flattened and user.shape is not None:
+                    if user.shape[0] != shape[0] or len(user.shape) != 2 or user.attrs.get("start") != 1:
+                        return False
+                    stack.append((user.name, True))
+                    continue
+                if user.op not in elementwise or user.shape is None:
+                    return False
+                expected = (shape[0], math.prod(shape[1:])) if flattened else shape
+                if tuple(user.shape) != tuple(expected):
+                    return False
+                stack.append((user.name, flattened))
+        return end in seen or end == start
 
     def _callable(self, fx_node: torch.fx.Node) -> Callable[..., Any]:
         """How the chain runs one node: without in-place updates, side effects or hooks."""
@@ -353,12 +412,11 @@ class GroupChain:
         spec = self.consumers[consumer]
         module = spec.module
         weight_slice = spec.weight_slice
-        positions = _positions(weight_slice, channels, tangent.device)
-        weight = module.weight.detach().index_select(1, positions)  # (V, S*B, *k)
+        weight = _pick(module.weight.detach(), 1, weight_slice, channels)  # (V, S*B, *k)
         rows = tangent.shape[0]
         count = channels.numel()
         if spec.conv_dims:
-            picked = tangent.index_select(2, positions)  # (R, N, S*B, *spatial)
+            picked = _pick(tangent, 2, weight_slice, channels)  # (R, N, S*B, *spatial)
             inputs = picked.transpose(0, 1).reshape(picked.shape[1], -1, *picked.shape[3:])
             grad = _conv_weight_grad(
                 spec.conv_dims, _prepad(module, inputs), (weight.shape[0], inputs.shape[1], *weight.shape[2:]),
@@ -368,7 +426,7 @@ class GroupChain:
             entries = grad * weight.unsqueeze(1)  # (V, R, S*B, *k)
             entries = entries.reshape(weight.shape[0], rows, count, -1, *weight.shape[2:])
             return entries.movedim(2, 0).movedim(2, 1).reshape(count, rows, -1)
-        picked = tangent.index_select(tangent.dim() - 1, positions)  # (R, ..., S*B)
+        picked = _pick(tangent, tangent.dim() - 1, weight_slice, channels)  # (R, ..., S*B)
         picked = picked.reshape(rows, -1, picked.shape[-1])  # (R, M, S*B)
         grad = torch.matmul(picked.transpose(1, 2), error.reshape(-1, error.shape[-1]))  # (R, S*B, V)
         entries = grad * weight.T.unsqueeze(0)  # (R, S*B, V)
@@ -408,12 +466,98 @@ class GroupChain:
         channels = torch.arange(self.group.size, device=tangent.device)
         return self.contract(consumer, tangent.unsqueeze(0), error, channels)[:, 0]
 
+    # -- the diagonal fast path ------------------------------------------------------
+    def diagonal_scales(
+        self, outputs: Sequence[torch.Tensor], externals: dict[str, Any], producer: int
+    ) -> tuple[torch.Tensor, ...]:
+        """The chain's Jacobian diagonal from producer ``producer`` to each consumer input."""
+        ones = torch.ones_like(outputs[producer]).unsqueeze(0)
+        return tuple(t[0] for t in self.jvp_rows(outputs, externals, producer, ones))
+
+    def row_inputs(self, producer: int, layer_input: torch.Tensor) -> torch.Tensor:
+        """(positions, K_weight, N): what each inbound weight multiplies, per output position and sample.
+
+        Laid out position-major and sample-minor, the operand layout of the
+        diagonal path's batched matrix product. The bias row (ones) is not
+        included.
+        """
+        spec = self.producers[producer]
+        if spec.conv_dims:
+            return patches_by_position(spec.module, layer_input)
+        return layer_input.T.unsqueeze(0)
+
+    def contract_diagonal(
+        self,
+        consumer: int,
+        rows: torch.Tensor,
+        bias: bool,
+        scale: torch.Tensor,
+        error: torch.Tensor,
+        channels: torch.Tensor,
+    ) -> torch.Tensor:
+        """A's entries at one consumer's columns when the chain is diagonal: (S, R, columns).
+
+        ``rows`` is (positions, R, N) from :meth:`row_inputs` (R may be 0),
+        ``bias`` adds the bias row after them; ``scale`` is the chain's
+        Jacobian diagonal at the consumer's input.
+        """
+        spec = self.consumers[consumer]
+        module = spec.module
+        weight_slice = spec.weight_slice
+        weight = _pick(module.weight.detach(), 1, weight_slice, channels)  # (V, S*B, *k)
+        count, samples = channels.numel(), scale.shape[0]
+        picked = _pick(scale, 1, weight_slice, channels)
+        if spec.conv_dims:
+            if bias:
+                rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1, samples)], dim=1)
+            depth = rows.shape[1]
+            picked = picked.reshape(samples, count, -1)  # (N, S, positions)
+            inputs = rows.permute(2, 1, 0).unsqueeze(2) * picked.unsqueeze(1)  # (N, R, S, positions)
+            inputs = inputs.reshape(samples, depth * count, *scale.shape[2:])
+            grad = _conv_weight_grad(
+                spec.conv_dims, _prepad(module, inputs), (weight.shape[0], inputs.shape[1], *weight.shape[2:]),
+                error, module.stride, module.dilation,
+            ).reshape(weight.shape[0], depth, *weight.shape[1:])
+            entries = grad * weight.unsqueeze(1)  # (V, R, S, *k)
+            return entries.movedim(2, 0).movedim(2, 1).reshape(count, depth, -1)
+        block = weight_slice.block
+        if rows.shape[0] != block:
+            raise AssertionError("diagonal chain with mismatched positions")
+        picked = picked.reshape(samples, count, block).permute(2, 0, 1).contiguous()  # (B, N, S)
+        flat_error = error.reshape(samples, -1)  # (N, V)
+        outputs = flat_error.shape[1]
+        weights_depth = rows.shape[1]
+        depth = weights_depth + int(bias)
+        sums = rows.new_empty(block, depth, count * outputs)
+        # positions in cache-sized slabs: the outer product is written and read while hot
+        step = max(1, 2**19 // max(1, samples * count * outputs))
+        for start in range(0, block, step):
+            stop = min(start + step, block)
+            outer = picked[start:stop].unsqueeze(-1) * flat_error.unsqueeze(1)  # (b, N, S, V)
+            outer = outer.reshape(stop - start, samples, -1)
+            if weights_depth:
+                torch.bmm(rows[start:stop], outer, out=sums[start:stop, :weights_depth])
+            if bias:
+                torch.sum(outer, dim=1, out=sums[start:stop, weights_depth])
+        sums = sums.reshape(block, depth, count, outputs).permute(2, 1, 3, 0)  # (S, R, V, B)
+        weight = weight.reshape(weight.shape[0], count, block).transpose(0, 1).unsqueeze(1)
+        return (sums * weight).reshape(count, depth, -1)
+
     # -- sizes ------------------------------------------------------------------------
     def column_slices(self) -> list[slice]:
         return [slice(spec.offset, spec.offset + spec.size) for spec in self.consumers]
 
     def row_slices(self) -> list[slice]:
         return [slice(spec.offset, spec.offset + spec.size) for spec in self.producers]
+
+
+def _pick(tensor: torch.Tensor, axis: int, weight_slice: ParamSlice, channels: torch.Tensor) -> torch.Tensor:
+    """The entries of ``channels`` along ``axis`` (a view when they are contiguous)."""
+    count = channels.numel()
+    first = int(channels[0]) if count else 0
+    if count and bool((channels == torch.arange(first, first + count, device=channels.device)).all()):
+        return tensor.narrow(axis, weight_slice.offset + first * weight_slice.block, count * weight_slice.block)
+    return tensor.index_select(axis, _positions(weight_slice, channels, tensor.device))
 
 
 def _positions(weight_slice: ParamSlice, channels: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -483,6 +627,29 @@ def conv_patches(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     rows = x.shape[1] * math.prod(module.kernel_size)
     eye = torch.eye(rows, dtype=x.dtype, device=x.device).reshape(rows, x.shape[1], *module.kernel_size)
     return F.conv3d(x, eye, None, module.stride, 0, module.dilation)
+
+
+def patches_by_position(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(output positions, C_in * prod(kernel), N): :func:`conv_patches`, laid out position-major.
+
+    Built as a strided view of the sample-minor input and copied once, which
+    is much cheaper than transposing the patches afterwards.
+    """
+    dims = _CONV_DIMS[type(module)]
+    padded = _prepad(module, x)
+    samples, channels, spatial = padded.shape[0], padded.shape[1], padded.shape[2:]
+    moved = padded.movedim(0, -1).contiguous()  # (C, *spatial, N)
+    step = [math.prod(spatial[d + 1:]) * samples for d in range(dims)]
+    out = [
+        (spatial[d] - module.dilation[d] * (module.kernel_size[d] - 1) - 1) // module.stride[d] + 1
+        for d in range(dims)
+    ]
+    view = moved.as_strided(
+        (*out, channels, *module.kernel_size, samples),
+        (*(module.stride[d] * step[d] for d in range(dims)), math.prod(spatial) * samples,
+         *(module.dilation[d] * step[d] for d in range(dims)), 1),
+    )
+    return view.reshape(math.prod(out), channels * math.prod(module.kernel_size), samples)
 
 
 def _conv_weight_grad(

@@ -277,14 +277,16 @@ def run_batch(model: nn.Module, recorder: Recorder, inputs: Any, targets: Any, l
         leaves = [
             x.detach().requires_grad_() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
             for x in inputs
-        ]
+        ]  # so that the consumers' outputs need gradients even where the weights are frozen
         output = model(*leaves)
         loss = loss_fn(output, targets)
         if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
             raise StatisticsError("loss_fn must return a scalar tensor (the batch's mean loss)")
-        wrt = [x for x in leaves if isinstance(x, torch.Tensor) and x.requires_grad]
+        # differentiate for the producers' weights: every consumer lies on the way, and no
+        # gradient that nobody needs (the input's, the consumers' weights') is computed
+        wrt = [w for w in recorder.producer_weights() if w.requires_grad]
         if not wrt:
-            wrt = [p for p in model.parameters() if p.requires_grad]
+            wrt = [x for x in leaves if isinstance(x, torch.Tensor) and x.requires_grad]
         if loss.requires_grad:
             torch.autograd.grad(loss, wrt, allow_unused=True)
     return recorder.take()
@@ -322,7 +324,7 @@ def exact_a(
     dtype, device = first.dtype, first.device
     index = torch.tensor(list(channels), device=device)
     result = torch.zeros(len(channels), chain.inbound_size, chain.outbound_size, dtype=dtype, device=device)
-    per_row = _bytes_per_row_and_sample(chain, capture)
+    per_row = _bytes_per_row_and_sample(chain, capture, training)
     rows_wanted = min(32, max(spec.size for spec in chain.producers))
     chunk = capture.batch if training else max(1, min(capture.batch, memory_budget // max(1, per_row * rows_wanted)))
     columns = chain.column_slices()
@@ -332,27 +334,54 @@ def exact_a(
         row_chunk = max(1, memory_budget // max(1, per_row * part.batch))
         for i, spec in enumerate(chain.producers):
             reachable = [j for j, reach in enumerate(chain.reach[i]) if reach]
-            if not reachable:
-                continue
+            diagonal = [j for j in reachable if chain.diagonal[i][j] and not training]
+            general = [j for j in reachable if j not in diagonal]
             layer_input = part.inputs[spec.node]
-            patches = conv_patches(spec.module, layer_input) if spec.conv_dims else None
-            for row in range(0, spec.size, row_chunk):
+            if diagonal:
+                scales = chain.diagonal_scales(outputs, part.externals, i)
+                inputs = chain.row_inputs(i, layer_input)
+                weight_rows = inputs.shape[1]
+                for row in range(0, spec.size, row_chunk):
+                    stop = min(row + row_chunk, spec.size)
+                    for j in diagonal:
+                        error = part.errors[chain.consumers[j].node]
+                        block = chain.contract_diagonal(
+                            j, inputs[:, row:min(stop, weight_rows)], stop > weight_rows, scales[j], error, index
+                        )
+                        result[:, spec.offset + row:spec.offset + stop, columns[j]] += block
+            patches = conv_patches(spec.module, layer_input) if spec.conv_dims and general else None
+            for row in range(0, spec.size, row_chunk) if general else ():
                 rows = range(row, min(row + row_chunk, spec.size))
                 seeds = chain.row_tangents(i, layer_input, outputs[i], rows, patches)
                 tangents = chain.jvp_rows(outputs, part.externals, i, seeds)
-                for j in reachable:
+                for j in general:
                     error = part.errors[chain.consumers[j].node]
                     block = chain.contract(j, tangents[j], error, index)
                     result[:, spec.offset + rows.start:spec.offset + rows.stop, columns[j]] += block
     return result
 
 
-def _bytes_per_row_and_sample(chain: GroupChain, capture: Capture) -> int:
-    """Rough working memory of one row tangent for one sample: the chain's tensors, a few times over."""
-    sizes = [capture.outputs[spec.node][0].numel() for spec in chain.producers]
-    sizes += [math.prod(capture.shapes[spec.node][1:]) for spec in chain.consumers]
+def _bytes_per_row_and_sample(chain: GroupChain, capture: Capture, training: bool) -> int:
+    """Rough working memory of one inbound row for one sample.
+
+    A general (producer, consumer) pair holds one tangent of the chain per
+    row (its tensors, a few times over); a diagonal pair only the row's
+    inputs and the consumer's error spread over the channels' positions.
+    """
     itemsize = capture.outputs[chain.producers[0].node].element_size()
-    return 4 * sum(sizes) * itemsize
+    general = diagonal = 0
+    for i, spec in enumerate(chain.producers):
+        produced = capture.outputs[spec.node][0].numel()
+        for j, consumer in enumerate(chain.consumers):
+            if not chain.reach[i][j]:
+                continue
+            read = math.prod(capture.shapes[consumer.node][1:])
+            if chain.diagonal[i][j] and not training:
+                error = capture.errors[consumer.node][0].numel()
+                diagonal = max(diagonal, 2 * produced // max(1, spec.size) + read * error // max(1, spec.size))
+            else:
+                general += 4 * (produced + read)
+    return max(1, max(general, diagonal) * itemsize)
 
 
 # -- matrix-free ------------------------------------------------------------------------
