@@ -8,13 +8,23 @@ Structural Network Modifications).
 
 from tunnelgraph.analysis.groups import THROUGH_OPTIONS, ChannelGroup, ParamSlice
 from tunnelgraph.analysis.sites import AnalysisReport, Site
-from tunnelgraph.api import analyze, apply_edit, find_sites, merge, reorganize, rewrite
+from tunnelgraph.api import (
+    OpenedTunnel,
+    analyze,
+    apply_edit,
+    find_sites,
+    merge,
+    open_tunnels,
+    reorganize,
+    rewrite,
+)
 from tunnelgraph.errors import RewriteError, SiteError, StatisticsError, TraceError, TunnelgraphError
 from tunnelgraph.frontends.fx import trace
 from tunnelgraph.ir import Graph
 from tunnelgraph.rewrite.edits import ChannelEdit
 from tunnelgraph.statistics.engine import SiteStatistics, a_statistics
 from tunnelgraph.statistics.lambdas import lambda_t, random_lambda, rank_sites
+from tunnelgraph.statistics.tracker import StatisticsTracker
 from tunnelgraph.verify import EquivalenceReport, verify
 
 __version__ = "0.1.0"
@@ -26,12 +36,14 @@ __all__ = [
     "ChannelGroup",
     "EquivalenceReport",
     "Graph",
+    "OpenedTunnel",
     "ParamSlice",
     "RewriteError",
     "Site",
     "SiteError",
     "SiteStatistics",
     "StatisticsError",
+    "StatisticsTracker",
     "TraceError",
     "TunnelgraphError",
     "a_statistics",
@@ -40,6 +52,7 @@ __all__ = [
     "find_sites",
     "lambda_t",
     "merge",
+    "open_tunnels",
     "random_lambda",
     "rank_sites",
     "reorganize",

@@ -6,8 +6,10 @@ Every rewrite returns a new model and leaves its input untouched unless
 
 from __future__ import annotations
 
+import itertools
 import logging
-from typing import Iterable, Sequence, Union
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence, Union
 
 import numpy as np
 import torch
@@ -22,6 +24,16 @@ from tunnelgraph.ir import Graph
 from tunnelgraph.rewrite import edits
 from tunnelgraph.rewrite.edits import ChannelEdit, Coefficient
 from tunnelgraph.rewrite.plan import plan_edit
+from tunnelgraph.statistics.engine import (
+    LossFn,
+    Method,
+    SiteStatistics,
+    a_statistics,
+    model_device,
+    to_device,
+    unwrap_model,
+)
+from tunnelgraph.statistics.lambdas import lambda_t, rank_sites
 
 logger = logging.getLogger(__name__)
 
@@ -146,6 +158,87 @@ def reorganize(
     vector = _lambda(lam, resolved)
     edit = _edit(lambda: edits.reorganize(group.size, resolved.channel, into, cloned, vector))
     return _apply(model, group, edit, inplace)
+
+
+@dataclass(frozen=True)
+class OpenedTunnel:
+    """One tunnel that :func:`open_tunnels` opened.
+
+    Attributes:
+        site: the cloned site's name (in the model given to ``open_tunnels``).
+        clone: the channel index of the clone in the returned model's group.
+        lam: the outbound split used, ``lambda_t(statistics, t)``.
+        statistics: what was measured for the site.
+    """
+
+    site: str
+    clone: int
+    lam: torch.Tensor
+    statistics: SiteStatistics
+
+
+def open_tunnels(
+    model: nn.Module,
+    data: Iterable[Any],
+    loss_fn: LossFn,
+    *,
+    k: int = 1,
+    t: float = 1.0,
+    sites: Sequence[Site] | None = None,
+    through: Iterable[str] = (),
+    batches: int | None = None,
+    device: torch.device | str | None = None,
+    method: Method = "auto",
+    progress: bool = True,
+) -> tuple[nn.Module, list[OpenedTunnel]]:
+    """Measure every site, rank them, and open the ``k`` steepest tunnels with ``lambda_t``.
+
+    Args:
+        model: the network; not modified.
+        data, loss_fn, batches, device, method, progress: as for
+            :func:`tunnelgraph.a_statistics`.
+        k: how many tunnels to open (distinct sites, best first).
+        t: the radius of ``lambda_t``.
+        sites: candidate sites; default: every site of ``model`` (found on
+            the first batch's inputs with ``through``).
+        through: per-channel operations sites may pass (see :func:`find_sites`).
+
+    Returns:
+        The new model (with ``k`` more channels in total) and the tunnels
+        opened, steepest first. After opening, the loss is unchanged and the
+        inbound gradients of each pair are ``A lambda_t`` and
+        ``A (1 - lambda_t)``.
+    """
+    if k < 1:
+        raise ValueError(f"k must be a positive number of tunnels, got {k}")
+    iterator = iter(data)
+    first = next(iterator, None)
+    if first is None:
+        raise ValueError("data yielded no batches; pass an iterable of (inputs, targets) batches")
+    data = itertools.chain([first], iterator)
+    example = first[0] if isinstance(first, (tuple, list)) else None
+    example = tuple(example) if isinstance(example, (tuple, list)) else example
+    model = unwrap_model(model)
+    example = to_device(example, torch.device(device) if device is not None else model_device(model))
+    chosen = check_through(through)
+    candidates = list(sites) if sites is not None else find_sites(model, example, through=chosen)
+    if not candidates:
+        raise SiteError(f"{type(model).__name__} has no sites to open (see tg.analyze for why)")
+    stats = a_statistics(
+        model, candidates, data, loss_fn, batches=batches, device=device, progress=progress, method=method
+    )
+    best = rank_sites(stats)[:k]
+    result = model
+    opened = []
+    for entry in best:
+        if entry.sigma == 0:
+            logger.warning("site %s has sigma_max(A) = 0: its tunnel is flat", entry.site)
+        site = _resolve(result, entry.site, example, chosen)
+        lam = lambda_t(entry, t)
+        result = rewrite(result, site, lam)
+        opened.append(OpenedTunnel(entry.site, site.group.size, lam, entry))
+        logger.info("opened %s (sigma %.3g) as channel %d", entry.site, entry.sigma, site.group.size)
+    return result, opened
 
 
 def apply_edit(model: nn.Module, group: ChannelGroup, edit: ChannelEdit, *, inplace: bool = False) -> nn.Module:

@@ -83,6 +83,7 @@ class Recorder:
         self.model = model
         self.chains = list(chains)
         self.handles: list[RemovableHandle] = []
+        self.active = True  # when False, forwards are not recorded
         source = self.chains[0].source if self.chains else None
         self.fx_nodes: dict[str, torch.fx.Node] = {n.name: n for n in source.graph.nodes} if source else {}
         self.placeholders = [n for n in self.fx_nodes.values() if n.op == "placeholder"]
@@ -146,6 +147,8 @@ class Recorder:
 
     def _producer_hook(self, node: str):  # type: ignore[no-untyped-def]
         def hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> None:
+            if not self.active:
+                return
             self.capture.inputs[node] = args[0].detach().clone()
             self.capture.outputs[node] = output.detach().clone()
 
@@ -153,6 +156,8 @@ class Recorder:
 
     def _consumer_hook(self, node: str):  # type: ignore[no-untyped-def]
         def hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> None:
+            if not self.active:
+                return
             self.consumer_shapes[node] = (output.shape, output.dtype, output.device)
             self.capture.shapes[node] = tuple(args[0].shape)
             if output.requires_grad:
@@ -163,12 +168,18 @@ class Recorder:
 
     def _module_hook(self, name: str):  # type: ignore[no-untyped-def]
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            if not self.active:
+                return
             value = output.detach().clone() if isinstance(output, torch.Tensor) else output
             self.module_outputs[name].append(value)
 
         return hook
 
     # -- after the backward pass ---------------------------------------------------------
+    def discard(self) -> None:
+        """Forget what the last pass recorded."""
+        self._reset()
+
     def take(self) -> Capture:
         """The capture of the last forward and backward pass; the recorder is cleared."""
         capture = self.capture

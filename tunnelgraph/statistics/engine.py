@@ -138,10 +138,10 @@ def a_statistics(
     Returns:
         Site name -> :class:`SiteStatistics`.
     """
-    model = _unwrap(model)
+    model = unwrap_model(model)
     if not sites:
         return {}
-    device = torch.device(device) if device is not None else _model_device(model)
+    device = torch.device(device) if device is not None else model_device(model)
     batches_iter = _batches(data, batches, device)
     first = next(batches_iter, None)
     if first is None:
@@ -256,7 +256,7 @@ def _measure(
                 sums[id(plan)] = part if sums[id(plan)] is None else sums[id(plan)] + part
             if free_plans:
                 stored.append(capture)
-    total = _all_reduce(torch.tensor(float(samples), dtype=torch.float64, device=_model_device(model)))
+    total = _all_reduce(torch.tensor(float(samples), dtype=torch.float64, device=model_device(model)))
     samples = int(total.item())
     if samples == 0:
         raise StatisticsError("data yielded no samples")
@@ -480,7 +480,7 @@ def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def unwrap_model(model: nn.Module) -> nn.Module:
     wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
     while isinstance(model, wrappers):
         model = model.module
@@ -489,7 +489,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-def _model_device(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
     for tensor in itertools.chain(model.parameters(), model.buffers()):
         return tensor.device
     return torch.device("cpu")
@@ -513,12 +513,12 @@ def _batches(data: Iterable[Any], limit: int | None, device: torch.device) -> It
             )
         inputs, targets = batch
         inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else inputs
-        yield _to(inputs, device), _to(targets, device)
+        yield to_device(inputs, device), to_device(targets, device)
 
 
-def _to(value: Any, device: torch.device) -> Any:
+def to_device(value: Any, device: torch.device) -> Any:
     if isinstance(value, torch.Tensor):
         return value.to(device)
     if isinstance(value, tuple):
-        return tuple(_to(item, device) for item in value)
+        return tuple(to_device(item, device) for item in value)
     return value
