@@ -76,3 +76,38 @@ def test_exact_triplet_is_the_svd_of_a() -> None:
         assert abs(float(vh[0] @ entry_stats.direction)) == pytest.approx(1.0, abs=1e-9)
         largest = entry_stats.direction.abs().argmax()
         assert entry_stats.direction[largest] > 0
+
+
+class _InPlace(torch.nn.Module):
+    """In-place activations right after a producer and a consumer, and a functional concat partner."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(3, 2, 1)
+        self.conv3 = torch.nn.Conv2d(6, 5, 3)
+        self.relu = torch.nn.ReLU(inplace=True)
+        self.fc = torch.nn.Linear(5 * 4 * 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.relu(self.conv1(x))
+        b = torch.tanh(self.conv2(x)) * 2.0
+        h = torch.cat([a, b], dim=1)
+        h = torch.relu_(self.conv3(h))
+        return self.fc(h.flatten(1))
+
+
+def test_in_place_operations_and_recomputed_externals() -> None:
+    model = _InPlace().double()
+    x = torch.randn(5, 3, 6, 6, dtype=torch.float64)
+    data = [(x, torch.randn(5, 3, dtype=torch.float64))]
+    sites = tg.find_sites(model, x)
+    assert {s.group_name for s in sites} == {"conv1", "conv2", "conv3"}
+    stats = tg.a_statistics(model, sites, data, squared_error, method="exact", progress=False)
+    before = mean_gradients(model, data, squared_error)
+    generator = torch.Generator().manual_seed(3)
+    for site in sites:
+        lam = torch.rand(site.outbound_size, generator=generator, dtype=torch.float64)
+        after = mean_gradients(tg.rewrite(model, site, lam), data, squared_error)
+        assert relative(stats[site.name].a @ lam, inbound_gradient(after, site, site.channel)) <= 1e-6
+        assert relative(stats[site.name].gradient, inbound_gradient(before, site, site.channel)) <= 1e-6

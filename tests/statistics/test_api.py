@@ -1,0 +1,114 @@
+"""lambda_t, random_lambda, rank_sites, open_tunnels, and what a_statistics refuses or leaves alone."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import tunnelgraph as tg
+from conftest import inbound_gradient, mean_gradients, regression_data, relative, squared_error
+from zoo import ZOO_BY_NAME
+
+
+@pytest.fixture
+def cnn() -> tuple[torch.nn.Module, list, list[tg.Site]]:
+    entry = ZOO_BY_NAME["paper_cnn"]
+    model = entry.build().double()
+    data = regression_data(model, entry, torch.float64, batches=2, batch=4)
+    return model, data, tg.find_sites(model, data[0][0])
+
+
+def test_lambda_t_and_random_lambda(cnn) -> None:  # type: ignore[no-untyped-def]
+    model, data, sites = cnn
+    stats = tg.a_statistics(model, sites[:1], data, squared_error, progress=False)[sites[0].name]
+    lam = tg.lambda_t(stats, 0.3)
+    assert lam.shape == (sites[0].outbound_size,) and lam.dtype == torch.float64
+    assert float((lam - 0.5).norm()) == pytest.approx(0.3)
+    assert torch.equal(lam, tg.lambda_t(stats, 0.3))
+    one = tg.random_lambda(sites[0], 0.3, torch.Generator().manual_seed(7))
+    two = tg.random_lambda(sites[0], 0.3, torch.Generator().manual_seed(7))
+    assert torch.equal(one, two) and float((one - 0.5).norm()) == pytest.approx(0.3)
+    assert not torch.equal(one, tg.random_lambda(sites[0], 0.3, torch.Generator().manual_seed(8)))
+
+
+def test_lambda_t_beats_random_lambda_of_the_same_radius(cnn) -> None:  # type: ignore[no-untyped-def]
+    model, data, sites = cnn
+    site = sites[0]
+    stats = tg.a_statistics(model, [site], data, squared_error, progress=False)[site.name]
+
+    def opened_norm(lam: torch.Tensor) -> float:
+        grads = mean_gradients(tg.rewrite(model, site, lam), data, squared_error)
+        return float(
+            inbound_gradient(grads, site, site.channel).norm() ** 2
+            + inbound_gradient(grads, site, site.group.size).norm() ** 2
+        )
+
+    best = opened_norm(tg.lambda_t(stats, 1.0))
+    generator = torch.Generator().manual_seed(0)
+    assert all(opened_norm(tg.random_lambda(site, 1.0, generator)) <= best for _ in range(5))
+
+
+def test_rank_sites_orders_by_sigma(cnn) -> None:  # type: ignore[no-untyped-def]
+    model, data, sites = cnn
+    stats = tg.a_statistics(model, sites, data, squared_error, progress=False)
+    ranked = tg.rank_sites(stats)
+    assert [s.sigma for s in ranked] == sorted((s.sigma for s in stats.values()), reverse=True)
+    assert tg.rank_sites(list(stats.values())) == ranked
+
+
+def test_open_tunnels_opens_the_k_steepest_and_keeps_the_function(cnn) -> None:  # type: ignore[no-untyped-def]
+    model, data, sites = cnn
+    before = copy.deepcopy(model.state_dict())
+    new, opened = tg.open_tunnels(model, iter(data), squared_error, k=2, t=0.5, progress=False)
+    ranked = tg.rank_sites(tg.a_statistics(model, sites, data, squared_error, progress=False))
+    assert [o.site for o in opened] == [s.site for s in ranked[:2]]
+    assert [o.clone for o in opened] == [8, 9]
+    assert new.conv.out_channels == 10
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert tg.verify(model, new, data[0][0]).passed
+    # the first tunnel's pair has the gradients A lam and A (1 - lam)
+    first = opened[0]
+    grads = mean_gradients(new, data, squared_error)
+    site = next(s for s in sites if s.name == first.site)
+    a = first.statistics.a
+    assert relative(a @ first.lam, inbound_gradient(grads, site, site.channel)) <= 1e-6
+    assert relative(a @ (1 - first.lam), inbound_gradient(grads, site, first.clone)) <= 1e-6
+
+
+def test_a_statistics_leaves_the_model_alone(cnn) -> None:  # type: ignore[no-untyped-def]
+    model, data, sites = cnn
+    model.train()
+    before = copy.deepcopy(model.state_dict())
+    tg.a_statistics(model, sites, data, squared_error, progress=False)
+    assert model.training and all(m.training for m in model.modules())
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not model._forward_hooks and not model.conv._forward_hooks and not model._forward_pre_hooks
+
+
+def test_partial_pass_uses_the_first_batches(cnn) -> None:  # type: ignore[no-untyped-def]
+    model, data, sites = cnn
+    partial = tg.a_statistics(model, sites[:1], data, squared_error, batches=1, progress=False)
+    first = tg.a_statistics(model, sites[:1], data[:1], squared_error, progress=False)
+    name = sites[0].name
+    assert partial[name].samples == 4 and torch.equal(partial[name].a, first[name].a)
+
+
+def test_bad_inputs_get_clear_errors(cnn) -> None:  # type: ignore[no-untyped-def]
+    model, data, sites = cnn
+    with pytest.raises(tg.StatisticsError, match="no batches"):
+        tg.a_statistics(model, sites, [], squared_error)
+    with pytest.raises(tg.StatisticsError, match="pair"):
+        tg.a_statistics(model, sites, [data[0][0]], squared_error)
+    with pytest.raises(tg.StatisticsError, match="scalar"):
+        tg.a_statistics(model, sites, data, lambda out, y: (out - y) ** 2, progress=False)
+    with pytest.raises(ValueError, match="method"):
+        tg.a_statistics(model, sites, data, squared_error, method="fast")  # type: ignore[arg-type]
+    other = ZOO_BY_NAME["paper_cnn"].build().double()
+    wider = tg.rewrite(other, tg.find_sites(other, data[0][0])[0])
+    with pytest.raises(tg.StatisticsError, match="does not fit"):
+        tg.a_statistics(wider, sites, data, squared_error)
+    with pytest.raises(ValueError, match="k must be"):
+        tg.open_tunnels(model, data, squared_error, k=0)

@@ -1,0 +1,70 @@
+"""The matrix-free path (Lanczos on products with A and A^T) against the exact path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tunnelgraph as tg
+from conftest import regression_data, relative, squared_error
+from zoo import ZOO_BY_NAME
+
+KINDS = [
+    "mlp_tanh",  # fully connected to fully connected
+    "paper_cnn",  # conv -> flatten -> linear
+    "conv_stride_pad_dilation",  # conv -> conv with stride, padding, dilation
+    "conv1d",
+    "resnet_stack",  # residual coupling, batch norm
+    "inception_concat",  # concat coupling
+    "conv_bn_pool_avg",  # batch norm and pooling inside the chain
+    "squeeze_excite",  # a broadcast gate
+]
+
+
+@pytest.mark.parametrize("name", KINDS)
+def test_matrix_free_matches_exact(name: str) -> None:
+    entry = ZOO_BY_NAME[name]
+    model = entry.build().double()
+    data = regression_data(model, entry, torch.float64, batch=6)
+    sites = tg.find_sites(model, data[0][0], through=tg.THROUGH_OPTIONS)
+    exact = tg.a_statistics(model, sites, data, squared_error, method="exact", progress=False)
+    free = tg.a_statistics(model, sites, data, squared_error, method="matrix_free", progress=False)
+    for site in sites:
+        e, f = exact[site.name], free[site.name]
+        assert f.a is None and f.method == "matrix_free" and f.steps >= 1
+        assert f.sigma == pytest.approx(e.sigma, rel=1e-3), site.name
+        if e.sigma > 0:
+            assert abs(float(f.direction @ e.direction)) >= 0.999, site.name
+        assert relative(f.gradient, e.gradient) <= 1e-6, site.name
+
+
+def test_matrix_free_in_float32_reaches_the_float64_answer() -> None:
+    entry = ZOO_BY_NAME["conv_stride_pad_dilation"]
+    model = entry.build()
+    data = regression_data(model, entry, torch.float32, batch=8)
+    sites = tg.find_sites(model, data[0][0])
+    free = tg.a_statistics(model, sites, data, squared_error, method="matrix_free", progress=False)
+    data64 = [(x.double(), y.double()) for x, y in data]
+    exact = tg.a_statistics(model.double(), sites, data64, squared_error, method="exact", progress=False)
+    for site in sites:
+        assert free[site.name].sigma == pytest.approx(exact[site.name].sigma, rel=1e-3)
+        assert abs(float(free[site.name].direction @ exact[site.name].direction)) >= 0.999
+
+
+def test_auto_picks_the_cheaper_path() -> None:
+    """Few inbound rows (the paper's CNN): exact; a 64-to-64 conv layer: matrix-free."""
+    entry = ZOO_BY_NAME["paper_cnn"]
+    model = entry.build()
+    data = regression_data(model, entry, torch.float32, batches=1, batch=2)
+    sites = tg.find_sites(model, data[0][0])
+    stats = tg.a_statistics(model, sites[:1], data, squared_error, progress=False)
+    assert stats[sites[0].name].method == "exact"
+
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(64, 64, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(64, 64, 3, padding=1)
+    )
+    x = torch.randn(2, 64, 8, 8)
+    data = [(x, torch.randn(2, 64, 8, 8))]
+    sites = tg.find_sites(model, x)
+    stats = tg.a_statistics(model, sites[:2], data, squared_error, progress=False)
+    assert {s.method for s in stats.values()} == {"matrix_free"}
