@@ -38,6 +38,9 @@ class Capture:
         outputs: producer fx node -> the layer's output (pre-activation).
         errors: consumer fx node -> loss gradient at the layer's output.
         shapes: consumer fx node -> shape of the layer's input.
+        gradients: producer fx node -> (channels, K_producer) gradient of the
+            batch loss for the layer's inbound weights (``A 1`` of every
+            channel), when the pass computed it.
         externals: fx node -> value, for nodes outside a group that its chain reads.
         batch: samples in the pass (the leading size of the model's first input).
     """
@@ -48,6 +51,7 @@ class Capture:
     externals: dict[str, Any] = field(default_factory=dict)
     batch: int = 0
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    gradients: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def nbytes(self) -> int:
         tensors = [*self.inputs.values(), *self.outputs.values(), *self.errors.values()]
@@ -119,9 +123,12 @@ class Recorder:
         self.module_outputs: dict[str, list[Any]] = {name: [] for name in self.recorded_calls}
         self.consumer_shapes: dict[str, tuple[torch.Size, torch.dtype, torch.device]] = {}
 
-    def producer_weights(self) -> list[torch.Tensor]:
-        """The producers' weight tensors (differentiating for them reaches every consumer)."""
-        return [spec.module.weight for spec in self.producers.values()]
+    def producer_parameters(self) -> dict[str, list[torch.Tensor]]:
+        """Producer fx node -> its inbound parameters (weight, then bias if the group owns one)."""
+        return {
+            node: [spec.module.weight] + ([spec.module.bias] if len(spec.slices) > 1 else [])
+            for node, spec in self.producers.items()
+        }
 
     # -- hooks ---------------------------------------------------------------------
     def __enter__(self) -> "Recorder":

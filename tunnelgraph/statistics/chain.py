@@ -372,7 +372,8 @@ class GroupChain:
         bias = rows[:, weight_rows] if rows.shape[1] > weight_rows else None
         if spec.conv_dims:
             conv = (F.conv1d, F.conv2d, F.conv3d)[spec.conv_dims - 1]
-            return conv(_prepad(module, layer_input), weight, bias, module.stride, 0, module.dilation)
+            ready, padding = _conv_input(module, layer_input)
+            return conv(ready, weight, bias, module.stride, padding, module.dilation)
         return F.linear(layer_input, weight, bias)
 
     def producer_gradient(self, producer: int, layer_input: torch.Tensor, error: torch.Tensor) -> torch.Tensor:
@@ -380,10 +381,7 @@ class GroupChain:
         spec = self.producers[producer]
         module = spec.module
         if spec.conv_dims:
-            grad_weight = _conv_weight_grad(
-                spec.conv_dims, _prepad(module, layer_input), module.weight.shape, error, module.stride,
-                module.dilation,
-            )
+            grad_weight = _conv_weight_grad(spec.conv_dims, module, layer_input, module.weight.shape, error)
             reduce = [0] + list(range(2, error.dim()))
         else:
             grad_weight = error.reshape(-1, error.shape[-1]).T @ layer_input.reshape(-1, layer_input.shape[-1])
@@ -419,8 +417,7 @@ class GroupChain:
             picked = _pick(tangent, 2, weight_slice, channels)  # (R, N, S*B, *spatial)
             inputs = picked.transpose(0, 1).reshape(picked.shape[1], -1, *picked.shape[3:])
             grad = _conv_weight_grad(
-                spec.conv_dims, _prepad(module, inputs), (weight.shape[0], inputs.shape[1], *weight.shape[2:]),
-                error, module.stride, module.dilation,
+                spec.conv_dims, module, inputs, (weight.shape[0], inputs.shape[1], *weight.shape[2:]), error
             )  # (V, R*S*B, *k)
             grad = grad.reshape(weight.shape[0], rows, *weight.shape[1:])
             entries = grad * weight.unsqueeze(1)  # (V, R, S*B, *k)
@@ -452,11 +449,13 @@ class GroupChain:
         scaled = scaled.movedim(0, 1).reshape(picked.shape) * picked
         full = torch.zeros_like(weight).index_copy(1, positions, scaled)
         if spec.conv_dims:
+            if _native_padding(module):
+                return _conv_input_grad(
+                    spec.conv_dims, tuple(input_shape), full, error, module.stride, module.padding, module.dilation
+                )
             primal = error.new_zeros(tuple(input_shape))
             padded = _prepad(module, primal)
-            grad = _conv_input_grad(spec.conv_dims, padded.shape, full, error, module.stride, module.dilation)
-            if padded.shape == primal.shape:
-                return grad
+            grad = _conv_input_grad(spec.conv_dims, padded.shape, full, error, module.stride, 0, module.dilation)
             _, pullback = torch.func.vjp(lambda x: _prepad(module, x), primal)
             return pullback(grad)[0]
         return torch.matmul(error, full)
@@ -515,8 +514,7 @@ class GroupChain:
             inputs = rows.permute(2, 1, 0).unsqueeze(2) * picked.unsqueeze(1)  # (N, R, S, positions)
             inputs = inputs.reshape(samples, depth * count, *scale.shape[2:])
             grad = _conv_weight_grad(
-                spec.conv_dims, _prepad(module, inputs), (weight.shape[0], inputs.shape[1], *weight.shape[2:]),
-                error, module.stride, module.dilation,
+                spec.conv_dims, module, inputs, (weight.shape[0], inputs.shape[1], *weight.shape[2:]), error
             ).reshape(weight.shape[0], depth, *weight.shape[1:])
             entries = grad * weight.unsqueeze(1)  # (V, R, S, *k)
             return entries.movedim(2, 0).movedim(2, 1).reshape(count, depth, -1)
@@ -652,18 +650,38 @@ def patches_by_position(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return view.reshape(math.prod(out), channels * math.prod(module.kernel_size), samples)
 
 
+def _native_padding(module: nn.Module) -> bool:
+    """Whether the conv's own padding argument expresses its padding (zeros, given as numbers)."""
+    return module.padding_mode == "zeros" and not isinstance(module.padding, str)
+
+
+def _conv_input(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """``x`` and the padding to run the conv with: native when possible, else padded beforehand."""
+    if _native_padding(module):
+        return x, module.padding
+    return _prepad(module, x), 0
+
+
 def _conv_weight_grad(
-    dims: int, x: torch.Tensor, weight_shape: Sequence[int], error: torch.Tensor, stride: Any, dilation: Any
+    dims: int, module: nn.Module, x: torch.Tensor, weight_shape: Sequence[int], error: torch.Tensor
 ) -> torch.Tensor:
+    """The weight gradient of ``module``'s convolution geometry for input ``x`` and output error ``error``."""
+    ready, padding = _conv_input(module, x)
     grad = (torch.nn.grad.conv1d_weight, torch.nn.grad.conv2d_weight, torch.nn.grad.conv3d_weight)[dims - 1]
-    return grad(x, tuple(weight_shape), error, stride, 0, dilation)
+    return grad(ready, tuple(weight_shape), error, module.stride, padding, module.dilation)
 
 
 def _conv_input_grad(
-    dims: int, input_shape: Sequence[int], weight: torch.Tensor, error: torch.Tensor, stride: Any, dilation: Any
+    dims: int,
+    input_shape: Sequence[int],
+    weight: torch.Tensor,
+    error: torch.Tensor,
+    stride: Any,
+    padding: Any,
+    dilation: Any,
 ) -> torch.Tensor:
     grad = (torch.nn.grad.conv1d_input, torch.nn.grad.conv2d_input, torch.nn.grad.conv3d_input)[dims - 1]
-    return grad(tuple(input_shape), weight, error, stride, 0, dilation)
+    return grad(tuple(input_shape), weight, error, stride, padding, dilation)
 
 
 def _tuple(value: Any, dims: int) -> list[int]:

@@ -282,14 +282,30 @@ def run_batch(model: nn.Module, recorder: Recorder, inputs: Any, targets: Any, l
         loss = loss_fn(output, targets)
         if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
             raise StatisticsError("loss_fn must return a scalar tensor (the batch's mean loss)")
-        # differentiate for the producers' weights: every consumer lies on the way, and no
-        # gradient that nobody needs (the input's, the consumers' weights') is computed
-        wrt = [w for w in recorder.producer_weights() if w.requires_grad]
-        if not wrt:
+        # differentiate for the producers' parameters: every consumer lies on the way, no
+        # gradient that nobody needs (the input's, the consumers' weights') is computed, and
+        # what comes out is A 1 of every channel
+        parameters = recorder.producer_parameters()
+        wrt = [p for params in parameters.values() for p in params]
+        if not all(p.requires_grad for p in wrt):
+            parameters = {}
             wrt = [x for x in leaves if isinstance(x, torch.Tensor) and x.requires_grad]
-        if loss.requires_grad:
-            torch.autograd.grad(loss, wrt, allow_unused=True)
-    return recorder.take()
+        if not loss.requires_grad:
+            raise StatisticsError(
+                "the loss does not depend on the model's parameters or inputs through autograd; "
+                "loss_fn must compute a differentiable loss from the model's output"
+            )
+        grads = torch.autograd.grad(loss, wrt, allow_unused=True)
+    capture = recorder.take()
+    position = 0
+    for node, params in parameters.items():
+        parts = []
+        for param in params:
+            grad = grads[position] if grads[position] is not None else torch.zeros_like(param)
+            parts.append(grad.detach().reshape(param.shape[0], -1))
+            position += 1
+        capture.gradients[node] = torch.cat(parts, dim=1)
+    return capture
 
 
 def statistics_from_a(sites: Sequence[Site], a: torch.Tensor, samples: int) -> dict[str, SiteStatistics]:
@@ -392,7 +408,9 @@ def _matrix_free(
     product, transposed = linear_operators(chain, stored, samples)
     start = _start_vectors(chain, stored)
     triplet: Triplet = lanczos_top(product, transposed, start, max_steps=max_steps, tol=tol)
-    gradient = product(torch.ones_like(start))
+    gradient = _captured_gradient(chain, stored, samples)
+    if gradient is None:
+        gradient = product(torch.ones_like(start))
     if bool((triplet.residual > tol * triplet.sigma).any()):
         logger.warning(
             "group %s: Lanczos stopped after %d steps with relative residual up to %.2g (tol %.2g)",
@@ -414,6 +432,17 @@ def _matrix_free(
             residual=float(triplet.residual[c]) / sigma if sigma > 0 else 0.0,
         )
     return results
+
+
+def _captured_gradient(chain: GroupChain, stored: list[Capture], samples: int) -> torch.Tensor | None:
+    """``A 1`` of every channel from the gradients the capture passes computed anyway."""
+    if not all(spec.node in capture.gradients for capture in stored for spec in chain.producers):
+        return None
+    total = None
+    for capture in stored:
+        rows = torch.cat([capture.gradients[spec.node] for spec in chain.producers], dim=1).double()
+        total = rows * capture.batch if total is None else total + rows * capture.batch
+    return _all_reduce(total) / samples
 
 
 def _start_vectors(chain: GroupChain, stored: list[Capture]) -> torch.Tensor:
