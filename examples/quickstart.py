@@ -1,14 +1,17 @@
-"""tunnelgraph in one page: analyse the paper's MNIST network, open a tunnel, close it again.
+"""tunnelgraph in one page: analyse the paper's MNIST network, open the steepest tunnel, close it.
 
 Steps, on ``paper_cnn()`` (8 filters of 5x5, sigmoid, linear softmax layer):
 
 1. print the analysis report (every channel group, legal or not, and why);
-2. open a tunnel: clone filter ``--channel`` of ``conv`` into a new ninth
-   filter, splitting its outbound weights by a random lambda vector;
-3. check that the network computes the same function (``tg.verify``);
-4. check the gradient invariant: the inbound-weight gradients of the filter
-   and its clone add up to the filter's gradient in the original network;
-5. close the tunnel (merge the clone back into the filter) and compare the
+2. measure the A matrix of every filter over the data (``tg.a_statistics``)
+   and rank the filters by its top singular value;
+3. open the steepest tunnel: clone the best filter into a new ninth filter,
+   splitting its outbound weights by ``lambda_t = 1/2 + t * lambda*``;
+4. check that the network computes the same function (``tg.verify``);
+5. check MATH.md's identity: the squared gradient norm of the filter and its
+   clone is ``||A 1||^2 / 2 + 2 t^2 sigma_max(A)^2``, against a random
+   lambda of the same radius;
+6. close the tunnel (merge the clone back into the filter) and compare the
    parameters with the original's.
 
 By default the batch is embedded (random tensors of MNIST's shape, nothing
@@ -16,7 +19,7 @@ is downloaded). ``--mnist DIR`` reads the first 512 training images from
 the MNIST IDX file in DIR (``train-images-idx3-ubyte``, optionally gzipped)
 instead. Usage::
 
-    python examples/quickstart.py [--mnist DIR] [--channel 3]
+    python examples/quickstart.py [--mnist DIR] [--t 1.0]
 """
 
 from __future__ import annotations
@@ -72,13 +75,14 @@ def load_batch(mnist: str | None) -> tuple[torch.Tensor, str]:
     return torch.from_numpy(images).unsqueeze(1), f"first {len(images)} MNIST training images from {mnist}"
 
 
-def inbound_gradients(
-    model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of the cross-entropy loss with respect to ``conv``'s weight and bias."""
+def pair_gradient_norm(
+    model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor, channel: int, clone: int
+) -> float:
+    """Squared norm of the loss gradient for the inbound weights (and biases) of two filters."""
     model.zero_grad()
     F.cross_entropy(model(x), labels).backward()
-    return model.conv.weight.grad.clone(), model.conv.bias.grad.clone()
+    weight, bias = model.conv.weight.grad, model.conv.bias.grad
+    return float(sum(weight[c].pow(2).sum() + bias[c] ** 2 for c in (channel, clone)))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -86,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--mnist", metavar="DIR", help=f"read {IDX_NAME}[.gz] from DIR instead of the embedded batch"
     )
-    parser.add_argument("--channel", type=int, default=3, help="the filter to clone (default 3)")
+    parser.add_argument("--t", type=float, default=1.0, help="radius of lambda_t (default 1.0)")
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)
@@ -99,29 +103,34 @@ def main(argv: list[str] | None = None) -> None:
     report = tg.analyze(model, x)
     print(report.to_markdown())
 
-    # 2. Open a tunnel at one filter with a random lambda vector (one entry per outbound weight).
-    site = report.site(f"conv[{args.channel}]")
-    lam = np.random.default_rng(0).uniform(0.0, 1.0, size=site.outbound_size)
-    rewritten = tg.rewrite(model, site, lam)
-    print(f"opened a tunnel at {site.name}: K = {site.inbound_size} inbound, L = {site.outbound_size} "
-          f"outbound weights; conv now has {rewritten.conv.out_channels} filters, fc reads "
-          f"{rewritten.fc.in_features} features")
+    # 2. A-statistics of every filter over the data, in four batches; rank by sigma_max(A).
+    batches = [(x[i:i + len(x) // 4], labels[i:i + len(x) // 4]) for i in range(0, len(x), len(x) // 4)]
+    stats = tg.a_statistics(model, report.sites, batches, F.cross_entropy, progress=False)
+    ranked = tg.rank_sites(stats)
+    print("sites by sigma_max(A): " + ", ".join(f"{s.site} {s.sigma:.3g}" for s in ranked))
+    best = ranked[0]
+    site = report.site(best.site)
 
-    # 3. Same function.
+    # 3. Open the steepest tunnel with lambda_t (one entry per outbound weight).
+    lam = tg.lambda_t(best, args.t)
+    rewritten = tg.rewrite(model, site, lam)
+    c, clone = site.channel, rewritten.conv.out_channels - 1
+    print(f"opened a tunnel at {site.name} ({best.method} A, K = {site.inbound_size} inbound, "
+          f"L = {site.outbound_size} outbound weights); conv now has {rewritten.conv.out_channels} "
+          f"filters, fc reads {rewritten.fc.in_features} features")
+
+    # 4. Same function.
     print(f"verify: {tg.verify(model, rewritten, x)}")
 
-    # 4. Gradient invariant: d/dK_u + d/dK_u' (after) == d/dK_u (before).
-    clone = rewritten.conv.out_channels - 1
-    weight, bias = inbound_gradients(model, x, labels)
-    new_weight, new_bias = inbound_gradients(rewritten, x, labels)
-    c = site.channel
-    weight_diff = (new_weight[c] + new_weight[clone] - weight[c]).abs().max().item()
-    bias_diff = (new_bias[c] + new_bias[clone] - bias[c]).abs().max().item()
-    print(f"gradient invariant: max |g(conv[{c}]) + g(conv[{clone}]) - g_original(conv[{c}])| = "
-          f"{weight_diff:.3g} (weights), {bias_diff:.3g} (bias); the gradient itself is up to "
-          f"{weight[c].abs().max().item():.3g}")
+    # 5. The gradient identity, and a random tunnel of the same radius for comparison.
+    measured = pair_gradient_norm(rewritten, x, labels, c, clone)
+    predicted = float(best.gradient.norm() ** 2 / 2 + 2 * args.t**2 * best.sigma**2)
+    control = tg.rewrite(model, site, tg.random_lambda(site, args.t, torch.Generator().manual_seed(3)))
+    print(f"gradient norm^2 of the pair: {measured:.6g} measured, {predicted:.6g} predicted by "
+          f"||A 1||^2/2 + 2 t^2 sigma^2 (relative difference {abs(measured - predicted) / predicted:.2g}); "
+          f"a random lambda of the same radius gives {pair_gradient_norm(control, x, labels, c, clone):.6g}")
 
-    # 5. Close the tunnel: merge the clone back into the filter it came from.
+    # 6. Close the tunnel: merge the clone back into the filter it came from.
     clone_site = next(s for s in tg.find_sites(rewritten, x) if s.name == f"conv[{clone}]")
     merged = tg.merge(rewritten, clone_site, into=c)
     original, restored = model.state_dict(), merged.state_dict()

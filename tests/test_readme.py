@@ -17,3 +17,15 @@ def test_readme_python_example_runs() -> None:
     assert namespace["site"].outbound_size == 5760
     assert namespace["closed"].conv.out_channels == 8
     assert namespace["wider"].conv.out_channels == 9
+
+
+def test_readme_statistics_example_runs() -> None:
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    assert len(blocks) >= 2, "README.md has a statistics example"
+    namespace: dict[str, object] = {}
+    exec(compile(blocks[0], str(README), "exec"), namespace)
+    exec(compile(blocks[1], str(README), "exec"), namespace)
+    assert len(namespace["stats"]) == 8
+    assert namespace["opened"].conv.out_channels == 9
+    assert namespace["new_model"].conv.out_channels == 10
+    assert [t.clone for t in namespace["tunnels"]] == [8, 9]

@@ -521,23 +521,24 @@ class GroupChain:
         block = weight_slice.block
         if rows.shape[0] != block:
             raise AssertionError("diagonal chain with mismatched positions")
-        picked = picked.reshape(samples, count, block).permute(2, 0, 1).contiguous()  # (B, N, S)
-        flat_error = error.reshape(samples, -1)  # (N, V)
-        outputs = flat_error.shape[1]
+        picked = picked.reshape(samples, count, block).permute(2, 1, 0).contiguous()  # (B, S, N)
+        flat_error = error.reshape(samples, -1).T.contiguous()  # (V, N)
+        outputs = flat_error.shape[0]
         weights_depth = rows.shape[1]
         depth = weights_depth + int(bias)
-        sums = rows.new_empty(block, depth, count * outputs)
-        # positions in cache-sized slabs: the outer product is written and read while hot
-        step = max(1, 2**19 // max(1, samples * count * outputs))
+        sums = rows.new_empty(block, count * outputs, depth)
+        # positions in cache-sized slabs: the outer product is written and read while hot;
+        # samples innermost, so that the element-wise products run over long vectors
+        step = max(1, 2**20 // max(1, samples * count * outputs))
         for start in range(0, block, step):
             stop = min(start + step, block)
-            outer = picked[start:stop].unsqueeze(-1) * flat_error.unsqueeze(1)  # (b, N, S, V)
-            outer = outer.reshape(stop - start, samples, -1)
+            outer = picked[start:stop].unsqueeze(2) * flat_error[None, None]  # (b, S, V, N)
+            outer = outer.reshape(stop - start, count * outputs, samples)
             if weights_depth:
-                torch.bmm(rows[start:stop], outer, out=sums[start:stop, :weights_depth])
+                torch.bmm(outer, rows[start:stop].transpose(1, 2), out=sums[start:stop, :, :weights_depth])
             if bias:
-                torch.sum(outer, dim=1, out=sums[start:stop, weights_depth])
-        sums = sums.reshape(block, depth, count, outputs).permute(2, 1, 3, 0)  # (S, R, V, B)
+                torch.sum(outer, dim=2, out=sums[start:stop, :, weights_depth])
+        sums = sums.reshape(block, count, outputs, depth).permute(1, 3, 2, 0)  # (S, R, V, B)
         weight = weight.reshape(weight.shape[0], count, block).transpose(0, 1).unsqueeze(1)
         return (sums * weight).reshape(count, depth, -1)
 

@@ -252,8 +252,9 @@ def _measure(
             samples += capture.batch
             for plan in exact_plans:
                 part = exact_a(plan.chain, capture, plan.channels, memory_budget, training=False)
-                part = part.double() * capture.batch
-                sums[id(plan)] = part if sums[id(plan)] is None else sums[id(plan)] + part
+                if sums[id(plan)] is None:
+                    sums[id(plan)] = torch.zeros(part.shape, dtype=torch.float64, device=part.device)
+                sums[id(plan)].add_(part, alpha=capture.batch)
             if free_plans:
                 stored.append(capture)
     total = _all_reduce(torch.tensor(float(samples), dtype=torch.float64, device=model_device(model)))
