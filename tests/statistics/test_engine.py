@@ -111,3 +111,50 @@ def test_in_place_operations_and_recomputed_externals() -> None:
         after = mean_gradients(tg.rewrite(model, site, lam), data, squared_error)
         assert relative(stats[site.name].a @ lam, inbound_gradient(after, site, site.channel)) <= 1e-6
         assert relative(stats[site.name].gradient, inbound_gradient(before, site, site.channel)) <= 1e-6
+
+
+class _Geometry(torch.nn.Module):
+    """Padding modes, string padding, a 3d conv and a conv1d with dilation: index arithmetic only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Conv2d(2, 4, 3, padding=1, padding_mode="reflect")
+        self.b = torch.nn.Conv2d(4, 3, (3, 2), padding="same", padding_mode="circular", dilation=(1, 2))
+        self.c = torch.nn.Conv2d(3, 5, 2, stride=(2, 1), padding="valid")
+        self.fc = torch.nn.Linear(5 * 3 * 5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.tanh(self.a(x))
+        x = torch.sigmoid(self.b(x))
+        return self.fc(torch.relu(self.c(x)).flatten(1))
+
+
+class _Volume(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Conv3d(2, 3, 2, padding=1, stride=(1, 2, 1))
+        self.b = torch.nn.Conv3d(3, 2, (2, 1, 2), dilation=(2, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.tanh(self.a(x))).mean((2, 3, 4))
+
+
+@pytest.mark.parametrize(
+    ("build", "shape"), [(_Geometry, (4, 2, 6, 6)), (_Volume, (3, 2, 4, 5, 4))], ids=["padding_modes", "conv3d"]
+)
+@pytest.mark.parametrize("method", ["exact", "matrix_free"])
+def test_conv_geometry(build, shape, method: str) -> None:  # type: ignore[no-untyped-def]
+    model = build().double()
+    x = torch.randn(shape, dtype=torch.float64)
+    with torch.no_grad():
+        data = [(x, torch.randn_like(model(x)))]
+    sites = tg.find_sites(model, x)
+    assert sites
+    stats = tg.a_statistics(model, sites, data, squared_error, method=method, progress=False)
+    exact = tg.a_statistics(model, sites, data, squared_error, method="exact", progress=False)
+    generator = torch.Generator().manual_seed(5)
+    for site in sites[:: max(1, len(sites) // 4)]:
+        lam = torch.rand(site.outbound_size, generator=generator, dtype=torch.float64)
+        after = mean_gradients(tg.rewrite(model, site, lam), data, squared_error)
+        assert relative(exact[site.name].a @ lam, inbound_gradient(after, site, site.channel)) <= 1e-6
+        assert stats[site.name].sigma == pytest.approx(exact[site.name].sigma, rel=1e-6)

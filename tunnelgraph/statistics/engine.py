@@ -102,7 +102,7 @@ def a_statistics(
     method: Method = "auto",
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     max_steps: int = 20,
-    tol: float = 1e-5,
+    tol: float = 1e-4,
 ) -> dict[str, SiteStatistics]:
     """Measure A, its top singular triplet and the current gradient for every site.
 

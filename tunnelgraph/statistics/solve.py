@@ -53,7 +53,7 @@ def lanczos_top(
     start: torch.Tensor,
     *,
     max_steps: int = 20,
-    tol: float = 1e-5,
+    tol: float = 1e-4,
 ) -> Triplet:
     """Top singular triplets by Golub-Kahan-Lanczos bidiagonalisation, batched over matrices.
 
