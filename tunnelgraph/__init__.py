@@ -18,9 +18,11 @@ from tunnelgraph.api import (
     reorganize,
     rewrite,
 )
+from tunnelgraph.analysis.reducibility import Finding
 from tunnelgraph.errors import RewriteError, SiteError, StatisticsError, TraceError, TunnelgraphError
 from tunnelgraph.frontends.fx import trace
 from tunnelgraph.ir import Graph
+from tunnelgraph.reduce import ReductionReport, reduce
 from tunnelgraph.rewrite.edits import ChannelEdit
 from tunnelgraph.statistics.engine import SiteStatistics, a_statistics
 from tunnelgraph.statistics.lambdas import lambda_t, random_lambda, rank_sites
@@ -35,9 +37,11 @@ __all__ = [
     "ChannelEdit",
     "ChannelGroup",
     "EquivalenceReport",
+    "Finding",
     "Graph",
     "OpenedTunnel",
     "ParamSlice",
+    "ReductionReport",
     "RewriteError",
     "Site",
     "SiteError",
@@ -55,6 +59,7 @@ __all__ = [
     "open_tunnels",
     "random_lambda",
     "rank_sites",
+    "reduce",
     "reorganize",
     "rewrite",
     "trace",

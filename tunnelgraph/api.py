@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from tunnelgraph.analysis.groups import ChannelGroup, channel_groups, check_through
 from tunnelgraph.analysis.sites import AnalysisReport, Site, analyze_graph, find_site, sites_of
-from tunnelgraph.backends.pytorch import apply_plan
+from tunnelgraph.backends.pytorch import apply_plan, weights_of
 from tunnelgraph.errors import SiteError
 from tunnelgraph.frontends.fx import trace
 from tunnelgraph.ir import Graph
@@ -64,8 +64,14 @@ def find_sites(
 def analyze(
     model: nn.Module | Graph, example_inputs: ExampleInputs | None = None, *, through: Iterable[str] = ()
 ) -> AnalysisReport:
-    """Every hidden channel group of ``model``, legal or not, and why (see :func:`find_sites`)."""
-    return analyze_graph(_graph(model, example_inputs), through)
+    """Every hidden channel group of ``model``, legal or not, and why (see :func:`find_sites`).
+
+    For a PyTorch model the report also lists the units its weights prove
+    reducible (Sussmann's conditions, MATH.md section 2; see
+    :func:`tunnelgraph.reduce`).
+    """
+    weights = weights_of(model) if isinstance(model, nn.Module) else None
+    return analyze_graph(_graph(model, example_inputs), through, weights)
 
 
 def rewrite(

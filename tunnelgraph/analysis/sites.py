@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from tunnelgraph.analysis.groups import ChannelGroup, channel_groups, check_through
+from tunnelgraph.analysis.reducibility import Finding, Weights, parametric_findings
 from tunnelgraph.errors import SiteError
 from tunnelgraph.ir import Graph
 
@@ -81,11 +82,20 @@ def sites_of(groups: Iterable[ChannelGroup]) -> list[Site]:
 
 @dataclass(frozen=True)
 class AnalysisReport:
-    """Every hidden channel group of a model: its layout, and why it is or is not clonable."""
+    """Every hidden channel group of a model: its layout, why it is or is not clonable, and which units are reducible.
+
+    Attributes:
+        model: the model's name.
+        through: the per-channel operations sites may pass.
+        groups: every channel group, legal or not.
+        reducibility: the units the weights prove reducible (Sussmann,
+            MATH.md section 2), when the weights were available.
+    """
 
     model: str
     through: tuple[str, ...]
     groups: tuple[ChannelGroup, ...]
+    reducibility: tuple[Finding, ...] = ()
 
     @property
     def sites(self) -> list[Site]:
@@ -118,6 +128,7 @@ class AnalysisReport:
                 }
                 for group in self.groups
             ],
+            "reducibility": [finding.to_dict() for finding in self.reducibility],
         }
 
     def to_markdown(self) -> str:
@@ -137,13 +148,23 @@ class AnalysisReport:
                 f"| {group.name} | {group.size} | {group.inbound_size} | {group.outbound_size} | "
                 f"{', '.join(group.producers)} | {', '.join(group.consumers) or '-'} | {status} |"
             )
+        lines += ["", "## Reducibility (Sussmann)", ""]
+        if not self.reducibility:
+            lines.append("No unit is reducible from its weights alone.")
+        else:
+            lines += ["| unit | condition | evidence | action |", "|---|---|---|---|"]
+            lines += [f"| {f.unit} | {f.condition} | {f.evidence} | {f.action} |" for f in self.reducibility]
         return "\n".join(lines) + "\n"
 
 
-def analyze_graph(graph: Graph, through: Iterable[str] = ()) -> AnalysisReport:
-    """The analysis report of an IR graph."""
+def analyze_graph(
+    graph: Graph, through: Iterable[str] = (), weights: Weights | None = None, *, tol: float = 1e-12
+) -> AnalysisReport:
+    """The analysis report of an IR graph; with ``weights`` (name -> array) also its reducible units."""
     chosen = check_through(through)
-    return AnalysisReport(graph.name, chosen, tuple(channel_groups(graph, chosen)))
+    groups = tuple(channel_groups(graph, chosen))
+    findings = tuple(parametric_findings(graph, groups, weights, tol=tol)) if weights is not None else ()
+    return AnalysisReport(graph.name, chosen, groups, findings)
 
 
 def find_site(groups: Iterable[ChannelGroup], name: str) -> Site:

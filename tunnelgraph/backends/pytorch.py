@@ -170,3 +170,62 @@ def _write(args: Any, path: tuple[int, ...], value: int) -> Any:
     items = list(args)
     items[path[0]] = value if len(path) == 1 else _write(items[path[0]], path[1:], value)
     return type(args)(items) if isinstance(args, (tuple, list)) else items
+
+
+def weights_of(model: nn.Module) -> dict[str, Any]:
+    """Every parameter and buffer of ``model`` as a float64 numpy array, by name (for the analysis)."""
+    return {name: tensor.detach().cpu().double().numpy() for name, tensor in _tensors(model).items()}
+
+
+def consumer_inputs(
+    model: nn.Module, modules: list[str], example_inputs: tuple[torch.Tensor, ...]
+) -> dict[str, torch.Tensor]:
+    """The input each named module receives when ``model`` runs on ``example_inputs`` (eval mode)."""
+    seen: dict[str, torch.Tensor] = {}
+    handles = []
+    for name in modules:
+        def hook(module: nn.Module, args: tuple[Any, ...], name: str = name) -> None:
+            seen[name] = args[0].detach().clone()
+
+        handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
+    modes = {name: sub.training for name, sub in model.named_modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(*example_inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for name, sub in model.named_modules():
+            sub.train(modes[name])
+    return seen
+
+
+def bias_shift(module: nn.Module, weight_slice: Any, channel: int, values: torch.Tensor) -> torch.Tensor:
+    """What ``module``'s output gains from ``channel`` carrying the fixed input ``values``, as a bias.
+
+    ``values`` is the channel's entries of one input sample (shape of the
+    module's input without the batch axis, restricted to the channel's
+    positions along the input-channel axis). Raises :class:`RewriteError`
+    when the contribution is not the same at every output position (a conv
+    that pads its input sees the constant only away from the border), since
+    it is then not a bias.
+    """
+    positions = torch.arange(weight_slice.block, device=values.device) + weight_slice.offset + channel * weight_slice.block
+    weight = module.weight.detach().index_select(1, positions)
+    if isinstance(module, nn.Linear):
+        contribution = values.reshape(-1, values.shape[-1]) @ weight.T
+        contribution = contribution.reshape(-1, weight.shape[0])
+    elif isinstance(module, nn.modules.conv._ConvNd):
+        contribution = module._conv_forward(values.unsqueeze(0), weight, None)[0]
+        contribution = contribution.reshape(weight.shape[0], -1).T
+    else:
+        raise RewriteError(f"cannot fold a constant into a {type(module).__name__}")
+    first = contribution[0]
+    scale = float(first.abs().max()) + float(contribution.abs().max())
+    if scale and float((contribution - first).abs().max()) > 1e-9 * scale:
+        raise RewriteError(
+            "its contribution differs between output positions (the consumer pads or the value "
+            "varies along the layer's input), so it is not a bias"
+        )
+    return first

@@ -268,7 +268,9 @@ class _Translator:
             node = self._node(fx_node, OpKind.CHANNELWISE, "activation", function=type(sub).__name__)
             return node
         elif isinstance(sub, _POOLING_MODULES):
-            return self._node(fx_node, OpKind.CHANNELWISE, "pooling", requires_axis=1)
+            return self._node(
+                fx_node, OpKind.CHANNELWISE, "pooling", requires_axis=1, function=type(sub).__name__
+            )
         elif isinstance(sub, _DROPOUT_MODULES):
             return self._node(fx_node, OpKind.CHANNELWISE, "dropout")
         elif isinstance(sub, nn.Identity):
@@ -288,7 +290,9 @@ class _Translator:
         if target in _ACTIVATION_FUNCTIONS:
             return self._node(fx_node, OpKind.CHANNELWISE, "activation", function=target.__name__)
         if target in _POOLING_FUNCTIONS:
-            return self._node(fx_node, OpKind.CHANNELWISE, "pooling", requires_axis=1)
+            return self._node(
+                fx_node, OpKind.CHANNELWISE, "pooling", requires_axis=1, function=target.__name__
+            )
         if target in _DROPOUT_FUNCTIONS:
             return self._node(fx_node, OpKind.CHANNELWISE, "dropout")
         if target in _ELEMENTWISE_FUNCTIONS:
@@ -373,7 +377,7 @@ class _Translator:
         dims = (dims,) if isinstance(dims, int) else tuple(dims)
         reduced = tuple(sorted(d % len(in_shape) for d in dims))
         return self._node(
-            fx_node, OpKind.CHANNELWISE, "pooling", reduces=reduced, keepdim=bool(keepdim)
+            fx_node, OpKind.CHANNELWISE, "pooling", reduces=reduced, keepdim=bool(keepdim), function="mean"
         )
 
     def _reshape(self, fx_node: torch.fx.Node) -> Node:

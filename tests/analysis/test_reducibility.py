@@ -1,0 +1,165 @@
+"""Sussmann reducibility: planted units are found exactly, reduced exactly, and random networks flag nothing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import tunnelgraph as tg
+from zoo import TRACEABLE, ZooEntry, example_input
+
+
+class MLP(nn.Module):
+    def __init__(self, activation: nn.Module) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(6, 10)
+        self.act = activation
+        self.fc2 = nn.Linear(10, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class ConvNet(nn.Module):
+    def __init__(self, pad: int = 0) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3)
+        self.conv2 = nn.Conv2d(8, 6, 3, padding=pad)
+        self.fc = nn.Linear(6 * (4 + 2 * pad) ** 2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv1(x))
+        return self.fc(torch.relu(self.conv2(h)).flatten(1))
+
+
+class Residual(nn.Module):
+    """A stream of 6 channels: the stem and the block's second conv produce it; conv_a and fc read it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 6, 3, padding=1)
+        self.conv_a = nn.Conv2d(6, 5, 3, padding=1)
+        self.conv_b = nn.Conv2d(5, 6, 3, padding=1)
+        self.fc = nn.Linear(6 * 16, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.stem(x))
+        h = torch.relu(h + self.conv_b(torch.relu(self.conv_a(h))))
+        return self.fc(h.flatten(1))
+
+
+def planted_mlp(kind: str) -> tuple[nn.Module, set[tuple[str, str]]]:
+    activation = {"negated": nn.Tanh(), "sigmoid_complement": nn.Sigmoid(), "relu_scaled": nn.ReLU()}[kind]
+    model = MLP(activation).double()
+    with torch.no_grad():
+        model.fc2.weight[:, 2] = 0
+        model.fc1.weight[4] = 0
+        model.fc1.weight[6], model.fc1.bias[6] = model.fc1.weight[1], model.fc1.bias[1]
+        factor = 2.5 if kind == "relu_scaled" else -1.0
+        model.fc1.weight[7], model.fc1.bias[7] = factor * model.fc1.weight[3], factor * model.fc1.bias[3]
+    planted = {("fc1[2]", "inconsequential"), ("fc1[4]", "constant"), ("fc1[6]", "redundant"), ("fc1[7]", kind)}
+    return model, planted
+
+
+def planted_conv(pad: int = 0) -> tuple[nn.Module, set[tuple[str, str]]]:
+    model = ConvNet(pad).double()
+    with torch.no_grad():
+        model.conv2.weight[:, 2] = 0
+        model.conv1.weight[4], model.conv1.bias[4] = 0, 0.7  # relu(0.7): a non-zero constant
+        model.conv1.weight[6], model.conv1.bias[6] = model.conv1.weight[1], model.conv1.bias[1]
+        model.conv1.weight[7], model.conv1.bias[7] = 0.5 * model.conv1.weight[3], 0.5 * model.conv1.bias[3]
+        model.conv2.weight[5] = 0
+    planted = {
+        ("conv1[2]", "inconsequential"), ("conv1[4]", "constant"), ("conv1[6]", "redundant"),
+        ("conv1[7]", "relu_scaled"), ("conv2[5]", "constant"),
+    }
+    return model, planted
+
+
+def planted_residual() -> tuple[nn.Module, set[tuple[str, str]]]:
+    model = Residual().double()
+    with torch.no_grad():
+        for layer in (model.stem, model.conv_b):
+            layer.weight[4], layer.bias[4] = layer.weight[1], layer.bias[1]
+        model.conv_a.weight[:, 2] = 0
+        model.fc.weight.view(2, 6, 16)[:, 2] = 0
+    return model, {("stem[4]", "redundant"), ("stem[2]", "inconsequential")}
+
+
+# The parameter count of each network without its planted units, layer by layer.
+_MLP_WITHOUT = (6 * 6 + 6) + (3 * 6 + 3)  # 10 -> 6 hidden units
+_CONV_WITHOUT = (4 * 3 * 9 + 4) + (5 * 4 * 9 + 5) + (2 * 5 * 16 + 2)  # conv1 8 -> 4, conv2 6 -> 5
+_RESIDUAL_WITHOUT = (4 * 3 * 9 + 4) + (5 * 4 * 9 + 5) + (4 * 5 * 9 + 4) + (2 * 4 * 16 + 2)  # stream 6 -> 4
+
+PLANTED = {
+    "mlp_negated": (lambda: planted_mlp("negated"), (4, 6), _MLP_WITHOUT),
+    "mlp_sigmoid_complement": (lambda: planted_mlp("sigmoid_complement"), (4, 6), _MLP_WITHOUT),
+    "mlp_relu_scaled": (lambda: planted_mlp("relu_scaled"), (4, 6), _MLP_WITHOUT),
+    "conv": (planted_conv, (4, 3, 8, 8), _CONV_WITHOUT),
+    "residual": (planted_residual, (4, 3, 4, 4), _RESIDUAL_WITHOUT),
+}
+
+
+@pytest.mark.parametrize("name", list(PLANTED))
+def test_parametric_detection_finds_exactly_the_planted_units(name: str) -> None:
+    build, shape, _ = PLANTED[name]
+    model, planted = build()
+    report = tg.analyze(model, torch.randn(shape, dtype=torch.float64))
+    assert {(f.unit, f.condition) for f in report.reducibility} == planted
+    assert all(f.exact and f.action for f in report.reducibility)
+    assert "## Reducibility" in report.to_markdown()
+    assert len(report.to_dict()["reducibility"]) == len(planted)
+
+
+@pytest.mark.parametrize("name", list(PLANTED))
+def test_reduce_removes_the_planted_units_and_keeps_the_function(name: str) -> None:
+    build, shape, expected = PLANTED[name]
+    model, planted = build()
+    x = torch.randn(shape, dtype=torch.float64)
+    smaller, report = tg.reduce(model, x)
+    assert {(f.unit, f.condition) for f in report.applied} == planted and not report.skipped
+    assert report.parameters_after == expected
+    assert sum(p.numel() for p in smaller.parameters()) == report.parameters_after
+    check = tg.verify(model, smaller, torch.randn(shape, dtype=torch.float64), rtol=1e-6, atol=0)
+    assert check.passed and report.equivalence is not None and report.equivalence.max_rel <= 1e-6
+    assert tg.analyze(smaller, x).reducibility == ()
+
+
+def test_a_constant_unit_that_a_padding_conv_reads_is_skipped_with_the_reason() -> None:
+    model, _ = planted_conv(pad=1)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    smaller, report = tg.reduce(model, x)
+    skipped = {f.unit: reason for f, reason in report.skipped}
+    assert "conv1[4]" in skipped and "not a bias" in skipped["conv1[4]"]
+    assert "conv1[4]" not in {f.unit for f in report.applied}
+    assert tg.verify(model, smaller, x).passed
+
+
+@pytest.mark.parametrize("entry", TRACEABLE, ids=[e.name for e in TRACEABLE])
+def test_random_zoo_networks_flag_nothing(entry: ZooEntry) -> None:
+    model = entry.build()
+    report = tg.analyze(model, example_input(entry), through=tg.THROUGH_OPTIONS)
+    assert report.reducibility == ()
+
+
+def test_theorem_loop_open_then_reduce_restores_the_network() -> None:
+    model = MLP(nn.Tanh()).double()
+    x = torch.randn(5, 6, dtype=torch.float64)
+    site = tg.find_sites(model, x)[3]
+
+    inconsequential = tg.rewrite(model, site, 1.0)
+    findings = tg.analyze(inconsequential, x).reducibility
+    assert [(f.unit, f.condition) for f in findings] == [("fc1[10]", "inconsequential")]
+
+    lam = torch.rand(site.outbound_size, dtype=torch.float64)
+    opened = tg.rewrite(model, site, lam)
+    findings = tg.analyze(opened, x).reducibility
+    assert [(f.unit, f.condition, f.partner) for f in findings] == [("fc1[10]", "redundant", 3)]
+
+    for wider in (inconsequential, opened):
+        restored, report = tg.reduce(wider, x)
+        assert restored.fc1.out_features == 10 and restored.fc2.in_features == 10
+        assert tg.verify(model, restored, x).passed
+        for name, tensor in model.state_dict().items():
+            assert torch.allclose(restored.state_dict()[name], tensor, rtol=1e-12, atol=1e-14), name

@@ -1,0 +1,292 @@
+"""Sussmann reducibility read off the weights (MATH.md section 2).
+
+A hidden unit (channel ``c`` of a group) is reducible when
+
+- **inconsequential** (1a): every outbound weight of ``c``, across every
+  consumer, is zero;
+- **constant** (1b): every inbound weight of ``c`` (biases excepted), across
+  every producer, is zero, so its activation is the same for every input;
+  or, in a group with one producer, a batch norm on the way scales ``c``
+  by zero;
+- **redundant** (1c): another channel ``p`` of the group has the same
+  inbound weights, biases and per-channel parameters, so ``x_c = x_p``.
+
+and, as named extras for specific activations (the channels' chain must
+consist of operations that keep the relation):
+
+- **negated**: inbound weights and bias of ``c`` are those of ``p``
+  negated, and every operation on the way is odd (tanh, softsign, linear
+  pooling, adds): ``x_c = -x_p``;
+- **sigmoid_complement**: negated inbound weights into a sigmoid:
+  ``x_c = 1 - x_p``;
+- **relu_scaled**: inbound weights and bias of ``c`` are ``alpha > 0`` times
+  those of ``p``, and every operation on the way is positively homogeneous
+  (ReLU, leaky ReLU, pooling, adds): ``x_c = alpha * x_p``.
+
+Each finding says what makes the unit removable. Weights come as a mapping
+from parameter name to array, so any frontend (PyTorch, ONNX) can supply
+them; nothing here runs the network.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from tunnelgraph.analysis.groups import ChannelGroup, ParamSlice
+from tunnelgraph.ir import Graph, OpKind
+
+Weights = Mapping[str, np.ndarray]
+
+CONDITIONS = ("inconsequential", "constant", "redundant", "negated", "sigmoid_complement", "relu_scaled")
+
+_ODD_ACTIVATIONS = {"tanh", "softsign", "tanhshrink", "neg"}
+_HOMOGENEOUS_ACTIVATIONS = {"relu", "leakyrelu", "leaky_relu", "prelu", "abs", "neg"}
+_LINEAR_POOLING = {
+    "avgpool1d", "avgpool2d", "avgpool3d", "adaptiveavgpool1d", "adaptiveavgpool2d", "adaptiveavgpool3d",
+    "avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
+    "adaptive_avg_pool3d", "mean",
+}
+_PLAIN = {"dropout", "identity", "flatten", "concat"}
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One reducible unit and what makes it so.
+
+    Attributes:
+        unit: ``"group[channel]"``.
+        group: the group's name.
+        channel: the unit's channel in the group.
+        condition: one of :data:`CONDITIONS`.
+        evidence: what was measured or read, in words and numbers.
+        partner: for relations between two units, the channel ``p`` with
+            ``x_unit = factor * x_p + offset``.
+        factor, offset: the relation's coefficients.
+        exact: read off the weights (True) or measured on data within a
+            tolerance (False).
+    """
+
+    unit: str
+    group: str
+    channel: int
+    condition: str
+    evidence: str
+    partner: int | None = None
+    factor: float = 1.0
+    offset: float = 0.0
+    exact: bool = True
+
+    @property
+    def action(self) -> str:
+        """The function-preserving transformation that removes the unit (MATH.md section 2)."""
+        if self.condition == "inconsequential":
+            return "delete the unit"
+        if self.condition == "constant":
+            return "fold its constant activation into the consumers' biases, then delete it"
+        target = f"{self.group}[{self.partner}]"
+        if self.condition == "sigmoid_complement":
+            return f"subtract its outbound weights from {target}'s, add them to the consumers' biases, delete it"
+        factor = "" if self.factor == 1.0 else f"{self.factor:g} times "
+        return f"add {factor}its outbound weights to {target}'s, then delete it"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "unit": self.unit,
+            "condition": self.condition,
+            "evidence": self.evidence,
+            "action": self.action,
+            "partner": None if self.partner is None else f"{self.group}[{self.partner}]",
+            "factor": self.factor,
+            "offset": self.offset,
+            "exact": self.exact,
+        }
+
+
+def channel_rows(weights: Weights, slices: Sequence[ParamSlice], size: int) -> np.ndarray:
+    """(channels, entries): each channel's entries of ``slices``, concatenated in slice order."""
+    parts = []
+    for param_slice in slices:
+        array = np.asarray(weights[param_slice.param], dtype=np.float64)
+        moved = np.moveaxis(array, param_slice.axis, 0)
+        cut = moved[param_slice.offset:param_slice.offset + size * param_slice.block]
+        parts.append(cut.reshape(size, -1))
+    if not parts:
+        return np.zeros((size, 0))
+    return np.concatenate(parts, axis=1)
+
+
+def parametric_findings(
+    graph: Graph, groups: Sequence[ChannelGroup], weights: Weights, *, tol: float = 1e-12
+) -> list[Finding]:
+    """Every unit of every legal group that the weights alone prove reducible.
+
+    Zero means ``|w| <= tol * max|W|`` over the parameter; equal means the
+    largest difference is at most ``tol`` times the larger entry. A unit is
+    reported once, under the first condition that holds (inconsequential,
+    constant, then the relations to an earlier channel that is not itself
+    reported).
+    """
+    findings = []
+    for group in groups:
+        if group.legal:
+            findings.extend(_group_findings(graph, group, weights, tol))
+    return findings
+
+
+def _group_findings(graph: Graph, group: ChannelGroup, weights: Weights, tol: float) -> list[Finding]:
+    size = group.size
+    inbound = [s for s in group.slices if s.role == "inbound"]
+    outbound = [s for s in group.slices if s.role == "outbound"]
+    channelwise = [s for s in group.slices if s.role == "channelwise"]
+    weight_slices = [s for s in inbound if not s.param.endswith(".bias")]
+    zero_out = _zero_channels(weights, outbound, size, tol)
+    zero_in = _zero_channels(weights, weight_slices, size, tol)
+    zero_bn = _zero_batchnorm(graph, group, weights, channelwise, tol)
+    rows = channel_rows(weights, inbound, size)
+    extras = channel_rows(weights, channelwise, size)
+    chain = _chain_kinds(graph, group)
+
+    findings: list[Finding] = []
+    reduced: set[int] = set()
+
+    def unit(channel: int) -> str:
+        return f"{group.name}[{channel}]"
+
+    for c in range(size):
+        if zero_out[c]:
+            findings.append(Finding(
+                unit(c), group.name, c, "inconsequential",
+                f"all {group.outbound_size} outbound weights are 0 (consumers {', '.join(group.consumers)})",
+            ))
+        elif zero_in[c]:
+            findings.append(Finding(
+                unit(c), group.name, c, "constant",
+                f"all inbound weights are 0 (producers {', '.join(group.producers)}); the activation "
+                "depends on the bias only",
+            ))
+        elif zero_bn[c] is not None:
+            findings.append(Finding(unit(c), group.name, c, "constant", f"batch norm '{zero_bn[c]}' scales it by 0"))
+        else:
+            continue
+        reduced.add(c)
+
+    for c in range(size):
+        if c in reduced:
+            continue
+        for p in range(c):
+            if p in reduced:
+                continue
+            relation = _relation(rows[p], rows[c], extras[p], extras[c], chain, tol)
+            if relation is not None:
+                condition, factor, offset, evidence = relation
+                findings.append(Finding(unit(c), group.name, c, condition, evidence, p, factor, offset))
+                reduced.add(c)
+                break
+    return sorted(findings, key=lambda f: f.channel)
+
+
+def _zero_channels(weights: Weights, slices: Sequence[ParamSlice], size: int, tol: float) -> list[bool]:
+    if not slices:
+        return [False] * size
+    flags = np.ones(size, dtype=bool)
+    for param_slice in slices:
+        array = np.asarray(weights[param_slice.param], dtype=np.float64)
+        scale = float(np.abs(array).max()) if array.size else 0.0
+        rows = channel_rows(weights, [param_slice], size)
+        flags &= np.abs(rows).max(axis=1, initial=0.0) <= tol * scale
+    return [bool(flag) for flag in flags]
+
+
+def _zero_batchnorm(
+    graph: Graph, group: ChannelGroup, weights: Weights, channelwise: Sequence[ParamSlice], tol: float
+) -> list[str | None]:
+    result: list[str | None] = [None] * group.size
+    if len(group.producers) != 1:
+        return result
+    batchnorms = {node.module for node in graph if node.op == "batchnorm" and node.name in group.nodes}
+    for param_slice in channelwise:
+        if param_slice.module in batchnorms and param_slice.param.endswith(".weight"):
+            rows = channel_rows(weights, [param_slice], group.size)
+            scale = float(np.abs(np.asarray(weights[param_slice.param])).max())
+            for c in range(group.size):
+                if np.abs(rows[c]).max() <= tol * scale:
+                    result[c] = param_slice.module
+    return result
+
+
+def _chain_kinds(graph: Graph, group: ChannelGroup) -> set[str]:
+    """What the operations between producers and consumers are, as labels for relation checks."""
+    kinds = set()
+    producers = set(group.producers)
+    for name in group.nodes:
+        node = graph[name]
+        if node.kind == OpKind.METADATA or (node.kind == OpKind.PARAMETRIC and node.module in producers):
+            continue
+        function = str(node.attrs.get("function", "")).lower().rstrip("_")
+        if node.op == "activation":
+            kinds.add(f"activation:{function}")
+        elif node.op == "pooling":
+            kinds.add("linear" if function in _LINEAR_POOLING else "maxpool")
+        elif node.op == "scale":
+            kinds.add("linear" if function in ("mul", "div") else "shift")
+        elif node.op in _PLAIN:
+            kinds.add("plain")
+        elif node.op in ("add", "sub"):
+            kinds.add("coupling")
+        elif node.op in ("mul", "div"):
+            kinds.add("product")
+        else:
+            kinds.add(node.op)
+    return kinds
+
+
+def _relation(
+    first: np.ndarray, second: np.ndarray, first_extra: np.ndarray, second_extra: np.ndarray,
+    chain: set[str], tol: float,
+) -> tuple[str, float, float, str] | None:
+    scale = max(float(np.abs(first).max(initial=0.0)), float(np.abs(second).max(initial=0.0)))
+    if scale == 0.0:
+        return None
+
+    def close(a: np.ndarray, b: np.ndarray, reference: float) -> bool:
+        return bool(np.abs(a - b).max(initial=0.0) <= tol * reference)
+
+    extra_scale = max(float(np.abs(first_extra).max(initial=0.0)), float(np.abs(second_extra).max(initial=0.0)))
+    if close(first, second, scale) and close(first_extra, second_extra, extra_scale):
+        return "redundant", 1.0, 0.0, "equal inbound weights, biases and per-channel parameters"
+    if first_extra.size:
+        return None  # batch norm or depthwise parameters: only equality carries through them
+    activations = {kind.split(":", 1)[1] for kind in chain if kind.startswith("activation:")}
+    others = {kind for kind in chain if not kind.startswith("activation:")}
+    if close(first, -second, scale):
+        if activations <= _ODD_ACTIVATIONS and others <= {"plain", "linear", "coupling"}:
+            return "negated", -1.0, 0.0, f"negated inbound weights and bias; odd chain ({_describe(chain)})"
+        if activations == {"sigmoid"} and others <= {"plain"}:
+            return (
+                "sigmoid_complement", -1.0, 1.0,
+                "negated inbound weights and bias into a sigmoid: x = 1 - x_partner",
+            )
+    index = int(np.abs(first).argmax())
+    if first[index] != 0:
+        alpha = float(second[index] / first[index])
+        if alpha > 0 and not math.isclose(alpha, 1.0) and close(alpha * first, second, scale):
+            if activations <= _HOMOGENEOUS_ACTIVATIONS and others <= {"plain", "linear", "maxpool", "coupling"}:
+                return (
+                    "relu_scaled", alpha, 0.0,
+                    f"inbound weights and bias {alpha:.6g} times the partner's; positively homogeneous "
+                    f"chain ({_describe(chain)})",
+                )
+    return None
+
+
+def _describe(chain: set[str]) -> str:
+    return ", ".join(sorted(chain)) or "no operations"
+
+
+def parameter_count(weights: Weights) -> int:
+    """Total entries of the given parameters."""
+    return sum(int(np.asarray(array).size) for array in weights.values())
