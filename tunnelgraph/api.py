@@ -33,6 +33,7 @@ from tunnelgraph.statistics.engine import (
     to_device,
     unwrap_model,
 )
+from tunnelgraph.statistics.activity import unit_measures
 from tunnelgraph.statistics.lambdas import lambda_t, rank_sites
 
 logger = logging.getLogger(__name__)
@@ -62,16 +63,33 @@ def find_sites(
 
 
 def analyze(
-    model: nn.Module | Graph, example_inputs: ExampleInputs | None = None, *, through: Iterable[str] = ()
+    model: nn.Module | Graph,
+    example_inputs: ExampleInputs | None = None,
+    *,
+    through: Iterable[str] = (),
+    data: Iterable[Any] | None = None,
+    batches: int | None = None,
+    progress: bool = True,
 ) -> AnalysisReport:
     """Every hidden channel group of ``model``, legal or not, and why (see :func:`find_sites`).
 
     For a PyTorch model the report also lists the units its weights prove
     reducible (Sussmann's conditions, MATH.md section 2; see
-    :func:`tunnelgraph.reduce`).
+    :func:`tunnelgraph.reduce`). With ``data`` (batches of ``(inputs,
+    targets)`` or of inputs; ``batches`` limits them) every unit also gets
+    its empirical measures: outbound norm, activation mean and std, and the
+    best affine fit by another unit of its group, so near-reducible units
+    show too.
     """
     weights = weights_of(model) if isinstance(model, nn.Module) else None
-    return analyze_graph(_graph(model, example_inputs), through, weights)
+    report = analyze_graph(_graph(model, example_inputs), through, weights)
+    if data is not None:
+        if not isinstance(model, nn.Module):
+            raise TypeError("empirical measures need the model itself, not a traced Graph")
+        measures = unit_measures(model, report.groups, data, batches=batches, progress=progress)
+        ordered = tuple(measures[site.name] for site in report.sites)
+        report = AnalysisReport(report.model, report.through, report.groups, report.reducibility, ordered)
+    return report
 
 
 def rewrite(

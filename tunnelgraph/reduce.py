@@ -24,6 +24,7 @@ from tunnelgraph.errors import RewriteError
 from tunnelgraph.frontends.fx import trace
 from tunnelgraph.rewrite import edits
 from tunnelgraph.rewrite.plan import plan_edit
+from tunnelgraph.statistics.activity import empirical_findings, unit_measures
 from tunnelgraph.verify import EquivalenceReport, verify
 
 logger = logging.getLogger(__name__)
@@ -77,18 +78,28 @@ def reduce(
     model: nn.Module,
     example_inputs: ExampleInputs,
     *,
-    through: Iterable[str] = (),
+    data: Iterable[Any] | None = None,
+    batches: int | None = None,
     tol: float = 1e-12,
+    through: Iterable[str] = (),
+    progress: bool = False,
 ) -> tuple[nn.Module, ReductionReport]:
-    """Remove every unit the weights prove reducible; return the smaller model and a report.
+    """Remove every reducible unit; return the smaller model and a report.
 
     Args:
         model: the network; not modified.
         example_inputs: inputs of its forward (to trace it, to read the
             constant activations of constant units, and to verify).
-        through: per-channel operations groups may pass (see ``find_sites``).
+        data: optional batches (``(inputs, targets)`` or inputs; ``batches``
+            limits them). Units the data show reducible within ``tol`` are
+            then removed too, using the measured relation (the mean of a
+            constant unit, the affine fit of a redundant one): an
+            approximation whose function change the report gives.
         tol: relative tolerance of the parametric tests (see
-            :func:`~tunnelgraph.analysis.reducibility.parametric_findings`).
+            :func:`~tunnelgraph.analysis.reducibility.parametric_findings`)
+            and of the empirical ones (see
+            :func:`~tunnelgraph.statistics.activity.empirical_findings`).
+        through: per-channel operations groups may pass (see ``find_sites``).
 
     Units are removed group by group, re-analysing after each group, until
     nothing reducible is left. A finding that cannot be applied exactly (a
@@ -104,9 +115,12 @@ def reduce(
     while True:
         graph = trace(current, inputs)
         groups = channel_groups(graph, chosen)
-        findings = [
-            f for f in parametric_findings(graph, groups, weights_of(current), tol=tol) if f.unit not in skipped
-        ]
+        findings = parametric_findings(graph, groups, weights_of(current), tol=tol)
+        if data is not None:
+            known = {f.unit for f in findings}
+            measures = unit_measures(current, groups, data, batches=batches, progress=progress)
+            findings += [f for f in empirical_findings(groups, measures, tol=tol) if f.unit not in known]
+        findings = [f for f in findings if f.unit not in skipped]
         if not findings:
             break
         group = next(g for g in groups if g.name == findings[0].group)
@@ -132,7 +146,7 @@ def _reduce_group(
 ) -> tuple[nn.Module, list[Finding], list[tuple[Finding, str]]]:
     """Apply the findings of one group as one composed channel edit plus consumer-bias shifts."""
     outbound = [s for s in group.slices if s.role == "outbound"]
-    needs_values = any(f.condition in ("constant", "sigmoid_complement") for f in findings)
+    needs_values = any(_needs_shift(f) for f in findings)
     seen = consumer_inputs(model, [s.module for s in outbound], inputs) if needs_values else {}
     edit = edits.identity(group.size)
     shifts: dict[str, torch.Tensor] = {}
@@ -169,7 +183,7 @@ def _bias_shifts(
     model: nn.Module, group: ChannelGroup, finding: Finding, seen: dict[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
     """Consumer bias changes that removing ``finding``'s unit needs (constant part of its activation)."""
-    if finding.condition not in ("constant", "sigmoid_complement"):
+    if not _needs_shift(finding):
         return {}
     shifts = {}
     for weight_slice in (s for s in group.slices if s.role == "outbound"):
@@ -178,13 +192,17 @@ def _bias_shifts(
             raise RewriteError(f"consumer '{weight_slice.module}' has no bias to take the constant")
         channel = finding.channel
         values = _channel_values(seen[weight_slice.module], weight_slice, channel, module)
-        if finding.condition == "constant":
+        if finding.condition == "constant" and finding.exact:
             _check_constant(values)
             values = values[0]
-        else:  # x = offset + factor * x_partner: the offset times the unit's outbound weights
+        else:  # x = offset (+ factor * x_partner): the offset times the unit's outbound weights
             values = torch.full_like(values[0], finding.offset)
         shifts[f"{weight_slice.module}.bias"] = bias_shift(module, weight_slice, channel, values)
     return shifts
+
+
+def _needs_shift(finding: Finding) -> bool:
+    return finding.condition == "constant" or finding.offset != 0.0
 
 
 def _channel_values(seen: torch.Tensor, weight_slice: Any, channel: int, module: nn.Module) -> torch.Tensor:

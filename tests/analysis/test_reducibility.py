@@ -163,3 +163,36 @@ def test_theorem_loop_open_then_reduce_restores_the_network() -> None:
         assert tg.verify(model, restored, x).passed
         for name, tensor in model.state_dict().items():
             assert torch.allclose(restored.state_dict()[name], tensor, rtol=1e-12, atol=1e-14), name
+
+
+@pytest.mark.parametrize("name", ["conv", "residual", "mlp_sigmoid_complement"])
+def test_empirical_measures_find_the_planted_units(name: str) -> None:
+    build, shape, expected = PLANTED[name]
+    model, planted = build()
+    x = torch.randn((64, *shape[1:]), dtype=torch.float64)
+    data = [(x[i:i + 16], None) for i in range(0, 64, 16)]
+    report = tg.analyze(model, x[:4], data=data, progress=False)
+    assert len(report.measures) == len(report.sites) and report.measures[0].samples == 64
+    assert "Empirical measures (64 samples)" in report.to_markdown()
+    from tunnelgraph.statistics.activity import empirical_findings
+
+    found = {(f.unit, f.condition) for f in empirical_findings(report.groups, {m.unit: m for m in report.measures}, tol=1e-9)}
+    # the data see every planted unit; relations show as redundant (an affine fit)
+    assert {unit for unit, _ in found} == {unit for unit, _ in planted}
+    # reducing with data only (parametric tolerance 0 finds exact zeros and equalities too)
+    smaller, reduction = tg.reduce(model, x[:4], data=data, tol=1e-9)
+    assert reduction.parameters_after == expected
+    assert tg.verify(model, smaller, x, rtol=1e-6, atol=1e-9).passed
+
+
+def test_data_find_a_dead_relu_unit_that_the_weights_do_not() -> None:
+    model = MLP(nn.ReLU()).double()
+    with torch.no_grad():
+        model.fc1.bias[5] = -100.0  # never active on standard-normal inputs
+    x = torch.randn(256, 6, dtype=torch.float64)
+    data = [(x[i:i + 64], None) for i in range(0, 256, 64)]
+    assert tg.analyze(model, x).reducibility == ()
+    smaller, report = tg.reduce(model, x[:8], data=data)
+    assert [(f.unit, f.condition, f.exact) for f in report.applied] == [("fc1[5]", "constant", False)]
+    assert smaller.fc1.out_features == 9
+    assert tg.verify(model, smaller, x).passed

@@ -106,6 +106,35 @@ class Finding:
         }
 
 
+@dataclass(frozen=True)
+class UnitMeasures:
+    """Empirical reducibility measures of one unit.
+
+    Attributes:
+        unit: ``"group[channel]"``.
+        outbound_norm: Euclidean norm of the unit's outbound weights.
+        mean, std: of its activation where the consumers read it, over all
+            samples and positions (std: the largest over consumers).
+        partner: the channel of the same group that fits it best.
+        correlation: ``|corr(x_unit, x_partner)|`` (the smallest over consumers).
+        slope, intercept: the least-squares fit ``x_unit ~ slope * x_partner + intercept``.
+        samples: how many samples were measured.
+    """
+
+    unit: str
+    outbound_norm: float
+    mean: float
+    std: float
+    partner: int | None
+    correlation: float
+    slope: float
+    intercept: float
+    samples: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
 def channel_rows(weights: Weights, slices: Sequence[ParamSlice], size: int) -> np.ndarray:
     """(channels, entries): each channel's entries of ``slices``, concatenated in slice order."""
     parts = []

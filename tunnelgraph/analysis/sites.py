@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from tunnelgraph.analysis.groups import ChannelGroup, channel_groups, check_through
-from tunnelgraph.analysis.reducibility import Finding, Weights, parametric_findings
+from tunnelgraph.analysis.reducibility import Finding, UnitMeasures, Weights, parametric_findings
 from tunnelgraph.errors import SiteError
 from tunnelgraph.ir import Graph
 
@@ -90,12 +90,15 @@ class AnalysisReport:
         groups: every channel group, legal or not.
         reducibility: the units the weights prove reducible (Sussmann,
             MATH.md section 2), when the weights were available.
+        measures: every unit's empirical reducibility measures (outbound
+            norm, activation std, best affine partner), when data was given.
     """
 
     model: str
     through: tuple[str, ...]
     groups: tuple[ChannelGroup, ...]
     reducibility: tuple[Finding, ...] = ()
+    measures: tuple[UnitMeasures, ...] = ()
 
     @property
     def sites(self) -> list[Site]:
@@ -129,6 +132,7 @@ class AnalysisReport:
                 for group in self.groups
             ],
             "reducibility": [finding.to_dict() for finding in self.reducibility],
+            "measures": [measures.to_dict() for measures in self.measures],
         }
 
     def to_markdown(self) -> str:
@@ -154,6 +158,20 @@ class AnalysisReport:
         else:
             lines += ["| unit | condition | evidence | action |", "|---|---|---|---|"]
             lines += [f"| {f.unit} | {f.condition} | {f.evidence} | {f.action} |" for f in self.reducibility]
+        if self.measures:
+            samples = self.measures[0].samples
+            lines += [
+                "", f"### Empirical measures ({samples} samples)", "",
+                "| unit | outbound norm | activation mean | activation std | best partner | abs corr | fit |",
+                "|---|---|---|---|---|---|---|",
+            ]
+            for m in self.measures:
+                group = m.unit.rpartition("[")[0]
+                partner = "-" if m.partner is None else f"{group}[{m.partner}]"
+                lines.append(
+                    f"| {m.unit} | {m.outbound_norm:.4g} | {m.mean:.4g} | {m.std:.4g} | {partner} | "
+                    f"{m.correlation:.6f} | {m.slope:.4g} x + {m.intercept:.4g} |"
+                )
         return "\n".join(lines) + "\n"
 
 

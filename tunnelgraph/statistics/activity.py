@@ -1,0 +1,209 @@
+"""Empirical reducibility measures: how nearly each hidden unit is inconsequential, constant or redundant.
+
+Over a data set, for every unit (channel of a group) as its consumers read
+it: the norm of its outbound weights, the mean and standard deviation of its
+activation (over samples and positions), and the unit of the same group
+whose activation fits it best by an affine map ``x_unit ~ slope * x_partner
++ intercept`` (the correlation's magnitude says how well). For coupled
+groups a unit is read at several places (every block of a residual stream);
+a relation counts only as well as it holds at the worst of them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from tunnelgraph.analysis.groups import ChannelGroup, ParamSlice
+from tunnelgraph.analysis.reducibility import Finding, UnitMeasures, channel_rows
+from tunnelgraph.errors import StatisticsError
+
+
+class _Moments:
+    """Running first and second moments of a group's channels at one consumer input (float64)."""
+
+    def __init__(self, size: int) -> None:
+        self.count = 0
+        self.total = torch.zeros(size, dtype=torch.float64)
+        self.outer = torch.zeros(size, size, dtype=torch.float64)
+
+    def add(self, values: torch.Tensor) -> None:  # (rows, channels)
+        values = values.double()
+        self.count += values.shape[0]
+        self.total += values.sum(0).cpu()
+        self.outer += (values.T @ values).cpu()
+
+    def mean_and_covariance(self) -> tuple[torch.Tensor, torch.Tensor]:
+        mean = self.total / max(self.count, 1)
+        covariance = self.outer / max(self.count, 1) - torch.outer(mean, mean)
+        return mean, covariance
+
+
+def unit_measures(
+    model: nn.Module,
+    groups: Sequence[ChannelGroup],
+    data: Iterable[Any],
+    *,
+    batches: int | None = None,
+    progress: bool = True,
+) -> dict[str, UnitMeasures]:
+    """Measure every unit of the legal ``groups`` of ``model`` over ``data`` (eval mode, no gradients).
+
+    ``data`` yields ``(inputs, targets)`` batches or bare inputs; targets are
+    not used. Training flags are restored afterwards.
+    """
+    from tunnelgraph.statistics.engine import model_device, to_device, unwrap_model
+
+    model = unwrap_model(model)
+    device = model_device(model)
+    legal = [group for group in groups if group.legal]
+    moments: dict[tuple[str, str], _Moments] = {}
+    slices: dict[tuple[str, str], ParamSlice] = {}
+    for group in legal:
+        for param_slice in group.slices:
+            if param_slice.role == "outbound":
+                moments[(group.name, param_slice.module)] = _Moments(group.size)
+                slices[(group.name, param_slice.module)] = param_slice
+    recorded: dict[str, torch.Tensor] = {}
+    handles = []
+    for module_name in {module for _, module in moments}:
+        def hook(module: nn.Module, args: tuple[Any, ...], name: str = module_name) -> None:
+            recorded[name] = args[0].detach()
+
+        handles.append(model.get_submodule(module_name).register_forward_pre_hook(hook))
+    modes = {name: sub.training for name, sub in model.named_modules()}
+    samples = 0
+    try:
+        model.eval()
+        with torch.no_grad():
+            for index, batch in enumerate(tqdm(data, total=batches, desc="unit measures", disable=not progress)):
+                if batches is not None and index >= batches:
+                    break
+                inputs = batch[0] if isinstance(batch, (tuple, list)) and len(batch) == 2 else batch
+                inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+                inputs = to_device(inputs, device)
+                recorded.clear()
+                model(*inputs)
+                samples += int(inputs[0].shape[0])
+                for key, accumulator in moments.items():
+                    module = model.get_submodule(key[1])
+                    accumulator.add(_channels_last(recorded[key[1]], slices[key], module, _size(legal, key[0])))
+    finally:
+        for handle in handles:
+            handle.remove()
+        for name, sub in model.named_modules():
+            sub.train(modes[name])
+    if samples == 0:
+        raise StatisticsError("data yielded no samples")
+    weights = {name: p.detach().cpu().double().numpy() for name, p in model.named_parameters()}
+    results = {}
+    for group in legal:
+        results.update(_group_measures(group, weights, [m for (g, _), m in moments.items() if g == group.name], samples))
+    return results
+
+
+def _size(groups: Sequence[ChannelGroup], name: str) -> int:
+    return next(group.size for group in groups if group.name == name)
+
+
+def _channels_last(value: torch.Tensor, param_slice: ParamSlice, module: nn.Module, size: int) -> torch.Tensor:
+    """(rows, channels): the group's channels of a consumer's input, every sample and position a row."""
+    axis = value.dim() - 1 if isinstance(module, nn.Linear) else 1
+    part = value.narrow(axis, param_slice.offset, size * param_slice.block)
+    if param_slice.block > 1:  # a flatten: each channel is a block of features
+        shape = part.shape[:axis] + (size, param_slice.block) + part.shape[axis + 1:]
+        part = part.reshape(shape).movedim(axis + 1, -1)
+    return part.movedim(axis, -1).reshape(-1, size)
+
+
+def _group_measures(
+    group: ChannelGroup, weights: dict[str, np.ndarray], places: list[_Moments], samples: int
+) -> dict[str, UnitMeasures]:
+    outbound = channel_rows(weights, [s for s in group.slices if s.role == "outbound"], group.size)
+    norms = np.linalg.norm(outbound, axis=1)
+    means, stds, correlations = [], [], []
+    for place in places:
+        mean, covariance = place.mean_and_covariance()
+        std = covariance.diagonal().clamp_min(0).sqrt()
+        scale = torch.outer(std, std)
+        correlation = torch.where(scale > 0, covariance / scale.clamp_min(1e-300), torch.zeros_like(covariance))
+        means.append(mean)
+        stds.append(std)
+        correlations.append(correlation.abs())
+    worst = torch.stack(correlations).min(0).values
+    worst.fill_diagonal_(-1.0)
+    first_mean, first_covariance = places[0].mean_and_covariance()
+    results = {}
+    for c in range(group.size):
+        partner = int(worst[c].argmax()) if group.size > 1 else None
+        if partner is not None:
+            variance = float(first_covariance[partner, partner])
+            slope = float(first_covariance[c, partner]) / variance if variance > 0 else 0.0
+            intercept = float(first_mean[c]) - slope * float(first_mean[partner])
+            correlation = max(0.0, float(worst[c, partner]))
+        else:
+            slope, intercept, correlation = 0.0, 0.0, 0.0
+        results[f"{group.name}[{c}]"] = UnitMeasures(
+            unit=f"{group.name}[{c}]",
+            outbound_norm=float(norms[c]),
+            mean=float(means[0][c]),
+            std=float(max(float(s[c]) for s in stds)),
+            partner=partner,
+            correlation=correlation,
+            slope=slope,
+            intercept=intercept,
+            samples=samples,
+        )
+    return results
+
+
+def empirical_findings(
+    groups: Sequence[ChannelGroup], measures: dict[str, UnitMeasures], *, tol: float
+) -> list[Finding]:
+    """Units that the measures show reducible within ``tol`` (relative to the group's largest value).
+
+    Inconsequential: outbound norm <= tol * the group's largest; constant:
+    std <= tol * the group's largest; redundant: ``1 - |corr| <= tol`` with
+    an earlier partner (the relation is then the measured affine fit).
+    """
+    findings = []
+    for group in groups:
+        if not group.legal:
+            continue
+        units = [measures[f"{group.name}[{c}]"] for c in range(group.size)]
+        top_norm = max(u.outbound_norm for u in units)
+        top_std = max(u.std for u in units)
+        reduced: set[int] = set()
+        for c, u in enumerate(units):
+            if u.outbound_norm <= tol * top_norm:
+                findings.append(Finding(
+                    u.unit, group.name, c, "inconsequential",
+                    f"outbound weight norm {u.outbound_norm:.3g} (group's largest {top_norm:.3g})", exact=False,
+                ))
+            elif u.std <= tol * top_std:
+                findings.append(Finding(
+                    u.unit, group.name, c, "constant",
+                    f"activation std {u.std:.3g} over {u.samples} samples (group's largest {top_std:.3g}); "
+                    f"mean {u.mean:.6g}",
+                    offset=u.mean, exact=False,
+                ))
+            else:
+                continue
+            reduced.add(c)
+        for c, u in enumerate(units):
+            if c in reduced or u.partner is None or u.partner in reduced or u.partner > c:
+                continue
+            if 1.0 - u.correlation <= tol and not math.isclose(u.slope, 0.0):
+                findings.append(Finding(
+                    u.unit, group.name, c, "redundant",
+                    f"|corr| with {group.name}[{u.partner}] is {u.correlation:.9f} over {u.samples} samples; "
+                    f"x = {u.slope:.6g} * x_partner + {u.intercept:.6g}",
+                    partner=u.partner, factor=u.slope, offset=u.intercept, exact=False,
+                ))
+                reduced.add(c)
+    return findings
