@@ -10,9 +10,11 @@ from tunnelgraph.analysis.groups import THROUGH_OPTIONS, ChannelGroup, ParamSlic
 from tunnelgraph.analysis.sites import AnalysisReport, Site
 from tunnelgraph.api import (
     OpenedTunnel,
+    Reorganization,
     analyze,
     apply_edit,
     find_sites,
+    function_change,
     merge,
     open_tunnels,
     reorganize,
@@ -42,6 +44,7 @@ __all__ = [
     "OpenedTunnel",
     "ParamSlice",
     "ReductionReport",
+    "Reorganization",
     "RewriteError",
     "Site",
     "SiteError",
@@ -54,6 +57,7 @@ __all__ = [
     "analyze",
     "apply_edit",
     "find_sites",
+    "function_change",
     "lambda_t",
     "merge",
     "open_tunnels",

@@ -148,16 +148,44 @@ def merge(
     return _apply(model, resolved.group, edit, inplace)
 
 
+@dataclass(frozen=True)
+class Reorganization:
+    """What a reorganisation with an automatically chosen merge pair did, and what it cost.
+
+    Attributes:
+        merged, into: the units merged (``merged`` folded into ``into``).
+        correlation: ``|corr|`` of their activations on the data (1 means redundant).
+        max_abs_change, max_rel_change: the largest output difference on
+            the data, absolute and relative to the largest output.
+        loss_before, loss_after: mean loss on the data before and after
+            (None without ``loss_fn``).
+        samples: how many samples were compared.
+    """
+
+    merged: str
+    into: str
+    correlation: float
+    max_abs_change: float
+    max_rel_change: float
+    loss_before: float | None
+    loss_after: float | None
+    samples: int
+
+
 def reorganize(
     model: nn.Module,
-    merge: tuple[Site | str, int],
-    clone: Site | str | int,
+    merge: tuple[Site | str, int] | None = None,
+    clone: Site | str | int | None = None,
     lam: Lambda = 0.5,
     *,
     example_inputs: ExampleInputs | None = None,
     through: Iterable[str] = (),
     inplace: bool = False,
-) -> nn.Module:
+    data: Iterable[Any] | None = None,
+    loss_fn: LossFn | None = None,
+    batches: int | None = None,
+    progress: bool = False,
+) -> Any:
     """The paper's shape-preserving tunnel (MATH.md section 6).
 
     ``merge = (site, into)`` merges ``site``'s channel into channel ``into``
@@ -165,8 +193,21 @@ def reorganize(
     group) is cloned into the slot that the merge freed, splitting its
     outbound weights by ``lam`` (as :func:`rewrite`). Every shape is kept.
     The merge is exact only when the two merged channels are redundant;
-    measure the change with :func:`verify`.
+    measure the change with :func:`verify`. Returns the new model.
+
+    With ``merge=None``, ``clone`` must be a site and ``data`` is required:
+    the most nearly redundant pair of the clone's group on the data (the
+    largest ``|corr|`` of activations, the cloned channel never merged away)
+    is merged, and the call returns ``(new_model, Reorganization)``, which
+    reports the function change on the data (and the mean loss before and
+    after, given ``loss_fn``).
     """
+    if clone is None:
+        raise TypeError("reorganize needs clone= (the site, or channel of the merged site's group, to clone)")
+    if merge is None:
+        return _reorganize_auto(
+            model, clone, lam, example_inputs, through, inplace, data, loss_fn, batches, progress
+        )
     merged_site, into = merge
     resolved = _resolve(model, merged_site, example_inputs, through)
     group = resolved.group
@@ -182,6 +223,103 @@ def reorganize(
     vector = _lambda(lam, resolved)
     edit = _edit(lambda: edits.reorganize(group.size, resolved.channel, into, cloned, vector))
     return _apply(model, group, edit, inplace)
+
+
+def _reorganize_auto(
+    model: nn.Module,
+    clone: Site | str | int,
+    lam: Lambda,
+    example_inputs: ExampleInputs | None,
+    through: Iterable[str],
+    inplace: bool,
+    data: Iterable[Any] | None,
+    loss_fn: LossFn | None,
+    batches: int | None,
+    progress: bool,
+) -> tuple[nn.Module, Reorganization]:
+    if data is None:
+        raise ValueError(
+            "reorganize without merge= picks the most nearly redundant pair from data: pass data= "
+            "(batches of (inputs, targets)), or name the pair with merge=(site, into)"
+        )
+    if isinstance(clone, int):
+        raise TypeError("with merge=None, clone must be a Site (or a site name), not a channel index")
+    batches_list = list(itertools.islice(iter(data), batches)) if batches is not None else list(data)
+    if not batches_list:
+        raise ValueError("data yielded no batches")
+    if example_inputs is None:
+        example_inputs = _inputs_of(batches_list[0])
+    site = _resolve(model, clone, example_inputs, through)
+    group = site.group
+    if group.size < 3:
+        raise SiteError(f"group '{group.name}' has {group.size} channels: nothing to merge besides the clone")
+    measures = unit_measures(model, [group], batches_list, progress=progress)
+    candidates = [
+        measures[f"{group.name}[{c}]"] for c in range(group.size) if c != site.channel
+    ]
+    best = max(candidates, key=lambda m: (m.correlation, -int(m.unit.rpartition("[")[2][:-1])))
+    merged = int(best.unit.rpartition("[")[2][:-1])
+    into = best.partner if best.partner is not None else (0 if merged else 1)
+    merged_site = Site.of(group, merged)
+    result = reorganize(
+        model, merge=(merged_site, into), clone=site.channel, lam=lam, example_inputs=example_inputs,
+        through=through, inplace=False,
+    )
+    change = function_change(model, result, batches_list, loss_fn)
+    report = Reorganization(
+        merged=best.unit, into=f"{group.name}[{into}]", correlation=best.correlation, **change
+    )
+    logger.info("reorganized %s: merged %s into %s (|corr| %.6f)", group.name, report.merged, report.into,
+                best.correlation)
+    if inplace:
+        model.load_state_dict(result.state_dict())
+        result = model
+    return result, report
+
+
+def function_change(
+    before: nn.Module, after: nn.Module, data: Iterable[Any], loss_fn: LossFn | None = None
+) -> dict[str, Any]:
+    """Largest output change of ``after`` against ``before`` over ``data``, and mean losses (eval mode)."""
+    worst = reference = 0.0
+    losses = [0.0, 0.0]
+    samples = 0
+    modes = [{n: m.training for n, m in net.named_modules()} for net in (before, after)]
+    try:
+        before.eval()
+        after.eval()
+        with torch.no_grad():
+            for batch in data:
+                inputs = _inputs_of(batch)
+                inputs = inputs if isinstance(inputs, tuple) else (inputs,)
+                first, second = before(*inputs), after(*inputs)
+                worst = max(worst, float((first - second).abs().max()))
+                reference = max(reference, float(first.abs().max()))
+                count = int(inputs[0].shape[0])
+                samples += count
+                if loss_fn is not None:
+                    targets = batch[1]
+                    losses[0] += float(loss_fn(first, targets)) * count
+                    losses[1] += float(loss_fn(second, targets)) * count
+    finally:
+        for net, mode in zip((before, after), modes):
+            for name, sub in net.named_modules():
+                sub.train(mode[name])
+    return {
+        "max_abs_change": worst,
+        "max_rel_change": worst / reference if reference else worst,
+        "loss_before": losses[0] / samples if loss_fn is not None and samples else None,
+        "loss_after": losses[1] / samples if loss_fn is not None and samples else None,
+        "samples": samples,
+    }
+
+
+def _inputs_of(batch: Any) -> Any:
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        inputs = batch[0]
+    else:
+        inputs = batch
+    return tuple(inputs) if isinstance(inputs, list) else inputs
 
 
 @dataclass(frozen=True)

@@ -196,3 +196,28 @@ def test_data_find_a_dead_relu_unit_that_the_weights_do_not() -> None:
     assert [(f.unit, f.condition, f.exact) for f in report.applied] == [("fc1[5]", "constant", False)]
     assert smaller.fc1.out_features == 9
     assert tg.verify(model, smaller, x).passed
+
+
+def test_reorganize_picks_the_planted_near_redundant_pair() -> None:
+    torch.manual_seed(3)
+    model = MLP(nn.Tanh()).double()
+    with torch.no_grad():
+        noise = 1e-3 * torch.randn(6, dtype=torch.float64)
+        model.fc1.weight[8] = model.fc1.weight[2] + noise
+        model.fc1.bias[8] = model.fc1.bias[2]
+    x = torch.randn(512, 6, dtype=torch.float64)
+    y = torch.randn(512, 3, dtype=torch.float64)
+    data = [(x[i:i + 128], y[i:i + 128]) for i in range(0, 512, 128)]
+    site = tg.find_sites(model, x[:2])[0]
+    loss = lambda out, target: ((out - target) ** 2).mean()  # noqa: E731
+    new, report = tg.reorganize(model, clone=site, lam=0.5, data=data, loss_fn=loss)
+    assert {report.merged, report.into} == {"fc1[2]", "fc1[8]"}
+    assert report.correlation > 0.999 and report.samples == 512
+    assert new.fc1.weight.shape == model.fc1.weight.shape
+    # against merging a random pair of the same group, the planted pair changes the function far less
+    random_pair = tg.reorganize(model, merge=(tg.find_sites(model, x[:2])[5], 1), clone=0, lam=0.5)
+    random_change = tg.function_change(model, random_pair, data, loss)
+    assert report.max_abs_change < random_change["max_abs_change"] / 10
+    assert abs(report.loss_after - report.loss_before) < abs(random_change["loss_after"] - random_change["loss_before"])
+    with pytest.raises(ValueError, match="data="):
+        tg.reorganize(model, clone=site, lam=0.5)
