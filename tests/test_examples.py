@@ -36,3 +36,13 @@ def test_bench_statistics_quick_run(tmp_path: Path) -> None:
     assert results["paper_cnn_cpu"]["sites"] == 8 and results["paper_cnn_cpu"]["oracle_agreement"] < 1e-5
     assert results["matrix_free_cpu"]["subset_min_abs_cosine"] >= 0.999
     assert len(results["memory"]["peak_mib"]) == 2
+
+
+def test_bench_reducibility_quick_run() -> None:
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_reducibility.py"), "--quick"],
+        check=True, capture_output=True, text=True,
+    )
+    results = json.loads(out.stdout)
+    assert results["parametric_residual_100"]["findings"] == 0
+    assert set(results["reorganisation"]["picked"]) == {"fc1[2]", "fc1[8]"}

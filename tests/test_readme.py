@@ -29,3 +29,12 @@ def test_readme_statistics_example_runs() -> None:
     assert namespace["opened"].conv.out_channels == 9
     assert namespace["new_model"].conv.out_channels == 10
     assert [t.clone for t in namespace["tunnels"]] == [8, 9]
+
+
+def test_readme_reducibility_example_runs() -> None:
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    namespace: dict[str, object] = {}
+    for block in blocks[:3]:
+        exec(compile(block, str(README), "exec"), namespace)
+    assert namespace["report"].measures and namespace["reduction"].applied == ()
+    assert namespace["smaller"].conv.out_channels == 8
