@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence, Union
 
@@ -59,6 +60,8 @@ def find_sites(
     Returns:
         The sites, group by group in graph order, channels in order.
     """
+    if _is_onnx(model):
+        return sites_of(channel_groups(_onnx_graph(model), through))
     return sites_of(channel_groups(_graph(model, example_inputs), through))
 
 
@@ -81,6 +84,14 @@ def analyze(
     best affine fit by another unit of its group, so near-reducible units
     show too.
     """
+    if _is_onnx(model):
+        from tunnelgraph.backends.onnx import initializer_arrays
+        from tunnelgraph.frontends.onnx import read_onnx
+
+        proto, _ = read_onnx(model)
+        if data is not None:
+            raise TypeError("empirical measures run PyTorch models; convert the ONNX model first")
+        return analyze_graph(_onnx_graph(proto), through, initializer_arrays(proto))
     weights = weights_of(model) if isinstance(model, nn.Module) else None
     report = analyze_graph(_graph(model, example_inputs), through, weights)
     if data is not None:
@@ -408,13 +419,39 @@ def apply_edit(model: nn.Module, group: ChannelGroup, edit: ChannelEdit, *, inpl
     return _apply(model, group, edit, inplace)
 
 
-def _apply(model: nn.Module, group: ChannelGroup, edit: ChannelEdit, inplace: bool) -> nn.Module:
+def _apply(model: Any, group: ChannelGroup, edit: ChannelEdit, inplace: bool) -> Any:
     if not group.legal:
         raise SiteError(f"group '{group.name}' cannot be rewritten: {'; '.join(group.reasons)}")
     plan = plan_edit(group, edit)
+    if _is_onnx(model):
+        from tunnelgraph.backends.onnx import apply_plan_onnx
+        from tunnelgraph.frontends.onnx import read_onnx
+
+        if inplace:
+            raise ValueError("ONNX models are rewritten into a new ModelProto; inplace=True is for PyTorch modules")
+        return apply_plan_onnx(read_onnx(model)[0], plan)
     result = apply_plan(model, plan, inplace=inplace)
     logger.debug("group '%s': %d -> %d channels", group.name, group.size, plan.result.size)
     return result
+
+
+def _is_onnx(model: Any) -> bool:
+    """An ``onnx.ModelProto``, or a path or bytes of an ``.onnx`` file."""
+    if isinstance(model, (str, os.PathLike)):
+        return str(model).endswith(".onnx")
+    if isinstance(model, bytes):
+        return True
+    try:
+        import onnx
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(model, onnx.ModelProto)
+
+
+def _onnx_graph(model: Any) -> Graph:
+    from tunnelgraph.frontends.onnx import load_onnx
+
+    return load_onnx(model)
 
 
 def _graph(model: nn.Module | Graph, example_inputs: ExampleInputs | None) -> Graph:
@@ -437,6 +474,8 @@ def _resolve(
         return site
     if not isinstance(site, str):
         raise TypeError(f"site must be a tunnelgraph Site or its name, got {type(site).__name__}")
+    if _is_onnx(model):
+        return find_site(channel_groups(_onnx_graph(model), check_through(through)), site)
     if example_inputs is None:
         raise SiteError(
             f"to find site {site!r} by name, pass example_inputs= (and through= if the site "

@@ -51,8 +51,8 @@ class EquivalenceReport:
 
 
 def verify(
-    model_a: nn.Module,
-    model_b: nn.Module,
+    model_a: Any,
+    model_b: Any,
     inputs: torch.Tensor | Sequence[torch.Tensor],
     *,
     rtol: float | None = None,
@@ -60,7 +60,10 @@ def verify(
 ) -> EquivalenceReport:
     """Run both models on ``inputs`` and compare every output tensor.
 
-    Models run as they are (train or eval mode) under ``torch.no_grad()``;
+    Either model may be an ``nn.Module`` or an ONNX model (``onnx.ModelProto``
+    or a path to an ``.onnx`` file), which runs in onnxruntime (CPU, graph
+    optimisations off; CUDA when onnxruntime-gpu and a GPU are present).
+    PyTorch models run as they are (train or eval mode) under ``torch.no_grad()``;
     their buffers (batch-norm running statistics) are restored afterwards,
     so verifying never changes a model. ``model_a`` is the reference.
     Tolerances default to :data:`TOLERANCES` for the outputs' dtype.
@@ -94,7 +97,14 @@ def verify(
                              len(outputs_a), passed)
 
 
-def _run(model: nn.Module, args: tuple[torch.Tensor, ...]) -> Any:
+def _run(model: Any, args: tuple[torch.Tensor, ...]) -> Any:
+    if not isinstance(model, nn.Module):
+        from tunnelgraph.backends.onnx import run_onnx
+        from tunnelgraph.frontends.onnx import read_onnx
+
+        proto, _ = read_onnx(model)
+        outputs = run_onnx(proto, [a.detach().cpu().numpy() for a in args])
+        return [torch.from_numpy(o) for o in outputs]
     saved = {name: buffer.clone() for name, buffer in model.named_buffers()}
     try:
         with torch.no_grad():

@@ -43,6 +43,8 @@ class ParamSlice:
     a producer (weights and bias) and ``"channelwise"`` entries of a
     per-channel layer (batch norm, depthwise conv) are copied and averaged;
     ``"outbound"`` columns of a consumer are split by lambda and summed.
+    ``part`` is the parameter's place in its layer (``"weight"``, ``"bias"``,
+    ``"running_mean"``, ...), whatever the framework calls the tensor.
     """
 
     param: str
@@ -52,6 +54,7 @@ class ParamSlice:
     axis: int
     offset: int = 0
     block: int = 1
+    part: str = ""
 
     @property
     def channel_numel(self) -> int:
@@ -66,7 +69,9 @@ class ParamSlice:
         """This slice after the group gained ``delta`` channels."""
         shape = list(self.shape)
         shape[self.axis] += delta * self.block
-        return ParamSlice(self.param, self.module, self.role, tuple(shape), self.axis, self.offset, self.block)
+        return ParamSlice(
+            self.param, self.module, self.role, tuple(shape), self.axis, self.offset, self.block, self.part
+        )
 
 
 @dataclass(frozen=True)
@@ -364,7 +369,7 @@ class _GroupWalker:
                 f"grouped convolution '{module}' (groups={node.attrs['groups']}) produces these "
                 "channels: cloning one would break its group structure"
             )
-        self._add_slices(node, "inbound", 0, channel_map)
+        self._add_slices(node, "inbound", node.attrs.get("weight_axes", (0, 1))[0], channel_map)
 
     def _channelwise(self, node: Node, channel_map: ChannelMap, axis: int) -> None:
         if node.op in _LABELS:
@@ -430,7 +435,7 @@ class _GroupWalker:
                 f"grouped convolution '{module}' (groups={user.attrs['groups']}) consumes these "
                 "channels: cloning one would break its group structure"
             )
-        self._add_slices(user, "outbound", 1, channel_map, roles=("weight",))
+        self._add_slices(user, "outbound", user.attrs.get("weight_axes", (0, 1))[1], channel_map, roles=("weight",))
 
     def _flatten(
         self, node: Node, user: Node, channel_map: ChannelMap, axis: int
@@ -470,8 +475,8 @@ class _GroupWalker:
                 self._reason(f"parameter '{ref.name}' is shared (tied weights or a layer called twice)")
             rank_order = {"inbound": 0, "channelwise": 1, "outbound": 2}[role]
             item = ParamSlice(
-                ref.name, node.module or node.name, role, ref.shape, axis,
-                channel_map.offset, channel_map.block,
+                ref.name, node.module or node.name, role, ref.shape, axis if len(ref.shape) > 1 else 0,
+                channel_map.offset, channel_map.block, param_role,
             )
             self.slices.append((rank_order, self.graph.index(node.name) * 16 + index, item))
 

@@ -171,7 +171,7 @@ def _group_findings(graph: Graph, group: ChannelGroup, weights: Weights, tol: fl
     inbound = [s for s in group.slices if s.role == "inbound"]
     outbound = [s for s in group.slices if s.role == "outbound"]
     channelwise = [s for s in group.slices if s.role == "channelwise"]
-    weight_slices = [s for s in inbound if not s.param.endswith(".bias")]
+    weight_slices = [s for s in inbound if s.part != "bias"]
     zero_out = _zero_channels(weights, outbound, size, tol)
     zero_in = _zero_channels(weights, weight_slices, size, tol)
     zero_bn = _zero_batchnorm(graph, group, weights, channelwise, tol)
@@ -238,7 +238,7 @@ def _zero_batchnorm(
         return result
     batchnorms = {node.module for node in graph if node.op == "batchnorm" and node.name in group.nodes}
     for param_slice in channelwise:
-        if param_slice.module in batchnorms and param_slice.param.endswith(".weight"):
+        if param_slice.module in batchnorms and param_slice.part == "weight":
             rows = channel_rows(weights, [param_slice], group.size)
             scale = float(np.abs(np.asarray(weights[param_slice.param])).max())
             for c in range(group.size):

@@ -78,7 +78,7 @@ class LayerSpec:
 
     @property
     def weight_slice(self) -> ParamSlice:
-        return next(s for s in self.slices if s.param.endswith(".weight"))
+        return next(s for s in self.slices if s.part == "weight")
 
 
 def _layer_kind_error(name: str, module: nn.Module, role: str) -> StatisticsError:

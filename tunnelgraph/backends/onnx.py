@@ -1,0 +1,139 @@
+"""ONNX backend: apply a :class:`RewritePlan` to an ``onnx.ModelProto``; run models in onnxruntime.
+
+Rewrites edit initializers with numpy (the same per-tensor edit as the
+torch backend), update the ``group`` attribute of depthwise convolutions
+and the shape tensors of reshapes that hard-code a width, drop inferred
+intermediate shapes (they are stale), and check the result with
+``onnx.checker.check_model(full_check=True)``. The input model is never
+modified. This module does not import torch.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Sequence
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from tunnelgraph.analysis.groups import ChannelGroup
+from tunnelgraph.errors import RewriteError, SiteError
+from tunnelgraph.rewrite.plan import RewritePlan, TensorEdit
+
+
+def initializer_arrays(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Every initializer as a float64 array, by name (the analysis' view of the weights)."""
+    return {t.name: numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer}
+
+
+def check_fits(model: onnx.ModelProto, group: ChannelGroup) -> None:
+    shapes = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    for param_slice in group.slices:
+        shape = shapes.get(param_slice.param)
+        if shape is None:
+            raise SiteError(
+                f"the model has no initializer '{param_slice.param}' that group '{group.name}' refers to; "
+                "find sites on this model with tg.find_sites(model)"
+            )
+        if shape != param_slice.shape:
+            raise SiteError(
+                f"group '{group.name}' was found on a model where '{param_slice.param}' has shape "
+                f"{param_slice.shape}, but here it has {shape}; find sites on this model"
+            )
+
+
+def apply_plan_onnx(model: onnx.ModelProto, plan: RewritePlan) -> onnx.ModelProto:
+    """The rewritten copy of ``model`` (see the module docstring)."""
+    check_fits(model, plan.group)
+    arrays = {t.name: t for t in model.graph.initializer}
+    new_arrays = {}
+    for tensor_edit in plan.tensors:
+        name = tensor_edit.slice.param
+        new_arrays[name] = edit_array(numpy_helper.to_array(arrays[name]), tensor_edit)
+    result = copy.deepcopy(model)
+    for tensor in result.graph.initializer:
+        if tensor.name in new_arrays:
+            tensor.CopyFrom(numpy_helper.from_array(new_arrays[tensor.name].astype(
+                numpy_helper.to_array(arrays[tensor.name]).dtype), tensor.name))
+    size = plan.result.size
+    depthwise = {s.param for s in plan.result.slices if s.role == "channelwise"}
+    for node in result.graph.node:
+        if node.op_type == "Conv" and len(node.input) > 1 and node.input[1] in depthwise:
+            for attribute in node.attribute:
+                if attribute.name == "group":
+                    attribute.i = size
+    if plan.literals:
+        _patch_reshapes(result, plan)
+    del result.graph.value_info[:]
+    try:
+        onnx.checker.check_model(result, full_check=True)
+    except Exception as error:
+        raise RewriteError(f"the rewritten ONNX model does not check: {error}") from error
+    return result
+
+
+def _patch_reshapes(model: onnx.ModelProto, plan: RewritePlan) -> None:
+    by_output = {node.output[0]: node for node in model.graph.node}
+    initializers = {t.name: t for t in model.graph.initializer}
+    for old, new in zip(plan.group.literals, plan.literals):
+        node = by_output.get(new.node)
+        if node is None or node.op_type != "Reshape" or node.input[1] not in initializers:
+            raise RewriteError(f"cannot find the shape tensor of reshape '{new.node}' to update its width")
+        tensor = initializers[node.input[1]]
+        values = numpy_helper.to_array(tensor).copy()
+        index = new.path[-1]
+        if int(values[index]) != old.value:
+            raise RewriteError(f"reshape '{new.node}' has width {int(values[index])}, expected {old.value}")
+        values[index] = new.value
+        tensor.CopyFrom(numpy_helper.from_array(values, tensor.name))
+
+
+def edit_array(array: np.ndarray, tensor_edit: TensorEdit) -> np.ndarray:
+    """The rewritten copy of one parameter array (the numpy twin of the torch backend's ``edit_tensor``)."""
+    param_slice = tensor_edit.slice
+    axis, block, offset = param_slice.axis, param_slice.block, param_slice.offset
+    moved = np.moveaxis(np.asarray(array, dtype=np.float64), axis, 0)
+    span = tensor_edit.size * block
+    segment = moved[offset:offset + span]
+    blocks = []
+    for new, copied in enumerate(tensor_edit.copies):
+        if copied is not None:
+            blocks.append(segment[copied * block:(copied + 1) * block])
+            continue
+        value = np.zeros_like(segment[:block])
+        for old, factor in tensor_edit.sources[new]:
+            coefficient = np.asarray(factor, dtype=np.float64)
+            if coefficient.ndim:
+                coefficient = np.moveaxis(coefficient, axis, 0)
+            value = value + coefficient * segment[old * block:(old + 1) * block]
+        blocks.append(value)
+    new_segment = np.concatenate(blocks, axis=0) if blocks else segment[:0]
+    result = np.concatenate([moved[:offset], new_segment, moved[offset + span:]], axis=0)
+    return np.moveaxis(result, 0, axis)
+
+
+def run_onnx(model: onnx.ModelProto, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Run ``model`` in onnxruntime (CPU, or CUDA when available; graph optimisations off)."""
+    try:
+        import onnxruntime as ort
+    except ImportError as error:  # pragma: no cover - the ort extra is part of the test install
+        raise RewriteError("running ONNX models needs onnxruntime: pip install 'tunnelgraph[ort]'") from error
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+    names = [i.name for i in session.get_inputs()]
+    if len(names) != len(inputs):
+        raise ValueError(f"the ONNX model takes {len(names)} input(s) ({', '.join(names)}), got {len(inputs)}")
+    feed: dict[str, Any] = {}
+    for value, meta in zip(inputs, session.get_inputs()):
+        array = np.asarray(value)
+        if "float16" in meta.type:
+            array = array.astype(np.float16)
+        elif "double" in meta.type:
+            array = array.astype(np.float64)
+        elif "float" in meta.type:
+            array = array.astype(np.float32)
+        feed[meta.name] = array
+    return list(session.run(None, feed))
