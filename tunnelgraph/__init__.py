@@ -22,7 +22,9 @@ from tunnelgraph.api import (
 )
 from tunnelgraph.analysis.reducibility import Finding
 from tunnelgraph.errors import RewriteError, SiteError, StatisticsError, TraceError, TunnelgraphError
+from tunnelgraph.backends.onnx_export import export_onnx
 from tunnelgraph.frontends.fx import trace
+from tunnelgraph.frontends.onnx import load_onnx
 from tunnelgraph.ir import Graph
 from tunnelgraph.reduce import ReductionReport, reduce
 from tunnelgraph.rewrite.edits import ChannelEdit
@@ -56,9 +58,11 @@ __all__ = [
     "a_statistics",
     "analyze",
     "apply_edit",
+    "export_onnx",
     "find_sites",
     "function_change",
     "lambda_t",
+    "load_onnx",
     "merge",
     "open_tunnels",
     "random_lambda",

@@ -22,7 +22,7 @@ THROUGH_OPTIONS: tuple[str, ...] = ("batchnorm", "pooling", "dropout", "depthwis
 """Per-channel operations that sites may pass when asked (``through=``); the
 paper's default is to skip units that feed them."""
 
-_ELEMENTWISE = ("add", "sub", "mul", "div")
+_ELEMENTWISE = ("add", "sub", "mul", "div", "where")
 _LABELS = {
     "batchnorm": "batch norm",
     "pooling": "pooling",
@@ -343,6 +343,12 @@ class _GroupWalker:
                 elif not node.attrs["keepdim"]:
                     axis -= sum(1 for dim in node.attrs["reduces"] if dim < axis)
             elif node.kind == OpKind.COUPLING:
+                if any(
+                    self.graph[name].shape is None or not -len(self.graph[name].shape) <= self.axes[name]
+                    < len(self.graph[name].shape) for name in data
+                ):
+                    self._reason(f"{node.op} at node '{node.name}' combines tensors of unknown shape")
+                    return self._store(node, axis)
                 from_right = [
                     len(self.graph[name].shape or ()) - self.axes[name] for name in data
                 ]

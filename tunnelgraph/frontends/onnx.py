@@ -33,8 +33,10 @@ OnnxSource = Union[str, os.PathLike, bytes, onnx.ModelProto]
 
 _ACTIVATIONS = {
     "Relu", "LeakyRelu", "Sigmoid", "Tanh", "Elu", "Selu", "Softplus", "Softsign", "HardSwish",
-    "HardSigmoid", "Gelu", "Erf", "Celu", "Mish", "ThresholdedRelu", "Abs", "Neg", "Exp",
+    "HardSigmoid", "Gelu", "Erf", "Celu", "Mish", "ThresholdedRelu", "Abs", "Neg", "Exp", "Log",
+    "Sqrt", "Reciprocal", "Clip",
 }
+_COMPARISONS = {"Greater", "Less", "GreaterOrEqual", "LessOrEqual", "Equal"}
 _POOLING = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "GlobalLpPool"}
 _ELEMENTWISE = {"Add": "add", "Sub": "sub", "Mul": "mul", "Div": "div"}
 _METADATA_OPS = {"Shape", "Size"}
@@ -193,9 +195,12 @@ class _Translator:
 
     def _constant_node(self, node: onnx.NodeProto) -> None:
         for attribute in node.attribute:
-            if attribute.name == "value":
-                self.constants[node.output[0]] = numpy_helper.to_array(attribute.t)
-        self.shapes.setdefault(node.output[0], tuple(self.constants.get(node.output[0], np.zeros(0)).shape))
+            value = onnx.helper.get_attribute_value(attribute)
+            if isinstance(value, onnx.TensorProto):
+                value = numpy_helper.to_array(value)
+            if attribute.name.startswith("value"):
+                self.constants[node.output[0]] = np.asarray(value)
+        self.shapes[node.output[0]] = tuple(self.constants.get(node.output[0], np.zeros(0)).shape)
 
     def _node(self, node: onnx.NodeProto, kind: OpKind, op: str, inputs: list[str] | None = None,
               **attrs: Any) -> Node:
@@ -217,6 +222,10 @@ class _Translator:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         if node.domain not in ("", "ai.onnx"):
             return self._blocking(node, f"custom operator {node.domain}::{op}")
+        if op in ("Cast", "CastLike") and self._value(node.input[0]) is not None:
+            self.constants[node.output[0]] = self._value(node.input[0])  # a constant, whatever its type
+            self.shapes[node.output[0]] = tuple(self.constants[node.output[0]].shape)
+            return None
         data_inputs = [t for t in node.input if t and t not in self.initializers and t not in self.constants]
         if data_inputs and all(self.kinds.get(self.producer.get(t, ""), None) == OpKind.METADATA for t in data_inputs):
             return self._finish(node, self._node(node, OpKind.METADATA, "metadata"))
@@ -227,8 +236,14 @@ class _Translator:
         if op == "MatMul":
             return self._matmul(node)
         if op in _ACTIVATIONS or (op == "PRelu" and self._numel(node.input[1]) == 1):
+            if op == "Clip" and any(t and t not in self.initializers and t not in self.constants for t in node.input[1:]):
+                return self._blocking(node, "Clip with bounds computed at run time")
             return self._finish(node, self._node(node, OpKind.CHANNELWISE, "activation", inputs=[node.input[0]],
                                                  function=op.lower()))
+        if op in _COMPARISONS or op == "Where":
+            return self._elementwise(node, op.lower())
+        if op == "ReduceMean":
+            return self._reduce_mean(node, attrs)
         if op == "BatchNormalization":
             ir = self._node(node, OpKind.CHANNELWISE, "batchnorm", inputs=[node.input[0]], requires_axis=1)
             ir.module = node.name or node.output[0]
@@ -332,15 +347,31 @@ class _Translator:
         self.producer[output] = ir.name
 
     def _elementwise(self, node: onnx.NodeProto, op: str) -> None:
+        """Element-wise ops: of two computed tensors they couple; by a scalar constant they act per entry."""
         constant = [t for t in node.input if t in self.initializers or t in self.constants]
+        coupling = "where" if op not in _ELEMENTWISE.values() else op  # comparisons and Where join like adds
         if not constant:
-            return self._finish(node, self._node(node, OpKind.COUPLING, op))
-        if len(constant) == 1 and len(node.input) == 2:
+            return self._finish(node, self._node(node, OpKind.COUPLING, coupling))
+        if op != "where" and len(constant) == 1 and len(node.input) == 2:
             value = self._value(constant[0])
             if value is not None and value.size == 1:
                 data = [t for t in node.input if t != constant[0]]
-                return self._finish(node, self._node(node, OpKind.CHANNELWISE, "scale", inputs=data, function=op))
+                kind = "scale" if op in _ELEMENTWISE.values() else "activation"
+                return self._finish(node, self._node(node, OpKind.CHANNELWISE, kind, inputs=data, function=op))
         return self._blocking(node, f"element-wise {op} with a constant tensor")
+
+    def _reduce_mean(self, node: onnx.NodeProto, attrs: dict[str, Any]) -> None:
+        in_shape = self.shapes.get(node.input[0])
+        axes = attrs.get("axes")
+        if axes is None and len(node.input) > 1 and node.input[1]:
+            value = self._value(node.input[1])
+            axes = None if value is None else [int(a) for a in np.asarray(value).reshape(-1)]
+        if in_shape is None or not axes:
+            return self._blocking(node, "ReduceMean over all axes or over axes computed at run time")
+        reduced = tuple(sorted(int(a) % len(in_shape) for a in axes))
+        keepdim = bool(attrs.get("keepdims", 1))
+        self._finish(node, self._node(node, OpKind.CHANNELWISE, "pooling", inputs=[node.input[0]],
+                                      reduces=reduced, keepdim=keepdim, function="mean"))
 
     def _concat(self, node: onnx.NodeProto, attrs: dict[str, Any]) -> None:
         shape = self.shapes.get(node.output[0])
