@@ -1,0 +1,65 @@
+"""PyTorch -> export_onnx -> load_onnx: the same sites; rewrites in ONNX match rewrites in PyTorch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+import tunnelgraph as tg
+from zoo import TRACEABLE, ZooEntry, example_input
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+def _signature(sites: list[tg.Site]) -> set[tuple[str, int, int]]:
+    return {(s.name, s.inbound_size, s.outbound_size) for s in sites}
+
+
+@pytest.mark.parametrize("entry", TRACEABLE, ids=[e.name for e in TRACEABLE])
+def test_zoo_round_trip(entry: ZooEntry, tmp_path: Path) -> None:
+    model = entry.build()
+    x = example_input(entry)
+    path = tmp_path / f"{entry.name}.onnx"
+    proto = tg.export_onnx(model, x, path)
+    assert path.is_file()
+    onnx.checker.check_model(proto, full_check=True)
+    torch_sites = tg.find_sites(model, x, through=tg.THROUGH_OPTIONS)
+    onnx_sites = tg.find_sites(path, through=tg.THROUGH_OPTIONS)
+    assert _signature(onnx_sites) == _signature(torch_sites)
+
+    by_name = {s.name: s for s in torch_sites}
+    groups: dict[str, tg.Site] = {}
+    for site in onnx_sites:
+        groups.setdefault(site.group_name, site)
+    generator = np.random.default_rng(0)
+    for site in groups.values():
+        lam = generator.uniform(0.0, 1.0, site.outbound_size)
+        rewritten = tg.rewrite(proto, site, lam, through=tg.THROUGH_OPTIONS)
+        onnx.checker.check_model(rewritten, full_check=True)
+        reference = tg.rewrite(model, by_name[site.name], lam)
+        report = tg.verify(reference, rewritten, x, rtol=1e-5, atol=1e-6)
+        assert report.passed, (site.name, str(report))
+        assert tg.verify(proto, rewritten, x, rtol=1e-5, atol=1e-6).passed
+
+
+def test_merge_and_reorganize_in_onnx() -> None:
+    entry = next(e for e in TRACEABLE if e.name == "inception_concat")
+    model = entry.build()
+    x = example_input(entry)
+    proto = tg.export_onnx(model, x)
+    site = tg.find_sites(proto)[0]
+    opened = tg.rewrite(proto, site, 0.25)
+    clone = next(s for s in tg.find_sites(opened) if s.name == f"{site.group_name}[{site.group.size}]")
+    closed = tg.merge(opened, clone, into=site.channel)
+    assert [tuple(t.dims) for t in closed.graph.initializer] == [tuple(t.dims) for t in proto.graph.initializer]
+    assert tg.verify(proto, closed, x).passed
+    sites = tg.find_sites(proto)
+    same = tg.reorganize(proto, merge=(sites[1], 0), clone=2, lam=0.5)
+    assert [tuple(t.dims) for t in same.graph.initializer] == [tuple(t.dims) for t in proto.graph.initializer]
+    reference = tg.reorganize(model, merge=(tg.find_sites(model, x)[1], 0), clone=2, lam=0.5)
+    assert tg.verify(reference, same, x, rtol=1e-5, atol=1e-6).passed
+    with pytest.raises(ValueError, match="inplace"):
+        tg.rewrite(proto, site, 0.5, inplace=True)
