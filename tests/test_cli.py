@@ -1,0 +1,81 @@
+"""The command line, run as a separate process for each subcommand."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import tunnelgraph as tg
+from tunnelgraph.models import paper_cnn
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    script = shutil.which("tunnelgraph", path=os.path.dirname(sys.executable))
+    command = [script] if script else [sys.executable, "-m", "tunnelgraph"]
+    return subprocess.run([*command, *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def onnx_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("cli") / "cnn.onnx"
+    tg.export_onnx(paper_cnn(), torch.randn(2, 1, 28, 28), path)
+    return path
+
+
+def test_analyze_onnx_and_a_pytorch_factory(onnx_file: Path) -> None:
+    result = run("analyze", str(onnx_file))
+    assert result.returncode == 0, result.stderr
+    assert "| conv | 8 | 26 | 5760 |" in result.stdout and "Reducibility" in result.stdout
+    result = run("analyze", "tunnelgraph.models:paper_cnn", "--input-shape", "2,1,28,28", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["sites"] == 8 and report["groups"][0]["name"] == "conv"
+
+
+def test_open_merge_and_verify(onnx_file: Path, tmp_path: Path) -> None:
+    opened = tmp_path / "opened.onnx"
+    result = run("open", str(onnx_file), "--site", "conv[3]", "--lam", "0.3", "--out", str(opened), "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["opened"] == "conv[3]"
+    result = run("verify", str(onnx_file), str(opened), "--json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert json.loads(result.stdout)["passed"] is True
+    closed = tmp_path / "closed.onnx"
+    result = run("merge", str(opened), "--site", "conv[8]", "--into", "3", "--out", str(closed))
+    assert result.returncode == 0, result.stderr
+    assert run("verify", str(onnx_file), str(closed)).returncode == 0
+    import numpy as np
+
+    lam = tmp_path / "lam.npy"
+    np.save(lam, np.linspace(0, 1, 5760))
+    pt = tmp_path / "opened.pt"
+    result = run("open", "tunnelgraph.models:paper_cnn", "--input-shape", "2,1,28,28", "--site", "conv[0]",
+                 "--lam-file", str(lam), "--out", str(pt))
+    assert result.returncode == 0, result.stderr
+    assert torch.load(pt, weights_only=False).conv.out_channels == 9
+
+
+def test_failing_verify_exits_non_zero() -> None:
+    # two calls of the factory draw different random weights
+    result = run("verify", "tunnelgraph.models:paper_cnn", "tunnelgraph.models:paper_cnn", "--input-shape", "2,1,28,28")
+    assert result.returncode == 1 and "FAIL" in result.stdout
+
+
+def test_bad_input_exits_two_with_a_message(tmp_path: Path) -> None:
+    result = run("analyze", str(tmp_path / "missing.onnx"))
+    assert result.returncode == 2 and "no ONNX file" in result.stderr
+    result = run("analyze", "tunnelgraph.models:paper_cnn")
+    assert result.returncode == 2 and "--input-shape" in result.stderr
+    result = run("open", "tunnelgraph.models:paper_cnn", "--input-shape", "2,1,28,28", "--site", "nope[1]",
+                 "--out", str(tmp_path / "x.pt"))
+    assert result.returncode == 2 and "no channel group named 'nope'" in result.stderr

@@ -1,0 +1,255 @@
+"""The ``tunnelgraph`` command line: analyze, open, merge and verify models.
+
+MODEL is an ``.onnx`` file, a PyTorch module saved whole with
+``torch.save`` (``.pt``), or a factory ``package.module:function`` that
+returns an ``nn.Module``. PyTorch models need example inputs to be traced:
+``--input-shape 1,3,32,32`` (float32 random) or ``--inputs F.npz`` (arrays
+``input_0``, ``input_1``, ... or the file's arrays in order).
+
+Exit status: 0 on success, 1 when ``verify`` finds the models different,
+2 on bad input (a message says what and how to fix it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+
+class UsageError(Exception):
+    """Bad input on the command line; the message says what to do."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except UsageError as error:
+        print(f"tunnelgraph {args.command}: {error}", file=sys.stderr)
+        return 2
+    except Exception as error:  # library errors carry their own explanation
+        from tunnelgraph.errors import TunnelgraphError
+
+        if isinstance(error, (TunnelgraphError, ValueError, FileNotFoundError, TypeError)):
+            print(f"tunnelgraph {args.command}: {error}", file=sys.stderr)
+            return 2
+        raise
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tunnelgraph", description="Function-preserving tunnels in neural networks.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def model_options(command: argparse.ArgumentParser) -> None:
+        command.add_argument("--input-shape", help="shape of a random float32 example input, e.g. 1,3,32,32")
+        command.add_argument("--inputs", help=".npz file with the example inputs")
+        command.add_argument("--through", action="append", default=[], metavar="OP",
+                             help="per-channel operation sites may pass (batchnorm, pooling, dropout, depthwise)")
+
+    analyze = commands.add_parser("analyze", help="sites, blocked places and why, reducible units")
+    analyze.add_argument("model")
+    model_options(analyze)
+    analyze.add_argument("--data", help=".npz with an 'inputs' array, for empirical reducibility measures")
+    analyze.add_argument("--json", action="store_true", help="machine-readable output")
+    analyze.set_defaults(run=_analyze)
+
+    open_ = commands.add_parser("open", help="open a tunnel at a site and write the new model")
+    open_.add_argument("model")
+    model_options(open_)
+    open_.add_argument("--site", required=True, help="the site, e.g. 'conv[3]'")
+    group = open_.add_mutually_exclusive_group()
+    group.add_argument("--lam", type=float, default=0.5, help="one lambda for every outbound weight (default 0.5)")
+    group.add_argument("--lam-file", help=".npy file with a lambda vector of the site's outbound size")
+    open_.add_argument("--out", required=True, help="output file: .onnx, or .pt for a PyTorch model")
+    open_.add_argument("--json", action="store_true")
+    open_.set_defaults(run=_open)
+
+    merge = commands.add_parser("merge", help="merge a site's channel into another channel (close a tunnel)")
+    merge.add_argument("model")
+    model_options(merge)
+    merge.add_argument("--site", required=True)
+    merge.add_argument("--into", required=True, type=int, help="the channel to merge into")
+    merge.add_argument("--out", required=True)
+    merge.add_argument("--json", action="store_true")
+    merge.set_defaults(run=_merge)
+
+    verify = commands.add_parser("verify", help="compare two models' outputs; exit 1 if they differ")
+    verify.add_argument("a")
+    verify.add_argument("b")
+    verify.add_argument("--input-shape")
+    verify.add_argument("--inputs")
+    verify.add_argument("--rtol", type=float)
+    verify.add_argument("--atol", type=float)
+    verify.add_argument("--json", action="store_true")
+    verify.set_defaults(run=_verify)
+    return parser
+
+
+# -- loading ---------------------------------------------------------------------------
+def _is_onnx(spec: str) -> bool:
+    return spec.endswith(".onnx")
+
+
+def _load(spec: str) -> Any:
+    if _is_onnx(spec):
+        from tunnelgraph.frontends.onnx import read_onnx
+
+        return read_onnx(spec)[0]
+    import torch
+
+    if spec.endswith((".pt", ".pth")):
+        if not Path(spec).is_file():
+            raise UsageError(f"no file '{spec}'")
+        model = torch.load(spec, weights_only=False)
+    elif ":" in spec:
+        module_name, _, factory = spec.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as error:
+            raise UsageError(f"cannot import '{module_name}' ({error}); is it on PYTHONPATH?") from error
+        if not hasattr(module, factory):
+            raise UsageError(f"'{module_name}' has no '{factory}'")
+        model = getattr(module, factory)()
+    else:
+        raise UsageError(f"MODEL '{spec}' is neither an .onnx file, a .pt file nor package.module:factory")
+    if not isinstance(model, torch.nn.Module):
+        raise UsageError(f"'{spec}' gave a {type(model).__name__}, not a torch.nn.Module")
+    return model.eval()
+
+
+def _example(args: argparse.Namespace, needed: bool) -> Any:
+    import torch
+
+    if args.inputs:
+        with np.load(args.inputs) as arrays:
+            keys = sorted(arrays.files, key=lambda k: (not k.startswith("input"), k))
+            tensors = tuple(torch.from_numpy(arrays[k]) for k in keys)
+        return tensors[0] if len(tensors) == 1 else tensors
+    if args.input_shape:
+        try:
+            shape = tuple(int(part) for part in args.input_shape.split(","))
+        except ValueError as error:
+            raise UsageError(f"--input-shape must be comma-separated integers, got '{args.input_shape}'") from error
+        return torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    if needed:
+        raise UsageError("a PyTorch model needs example inputs: pass --input-shape 1,3,32,32 or --inputs F.npz")
+    return None
+
+
+def _save(model: Any, out: str, example: Any) -> None:
+    import onnx
+
+    if isinstance(model, onnx.ModelProto):
+        if not out.endswith(".onnx"):
+            raise UsageError("an ONNX model is written to an .onnx file: use --out NAME.onnx")
+        onnx.save(model, out)
+        return
+    import torch
+
+    if out.endswith(".onnx"):
+        from tunnelgraph.backends.onnx_export import export_onnx
+
+        export_onnx(model, example, out)
+    else:
+        torch.save(model, out)
+
+
+# -- commands ----------------------------------------------------------------------------
+def _analyze(args: argparse.Namespace) -> int:
+    import tunnelgraph as tg
+
+    model = _load(args.model)
+    onnx_model = _is_onnx(args.model)
+    example = _example(args, needed=not onnx_model)
+    data = None
+    if args.data:
+        if onnx_model:
+            raise UsageError("--data measures PyTorch models; for ONNX the report is parametric only")
+        import torch
+
+        with np.load(args.data) as arrays:
+            inputs = torch.from_numpy(arrays["inputs"])
+        data = [(inputs[i:i + 256], None) for i in range(0, len(inputs), 256)]
+    report = tg.analyze(model, example, through=args.through, data=data, progress=False)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(report.to_markdown())
+    return 0
+
+
+def _lam(args: argparse.Namespace) -> Any:
+    if args.lam_file:
+        return np.load(args.lam_file)
+    return args.lam
+
+
+def _open(args: argparse.Namespace) -> int:
+    import tunnelgraph as tg
+
+    model = _load(args.model)
+    example = _example(args, needed=not _is_onnx(args.model))
+    result = tg.rewrite(model, args.site, _lam(args), example_inputs=example, through=args.through)
+    _save(result, args.out, example)
+    _report(args, {"opened": args.site, "out": args.out})
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    import tunnelgraph as tg
+
+    model = _load(args.model)
+    example = _example(args, needed=not _is_onnx(args.model))
+    result = tg.merge(model, args.site, args.into, example_inputs=example, through=args.through)
+    _save(result, args.out, example)
+    _report(args, {"merged": args.site, "into": args.into, "out": args.out})
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    import tunnelgraph as tg
+
+    a, b = _load(args.a), _load(args.b)
+    example = _example(args, needed=False)
+    if example is None:
+        example = _onnx_example(a if _is_onnx(args.a) else b if _is_onnx(args.b) else None)
+    report = tg.verify(a, b, example, rtol=args.rtol, atol=args.atol)
+    if args.json:
+        print(json.dumps({**report.__dict__}, indent=2))
+    else:
+        print(report)
+    return 0 if report.passed else 1
+
+
+def _onnx_example(model: Any) -> Any:
+    """Random inputs of an ONNX model's declared shapes (for verify without --inputs)."""
+    import torch
+
+    if model is None:
+        raise UsageError("verify needs example inputs: pass --input-shape or --inputs F.npz")
+    initializers = {t.name for t in model.graph.initializer}
+    tensors = []
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else 1 for d in value.type.tensor_type.shape.dim]
+        tensors.append(torch.randn(dims, generator=torch.Generator().manual_seed(len(tensors))))
+    return tensors[0] if len(tensors) == 1 else tuple(tensors)
+
+
+def _report(args: argparse.Namespace, payload: dict[str, Any]) -> None:
+    if args.json:
+        print(json.dumps(payload))
+    else:
+        print(", ".join(f"{key}: {value}" for key, value in payload.items()))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
