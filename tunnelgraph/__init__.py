@@ -4,9 +4,19 @@ Trace a model into a DAG of units, find the channels that can be cloned
 (tunnel sites), and open, close or reorganise tunnels without changing the
 function the network computes (Escaping Flat Areas via Function-Preserving
 Structural Network Modifications).
+
+Importing tunnelgraph does not import torch: the PyTorch parts (tracing,
+statistics, verification, export) load on first use, so ONNX models can be
+analysed and rewritten without it.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from tunnelgraph.analysis.groups import THROUGH_OPTIONS, ChannelGroup, ParamSlice
+from tunnelgraph.analysis.reducibility import Finding, UnitMeasures
 from tunnelgraph.analysis.sites import AnalysisReport, Site
 from tunnelgraph.api import (
     OpenedTunnel,
@@ -20,20 +30,48 @@ from tunnelgraph.api import (
     reorganize,
     rewrite,
 )
-from tunnelgraph.analysis.reducibility import Finding
-from tunnelgraph.errors import RewriteError, SiteError, StatisticsError, TraceError, TunnelgraphError
-from tunnelgraph.backends.onnx_export import export_onnx
-from tunnelgraph.frontends.fx import trace
+from tunnelgraph.errors import (
+    RewriteError,
+    SiteError,
+    StatisticsError,
+    TraceError,
+    TunnelgraphError,
+)
 from tunnelgraph.frontends.onnx import load_onnx
 from tunnelgraph.ir import Graph
-from tunnelgraph.reduce import ReductionReport, reduce
 from tunnelgraph.rewrite.edits import ChannelEdit
-from tunnelgraph.statistics.engine import SiteStatistics, a_statistics
-from tunnelgraph.statistics.lambdas import lambda_t, random_lambda, rank_sites
-from tunnelgraph.statistics.tracker import StatisticsTracker
-from tunnelgraph.verify import EquivalenceReport, verify
 
 __version__ = "0.1.0"
+
+_LAZY = {
+    "trace": "tunnelgraph.frontends.fx",
+    "verify": "tunnelgraph.equivalence",
+    "EquivalenceReport": "tunnelgraph.equivalence",
+    "a_statistics": "tunnelgraph.statistics.engine",
+    "SiteStatistics": "tunnelgraph.statistics.engine",
+    "lambda_t": "tunnelgraph.statistics.lambdas",
+    "random_lambda": "tunnelgraph.statistics.lambdas",
+    "rank_sites": "tunnelgraph.statistics.lambdas",
+    "StatisticsTracker": "tunnelgraph.statistics.tracker",
+    "reduce": "tunnelgraph.reduction",
+    "ReductionReport": "tunnelgraph.reduction",
+    "export_onnx": "tunnelgraph.backends.onnx_export",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """The PyTorch-dependent names, imported on first use."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'tunnelgraph' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "THROUGH_OPTIONS",
@@ -55,6 +93,7 @@ __all__ = [
     "StatisticsTracker",
     "TraceError",
     "TunnelgraphError",
+    "UnitMeasures",
     "a_statistics",
     "analyze",
     "apply_edit",

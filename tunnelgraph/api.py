@@ -1,7 +1,10 @@
-"""The public entry points: find sites, analyse, and rewrite PyTorch models.
+"""The public entry points: find sites, analyse, and rewrite PyTorch and ONNX models.
 
 Every rewrite returns a new model and leaves its input untouched unless
 ``inplace=True``; a rewrite that fails raises before anything is changed.
+Models are PyTorch modules, or ONNX models (``onnx.ModelProto``, or a path
+to an ``.onnx`` file), for which this module never imports torch: the
+PyTorch machinery is imported when a PyTorch model is given.
 """
 
 from __future__ import annotations
@@ -10,37 +13,28 @@ import itertools
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence, Union
+from typing import TYPE_CHECKING, Any, Iterable, Sequence, Union
 
 import numpy as np
-import torch
-import torch.nn as nn
 
 from tunnelgraph.analysis.groups import ChannelGroup, channel_groups, check_through
 from tunnelgraph.analysis.sites import AnalysisReport, Site, analyze_graph, find_site, sites_of
-from tunnelgraph.backends.pytorch import apply_plan, weights_of
 from tunnelgraph.errors import SiteError
-from tunnelgraph.frontends.fx import trace
 from tunnelgraph.ir import Graph
 from tunnelgraph.rewrite import edits
 from tunnelgraph.rewrite.edits import ChannelEdit, Coefficient
 from tunnelgraph.rewrite.plan import plan_edit
-from tunnelgraph.statistics.engine import (
-    LossFn,
-    Method,
-    SiteStatistics,
-    a_statistics,
-    model_device,
-    to_device,
-    unwrap_model,
-)
-from tunnelgraph.statistics.activity import unit_measures
-from tunnelgraph.statistics.lambdas import lambda_t, rank_sites
+
+if TYPE_CHECKING:
+    import torch
+    import torch.nn as nn
+
+    from tunnelgraph.statistics.engine import LossFn, Method, SiteStatistics
 
 logger = logging.getLogger(__name__)
 
-ExampleInputs = Union[torch.Tensor, Sequence[torch.Tensor]]
-Lambda = Union[float, Sequence[float], np.ndarray, torch.Tensor]
+ExampleInputs = Union["torch.Tensor", Sequence["torch.Tensor"]]
+Lambda = Union[float, Sequence[float], np.ndarray, "torch.Tensor"]
 
 
 def find_sites(
@@ -92,6 +86,11 @@ def analyze(
         if data is not None:
             raise TypeError("empirical measures run PyTorch models; convert the ONNX model first")
         return analyze_graph(_onnx_graph(proto), through, initializer_arrays(proto))
+    import torch.nn as nn
+
+    from tunnelgraph.backends.pytorch import weights_of
+    from tunnelgraph.statistics.activity import unit_measures
+
     weights = weights_of(model) if isinstance(model, nn.Module) else None
     report = analyze_graph(_graph(model, example_inputs), through, weights)
     if data is not None:
@@ -255,6 +254,8 @@ def _reorganize_auto(
         )
     if isinstance(clone, int):
         raise TypeError("with merge=None, clone must be a Site (or a site name), not a channel index")
+    from tunnelgraph.statistics.activity import unit_measures
+
     batches_list = list(itertools.islice(iter(data), batches)) if batches is not None else list(data)
     if not batches_list:
         raise ValueError("data yielded no batches")
@@ -292,6 +293,8 @@ def function_change(
     before: nn.Module, after: nn.Module, data: Iterable[Any], loss_fn: LossFn | None = None
 ) -> dict[str, Any]:
     """Largest output change of ``after`` against ``before`` over ``data``, and mean losses (eval mode)."""
+    import torch
+
     worst = reference = 0.0
     losses = [0.0, 0.0]
     samples = 0
@@ -382,6 +385,11 @@ def open_tunnels(
         inbound gradients of each pair are ``A lambda_t`` and
         ``A (1 - lambda_t)``.
     """
+    import torch
+
+    from tunnelgraph.statistics.engine import a_statistics, model_device, to_device, unwrap_model
+    from tunnelgraph.statistics.lambdas import lambda_t, rank_sites
+
     if k < 1:
         raise ValueError(f"k must be a positive number of tunnels, got {k}")
     iterator = iter(data)
@@ -430,6 +438,8 @@ def _apply(model: Any, group: ChannelGroup, edit: ChannelEdit, inplace: bool) ->
         if inplace:
             raise ValueError("ONNX models are rewritten into a new ModelProto; inplace=True is for PyTorch modules")
         return apply_plan_onnx(read_onnx(model)[0], plan)
+    from tunnelgraph.backends.pytorch import apply_plan
+
     result = apply_plan(model, plan, inplace=inplace)
     logger.debug("group '%s': %d -> %d channels", group.name, group.size, plan.result.size)
     return result
@@ -457,8 +467,15 @@ def _onnx_graph(model: Any) -> Graph:
 def _graph(model: nn.Module | Graph, example_inputs: ExampleInputs | None) -> Graph:
     if isinstance(model, Graph):
         return model
+    import torch.nn as nn
+
+    from tunnelgraph.frontends.fx import trace
+
     if not isinstance(model, nn.Module):
-        raise TypeError(f"expected an nn.Module or a tunnelgraph Graph, got {type(model).__name__}")
+        raise TypeError(
+            f"expected an nn.Module, an ONNX model (ModelProto or .onnx path) or a tunnelgraph Graph, "
+            f"got {type(model).__name__}"
+        )
     if example_inputs is None:
         raise ValueError(
             "example_inputs are required to trace a PyTorch model: pass a tensor (or a tuple of "
@@ -482,11 +499,11 @@ def _resolve(
             "passes batch norm, pooling, dropout or depthwise layers), or pass a Site from "
             "tg.find_sites"
         )
-    return find_site(channel_groups(trace(model, example_inputs), check_through(through)), site)
+    return find_site(channel_groups(_graph(model, example_inputs), check_through(through)), site)
 
 
 def _lambda(lam: Lambda, site: Site) -> Coefficient:
-    if isinstance(lam, torch.Tensor):
+    if hasattr(lam, "detach") and hasattr(lam, "cpu"):  # a torch tensor, without importing torch
         lam = lam.detach().cpu().double().numpy()
     array = np.asarray(lam, dtype=np.float64)
     if not np.all(np.isfinite(array)):

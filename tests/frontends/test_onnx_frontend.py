@@ -136,3 +136,41 @@ def test_external_data_beside_the_model_loads_and_saves(tmp_path: Path) -> None:
     onnx.save(rewritten, out, save_as_external_data=True, location="rewritten.data", size_threshold=0)
     x = torch.randn(2, 2, 5, 5)
     assert tg.verify(path, out, x, rtol=1e-5, atol=1e-6).passed
+
+
+NO_TORCH = '''
+import sys
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+import tunnelgraph as tg
+
+rng = np.random.default_rng(0)
+def init(name, *shape):
+    return numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+graph = helper.make_graph(
+    [helper.make_node("Conv", ["x", "a.weight", "a.bias"], ["h"], pads=[1, 1, 1, 1]),
+     helper.make_node("Relu", ["h"], ["r"]),
+     helper.make_node("Conv", ["r", "b.weight", "b.bias"], ["y"])],
+    "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 6, 6])],
+    [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 4, 4])],
+    [init("a.weight", 4, 2, 3, 3), init("a.bias", 4), init("b.weight", 3, 4, 3, 3), init("b.bias", 3)])
+model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+sites = tg.find_sites(model)
+report = tg.analyze(model)
+opened = tg.rewrite(model, sites[1], 0.25)
+closed = tg.merge(opened, "a[4]", into=1)
+same = tg.reorganize(model, merge=(sites[2], 0), clone=3, lam=0.5)
+assert [s.name for s in sites] == ["a[0]", "a[1]", "a[2]", "a[3]"], sites
+assert "torch" not in sys.modules, "torch was imported"
+print("ok", len(report.groups))
+'''
+
+
+def test_the_onnx_path_does_not_import_torch() -> None:
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", NO_TORCH], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("ok")

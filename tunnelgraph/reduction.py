@@ -25,7 +25,7 @@ from tunnelgraph.frontends.fx import trace
 from tunnelgraph.rewrite import edits
 from tunnelgraph.rewrite.plan import plan_edit
 from tunnelgraph.statistics.activity import empirical_findings, unit_measures
-from tunnelgraph.verify import EquivalenceReport, verify
+from tunnelgraph.equivalence import EquivalenceReport, verify
 
 logger = logging.getLogger(__name__)
 
