@@ -46,3 +46,12 @@ def test_bench_reducibility_quick_run() -> None:
     results = json.loads(out.stdout)
     assert results["parametric_residual_100"]["findings"] == 0
     assert set(results["reorganisation"]["picked"]) == {"fc1[2]", "fc1[8]"}
+
+
+def test_bench_onnx_small_run() -> None:
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_onnx.py"), "--blocks", "4", "--repeats", "1"],
+        check=True, capture_output=True, text=True,
+    )
+    results = json.loads(out.stdout[out.stdout.index("{"):])
+    assert results["torch_imported"] is False and results["rewrite_site"] == "blocks.2.conv1[0]"

@@ -56,6 +56,7 @@ _LAZY = {
     "reduce": "tunnelgraph.reduction",
     "ReductionReport": "tunnelgraph.reduction",
     "export_onnx": "tunnelgraph.backends.onnx_export",
+    "to_torch": "tunnelgraph.backends.onnx_torch",
 }
 
 
@@ -109,6 +110,7 @@ __all__ = [
     "reduce",
     "reorganize",
     "rewrite",
+    "to_torch",
     "trace",
     "verify",
 ]

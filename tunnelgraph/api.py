@@ -86,6 +86,10 @@ def analyze(
         if data is not None:
             raise TypeError("empirical measures run PyTorch models; convert the ONNX model first")
         return analyze_graph(_onnx_graph(proto), through, initializer_arrays(proto))
+    if isinstance(model, Graph):
+        if data is not None:
+            raise TypeError("empirical measures need the model itself, not a traced Graph")
+        return analyze_graph(model, through)
     import torch.nn as nn
 
     from tunnelgraph.backends.pytorch import weights_of

@@ -63,3 +63,31 @@ def test_merge_and_reorganize_in_onnx() -> None:
     assert tg.verify(reference, same, x, rtol=1e-5, atol=1e-6).passed
     with pytest.raises(ValueError, match="inplace"):
         tg.rewrite(proto, site, 0.5, inplace=True)
+
+
+@pytest.mark.parametrize("entry", TRACEABLE, ids=[e.name for e in TRACEABLE])
+def test_to_torch_computes_the_same_function_with_the_same_sites(entry: ZooEntry) -> None:
+    model = entry.build()
+    x = example_input(entry)
+    converted = tg.to_torch(tg.export_onnx(model, x))
+    assert tg.verify(model, converted, x, rtol=1e-5, atol=1e-6).passed
+    assert _signature(tg.find_sites(converted, x, through=tg.THROUGH_OPTIONS)) == _signature(
+        tg.find_sites(model, x, through=tg.THROUGH_OPTIONS)
+    )
+
+
+def test_an_onnx_user_can_measure_statistics_and_train() -> None:
+    import torch
+
+    entry = next(e for e in TRACEABLE if e.name == "paper_cnn")
+    x = example_input(entry, batch=8)
+    converted = tg.to_torch(tg.export_onnx(entry.build(), x))
+    sites = tg.find_sites(converted, x)
+    data = [(x, torch.randint(0, 10, (8,)))]
+    stats = tg.a_statistics(converted, sites[:2], data, torch.nn.functional.cross_entropy, progress=False)
+    assert all(s.sigma > 0 for s in stats.values())
+    optimizer = torch.optim.SGD(converted.parameters(), lr=1e-3)
+    loss = torch.nn.functional.cross_entropy(converted(x), data[0][1])
+    loss.backward()
+    optimizer.step()
+    assert torch.nn.functional.cross_entropy(converted(x), data[0][1]) < loss

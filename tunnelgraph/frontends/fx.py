@@ -43,7 +43,11 @@ _ACTIVATION_FUNCTIONS: set[Callable[..., Any]] = {
     F.relu, F.relu_, torch.relu, torch.relu_, F.leaky_relu, F.leaky_relu_, torch.sigmoid,
     F.sigmoid, torch.tanh, F.tanh, F.gelu, F.silu, F.elu, F.softplus, F.hardswish, F.relu6,
     F.hardtanh, F.hardsigmoid, F.mish, F.selu, F.celu, F.softsign, torch.exp, torch.abs,
-    torch.neg, torch.square, operator.neg,
+    torch.neg, torch.square, operator.neg, torch.erf, torch.log, torch.sqrt, torch.reciprocal,
+    F.softsign, F.mish, F.selu,
+}
+_COMPARISON_FUNCTIONS: set[Callable[..., Any]] = {
+    torch.gt, torch.lt, torch.ge, torch.le, torch.eq, operator.gt, operator.lt, operator.ge, operator.le,
 }
 _ACTIVATION_METHODS = {
     "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "exp", "abs", "neg", "square",
@@ -297,6 +301,12 @@ class _Translator:
             return self._node(fx_node, OpKind.CHANNELWISE, "dropout")
         if target in _ELEMENTWISE_FUNCTIONS:
             return self._elementwise(fx_node, _ELEMENTWISE_FUNCTIONS[target])
+        if target in _COMPARISON_FUNCTIONS or target is torch.where:
+            return self._select(fx_node, getattr(target, "__name__", "compare"))
+        if target is torch.clamp and all(
+            not isinstance(arg, torch.fx.Node) for arg in list(fx_node.args[1:]) + list(fx_node.kwargs.values())
+        ):
+            return self._node(fx_node, OpKind.CHANNELWISE, "activation", function="clamp")
         if target in _CONCAT_FUNCTIONS:
             return self._concat(fx_node)
         if target in _RESHAPE_FUNCTIONS:
@@ -349,6 +359,18 @@ class _Translator:
         if len(tensors) == 2 and not fx_node.kwargs.get("alpha") and not fx_node.kwargs.get("rounding_mode"):
             return self._node(fx_node, OpKind.COUPLING, op)
         return self._blocking(fx_node, f"element-wise {op} with arguments {fx_node.args}")
+
+    def _select(self, fx_node: torch.fx.Node, name: str) -> Node:
+        """Comparisons and torch.where: element-wise, so they act per channel or couple like adds."""
+        tensors = [arg for arg in fx_node.args if isinstance(arg, torch.fx.Node)]
+        numbers = [arg for arg in fx_node.args if isinstance(arg, (int, float, bool))]
+        if fx_node.kwargs or len(tensors) + len(numbers) != len(fx_node.args):
+            return self._blocking(fx_node, f"{name} with arguments {fx_node.args}")
+        if name != "where" and len(tensors) == 1 and len(numbers) == 1:
+            return self._node(fx_node, OpKind.CHANNELWISE, "activation", function=name)
+        if len(tensors) == len(fx_node.args) and len(tensors) >= 2:
+            return self._node(fx_node, OpKind.COUPLING, "where")
+        return self._blocking(fx_node, f"{name} with a constant operand")
 
     def _concat(self, fx_node: torch.fx.Node) -> Node:
         tensors = fx_node.args[0]
