@@ -75,8 +75,8 @@ class ReductionReport:
 
 
 def reduce(
-    model: nn.Module,
-    example_inputs: ExampleInputs,
+    model: Any,
+    example_inputs: ExampleInputs | None = None,
     *,
     data: Iterable[Any] | None = None,
     batches: int | None = None,
@@ -87,9 +87,11 @@ def reduce(
     """Remove every reducible unit; return the smaller model and a report.
 
     Args:
-        model: the network; not modified.
+        model: the network, a PyTorch module or an ONNX model (``ModelProto``
+            or ``.onnx`` path, reduced into a new ``ModelProto``); not modified.
         example_inputs: inputs of its forward (to trace it, to read the
-            constant activations of constant units, and to verify).
+            constant activations of constant units, and to verify); for an
+            ONNX model, random inputs of its declared shapes by default.
         data: optional batches (``(inputs, targets)`` or inputs; ``batches``
             limits them). Units the data show reducible within ``tol`` are
             then removed too, using the measured relation (the mean of a
@@ -106,6 +108,12 @@ def reduce(
     constant unit read by a conv that pads, a consumer without bias) is
     reported as skipped with the reason.
     """
+    from tunnelgraph.api import _is_onnx
+
+    if _is_onnx(model):
+        if data is not None:
+            raise TypeError("reduce(data=...) measures PyTorch models; convert with tg.to_torch first")
+        return _reduce_onnx(model, example_inputs, tol, through)
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     chosen = check_through(through)
     before = sum(p.numel() for p in model.parameters())
@@ -174,30 +182,38 @@ def _reduce_group(
     result = apply_plan(model, plan_edit(group, edit))
     with torch.no_grad():
         for name, delta in shifts.items():
-            bias = result.get_parameter(name)
+            bias = result.get_submodule(name).bias
             bias.add_(delta.to(bias.dtype))
     return result, done, refused
 
 
 def _bias_shifts(
-    model: nn.Module, group: ChannelGroup, finding: Finding, seen: dict[str, torch.Tensor]
+    model: nn.Module,
+    group: ChannelGroup,
+    finding: Finding,
+    seen: dict[str, torch.Tensor],
+    module_name: Any = lambda name: name,
 ) -> dict[str, torch.Tensor]:
-    """Consumer bias changes that removing ``finding``'s unit needs (constant part of its activation)."""
+    """Consumer bias changes that removing ``finding``'s unit needs (constant part of its activation).
+
+    Keyed by consumer layer name; ``module_name`` maps a layer name to the
+    module of ``model`` that computes it.
+    """
     if not _needs_shift(finding):
         return {}
     shifts = {}
     for weight_slice in (s for s in group.slices if s.role == "outbound"):
-        module = model.get_submodule(weight_slice.module)
+        module = model.get_submodule(module_name(weight_slice.module))
         if getattr(module, "bias", None) is None:
             raise RewriteError(f"consumer '{weight_slice.module}' has no bias to take the constant")
         channel = finding.channel
-        values = _channel_values(seen[weight_slice.module], weight_slice, channel, module)
+        values = _channel_values(seen[module_name(weight_slice.module)], weight_slice, channel, module)
         if finding.condition == "constant" and finding.exact:
             _check_constant(values)
             values = values[0]
         else:  # x = offset (+ factor * x_partner): the offset times the unit's outbound weights
             values = torch.full_like(values[0], finding.offset)
-        shifts[f"{weight_slice.module}.bias"] = bias_shift(module, weight_slice, channel, values)
+        shifts[weight_slice.module] = bias_shift(module, weight_slice, channel, values)
     return shifts
 
 
@@ -216,3 +232,81 @@ def _check_constant(values: torch.Tensor) -> None:
     scale = float(values.abs().max())
     if scale and float((values - values[:1]).abs().max()) > 1e-9 * scale:
         raise RewriteError("its activation differs between samples, so it is not constant")
+
+
+def _reduce_onnx(
+    model: Any, example_inputs: ExampleInputs | None, tol: float, through: Iterable[str]
+) -> tuple[Any, ReductionReport]:
+    """:func:`reduce` for ONNX: edits on initializers; constants read through :func:`to_torch`."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    from tunnelgraph.backends.onnx import apply_plan_onnx, initializer_arrays
+    from tunnelgraph.backends.onnx_torch import to_torch, torch_name
+    from tunnelgraph.cli import _onnx_example
+    from tunnelgraph.frontends.onnx import load_onnx, read_onnx
+
+    proto = read_onnx(model)[0]
+    if example_inputs is None:
+        example_inputs = _onnx_example(proto)
+    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    chosen = check_through(through)
+    count = lambda m: sum(int(np.prod(t.dims)) for t in m.graph.initializer)  # noqa: E731
+    current = proto
+    applied: list[Finding] = []
+    skipped: dict[str, tuple[Finding, str]] = {}
+    while True:
+        graph = load_onnx(current)
+        groups = channel_groups(graph, chosen)
+        findings = [
+            f for f in parametric_findings(graph, groups, initializer_arrays(current), tol=tol)
+            if f.unit not in skipped
+        ]
+        if not findings:
+            break
+        group = next(g for g in groups if g.name == findings[0].group)
+        mine = [f for f in findings if f.group == group.name]
+        view = to_torch(current) if any(_needs_shift(f) for f in mine) else None
+        outbound = [s for s in group.slices if s.role == "outbound"]
+        seen = consumer_inputs(view, [torch_name(s.module) for s in outbound], inputs) if view is not None else {}
+        edit, size, shifts = edits.identity(group.size), group.size, {}
+        for finding in sorted(mine, key=lambda f: -f.channel):
+            try:
+                extra = _bias_shifts(view, group, finding, seen, torch_name) if view is not None else {}
+                names = {name: _onnx_bias(graph, current, name) for name in extra}
+            except RewriteError as error:
+                skipped[finding.unit] = (finding, str(error))
+                continue
+            step = (
+                edits.remove(size, finding.channel)
+                if finding.condition in ("inconsequential", "constant")
+                else edits.fold(size, finding.channel, finding.partner, finding.factor)
+            )
+            edit, size = edit.then(step), size - 1
+            for layer, delta in extra.items():
+                bias, scale = names[layer]
+                shifts[bias] = shifts.get(bias, 0) + delta.double().numpy() / scale
+            applied.append(finding)
+        if size == group.size:
+            continue
+        current = apply_plan_onnx(current, plan_edit(group, edit))
+        for tensor in current.graph.initializer:
+            if tensor.name in shifts:
+                array = numpy_helper.to_array(tensor)
+                tensor.CopyFrom(numpy_helper.from_array((array + shifts[tensor.name]).astype(array.dtype), tensor.name))
+    equivalence = verify(proto, current, inputs) if applied else None
+    return current, ReductionReport(tuple(applied), tuple(skipped.values()), count(proto), count(current), equivalence)
+
+
+def _onnx_bias(graph: Any, model: Any, layer: str) -> tuple[str, float]:
+    """The initializer holding ``layer``'s bias, and the factor the layer multiplies it by (Gemm's beta)."""
+    node = next((n for n in graph if n.module == layer and "bias" in n.params), None)
+    if node is None:
+        raise RewriteError(f"consumer '{layer}' has no bias initializer to take the constant")
+    scale = 1.0
+    if node.attrs.get("op_type") == "Gemm":
+        onnx_node = next(n for n in model.graph.node if n.output[0] == node.name)
+        for attribute in onnx_node.attribute:
+            if attribute.name == "beta":
+                scale = float(attribute.f)
+    return node.params["bias"].name, scale

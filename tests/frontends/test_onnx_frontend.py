@@ -174,3 +174,25 @@ def test_the_onnx_path_does_not_import_torch() -> None:
     result = subprocess.run([sys.executable, "-c", NO_TORCH], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("ok")
+
+
+def test_reduce_an_onnx_model() -> None:
+    model = hand_written()
+    tensors = {t.name: t for t in model.graph.initializer}
+    weight, bias = numpy_helper.to_array(tensors["c.weight"]).copy(), numpy_helper.to_array(tensors["c.bias"]).copy()
+    weight[3], bias[3] = weight[1], bias[1]  # filter 3 redundant with filter 1
+    gemm_w = numpy_helper.to_array(tensors["g_w"]).copy()
+    gemm_b = numpy_helper.to_array(tensors["g_b"]).copy()
+    gemm_w[:, 2], gemm_b[2] = 0.0, 0.8  # Gemm unit 2 is constant tanh(0.5 * 0 + 0.8)
+    for name, value in (("c.weight", weight), ("c.bias", bias), ("g_w", gemm_w), ("g_b", gemm_b)):
+        tensors[name].CopyFrom(numpy_helper.from_array(value, name))
+    x = torch.randn(2, 2, 5, 5)
+    smaller, report = tg.reduce(model, x)
+    assert {(f.unit.startswith("c["), f.channel, f.condition) for f in report.applied} == {
+        (True, 3, "redundant"), (False, 2, "constant"),
+    }
+    shapes = {t.name: tuple(t.dims) for t in smaller.graph.initializer}
+    assert shapes["c.weight"] == (3, 2, 3, 3) and shapes["g_w"] == (75, 5) and shapes["m_w"] == (5, 3)
+    # conv 3 x (2*3*3) + 3, Gemm 75 x 5 + 5, MatMul 5 x 3 + 3
+    assert (report.parameters_before, report.parameters_after) == (703, 3 * 18 + 3 + 75 * 5 + 5 + 5 * 3 + 3)
+    assert tg.verify(model, smaller, x, rtol=1e-5, atol=1e-6).passed

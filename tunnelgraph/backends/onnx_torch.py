@@ -379,6 +379,11 @@ def _layer_name(node: onnx.NodeProto, weight: str | None, bias: str | None = Non
     return node.name or node.output[0]
 
 
+def torch_name(layer: str) -> str:
+    """The submodule path :func:`to_torch` gives the ONNX layer ``layer``."""
+    return ".".join(_identifier(part) for part in layer.split("."))
+
+
 def _identifier(name: str) -> str:
     """A module or input name: ONNX names may hold '/', ':' and the like; digits stay (as in nn.Sequential)."""
     cleaned = "".join(c if c.isalnum() or c == "_" else "_" for c in name)
