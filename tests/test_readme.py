@@ -38,3 +38,17 @@ def test_readme_reducibility_example_runs() -> None:
         exec(compile(block, str(README), "exec"), namespace)
     assert namespace["report"].measures and namespace["reduction"].applied == ()
     assert namespace["smaller"].conv.out_channels == 8
+
+
+def test_readme_onnx_example_runs(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import warnings
+
+    warnings.simplefilter("ignore")
+    monkeypatch.chdir(tmp_path)
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    namespace: dict[str, object] = {}
+    exec(compile(blocks[0], str(README), "exec"), namespace)
+    exec(compile(blocks[3], str(README), "exec"), namespace)
+    assert (tmp_path / "cnn.onnx").is_file()
+    assert [s.name for s in namespace["sites"]][:2] == ["conv[0]", "conv[1]"]
+    assert namespace["converted"].conv.out_channels == 9
