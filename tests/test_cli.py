@@ -79,3 +79,13 @@ def test_bad_input_exits_two_with_a_message(tmp_path: Path) -> None:
     result = run("open", "tunnelgraph.models:paper_cnn", "--input-shape", "2,1,28,28", "--site", "nope[1]",
                  "--out", str(tmp_path / "x.pt"))
     assert result.returncode == 2 and "no channel group named 'nope'" in result.stderr
+
+
+def test_analyze_with_data_shows_empirical_measures(tmp_path: Path) -> None:
+    import numpy as np
+
+    data = tmp_path / "data.npz"
+    np.savez(data, inputs=np.random.default_rng(0).standard_normal((64, 1, 28, 28)).astype(np.float32))
+    result = run("analyze", "tunnelgraph.models:paper_cnn", "--input-shape", "2,1,28,28", "--data", str(data))
+    assert result.returncode == 0, result.stderr
+    assert "Empirical measures (64 samples)" in result.stdout and "| conv[7] |" in result.stdout

@@ -147,9 +147,12 @@ def _save(model: Any, out: str, example: Any) -> None:
     import onnx
 
     if isinstance(model, onnx.ModelProto):
+        from tunnelgraph.backends.onnx import PROTOBUF_LIMIT
+
         if not out.endswith(".onnx"):
             raise UsageError("an ONNX model is written to an .onnx file: use --out NAME.onnx")
-        onnx.save(model, out)
+        large = model.ByteSize() >= PROTOBUF_LIMIT
+        onnx.save(model, out, save_as_external_data=large, location=Path(out).name + ".data" if large else None)
         return
     import torch
 

@@ -11,6 +11,7 @@ modified. This module does not import torch.
 from __future__ import annotations
 
 import copy
+import logging
 from typing import Any, Sequence
 
 import numpy as np
@@ -20,6 +21,11 @@ from onnx import numpy_helper
 from tunnelgraph.analysis.groups import ChannelGroup
 from tunnelgraph.errors import RewriteError, SiteError
 from tunnelgraph.rewrite.plan import RewritePlan, TensorEdit
+
+logger = logging.getLogger(__name__)
+
+PROTOBUF_LIMIT = 2**31 - 1
+"""Serialized protobuf messages cannot exceed 2 GB; larger models keep their tensors as external data."""
 
 
 def initializer_arrays(model: onnx.ModelProto) -> dict[str, np.ndarray]:
@@ -66,6 +72,12 @@ def apply_plan_onnx(model: onnx.ModelProto, plan: RewritePlan) -> onnx.ModelProt
     if plan.literals:
         _patch_reshapes(result, plan)
     del result.graph.value_info[:]
+    if result.ByteSize() >= PROTOBUF_LIMIT:
+        logger.warning(
+            "the rewritten model is over 2 GB, too large for the in-memory ONNX checker; save it with "
+            "onnx.save(model, path, save_as_external_data=True) and check the file"
+        )
+        return result
     try:
         onnx.checker.check_model(result, full_check=True)
     except Exception as error:
