@@ -19,8 +19,8 @@ import onnx
 from onnx import numpy_helper
 
 from tunnelgraph.analysis.groups import ChannelGroup
-from tunnelgraph.errors import RewriteError, SiteError
-from tunnelgraph.rewrite.plan import RewritePlan, TensorEdit
+from tunnelgraph.errors import RewriteError
+from tunnelgraph.rewrite.plan import RewritePlan, TensorEdit, check_shapes
 
 logger = logging.getLogger(__name__)
 
@@ -34,19 +34,8 @@ def initializer_arrays(model: onnx.ModelProto) -> dict[str, np.ndarray]:
 
 
 def check_fits(model: onnx.ModelProto, group: ChannelGroup) -> None:
-    shapes = {t.name: tuple(t.dims) for t in model.graph.initializer}
-    for param_slice in group.slices:
-        shape = shapes.get(param_slice.param)
-        if shape is None:
-            raise SiteError(
-                f"the model has no initializer '{param_slice.param}' that group '{group.name}' refers to; "
-                "find sites on this model with tg.find_sites(model)"
-            )
-        if shape != param_slice.shape:
-            raise SiteError(
-                f"group '{group.name}' was found on a model where '{param_slice.param}' has shape "
-                f"{param_slice.shape}, but here it has {shape}; find sites on this model"
-            )
+    """Raise :class:`SiteError` unless ``model``'s initializers have the shapes ``group`` expects."""
+    check_shapes(group, {t.name: tuple(t.dims) for t in model.graph.initializer})
 
 
 def apply_plan_onnx(model: onnx.ModelProto, plan: RewritePlan) -> onnx.ModelProto:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from onnx import numpy_helper
 
 from tunnelgraph.errors import TraceError
-from tunnelgraph.frontends.onnx import OnnxSource, read_onnx
+from tunnelgraph.frontends.onnx import OnnxSource, layer_name, read_onnx
 
 _UNARY: dict[str, Callable[..., Any]] = {
     "Relu": F.relu, "Sigmoid": torch.sigmoid, "Tanh": torch.tanh, "Softsign": F.softsign,
@@ -179,7 +179,7 @@ class _Builder:
         if not symmetric:
             padding = [p for d in reversed(range(dims)) for p in (begin[d], end[d])]
             x = self.graph.call_function(F.pad, (x, padding))
-        name = self._layer(_layer_name(node, node.input[1]), layer)
+        name = self._layer(layer_name(node, node.input[1]), layer)
         self.values[node.output[0]] = self.graph.call_module(name, (x,))
 
     def _linear(self, node: onnx.NodeProto, weight: torch.Tensor, bias: torch.Tensor | None, x: Any,
@@ -202,7 +202,7 @@ class _Builder:
         if len(node.input) > 2 and node.input[2]:
             bias = self._tensor(node.input[2]).reshape(-1) * float(attrs.get("beta", 1.0))
         self._linear(node, weight.contiguous(), bias, self._input(node.input[0]), node.output[0],
-                     _layer_name(node, node.input[1], node.input[2] if len(node.input) > 2 else None))
+                     layer_name(node, node.input[1], node.input[2] if len(node.input) > 2 else None))
 
     def _matmul(self, node: onnx.NodeProto, attrs: dict[str, Any]) -> None:
         if node.input[1] not in self.arrays or self.arrays[node.input[1]].ndim != 2:
@@ -216,7 +216,7 @@ class _Builder:
                 bias, output, bias_name = self._tensor(other[0]), users[0].output[0], other[0]
                 self.fused.add(output)
         self._linear(node, weight, bias, self._input(node.input[0]), output,
-                     _layer_name(node, node.input[1], bias_name))
+                     layer_name(node, node.input[1], bias_name))
 
     def _batchnormalization(self, node: onnx.NodeProto, attrs: dict[str, Any]) -> None:
         scale, bias, mean, var = (self._tensor(t) for t in node.input[1:5])
@@ -230,7 +230,7 @@ class _Builder:
             layer.bias.copy_(bias)
             layer.running_mean.copy_(mean)
             layer.running_var.copy_(var)
-        name = self._layer(_layer_name(node, node.input[1]), layer)
+        name = self._layer(layer_name(node, node.input[1]), layer)
         self.values[node.output[0]] = self.graph.call_module(name, (self._input(node.input[0]),))
 
     def _pool(self, node: onnx.NodeProto, attrs: dict[str, Any], kind: str) -> None:
@@ -347,7 +347,7 @@ class _Builder:
             layer.weight.copy_(scale)
             if bias is not None:
                 layer.bias.copy_(bias)
-        name = self._layer(_layer_name(node, node.input[1]), layer)
+        name = self._layer(layer_name(node, node.input[1]), layer)
         self.values[node.output[0]] = self.graph.call_module(name, (self._input(node.input[0]),))
 
     def _transpose(self, node: onnx.NodeProto, attrs: dict[str, Any]) -> None:
@@ -370,13 +370,6 @@ def _same_pads(spatial: tuple[int, ...], kernel: list[int], strides: list[int], 
         begin.append(small if upper else large)
         end.append(large if upper else small)
     return begin + end
-
-
-def _layer_name(node: onnx.NodeProto, weight: str | None, bias: str | None = None) -> str:
-    for tensor, suffix in ((weight, ".weight"), (bias, ".bias")):
-        if tensor and tensor.endswith(suffix) and len(tensor) > len(suffix):
-            return tensor[: -len(suffix)]
-    return node.name or node.output[0]
 
 
 def torch_name(layer: str) -> str:

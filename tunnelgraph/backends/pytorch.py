@@ -19,8 +19,8 @@ import torch.fx
 import torch.nn as nn
 
 from tunnelgraph.analysis.groups import ChannelGroup, WidthLiteral
-from tunnelgraph.errors import RewriteError, SiteError
-from tunnelgraph.rewrite.plan import RewritePlan, TensorEdit
+from tunnelgraph.errors import RewriteError
+from tunnelgraph.rewrite.plan import RewritePlan, TensorEdit, check_shapes
 
 logger = logging.getLogger(__name__)
 
@@ -73,19 +73,7 @@ def check_fits(
     ``state`` is ``model``'s parameters and buffers by name, when the caller already has them.
     """
     state = _tensors(model) if state is None else state
-    for param_slice in group.slices:
-        tensor = state.get(param_slice.param)
-        if tensor is None:
-            raise SiteError(
-                f"the model has no parameter '{param_slice.param}' that group '{group.name}' "
-                "refers to; find sites on this model with tg.find_sites(model, example_inputs)"
-            )
-        if tuple(tensor.shape) != param_slice.shape:
-            raise SiteError(
-                f"group '{group.name}' was found on a model where '{param_slice.param}' has shape "
-                f"{param_slice.shape}, but here it has {tuple(tensor.shape)}; find sites on this "
-                "model with tg.find_sites(model, example_inputs)"
-            )
+    check_shapes(group, {name: tuple(tensor.shape) for name, tensor in state.items()})
 
 
 def edit_tensor(tensor: torch.Tensor, tensor_edit: TensorEdit) -> torch.Tensor:

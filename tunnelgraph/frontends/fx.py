@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch.fx.passes.shape_prop import ShapeProp
 
 from tunnelgraph.errors import TraceError
+from tunnelgraph.frontends.shapes import merged_range
 from tunnelgraph.ir import ChannelMap, Graph, Node, OpKind, ParamRef
 
 logger = logging.getLogger(__name__)
@@ -408,7 +409,7 @@ class _Translator:
         out_shape = _shape(fx_node)
         if in_shape is None or out_shape is None:
             return self._blocking(fx_node, "reshape of unknown shape")
-        merged = _merged_range(in_shape, out_shape)
+        merged = merged_range(in_shape, out_shape)
         if merged is None:
             return self._node(
                 fx_node, OpKind.BLOCKING, "reshape",
@@ -422,24 +423,6 @@ class _Translator:
             fx_node, OpKind.RESHAPE, "flatten", start=start, end=end, literal_widths=literals,
             _maps={0: block},
         )
-
-
-def _merged_range(in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> tuple[int, int] | None:
-    """The input axes ``start..end`` (inclusive) a reshape merges into one, if it is a flatten."""
-    if in_shape == out_shape:
-        return (0, 0)
-    merged_count = len(in_shape) - len(out_shape) + 1
-    if merged_count < 1:
-        return None
-    for start in range(len(out_shape)):
-        end = start + merged_count - 1
-        if (
-            in_shape[:start] == out_shape[:start]
-            and in_shape[end + 1:] == out_shape[start + 1:]
-            and math.prod(in_shape[start:end + 1]) == out_shape[start]
-        ):
-            return (start, end)
-    return None
 
 
 def _literal_widths(fx_node: torch.fx.Node, rank: int) -> dict[int, tuple[tuple[int, ...], int]]:

@@ -25,6 +25,7 @@ import onnx
 from onnx import numpy_helper
 
 from tunnelgraph.errors import TraceError
+from tunnelgraph.frontends.shapes import merged_range
 from tunnelgraph.ir import ChannelMap, Graph, Node, OpKind, ParamRef
 
 logger = logging.getLogger(__name__)
@@ -170,10 +171,7 @@ class _Translator:
         return ParamRef(tensor, array_shape, self.uses.get(tensor, 0) > 1)
 
     def _layer_name(self, node: onnx.NodeProto, weight: str | None, bias: str | None = None) -> str:
-        for tensor, suffix in ((weight, ".weight"), (bias, ".bias")):
-            if tensor and tensor.endswith(suffix) and len(tensor) > len(suffix):
-                return tensor[: -len(suffix)]
-        return node.name or node.output[0]
+        return layer_name(node, weight, bias)
 
     # -- translation -----------------------------------------------------------------
     def run(self) -> Graph:
@@ -391,7 +389,7 @@ class _Translator:
         in_shape, out_shape = self.shapes.get(node.input[0]), self.shapes.get(node.output[0])
         if in_shape is None or out_shape is None:
             return self._blocking(node, f"{node.op_type} of unknown shape")
-        merged = _merged_range(in_shape, out_shape)
+        merged = merged_range(in_shape, out_shape)
         if merged is None:
             return self._finish(node, self._node(node, OpKind.BLOCKING, "reshape", inputs=[node.input[0]],
                                                  detail=f"reshape {in_shape} -> {out_shape} is not a flatten"))
@@ -416,6 +414,14 @@ class _Translator:
         self._finish(node, ir, {0: block})
 
 
+def layer_name(node: onnx.NodeProto, weight: str | None, bias: str | None = None) -> str:
+    """A layer's name: its weight's (``fc.weight`` -> ``fc``) or bias's, else the node's, else its output's."""
+    for tensor, suffix in ((weight, ".weight"), (bias, ".bias")):
+        if tensor and tensor.endswith(suffix) and len(tensor) > len(suffix):
+            return tensor[: -len(suffix)]
+    return node.name or node.output[0]
+
+
 def _shape_of(value: onnx.ValueInfoProto) -> tuple[int, ...] | None:
     tensor_type = value.type.tensor_type
     if not tensor_type.HasField("shape"):
@@ -426,18 +432,3 @@ def _shape_of(value: onnx.ValueInfoProto) -> tuple[int, ...] | None:
     return tuple(dims)
 
 
-def _merged_range(in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> tuple[int, int] | None:
-    if in_shape == out_shape:
-        return (0, 0)
-    merged_count = len(in_shape) - len(out_shape) + 1
-    if merged_count < 1:
-        return None
-    for start in range(len(out_shape)):
-        end = start + merged_count - 1
-        if (
-            in_shape[:start] == out_shape[:start]
-            and in_shape[end + 1:] == out_shape[start + 1:]
-            and math.prod(in_shape[start:end + 1]) == out_shape[start]
-        ):
-            return (start, end)
-    return None

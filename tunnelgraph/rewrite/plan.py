@@ -13,7 +13,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from typing import Mapping
+
 from tunnelgraph.analysis.groups import ChannelGroup, ParamSlice, WidthLiteral
+from tunnelgraph.errors import SiteError
 from tunnelgraph.rewrite.edits import ChannelEdit, Coefficient
 
 
@@ -114,3 +117,26 @@ def _shape_coefficient(
     part = vector[cut[0]:cut[1]]
     assert part.size == math.prod(param_slice.slice_shape())
     return part.reshape(param_slice.slice_shape())
+
+
+def check_shapes(
+    group: ChannelGroup, shapes: Mapping[str, tuple[int, ...]], error: type[Exception] = SiteError
+) -> None:
+    """Raise ``error`` unless every parameter ``group`` refers to exists in ``shapes`` with the shape it expects.
+
+    ``shapes`` maps a model's parameter (or initializer) names to their
+    shapes; a mismatch means the group was found on another model.
+    """
+    for param_slice in group.slices:
+        shape = shapes.get(param_slice.param)
+        if shape is None:
+            raise error(
+                f"the model has no parameter '{param_slice.param}' that group '{group.name}' refers to; "
+                "find the sites on this model with tg.find_sites"
+            )
+        if tuple(shape) != param_slice.shape:
+            raise error(
+                f"group '{group.name}' does not fit this model: it was found where '{param_slice.param}' "
+                f"has shape {param_slice.shape}, but here it has {tuple(shape)}; find the sites on this "
+                "model with tg.find_sites"
+            )

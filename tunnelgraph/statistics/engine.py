@@ -41,6 +41,7 @@ from tunnelgraph.analysis.sites import Site
 from tunnelgraph.errors import StatisticsError
 from tunnelgraph.frontends.fx import trace
 from tunnelgraph.ir import Graph
+from tunnelgraph.rewrite.plan import check_shapes
 from tunnelgraph.statistics.capture import Capture, Recorder
 from tunnelgraph.statistics.chain import GroupChain, conv_patches
 from tunnelgraph.statistics.solve import Triplet, lanczos_top, top_singular
@@ -196,14 +197,7 @@ def _plans(model: nn.Module, graph: Graph, sites: Sequence[Site], method: Method
 def _check_fits(model: nn.Module, site: Site) -> None:
     tensors = dict(model.named_parameters(remove_duplicate=False))
     tensors.update(model.named_buffers(remove_duplicate=False))
-    for param_slice in site.group.slices:
-        tensor = tensors.get(param_slice.param)
-        if tensor is None or tuple(tensor.shape) != param_slice.shape:
-            raise StatisticsError(
-                f"site {site.name} does not fit this model (parameter '{param_slice.param}' "
-                f"{'is missing' if tensor is None else f'has shape {tuple(tensor.shape)}, not {param_slice.shape}'}); "
-                "find the sites on this model with tg.find_sites"
-            )
+    check_shapes(site.group, {name: tuple(t.shape) for name, t in tensors.items()}, StatisticsError)
 
 
 def estimate_cost(chain: GroupChain, graph: Graph, *, max_steps: int = 8) -> tuple[float, float]:
