@@ -314,8 +314,3 @@ def _relation(
 
 def _describe(chain: set[str]) -> str:
     return ", ".join(sorted(chain)) or "no operations"
-
-
-def parameter_count(weights: Weights) -> int:
-    """Total entries of the given parameters."""
-    return sum(int(np.asarray(array).size) for array in weights.values())

@@ -53,11 +53,6 @@ class Capture:
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     gradients: dict[str, torch.Tensor] = field(default_factory=dict)
 
-    def nbytes(self) -> int:
-        tensors = [*self.inputs.values(), *self.outputs.values(), *self.errors.values()]
-        tensors += [value for value in self.externals.values() if isinstance(value, torch.Tensor)]
-        return sum(t.numel() * t.element_size() for t in tensors)
-
     def samples(self, start: int, stop: int) -> "Capture":
         """The part of the capture for samples ``start:stop`` (tensors led by the batch axis)."""
 
