@@ -526,7 +526,8 @@ class GroupChain:
         outputs = flat_error.shape[0]
         weights_depth = rows.shape[1]
         depth = weights_depth + int(bias)
-        slabs = []
+        sums = rows.new_empty(block, count * outputs, depth)  # (B, S*V, R)
+        weighted = sums[..., :weights_depth] if weights_depth else None
         # positions in cache-sized slabs: the outer product is written and read while hot;
         # samples innermost, so that the element-wise products run over long vectors
         step = max(1, 2**20 // max(1, samples * count * outputs))
@@ -534,14 +535,16 @@ class GroupChain:
             stop = min(start + step, block)
             outer = picked[start:stop].unsqueeze(2) * flat_error[None, None]  # (b, S, V, N)
             outer = outer.reshape(stop - start, count * outputs, samples)
-            parts = [torch.bmm(outer, rows[start:stop].transpose(1, 2))] if weights_depth else []
+            if weighted is not None:
+                weighted[start:stop] = torch.bmm(outer, rows[start:stop].transpose(1, 2))
             if bias:
-                parts.append(outer.sum(dim=2, keepdim=True))
-            slabs.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=2))
-        sums = slabs[0] if len(slabs) == 1 else torch.cat(slabs)  # (B, S*V, R)
-        sums = sums.reshape(block, count, outputs, depth).permute(1, 3, 2, 0)  # (S, R, V, B)
+                sums[start:stop, :, weights_depth] = outer.sum(dim=2)
+        # (B, S, V, R) -> (S, R, V, B), times the outbound weights, written once in that order
+        sums = sums.reshape(block, count, outputs, depth).permute(1, 3, 2, 0)
         weight = weight.reshape(weight.shape[0], count, block).transpose(0, 1).unsqueeze(1)
-        return (sums * weight).reshape(count, depth, -1)
+        entries = rows.new_empty(count, depth, outputs, block)
+        torch.mul(sums, weight, out=entries)
+        return entries.reshape(count, depth, -1)
 
     # -- sizes ------------------------------------------------------------------------
     def column_slices(self) -> list[slice]:

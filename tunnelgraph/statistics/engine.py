@@ -245,10 +245,12 @@ def _measure(
             capture = run_batch(model, recorder, inputs, targets, loss_fn)
             samples += capture.batch
             for plan in exact_plans:
-                part = exact_a(plan.chain, capture, plan.channels, memory_budget, training=False)
                 if sums[id(plan)] is None:
-                    sums[id(plan)] = torch.zeros(part.shape, dtype=torch.float64, device=part.device)
-                sums[id(plan)].add_(part, alpha=capture.batch)
+                    shape = (len(plan.channels), plan.chain.inbound_size, plan.chain.outbound_size)
+                    sums[id(plan)] = torch.zeros(shape, dtype=torch.float64, device=device_of(capture))
+                # summed straight into float64, weighted by the batch (the loss is a batch mean)
+                exact_a(plan.chain, capture, plan.channels, memory_budget, training=False,
+                        into=sums[id(plan)], scale=capture.batch)
             if free_plans:
                 stored.append(capture)
     total = _all_reduce(torch.tensor(float(samples), dtype=torch.float64, device=model_device(model)))
@@ -323,9 +325,19 @@ def statistics_from_a(sites: Sequence[Site], a: torch.Tensor, samples: int) -> d
 
 @torch.no_grad()
 def exact_a(
-    chain: GroupChain, capture: Capture, channels: Sequence[int], memory_budget: int, *, training: bool
+    chain: GroupChain,
+    capture: Capture,
+    channels: Sequence[int],
+    memory_budget: int,
+    *,
+    training: bool,
+    into: torch.Tensor | None = None,
+    scale: float = 1.0,
 ) -> torch.Tensor:
     """This capture's A for ``channels`` (S, K, L), in the model's dtype, for its batch-mean loss.
+
+    With ``into``, the blocks are added to that tensor (any dtype, e.g. a
+    float64 running sum) times ``scale`` instead, and it is returned.
 
     Samples are processed in chunks (unless ``training``: batch norm in
     training mode couples them) and rows in chunks, to stay near
@@ -334,7 +346,8 @@ def exact_a(
     first = capture.outputs[chain.producers[0].node]
     dtype, device = first.dtype, first.device
     index = torch.tensor(list(channels), device=device)
-    result = torch.zeros(len(channels), chain.inbound_size, chain.outbound_size, dtype=dtype, device=device)
+    shape = (len(channels), chain.inbound_size, chain.outbound_size)
+    result = into if into is not None else torch.zeros(shape, dtype=dtype, device=device)
     per_row = _bytes_per_row_and_sample(chain, capture, training)
     rows_wanted = min(32, max(spec.size for spec in chain.producers))
     chunk = capture.batch if training else max(1, min(capture.batch, memory_budget // max(1, per_row * rows_wanted)))
@@ -359,7 +372,7 @@ def exact_a(
                         block = chain.contract_diagonal(
                             j, inputs[:, row:min(stop, weight_rows)], stop > weight_rows, scales[j], error, index
                         )
-                        result[:, spec.offset + row:spec.offset + stop, columns[j]] += block
+                        result[:, spec.offset + row:spec.offset + stop, columns[j]].add_(block, alpha=scale)
             patches = conv_patches(spec.module, layer_input) if spec.conv_dims and general else None
             for row in range(0, spec.size, row_chunk) if general else ():
                 rows = range(row, min(row + row_chunk, spec.size))
@@ -368,8 +381,12 @@ def exact_a(
                 for j in general:
                     error = part.errors[chain.consumers[j].node]
                     block = chain.contract(j, tangents[j], error, index)
-                    result[:, spec.offset + rows.start:spec.offset + rows.stop, columns[j]] += block
+                    result[:, spec.offset + rows.start:spec.offset + rows.stop, columns[j]].add_(block, alpha=scale)
     return result
+
+
+def device_of(capture: Capture) -> torch.device:
+    return next(iter(capture.outputs.values())).device
 
 
 def _bytes_per_row_and_sample(chain: GroupChain, capture: Capture, training: bool) -> int:
