@@ -475,11 +475,20 @@ def linear_operators(
     """
     rows, columns = chain.row_slices(), chain.column_slices()
     count = chain.group.size
+    producers, consumers = range(len(chain.producers)), range(len(chain.consumers))
+    # an element-wise chain is a diagonal: keep it per capture instead of re-running the chain
+    diagonal = all(chain.diagonal[i][j] or not chain.reach[i][j] for i in producers for j in consumers)
+    scales: dict[int, list[tuple[torch.Tensor, ...]]] = {}
+
+    def chain_scales(index: int, capture: Capture, outputs: list[torch.Tensor]) -> list[tuple[torch.Tensor, ...]]:
+        if index not in scales:
+            scales[index] = [chain.diagonal_scales(outputs, capture.externals, i) for i in producers]
+        return scales[index]
 
     @torch.no_grad()
     def product(vectors: torch.Tensor) -> torch.Tensor:
         result = torch.zeros(count, chain.inbound_size, dtype=torch.float64, device=vectors.device)
-        for capture in captures:
+        for index, capture in enumerate(captures):
             outputs = [capture.outputs[spec.node] for spec in chain.producers]
             dtype = outputs[0].dtype
             errors = [
@@ -488,26 +497,48 @@ def linear_operators(
                 )
                 for j, spec in enumerate(chain.consumers)
             ]
-            deltas = chain.vjp(outputs, capture.externals, errors)
+            if diagonal:
+                diagonals = chain_scales(index, capture, outputs)
+                deltas = [
+                    sum(
+                        ((errors[j] * diagonals[i][j]).reshape(outputs[i].shape)
+                         for j in consumers if chain.reach[i][j]),
+                        torch.zeros_like(outputs[i]),
+                    )
+                    for i in producers
+                ]
+            else:
+                deltas = chain.vjp(outputs, capture.externals, errors)
             for i, spec in enumerate(chain.producers):
                 grad = chain.producer_gradient(i, capture.inputs[spec.node], deltas[i])
-                result[:, rows[i]] += grad.double() * capture.batch
+                result[:, rows[i]].add_(grad, alpha=capture.batch)
         return _all_reduce(result) / samples
 
     @torch.no_grad()
     def transposed(vectors: torch.Tensor) -> torch.Tensor:
         result = torch.zeros(count, chain.outbound_size, dtype=torch.float64, device=vectors.device)
-        for capture in captures:
+        for index, capture in enumerate(captures):
             outputs = [capture.outputs[spec.node] for spec in chain.producers]
             dtype = outputs[0].dtype
             seeds = [
                 chain.producer_tangent(i, capture.inputs[spec.node], vectors[:, rows[i]].to(dtype))
                 for i, spec in enumerate(chain.producers)
             ]
-            tangents = chain.jvp(outputs, capture.externals, seeds)
+            if diagonal:
+                diagonals = chain_scales(index, capture, outputs)
+                tangents = [
+                    sum(
+                        (seeds[i].reshape(diagonals[i][j].shape) * diagonals[i][j]
+                         for i in producers if chain.reach[i][j]),
+                        outputs[0].new_zeros(capture.shapes[chain.consumers[j].node]),
+                    )
+                    for j in consumers
+                ]
+            else:
+                tangents = chain.jvp(outputs, capture.externals, seeds)
             for j, spec in enumerate(chain.consumers):
                 block = chain.consumer_columns(j, tangents[j], capture.errors[spec.node])
-                result[:, columns[j]] += block.double() * capture.batch
+                result[:, columns[j]].add_(block, alpha=capture.batch)
         return _all_reduce(result) / samples
 
     return product, transposed
