@@ -175,7 +175,8 @@ def bench_matrix_free(samples: int, exact_samples: int, repeats: int, device: st
     plain_pass(model, data[:1], loss_fn)
     plain, _ = best_time(lambda: plain_pass(model, data, loss_fn), repeats, sync)
     free_time, free = best_time(
-        lambda: tg.a_statistics(model, sites, data, loss_fn, method="matrix_free", progress=False), 1, sync
+        lambda: tg.a_statistics(model, sites, data, loss_fn, method="matrix_free", progress=False),
+        min(repeats, 3), sync,
     )
     result: dict[str, Any] = {
         "device": device,

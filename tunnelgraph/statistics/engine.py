@@ -500,10 +500,10 @@ def linear_operators(
             if diagonal:
                 diagonals = chain_scales(index, capture, outputs)
                 deltas = [
-                    sum(
-                        ((errors[j] * diagonals[i][j]).reshape(outputs[i].shape)
-                         for j in consumers if chain.reach[i][j]),
-                        torch.zeros_like(outputs[i]),
+                    _total(
+                        [(errors[j] * diagonals[i][j]).reshape(outputs[i].shape)
+                         for j in consumers if chain.reach[i][j]],
+                        lambda: torch.zeros_like(outputs[i]),
                     )
                     for i in producers
                 ]
@@ -527,10 +527,10 @@ def linear_operators(
             if diagonal:
                 diagonals = chain_scales(index, capture, outputs)
                 tangents = [
-                    sum(
-                        (seeds[i].reshape(diagonals[i][j].shape) * diagonals[i][j]
-                         for i in producers if chain.reach[i][j]),
-                        outputs[0].new_zeros(capture.shapes[chain.consumers[j].node]),
+                    _total(
+                        [seeds[i].reshape(diagonals[i][j].shape) * diagonals[i][j]
+                         for i in producers if chain.reach[i][j]],
+                        lambda: outputs[0].new_zeros(capture.shapes[chain.consumers[j].node]),
                     )
                     for j in consumers
                 ]
@@ -545,6 +545,16 @@ def linear_operators(
 
 
 # -- helpers ---------------------------------------------------------------------------
+def _total(terms: list[torch.Tensor], empty: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """The sum of ``terms`` without a zero start tensor (one term, the usual case, is returned as is)."""
+    if not terms:
+        return empty()
+    total = terms[0]
+    for term in terms[1:]:
+        total = total + term
+    return total
+
+
 def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         tensor = tensor.clone()
