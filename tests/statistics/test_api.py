@@ -112,3 +112,36 @@ def test_bad_inputs_get_clear_errors(cnn) -> None:  # type: ignore[no-untyped-de
         tg.a_statistics(wider, sites, data, squared_error)
     with pytest.raises(ValueError, match="k must be"):
         tg.open_tunnels(model, data, squared_error, k=0)
+
+
+class _TwoInputs(torch.nn.Module):
+    """Two inputs joined after their first layers: the statistics pass passes tuples positionally."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(3, 4)
+        self.b = torch.nn.Linear(5, 4)
+        self.head = torch.nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.cat([torch.tanh(self.a(x)), torch.relu(self.b(y))], dim=1))
+
+
+def test_data_loader_tuple_inputs_and_a_data_parallel_wrapper() -> None:
+    model = _TwoInputs().double()
+    x, y = torch.randn(12, 3, dtype=torch.float64), torch.randn(12, 5, dtype=torch.float64)
+    targets = torch.randn(12, 2, dtype=torch.float64)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y, targets), batch_size=5)
+    data = [((xb, yb), tb) for xb, yb, tb in loader]
+    sites = tg.find_sites(model, (x[:2], y[:2]))
+    assert {s.group_name for s in sites} == {"a", "b"}
+    wrapped = torch.nn.DataParallel(model)
+    stats = tg.a_statistics(wrapped, sites, data, squared_error, method="exact", progress=False)
+    assert [stats[s.name].samples for s in sites] == [12] * len(sites)
+    total = {name: torch.zeros_like(p) for name, p in model.named_parameters()}
+    for (xb, yb), tb in data:
+        loss = squared_error(model(xb, yb), tb) * (xb.shape[0] / 12)
+        for (name, _), grad in zip(model.named_parameters(), torch.autograd.grad(loss, list(model.parameters()))):
+            total[name] += grad
+    for site in sites:
+        assert relative(stats[site.name].gradient, inbound_gradient(total, site, site.channel)) <= 1e-12

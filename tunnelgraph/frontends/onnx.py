@@ -166,7 +166,7 @@ class _Translator:
         self._add(node)
         self.producer[tensor] = tensor
 
-    def _param(self, tensor: str, shared_ok: bool = False) -> ParamRef:
+    def _param(self, tensor: str) -> ParamRef:
         array_shape = tuple(self.initializers[tensor].dims)
         return ParamRef(tensor, array_shape, self.uses.get(tensor, 0) > 1)
 
