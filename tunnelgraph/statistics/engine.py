@@ -130,7 +130,11 @@ def a_statistics(
             from products with A and A^T over stored activations (``a`` is
             then None); ``"auto"`` picks the cheaper per group.
         memory_budget: bytes of working memory the exact path aims for.
-        max_steps, tol: Lanczos limits on the matrix-free path.
+        max_steps, tol: Lanczos limits on the matrix-free path: stop when
+            every channel's ``||A^T u - sigma v|| <= tol * sigma`` (1e-4
+            gives sigma to about 1e-8 relative and lambda* to a cosine
+            above 0.99999 on well-separated spectra), or after
+            ``max_steps`` products with A and with A^T.
 
     When ``torch.distributed`` is initialised, each rank passes its own
     shard of the data; sums (A, or each product with A) are all-reduced, so
