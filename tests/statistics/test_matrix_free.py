@@ -68,3 +68,19 @@ def test_auto_picks_the_cheaper_path() -> None:
     sites = tg.find_sites(model, x)
     stats = tg.a_statistics(model, sites[:2], data, squared_error, progress=False)
     assert {s.method for s in stats.values()} == {"matrix_free"}
+
+
+def test_recompute_mode_matches_the_stored_mode() -> None:
+    """store=False re-runs the pass for every product: same answer, memory independent of the data."""
+    entry = ZOO_BY_NAME["resnet_stack"]
+    model = entry.build().double()
+    data = regression_data(model, entry, torch.float64, batches=3, batch=4)
+    sites = tg.find_sites(model, data[0][0], through=tg.THROUGH_OPTIONS)
+    stored = tg.a_statistics(model, sites, data, squared_error, method="matrix_free", progress=False)
+    again = tg.a_statistics(model, sites, data, squared_error, method="matrix_free", progress=False, store=False)
+    for site in sites:
+        assert again[site.name].sigma == pytest.approx(stored[site.name].sigma, rel=1e-12)
+        assert relative(again[site.name].direction, stored[site.name].direction) <= 1e-10
+        assert relative(again[site.name].gradient, stored[site.name].gradient) <= 1e-12
+    with pytest.raises(tg.StatisticsError, match="re-iterable"):
+        tg.a_statistics(model, sites, iter(data), squared_error, method="matrix_free", store=False)

@@ -30,7 +30,7 @@ import itertools
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Literal, Sequence
+from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
 
 import torch
 import torch.distributed as dist
@@ -104,6 +104,7 @@ def a_statistics(
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     max_steps: int = 20,
     tol: float = 1e-4,
+    store: bool = True,
 ) -> dict[str, SiteStatistics]:
     """Measure A, its top singular triplet and the current gradient for every site.
 
@@ -135,6 +136,12 @@ def a_statistics(
             gives sigma to about 1e-8 relative and lambda* to a cosine
             above 0.99999 on well-separated spectra), or after
             ``max_steps`` products with A and with A^T.
+        store: the matrix-free path keeps the pass's activations and errors
+            in memory (memory grows with the data); with ``store=False`` it
+            re-runs the forward and backward pass over ``data`` for every
+            product instead (memory independent of the data's size, about
+            two passes per Lanczos step), which needs a re-iterable ``data``
+            such as a list or a DataLoader.
 
     When ``torch.distributed`` is initialised, each rank passes its own
     shard of the data; sums (A, or each product with A) are all-reduced, so
@@ -153,12 +160,22 @@ def a_statistics(
         raise StatisticsError("data yielded no batches; pass an iterable of (inputs, targets) batches")
     batches_iter = itertools.chain([first], batches_iter)
 
+    replay = None
+    if not store:
+        if iter(data) is data:
+            raise StatisticsError(
+                "store=False re-reads the data for every product with A: pass a re-iterable (a list or "
+                "a DataLoader), not an iterator or generator"
+            )
+        replay = lambda: _batches(data, batches, device)  # noqa: E731
     modes = {name: sub.training for name, sub in model.named_modules()}
     model.eval()
     try:
         graph = trace(model, first[0])
         plans = _plans(model, graph, sites, method, max_steps)
-        return _measure(model, plans, batches_iter, loss_fn, batches, progress, memory_budget, max_steps, tol)
+        return _measure(
+            model, plans, batches_iter, loss_fn, batches, progress, memory_budget, max_steps, tol, replay
+        )
     finally:
         for name, sub in model.named_modules():
             sub.train(modes[name])
@@ -238,6 +255,7 @@ def _measure(
     memory_budget: int,
     max_steps: int,
     tol: float,
+    replay: Callable[[], Iterable[tuple[Any, Any]]] | None = None,
 ) -> dict[str, SiteStatistics]:
     exact_plans = [plan for plan in plans if plan.method == "exact"]
     free_plans = [plan for plan in plans if plan.method == "matrix_free"]
@@ -255,7 +273,7 @@ def _measure(
                 # summed straight into float64, weighted by the batch (the loss is a batch mean)
                 exact_a(plan.chain, capture, plan.channels, memory_budget, training=False,
                         into=sums[id(plan)], scale=capture.batch)
-            if free_plans:
+            if free_plans and replay is None:
                 stored.append(capture)
     total = _all_reduce(torch.tensor(float(samples), dtype=torch.float64, device=model_device(model)))
     samples = int(total.item())
@@ -267,7 +285,8 @@ def _measure(
         a = _all_reduce(sums[id(plan)]) / samples
         results.update(statistics_from_a(plan.sites, a, samples))
     for plan in free_plans:
-        results.update(_matrix_free(plan, stored, samples, max_steps, tol))
+        captures: Iterable[Capture] = stored if replay is None else _Replay(model, plan.chain, replay, loss_fn)
+        results.update(_matrix_free(plan, captures, samples, max_steps, tol, model_device(model)))
     return {site.name: results[site.name] for plan in plans for site in plan.sites}
 
 
@@ -417,12 +436,26 @@ def _bytes_per_row_and_sample(chain: GroupChain, capture: Capture, training: boo
 
 
 # -- matrix-free ------------------------------------------------------------------------
+class _Replay:
+    """Captures made afresh by a forward and backward pass over the data, each time it is iterated."""
+
+    def __init__(
+        self, model: nn.Module, chain: GroupChain, batches: Callable[[], Iterable[tuple[Any, Any]]], loss_fn: LossFn
+    ) -> None:
+        self.model, self.chain, self.batches, self.loss_fn = model, chain, batches, loss_fn
+
+    def __iter__(self) -> Iterator[Capture]:
+        with Recorder(self.model, [self.chain]) as recorder:
+            for inputs, targets in self.batches():
+                yield run_batch(self.model, recorder, inputs, targets, self.loss_fn)
+
+
 def _matrix_free(
-    plan: _GroupPlan, stored: list[Capture], samples: int, max_steps: int, tol: float
+    plan: _GroupPlan, stored: Iterable[Capture], samples: int, max_steps: int, tol: float, device: torch.device
 ) -> dict[str, SiteStatistics]:
     chain = plan.chain
-    product, transposed = linear_operators(chain, stored, samples)
-    start = _start_vectors(chain, stored)
+    product, transposed = linear_operators(chain, stored, samples, cache=isinstance(stored, list))
+    start = _start_vectors(chain, device)
     triplet: Triplet = lanczos_top(product, transposed, start, max_steps=max_steps, tol=tol)
     gradient = _captured_gradient(chain, stored, samples)
     if gradient is None:
@@ -450,32 +483,32 @@ def _matrix_free(
     return results
 
 
-def _captured_gradient(chain: GroupChain, stored: list[Capture], samples: int) -> torch.Tensor | None:
+def _captured_gradient(chain: GroupChain, stored: Iterable[Capture], samples: int) -> torch.Tensor | None:
     """``A 1`` of every channel from the gradients the capture passes computed anyway."""
-    if not all(spec.node in capture.gradients for capture in stored for spec in chain.producers):
-        return None
     total = None
     for capture in stored:
+        if not all(spec.node in capture.gradients for spec in chain.producers):
+            return None
         rows = torch.cat([capture.gradients[spec.node] for spec in chain.producers], dim=1).double()
         total = rows * capture.batch if total is None else total + rows * capture.batch
     return _all_reduce(total) / samples
 
 
-def _start_vectors(chain: GroupChain, stored: list[Capture]) -> torch.Tensor:
-    device = stored[0].outputs[chain.producers[0].node].device
+def _start_vectors(chain: GroupChain, device: torch.device) -> torch.Tensor:
     generator = torch.Generator().manual_seed(0)  # the same on every rank
     start = torch.randn(chain.group.size, chain.outbound_size, generator=generator, dtype=torch.float64)
     return start.to(device)
 
 
 def linear_operators(
-    chain: GroupChain, captures: Sequence[Capture], samples: int
+    chain: GroupChain, captures: Iterable[Capture], samples: int, *, cache: bool = True
 ) -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]:
     """``v -> A v`` and ``u -> A^T u`` for every channel of the group, summed over ``captures``.
 
     Vectors are float64 (channels x L, channels x K); each pass runs in the
     model's dtype and accumulates in float64; sums are all-reduced when
-    ``torch.distributed`` is initialised.
+    ``torch.distributed`` is initialised. ``cache`` keeps element-wise
+    chains' Jacobian diagonals per capture (for stored captures).
     """
     rows, columns = chain.row_slices(), chain.column_slices()
     count = chain.group.size
@@ -485,6 +518,8 @@ def linear_operators(
     scales: dict[int, list[tuple[torch.Tensor, ...]]] = {}
 
     def chain_scales(index: int, capture: Capture, outputs: list[torch.Tensor]) -> list[tuple[torch.Tensor, ...]]:
+        if not cache:
+            return [chain.diagonal_scales(outputs, capture.externals, i) for i in producers]
         if index not in scales:
             scales[index] = [chain.diagonal_scales(outputs, capture.externals, i) for i in producers]
         return scales[index]
