@@ -235,15 +235,11 @@ def _onnx_example(model: Any) -> Any:
     """Random inputs of an ONNX model's declared shapes (for verify without --inputs)."""
     import torch
 
+    from tunnelgraph.backends.onnx import random_inputs
+
     if model is None:
         raise UsageError("verify needs example inputs: pass --input-shape or --inputs F.npz")
-    initializers = {t.name for t in model.graph.initializer}
-    tensors = []
-    for value in model.graph.input:
-        if value.name in initializers:
-            continue
-        dims = [d.dim_value if d.HasField("dim_value") else 1 for d in value.type.tensor_type.shape.dim]
-        tensors.append(torch.randn(dims, generator=torch.Generator().manual_seed(len(tensors))))
+    tensors = [torch.from_numpy(array) for array in random_inputs(model)]
     return tensors[0] if len(tensors) == 1 else tuple(tensors)
 
 

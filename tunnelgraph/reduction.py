@@ -10,6 +10,7 @@ the consumers' biases.
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence, Union
@@ -140,13 +141,7 @@ def reduce(
     equivalence = verify(model, current, inputs) if applied else None
     report = ReductionReport(tuple(applied), tuple(skipped.values()), before, after, equivalence)
     logger.info("reduced %d units: %d -> %d parameters", len(applied), before, after)
-    return (current if applied else _copy(model)), report
-
-
-def _copy(model: nn.Module) -> nn.Module:
-    import copy
-
-    return copy.deepcopy(model)
+    return (current if applied else copy.deepcopy(model)), report
 
 
 def _reduce_group(
@@ -243,12 +238,12 @@ def _reduce_onnx(
 
     from tunnelgraph.backends.onnx import apply_plan_onnx, initializer_arrays
     from tunnelgraph.backends.onnx_torch import to_torch, torch_name
-    from tunnelgraph.cli import _onnx_example
+    from tunnelgraph.backends.onnx import random_inputs
     from tunnelgraph.frontends.onnx import load_onnx, read_onnx
 
     proto = read_onnx(model)[0]
     if example_inputs is None:
-        example_inputs = _onnx_example(proto)
+        example_inputs = tuple(torch.from_numpy(array) for array in random_inputs(proto))
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     chosen = check_through(through)
     count = lambda m: sum(int(np.prod(t.dims)) for t in m.graph.initializer)  # noqa: E731

@@ -138,3 +138,16 @@ def run_onnx(model: onnx.ModelProto, inputs: Sequence[np.ndarray]) -> list[np.nd
             array = array.astype(np.float32)
         feed[meta.name] = array
     return list(session.run(None, feed))
+
+
+def random_inputs(model: onnx.ModelProto, seed: int = 0) -> list[np.ndarray]:
+    """Standard-normal float32 arrays of the model's declared input shapes (unknown dimensions: 1)."""
+    generator = np.random.default_rng(seed)
+    initializers = {t.name for t in model.graph.initializer}
+    arrays = []
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else 1 for d in value.type.tensor_type.shape.dim]
+        arrays.append(generator.standard_normal(dims).astype(np.float32))
+    return arrays

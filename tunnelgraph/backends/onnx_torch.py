@@ -64,11 +64,11 @@ class _Builder:
                 self.users.setdefault(tensor, []).append(node)
         self.fused: set[str] = set()
         self.constants = 0
-        from tunnelgraph.frontends.onnx import _shape_of
+        from tunnelgraph.frontends.onnx import value_shape
 
         inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
         values = list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output)
-        self.shapes = {value.name: _shape_of(value) for value in values}
+        self.shapes = {value.name: value_shape(value) for value in values}
 
     def _shape(self, name: str) -> tuple[int, ...] | None:
         return self.shapes.get(name)

@@ -125,7 +125,7 @@ class _Translator:
         self.constants: dict[str, np.ndarray] = {}
         self.shapes: dict[str, tuple[int, ...] | None] = {}
         for value in list(model.graph.input) + list(model.graph.value_info) + list(model.graph.output):
-            self.shapes[value.name] = _shape_of(value)
+            self.shapes[value.name] = value_shape(value)
         for tensor in self.initializers.values():
             self.shapes[tensor.name] = tuple(tensor.dims)
         self.producer: dict[str, str] = {}  # tensor name -> IR node name that produces it
@@ -422,7 +422,8 @@ def layer_name(node: onnx.NodeProto, weight: str | None, bias: str | None = None
     return node.name or node.output[0]
 
 
-def _shape_of(value: onnx.ValueInfoProto) -> tuple[int, ...] | None:
+def value_shape(value: onnx.ValueInfoProto) -> tuple[int, ...] | None:
+    """A value's inferred shape, unknown (symbolic) dimensions read as 1; None without a shape."""
     tensor_type = value.type.tensor_type
     if not tensor_type.HasField("shape"):
         return None

@@ -204,7 +204,7 @@ def _plans(model: nn.Module, graph: Graph, sites: Sequence[Site], method: Method
     plans = []
     for members in by_group.values():
         group = members[0].group
-        _check_fits(model, members[0])
+        check_sites_fit(model, members[0])
         chain = GroupChain(model, graph, group)
         chosen = method
         if method == "auto":
@@ -215,7 +215,8 @@ def _plans(model: nn.Module, graph: Graph, sites: Sequence[Site], method: Method
     return plans
 
 
-def _check_fits(model: nn.Module, site: Site) -> None:
+def check_sites_fit(model: nn.Module, site: Site) -> None:
+    """Raise :class:`StatisticsError` unless ``site`` was found on ``model`` (its parameters' shapes)."""
     tensors = dict(model.named_parameters(remove_duplicate=False))
     tensors.update(model.named_buffers(remove_duplicate=False))
     check_shapes(site.group, {name: tuple(t.shape) for name, t in tensors.items()}, StatisticsError)
@@ -524,32 +525,46 @@ def linear_operators(
             scales[index] = [chain.diagonal_scales(outputs, capture.externals, i) for i in producers]
         return scales[index]
 
+    def backward(index: int, capture: Capture, outputs: list[torch.Tensor], errors: list[torch.Tensor]) -> list:
+        """Errors at the consumers' inputs -> errors at the producers' outputs, through the chain."""
+        if not diagonal:
+            return list(chain.vjp(outputs, capture.externals, errors))
+        diagonals = chain_scales(index, capture, outputs)
+        return [
+            _total(
+                [(errors[j] * diagonals[i][j]).reshape(outputs[i].shape) for j in consumers if chain.reach[i][j]],
+                lambda: torch.zeros_like(outputs[i]),
+            )
+            for i in producers
+        ]
+
+    def forward(index: int, capture: Capture, outputs: list[torch.Tensor], seeds: list[torch.Tensor]) -> list:
+        """Tangents at the producers' outputs -> tangents at the consumers' inputs, through the chain."""
+        if not diagonal:
+            return list(chain.jvp(outputs, capture.externals, seeds))
+        diagonals = chain_scales(index, capture, outputs)
+        return [
+            _total(
+                [seeds[i].reshape(diagonals[i][j].shape) * diagonals[i][j] for i in producers if chain.reach[i][j]],
+                lambda: outputs[0].new_zeros(capture.shapes[chain.consumers[j].node]),
+            )
+            for j in consumers
+        ]
+
     @torch.no_grad()
     def product(vectors: torch.Tensor) -> torch.Tensor:
         result = torch.zeros(count, chain.inbound_size, dtype=torch.float64, device=vectors.device)
         for index, capture in enumerate(captures):
             outputs = [capture.outputs[spec.node] for spec in chain.producers]
-            dtype = outputs[0].dtype
             errors = [
                 chain.consumer_error(
-                    j, vectors[:, columns[j]].to(dtype), capture.shapes[spec.node], capture.errors[spec.node]
+                    j, vectors[:, columns[j]].to(outputs[0].dtype), capture.shapes[spec.node],
+                    capture.errors[spec.node],
                 )
                 for j, spec in enumerate(chain.consumers)
             ]
-            if diagonal:
-                diagonals = chain_scales(index, capture, outputs)
-                deltas = [
-                    _total(
-                        [(errors[j] * diagonals[i][j]).reshape(outputs[i].shape)
-                         for j in consumers if chain.reach[i][j]],
-                        lambda: torch.zeros_like(outputs[i]),
-                    )
-                    for i in producers
-                ]
-            else:
-                deltas = chain.vjp(outputs, capture.externals, errors)
-            for i, spec in enumerate(chain.producers):
-                grad = chain.producer_gradient(i, capture.inputs[spec.node], deltas[i])
+            for i, (spec, delta) in enumerate(zip(chain.producers, backward(index, capture, outputs, errors))):
+                grad = chain.producer_gradient(i, capture.inputs[spec.node], delta)
                 result[:, rows[i]].add_(grad, alpha=capture.batch)
         return _all_reduce(result) / samples
 
@@ -558,25 +573,12 @@ def linear_operators(
         result = torch.zeros(count, chain.outbound_size, dtype=torch.float64, device=vectors.device)
         for index, capture in enumerate(captures):
             outputs = [capture.outputs[spec.node] for spec in chain.producers]
-            dtype = outputs[0].dtype
             seeds = [
-                chain.producer_tangent(i, capture.inputs[spec.node], vectors[:, rows[i]].to(dtype))
+                chain.producer_tangent(i, capture.inputs[spec.node], vectors[:, rows[i]].to(outputs[0].dtype))
                 for i, spec in enumerate(chain.producers)
             ]
-            if diagonal:
-                diagonals = chain_scales(index, capture, outputs)
-                tangents = [
-                    _total(
-                        [seeds[i].reshape(diagonals[i][j].shape) * diagonals[i][j]
-                         for i in producers if chain.reach[i][j]],
-                        lambda: outputs[0].new_zeros(capture.shapes[chain.consumers[j].node]),
-                    )
-                    for j in consumers
-                ]
-            else:
-                tangents = chain.jvp(outputs, capture.externals, seeds)
-            for j, spec in enumerate(chain.consumers):
-                block = chain.consumer_columns(j, tangents[j], capture.errors[spec.node])
+            for j, (spec, tangent) in enumerate(zip(chain.consumers, forward(index, capture, outputs, seeds))):
+                block = chain.consumer_columns(j, tangent, capture.errors[spec.node])
                 result[:, columns[j]].add_(block, alpha=capture.batch)
         return _all_reduce(result) / samples
 

@@ -26,7 +26,7 @@ from tunnelgraph.statistics.chain import GroupChain
 from tunnelgraph.statistics.engine import (
     DEFAULT_MEMORY_BUDGET,
     SiteStatistics,
-    _check_fits,
+    check_sites_fit,
     exact_a,
     statistics_from_a,
     unwrap_model,
@@ -93,7 +93,7 @@ class StatisticsTracker:
             by_group.setdefault(site.group.name, []).append(site)
         self.groups: list[tuple[GroupChain, list[Site]]] = []
         for members in by_group.values():
-            _check_fits(self.model, members[0])
+            check_sites_fit(self.model, members[0])
             self.groups.append((GroupChain(self.model, graph, members[0].group), members))
         self.averages: dict[str, torch.Tensor] = {}
         self.updates = 0
