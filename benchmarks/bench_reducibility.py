@@ -15,7 +15,7 @@
 
 Usage::
 
-    python benchmarks/bench_reducibility.py [--mnist ../shared/data/mnist] [--samples 10000]
+    python benchmarks/bench_reducibility.py [--mnist DIR] [--samples 10000]
 """
 
 from __future__ import annotations

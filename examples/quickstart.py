@@ -8,7 +8,7 @@ Steps, on ``paper_cnn()`` (8 filters of 5x5, sigmoid, linear softmax layer):
 3. open the steepest tunnel: clone the best filter into a new ninth filter,
    splitting its outbound weights by ``lambda_t = 1/2 + t * lambda*``;
 4. check that the network computes the same function (``tg.verify``);
-5. check MATH.md's identity: the squared gradient norm of the filter and its
+5. check the identity of docs/MATH.md section 4: the squared gradient norm of the filter and its
    clone is ``||A 1||^2 / 2 + 2 t^2 sigma_max(A)^2``, against a random
    lambda of the same radius;
 6. close the tunnel (merge the clone back into the filter) and compare the

@@ -89,3 +89,40 @@ def test_analyze_with_data_shows_empirical_measures(tmp_path: Path) -> None:
     result = run("analyze", "tunnelgraph.models:paper_cnn", "--input-shape", "2,1,28,28", "--data", str(data))
     assert result.returncode == 0, result.stderr
     assert "Empirical measures (64 samples)" in result.stdout and "| conv[7] |" in result.stdout
+
+
+def test_verify_of_models_that_take_different_inputs_exits_two_with_one_line(tmp_path: Path) -> None:
+    from test_messages import onnx_mlp
+
+    import onnx
+
+    narrow, wide = tmp_path / "narrow.onnx", tmp_path / "wide.onnx"
+    onnx.save(onnx_mlp(4), narrow)
+    onnx.save(onnx_mlp(5), wide)
+    result = run("verify", str(narrow), str(wide))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "tunnelgraph verify: input 0 ('x') has shape (2, 4) in model_a but (2, 5) in model_b: the models take "
+        "inputs of different shapes"
+    ]
+    linear = tmp_path / "linear.pt"
+    torch.save(torch.nn.Linear(10, 3), linear)
+    result = run("verify", "tunnelgraph.models:paper_cnn", str(linear), "--input-shape", "2,1,28,28")
+    assert result.returncode == 2, result.stdout + result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("tunnelgraph verify: model_b fails on the given inputs (input 0 of shape (2, 1, 28, 28))")
+
+
+def test_through_takes_a_comma_list_and_reasons_quote_the_flag() -> None:
+    factory, shape = "tunnelgraph.models:paper_deep_cnn", "1,3,64,64"
+    listed = run("analyze", factory, "--input-shape", shape, "--through", "batchnorm,pooling", "--json")
+    assert listed.returncode == 0, listed.stderr
+    repeated = run("analyze", factory, "--input-shape", shape, "--through", "batchnorm", "--through", "pooling",
+                   "--json")
+    assert json.loads(listed.stdout) == json.loads(repeated.stdout)
+    assert json.loads(listed.stdout)["sites"] == 5 * 64
+    default = run("analyze", factory, "--input-shape", shape)
+    assert "feeds batch norm 'features.1' (pass --through batchnorm to clone through it)" in default.stdout
+    assert "through=" not in default.stdout
+    unknown = run("analyze", factory, "--input-shape", shape, "--through", "batchnorm,pool")
+    assert unknown.returncode == 2 and "unknown option(s) pool" in unknown.stderr

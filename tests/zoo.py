@@ -457,6 +457,66 @@ class DenseBlock(nn.Module):
         return self.fc(torch.relu(self.mix(z)).flatten(1))
 
 
+class InvertedResidual(nn.Module):
+    """MobileNetV3's first blocks: the first has expand ratio 1, so its 1x1 projection reads the
+    stream (through the depthwise chain) and, through the residual add, writes it too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.stem_bn = nn.BatchNorm2d(8)
+        self.dw1 = nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False)
+        self.dw1_bn = nn.BatchNorm2d(8)
+        self.project1 = nn.Conv2d(8, 8, 1, bias=False)
+        self.project1_bn = nn.BatchNorm2d(8)
+        self.expand2 = nn.Conv2d(8, 16, 1, bias=False)
+        self.expand2_bn = nn.BatchNorm2d(16)
+        self.dw2 = nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False)
+        self.dw2_bn = nn.BatchNorm2d(16)
+        self.project2 = nn.Conv2d(16, 8, 1, bias=False)
+        self.project2_bn = nn.BatchNorm2d(8)
+        self.head = nn.Conv2d(8, 12, 1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(12, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.hardswish(self.stem_bn(self.stem(x)))
+        x = x + self.project1_bn(self.project1(F.relu(self.dw1_bn(self.dw1(x)))))
+        h = F.relu(self.expand2_bn(self.expand2(x)))
+        x = x + self.project2_bn(self.project2(F.relu(self.dw2_bn(self.dw2(h)))))
+        x = F.hardswish(self.head(x))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """timm's BatchNormAct2d: a batch norm subclass whose forward calls ``F.batch_norm`` on its own
+    buffers, with the training flag read in the forward (torch.fx bakes it into the trace)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+        x = F.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias, self.training, self.momentum, self.eps
+        )
+        return F.relu(x)
+
+
+class FunctionalBatchNorm(nn.Module):
+    """conv -> BatchNormAct2d -> conv -> BatchNormAct2d -> pool -> linear (timm's functional batch norm)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.bn1 = BatchNormAct2d(6)
+        self.conv2 = nn.Conv2d(6, 8, 3, padding=1)
+        self.bn2 = BatchNormAct2d(8)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.bn2(self.conv2(self.bn1(self.conv1(x))))
+        return self.fc(x.mean((2, 3)))
+
+
 def _builder(cls: Callable[..., nn.Module], **kwargs: int) -> Callable[[], nn.Module]:
     def build() -> nn.Module:
         return _finish(cls(**kwargs))
@@ -505,6 +565,7 @@ ZOO: list[ZooEntry] = [
     ZooEntry("global_mean_pool", _builder(GlobalMeanPool), (4, 3, 6, 6), has_batchnorm=False),
     ZooEntry("squeeze_excite", _builder(SqueezeExcite), (4, 3, 6, 6), has_batchnorm=False),
     ZooEntry("dense_block", _builder(DenseBlock), (4, 3, 6, 6), has_batchnorm=True),
+    ZooEntry("inverted_residual", _builder(InvertedResidual), (4, 3, 8, 8), has_batchnorm=True),
     ZooEntry(
         "residual_net_3",
         _builder(models.residual_net, blocks=3, width=8),
@@ -515,6 +576,13 @@ ZOO: list[ZooEntry] = [
 
 TRACEABLE: list[ZooEntry] = [e for e in ZOO if e.traceable]
 
-ZOO_BY_NAME: dict[str, ZooEntry] = {e.name: e for e in ZOO}
+SPECIAL: list[ZooEntry] = [
+    # timm's functional batch norm: fx blocks F.batch_norm for now, so the model has no sites; the
+    # no-harm tests run it (its trace in training mode used to update the running statistics)
+    ZooEntry("functional_batchnorm", _builder(FunctionalBatchNorm), (4, 3, 6, 6), has_batchnorm=True),
+]
+"""Models for particular tests, outside the zoo that every rewrite test runs over."""
 
-__all__ = ["ZooEntry", "ZOO", "TRACEABLE", "ZOO_BY_NAME", "example_input"]
+ZOO_BY_NAME: dict[str, ZooEntry] = {e.name: e for e in ZOO + SPECIAL}
+
+__all__ = ["ZooEntry", "ZOO", "TRACEABLE", "SPECIAL", "ZOO_BY_NAME", "example_input"]

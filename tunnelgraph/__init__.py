@@ -5,9 +5,13 @@ Trace a model into a DAG of units, find the channels that can be cloned
 function the network computes (Escaping Flat Areas via Function-Preserving
 Structural Network Modifications).
 
-Importing tunnelgraph does not import torch: the PyTorch parts (tracing,
-statistics, verification, export) load on first use, so ONNX models can be
-analysed and rewritten without it.
+Importing tunnelgraph imports neither torch nor onnx: the PyTorch parts
+(tracing, statistics, verification, export) load on first use, so ONNX models
+can be analysed and rewritten without torch; and the ONNX parts (``load_onnx``,
+``to_torch``, ``export_onnx``) load on first use, so the PyTorch path works
+without the optional ``onnx`` extra (without it they raise
+:class:`MissingExtraError`, an ``ImportError`` that says
+``pip install "tunnelgraph[onnx]"``).
 """
 
 from __future__ import annotations
@@ -31,13 +35,13 @@ from tunnelgraph.api import (
     rewrite,
 )
 from tunnelgraph.errors import (
+    MissingExtraError,
     RewriteError,
     SiteError,
     StatisticsError,
     TraceError,
     TunnelgraphError,
 )
-from tunnelgraph.frontends.onnx import load_onnx
 from tunnelgraph.ir import Graph
 from tunnelgraph.rewrite.edits import ChannelEdit
 
@@ -57,17 +61,37 @@ _LAZY = {
     "ReductionReport": "tunnelgraph.reduction",
     "export_onnx": "tunnelgraph.backends.onnx_export",
     "to_torch": "tunnelgraph.backends.onnx_torch",
+    "load_onnx": "tunnelgraph.frontends.onnx",
 }
 
 
 def __getattr__(name: str) -> Any:
-    """The PyTorch-dependent names, imported on first use."""
+    """The names that need torch or onnx, imported on first use.
+
+    Without the ``onnx`` extra, an ONNX function is still a name here (so
+    ``from tunnelgraph import *`` and ``help(tunnelgraph)`` work); calling it
+    raises :class:`MissingExtraError`, which says how to install the extra.
+    """
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'tunnelgraph' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
+    try:
+        value = getattr(importlib.import_module(module), name)
+    except MissingExtraError as error:
+        return _unavailable(name, error)
     globals()[name] = value
     return value
+
+
+def _unavailable(name: str, error: MissingExtraError) -> Any:
+    """A stand-in for the function ``name`` that raises ``error`` (a missing extra) when called."""
+
+    def unavailable(*args: Any, **kwargs: Any) -> Any:
+        raise MissingExtraError(str(error)) from error
+
+    unavailable.__name__ = unavailable.__qualname__ = name
+    unavailable.__doc__ = f"Unavailable: {error}"
+    return unavailable
 
 
 def __dir__() -> list[str]:
@@ -82,6 +106,7 @@ __all__ = [
     "EquivalenceReport",
     "Finding",
     "Graph",
+    "MissingExtraError",
     "OpenedTunnel",
     "ParamSlice",
     "ReductionReport",

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence, Union
 
 import numpy as np
 
-from tunnelgraph.analysis.groups import ChannelGroup, channel_groups, check_through
+from tunnelgraph.analysis.groups import THROUGH_OPTIONS, ChannelGroup, channel_groups, check_through, through_hint
 from tunnelgraph.analysis.sites import AnalysisReport, Site, analyze_graph, find_site, sites_of
 from tunnelgraph.errors import SiteError
 from tunnelgraph.ir import Graph
@@ -71,7 +71,7 @@ def analyze(
     """Every hidden channel group of ``model``, legal or not, and why (see :func:`find_sites`).
 
     For a PyTorch model the report also lists the units its weights prove
-    reducible (Sussmann's conditions, MATH.md section 2; see
+    reducible (Sussmann's conditions, docs/MATH.md section 2; see
     :func:`tunnelgraph.reduce`). With ``data`` (batches of ``(inputs,
     targets)`` or of inputs; ``batches`` limits them) every unit also gets
     its empirical measures: outbound norm, activation mean and std, and the
@@ -200,7 +200,7 @@ def reorganize(
     batches: int | None = None,
     progress: bool = False,
 ) -> Any:
-    """The paper's shape-preserving tunnel (MATH.md section 6).
+    """The paper's shape-preserving tunnel (docs/MATH.md section 6).
 
     ``merge = (site, into)`` merges ``site``'s channel into channel ``into``
     (as :func:`merge`); then ``clone`` (a site or a channel index of the same
@@ -299,30 +299,24 @@ def function_change(
     """Largest output change of ``after`` against ``before`` over ``data``, and mean losses (eval mode)."""
     import torch
 
+    from tunnelgraph.runtime import preserved
+
     worst = reference = 0.0
     losses = [0.0, 0.0]
     samples = 0
-    modes = [{n: m.training for n, m in net.named_modules()} for net in (before, after)]
-    try:
-        before.eval()
-        after.eval()
-        with torch.no_grad():
-            for batch in data:
-                inputs = _inputs_of(batch)
-                inputs = inputs if isinstance(inputs, tuple) else (inputs,)
-                first, second = before(*inputs), after(*inputs)
-                worst = max(worst, float((first - second).abs().max()))
-                reference = max(reference, float(first.abs().max()))
-                count = int(inputs[0].shape[0])
-                samples += count
-                if loss_fn is not None:
-                    targets = batch[1]
-                    losses[0] += float(loss_fn(first, targets)) * count
-                    losses[1] += float(loss_fn(second, targets)) * count
-    finally:
-        for net, mode in zip((before, after), modes):
-            for name, sub in net.named_modules():
-                sub.train(mode[name])
+    with preserved(before, train=False), preserved(after, train=False), torch.no_grad():
+        for batch in data:
+            inputs = _inputs_of(batch)
+            inputs = inputs if isinstance(inputs, tuple) else (inputs,)
+            first, second = before(*inputs), after(*inputs)
+            worst = max(worst, float((first - second).abs().max()))
+            reference = max(reference, float(first.abs().max()))
+            count = int(inputs[0].shape[0])
+            samples += count
+            if loss_fn is not None:
+                targets = batch[1]
+                losses[0] += float(loss_fn(first, targets)) * count
+                losses[1] += float(loss_fn(second, targets)) * count
     return {
         "max_abs_change": worst,
         "max_rel_change": worst / reference if reference else worst,
@@ -355,6 +349,14 @@ class OpenedTunnel:
     clone: int
     lam: torch.Tensor
     statistics: SiteStatistics
+
+    def __repr__(self) -> str:
+        lam = self.lam.detach()
+        span = f" in [{float(lam.min()):.4g}, {float(lam.max()):.4g}]" if lam.numel() else ""
+        return (
+            f"OpenedTunnel(site={self.site!r}, clone={self.clone}, lam={tuple(lam.shape)}{span}, "
+            f"sigma={self.statistics.sigma:.6g})"
+        )
 
 
 def open_tunnels(
@@ -391,7 +393,8 @@ def open_tunnels(
     """
     import torch
 
-    from tunnelgraph.statistics.engine import a_statistics, model_device, to_device, unwrap_model
+    from tunnelgraph.runtime import model_device, to_device, unwrap_model
+    from tunnelgraph.statistics.engine import a_statistics, measurable
     from tunnelgraph.statistics.lambdas import lambda_t, rank_sites
 
     if k < 1:
@@ -406,9 +409,20 @@ def open_tunnels(
     model = unwrap_model(model)
     example = to_device(example, torch.device(device) if device is not None else model_device(model))
     chosen = check_through(through)
-    candidates = list(sites) if sites is not None else find_sites(model, example, through=chosen)
+    if sites is not None:
+        candidates = list(sites)
+    else:
+        found = find_sites(model, example, through=chosen)
+        candidates = [site for site in found if measurable(site)]
+        if len(candidates) < len(found):
+            logger.info(
+                "left out %d site(s) whose group a layer both produces and reads (A is not defined there)",
+                len(found) - len(candidates),
+            )
     if not candidates:
-        raise SiteError(f"{type(model).__name__} has no sites to open (see tg.analyze for why)")
+        if sites is not None:
+            raise ValueError("sites= is empty: pass sites from tg.find_sites, or sites=None to measure every site")
+        raise _no_sites_error(model, example, chosen)
     stats = a_statistics(
         model, candidates, data, loss_fn, batches=batches, device=device, progress=progress, method=method
     )
@@ -426,9 +440,52 @@ def open_tunnels(
     return result, opened
 
 
+def _no_sites_error(model: nn.Module, example: ExampleInputs, chosen: tuple[str, ...]) -> SiteError:
+    """The error for a model without sites, naming the smallest ``through=`` that would give it some."""
+    graph = _graph(model, example)
+    name = type(model).__name__
+    rules = f"with {through_hint(chosen)}" if chosen else "under the default rules"
+    others = [option for option in THROUGH_OPTIONS if option not in chosen]
+    for size in range(1, len(others) + 1):
+        counts = {
+            extra: len(sites_of(channel_groups(graph, chosen + extra)))
+            for extra in itertools.combinations(others, size)
+        }
+        extra = max(counts, key=lambda key: counts[key])
+        if counts[extra]:
+            needed = [option for option in THROUGH_OPTIONS if option in chosen + extra]
+            message = f"{name} has no sites to open {rules}; {through_hint(needed)} would open {counts[extra]}"
+            if len(needed) < len(THROUGH_OPTIONS):
+                every = len(sites_of(channel_groups(graph, THROUGH_OPTIONS)))
+                message += f", and every option, {through_hint(THROUGH_OPTIONS)}, {every}"
+            return SiteError(message + " (see tg.analyze for why each channel group is blocked)")
+    return SiteError(
+        f"{name} has no sites to open {rules}, nor with {through_hint(THROUGH_OPTIONS)}; "
+        "see tg.analyze for why each channel group is blocked"
+    )
+
+
 def apply_edit(model: nn.Module, group: ChannelGroup, edit: ChannelEdit, *, inplace: bool = False) -> nn.Module:
     """Apply any channel edit (see :mod:`tunnelgraph.rewrite.edits`) to one group of ``model``."""
+    _check_fits(model, group)
     return _apply(model, group, edit, inplace)
+
+
+def _check_fits(model: Any, group: ChannelGroup) -> None:
+    """Raise :class:`SiteError` when ``group`` was found on another model (its parameter shapes differ).
+
+    Checked before an edit is built, so that a stale site is named as such
+    rather than as a channel index out of range.
+    """
+    if _is_onnx(model):
+        from tunnelgraph.backends.onnx import check_fits
+        from tunnelgraph.frontends.onnx import read_onnx
+
+        check_fits(read_onnx(model)[0], group)
+    else:
+        from tunnelgraph.backends.pytorch import check_fits as check_module_fits
+
+        check_module_fits(model, group)
 
 
 def _apply(model: Any, group: ChannelGroup, edit: ChannelEdit, inplace: bool) -> Any:
@@ -492,6 +549,7 @@ def _resolve(
     model: nn.Module, site: Site | str, example_inputs: ExampleInputs | None, through: Iterable[str]
 ) -> Site:
     if isinstance(site, Site):
+        _check_fits(model, site.group)
         return site
     if not isinstance(site, str):
         raise TypeError(f"site must be a tunnelgraph Site or its name, got {type(site).__name__}")

@@ -27,10 +27,13 @@ class UsageError(Exception):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from tunnelgraph.analysis.groups import hint_style
+
     parser = _parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.run(args) or 0)
+        with hint_style("cli"):
+            return int(args.run(args) or 0)
     except UsageError as error:
         print(f"tunnelgraph {args.command}: {error}", file=sys.stderr)
         return 2
@@ -50,8 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     def model_options(command: argparse.ArgumentParser) -> None:
         command.add_argument("--input-shape", help="shape of a random float32 example input, e.g. 1,3,32,32")
         command.add_argument("--inputs", help=".npz file with the example inputs")
-        command.add_argument("--through", action="append", default=[], metavar="OP",
-                             help="per-channel operation sites may pass (batchnorm, pooling, dropout, depthwise)")
+        command.add_argument("--through", action="extend", type=_through_options, default=[], metavar="OP[,OP]",
+                             help="per-channel operations sites may pass: any of batchnorm, pooling, dropout, "
+                                  "depthwise (a comma list, or the flag repeated)")
 
     analyze = commands.add_parser("analyze", help="sites, blocked places and why, reducible units")
     analyze.add_argument("model")
@@ -90,6 +94,19 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument("--json", action="store_true")
     verify.set_defaults(run=_verify)
     return parser
+
+
+def _through_options(text: str) -> list[str]:
+    from tunnelgraph.analysis.groups import THROUGH_OPTIONS
+
+    options = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [option for option in options if option not in THROUGH_OPTIONS]
+    if unknown or not options:
+        raise argparse.ArgumentTypeError(
+            f"unknown option(s) {', '.join(unknown) or repr(text)}; choose from {', '.join(THROUGH_OPTIONS)}, "
+            "e.g. --through batchnorm,pooling"
+        )
+    return options
 
 
 # -- loading ---------------------------------------------------------------------------
@@ -144,24 +161,25 @@ def _example(args: argparse.Namespace, needed: bool) -> Any:
 
 
 def _save(model: Any, out: str, example: Any) -> None:
+    import torch
+    import torch.nn as nn
+
+    if isinstance(model, nn.Module):
+        if out.endswith(".onnx"):
+            from tunnelgraph.backends.onnx_export import export_onnx
+
+            export_onnx(model, example, out)
+        else:
+            torch.save(model, out)
+        return
     import onnx
 
-    if isinstance(model, onnx.ModelProto):
-        from tunnelgraph.backends.onnx import PROTOBUF_LIMIT
+    from tunnelgraph.backends.onnx import PROTOBUF_LIMIT
 
-        if not out.endswith(".onnx"):
-            raise UsageError("an ONNX model is written to an .onnx file: use --out NAME.onnx")
-        large = model.ByteSize() >= PROTOBUF_LIMIT
-        onnx.save(model, out, save_as_external_data=large, location=Path(out).name + ".data" if large else None)
-        return
-    import torch
-
-    if out.endswith(".onnx"):
-        from tunnelgraph.backends.onnx_export import export_onnx
-
-        export_onnx(model, example, out)
-    else:
-        torch.save(model, out)
+    if not out.endswith(".onnx"):
+        raise UsageError("an ONNX model is written to an .onnx file: use --out NAME.onnx")
+    large = model.ByteSize() >= PROTOBUF_LIMIT
+    onnx.save(model, out, save_as_external_data=large, location=Path(out).name + ".data" if large else None)
 
 
 # -- commands ----------------------------------------------------------------------------

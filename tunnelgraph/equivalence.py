@@ -8,6 +8,8 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
+from tunnelgraph.runtime import preserved
+
 TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
     torch.float64: (1e-10, 1e-12),
     torch.float32: (1e-5, 1e-7),
@@ -67,10 +69,17 @@ def verify(
     their buffers (batch-norm running statistics) are restored afterwards,
     so verifying never changes a model. ``model_a`` is the reference.
     Tolerances default to :data:`TOLERANCES` for the outputs' dtype.
+
+    Raises:
+        ValueError: the inputs do not fit a model (an ONNX model declares
+            other input shapes, or a model fails on them), or the models'
+            outputs differ in number or shape.
     """
     args = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
-    outputs_a = _flatten(_run(model_a, args))
-    outputs_b = _flatten(_run(model_b, args))
+    model_a, model_b = _loaded(model_a), _loaded(model_b)
+    _check_inputs(model_a, model_b, args)
+    outputs_a = _outputs(model_a, "model_a", args)
+    outputs_b = _outputs(model_b, "model_b", args)
     if not outputs_a:
         raise ValueError("model_a returned no tensors: nothing to compare")
     if len(outputs_a) != len(outputs_b):
@@ -105,15 +114,90 @@ def _run(model: Any, args: tuple[torch.Tensor, ...]) -> Any:
         proto, _ = read_onnx(model)
         outputs = run_onnx(proto, [a.detach().cpu().numpy() for a in args])
         return [torch.from_numpy(o) for o in outputs]
-    saved = {name: buffer.clone() for name, buffer in model.named_buffers()}
+    with preserved(model), torch.no_grad():
+        return model(*args)
+
+
+def _loaded(model: Any) -> Any:
+    """``model`` itself, or an ONNX path or bytes read once into a ``ModelProto``."""
+    if isinstance(model, nn.Module):
+        return model
+    from tunnelgraph.frontends.onnx import read_onnx
+
+    return read_onnx(model)[0]
+
+
+Dims = tuple[int | str | None, ...]
+
+
+def _declared_inputs(model: Any) -> list[tuple[str, Dims | None]] | None:
+    """An ONNX model's graph inputs as ``(name, dims)`` (None: no declared shape); None for PyTorch."""
+    if isinstance(model, nn.Module):
+        return None
+    from tunnelgraph.frontends.onnx import value_dims
+
+    initializers = {tensor.name for tensor in model.graph.initializer}
+    return [(value.name, value_dims(value)) for value in model.graph.input if value.name not in initializers]
+
+
+def _shape_text(dims: Dims | None) -> str:
+    if dims is None:
+        return "(unknown)"
+    return "(" + ", ".join("?" if d is None else str(d) for d in dims) + ("," if len(dims) == 1 else "") + ")"
+
+
+def _fits(dims: Dims | None, shape: Dims | None) -> bool:
+    """Whether two shapes can be the same: equal ranks, and equal sizes where both are numbers."""
+    if dims is None or shape is None:
+        return True
+    return len(dims) == len(shape) and all(
+        not isinstance(d, int) or not isinstance(n, int) or d == n for d, n in zip(dims, shape)
+    )
+
+
+def _check_inputs(model_a: Any, model_b: Any, args: tuple[torch.Tensor, ...]) -> None:
+    """Refuse inputs that an ONNX model does not declare, and ONNX pairs that take different inputs."""
+    declared = {"model_a": _declared_inputs(model_a), "model_b": _declared_inputs(model_b)}
+    first, second = declared["model_a"], declared["model_b"]
+    if first is not None and second is not None:
+        if len(first) != len(second):
+            raise ValueError(
+                f"model_a takes {len(first)} input(s), model_b {len(second)}: the models cannot compute "
+                "the same function"
+            )
+        for index, ((name, dims_a), (_, dims_b)) in enumerate(zip(first, second)):
+            if not _fits(dims_a, dims_b):
+                raise ValueError(
+                    f"input {index} ('{name}') has shape {_shape_text(dims_a)} in model_a but "
+                    f"{_shape_text(dims_b)} in model_b: the models take inputs of different shapes"
+                )
+    for label, inputs in declared.items():
+        if inputs is None:
+            continue
+        if len(inputs) != len(args):
+            raise ValueError(f"{label} takes {len(inputs)} input(s), {len(args)} given")
+        for index, ((name, dims), arg) in enumerate(zip(inputs, args)):
+            if not _fits(dims, tuple(arg.shape)):
+                raise ValueError(
+                    f"input {index} ('{name}') of {label} has shape {_shape_text(dims)}, but the given "
+                    f"input has shape {_shape_text(tuple(arg.shape))}; pass inputs of the model's shape"
+                )
+
+
+def _outputs(model: Any, label: str, args: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+    """``model``'s output tensors on ``args``; a model that fails on them is a ValueError naming the shapes."""
     try:
-        with torch.no_grad():
-            return model(*args)
-    finally:
-        buffers = dict(model.named_buffers())
-        with torch.no_grad():
-            for name, value in saved.items():
-                buffers[name].copy_(value)
+        return _flatten(_run(model, args))
+    except Exception as error:
+        from_runtime = type(error).__module__.startswith("onnxruntime")
+        out_of_memory = isinstance(error, torch.cuda.OutOfMemoryError)
+        if out_of_memory or not (from_runtime or isinstance(error, RuntimeError)):
+            raise
+        shapes = ", ".join(f"input {index} of shape {_shape_text(tuple(a.shape))}" for index, a in enumerate(args))
+        cause = next(iter(str(error).strip().splitlines()), type(error).__name__)
+        raise ValueError(
+            f"{label} fails on the given inputs ({shapes}): {cause}; pass inputs of the shape both models take"
+        ) from error
 
 
 def _flatten(output: Any) -> list[torch.Tensor]:

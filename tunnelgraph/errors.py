@@ -19,3 +19,15 @@ class RewriteError(TunnelgraphError):
 
 class StatisticsError(TunnelgraphError):
     """A-statistics cannot be measured as asked (unsupported layer, bad data, mismatched sites)."""
+
+
+class MissingExtraError(TunnelgraphError, ImportError):
+    """An optional part of tunnelgraph is used without the extra that provides it; the message says what to install."""
+
+
+def missing_onnx(error: ImportError) -> MissingExtraError:
+    """The error for ONNX support used without the ``onnx`` extra (``error``: the import that failed)."""
+    return MissingExtraError(
+        f"tunnelgraph's ONNX support (load_onnx, to_torch, export_onnx, .onnx models) needs the optional "
+        f"'onnx' extra, which is not installed ({error}); install it with: pip install \"tunnelgraph[onnx]\""
+    )

@@ -1,6 +1,6 @@
 """Reference architectures from the paper, in plain ``torch.nn``.
 
-These are the networks of the paper's experiments (MATH.md section 9) and a
+These are the networks of the paper's experiments (docs/MATH.md section 9) and a
 deep residual network for measuring the library at scale. Each builder
 returns a freshly initialised module in training mode with PyTorch's default
 initialisation; nothing here depends on the rest of tunnelgraph.

@@ -1,4 +1,4 @@
-"""Sussmann reduction: remove every reducible unit, keeping the function (MATH.md section 2).
+"""Sussmann reduction: remove every reducible unit, keeping the function (docs/MATH.md section 2).
 
 Each finding of :mod:`tunnelgraph.analysis.reducibility` becomes a channel
 edit of the same algebra the tunnels use: inconsequential units are
@@ -234,12 +234,13 @@ def _reduce_onnx(
 ) -> tuple[Any, ReductionReport]:
     """:func:`reduce` for ONNX: edits on initializers; constants read through :func:`to_torch`."""
     import numpy as np
-    from onnx import numpy_helper
 
+    # tunnelgraph's ONNX modules first: without the onnx extra they raise the error that names it
     from tunnelgraph.backends.onnx import apply_plan_onnx, initializer_arrays
     from tunnelgraph.backends.onnx_torch import to_torch, torch_name
     from tunnelgraph.backends.onnx import random_inputs
     from tunnelgraph.frontends.onnx import load_onnx, read_onnx
+    from onnx import numpy_helper
 
     proto = read_onnx(model)[0]
     if example_inputs is None:

@@ -165,12 +165,22 @@ def test_theorem_loop_open_then_reduce_restores_the_network() -> None:
             assert torch.allclose(restored.state_dict()[name], tensor, rtol=1e-12, atol=1e-14), name
 
 
+@pytest.fixture(params=[1, 2], ids=["threads1", "threads2"])
+def threads(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
+    """Run under 1 and 2 intra-op threads: BLAS then sums in different orders."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("split", [16, 64, 7])
 @pytest.mark.parametrize("name", ["conv", "residual", "mlp_sigmoid_complement"])
-def test_empirical_measures_find_the_planted_units(name: str) -> None:
+def test_empirical_measures_find_the_planted_units(name: str, split: int, threads: int) -> None:
     build, shape, expected = PLANTED[name]
     model, planted = build()
     x = torch.randn((64, *shape[1:]), dtype=torch.float64)
-    data = [(x[i:i + 16], None) for i in range(0, 64, 16)]
+    data = [(x[i:i + split], None) for i in range(0, 64, split)]
     report = tg.analyze(model, x[:4], data=data, progress=False)
     assert len(report.measures) == len(report.sites) and report.measures[0].samples == 64
     assert "Empirical measures (64 samples)" in report.to_markdown()

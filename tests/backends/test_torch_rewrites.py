@@ -163,7 +163,10 @@ def _inbound_gradients(model: nn.Module, site: tg.Site, x: torch.Tensor, channel
 def test_inbound_gradients_of_channel_and_clone_sum_to_the_original(zoo_entry: ZooEntry, lam_kind: str) -> None:
     model = zoo_entry.build().double()
     x = example_input(zoo_entry, torch.float64)
-    sites = _sites(model, x, ALL_THROUGH)
+    # where a layer both produces and reads the group, cloning adds an inbound weight to the channel
+    # itself, so its inbound weights before and after are not the same entries (the rewrite is still
+    # exact: test_rewrite_preserves_function_at_every_site)
+    sites = [site for site in _sites(model, x, ALL_THROUGH) if not site.group.self_consumers]
     rng = np.random.default_rng(3)
     for site in sites[:: max(1, len(sites) // 4)]:
         lam = rng.uniform(-1, 2, site.outbound_size) if lam_kind == "random" else 0.5

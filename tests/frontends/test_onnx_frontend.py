@@ -196,3 +196,173 @@ def test_reduce_an_onnx_model() -> None:
     # conv 3 x (2*3*3) + 3, Gemm 75 x 5 + 5, MatMul 5 x 3 + 3
     assert (report.parameters_before, report.parameters_after) == (703, 3 * 18 + 3 + 75 * 5 + 5 + 5 * 3 + 3)
     assert tg.verify(model, smaller, x, rtol=1e-5, atol=1e-6).passed
+
+
+# -- constants, graph inputs, framework-neutral names ---------------------------------------------------------
+
+
+def _conv_bn_conv(bn_nodes: list[onnx.NodeProto], extra_inputs: list[onnx.ValueInfoProto],
+                  initializers: list[TensorProto]) -> onnx.ModelProto:
+    """conv 'c' -> BatchNormalization(bn.weight, bn.bias, bn.running_mean, bn.running_var) -> relu -> conv 'd'."""
+    nodes = [helper.make_node("Conv", ["x", "c.weight", "c.bias"], ["h"], pads=[1, 1, 1, 1])] + bn_nodes + [
+        helper.make_node("BatchNormalization", ["h", "bn.weight", "bn.bias", "bn.running_mean", "bn.running_var"],
+                         ["n"]),
+        helper.make_node("Relu", ["n"], ["r"]),
+        helper.make_node("Conv", ["r", "d.weight"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "bn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 2, 5, 5])] + extra_inputs,
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, 3, 3])],
+        [_init("c.weight", 4, 2, 3, 3), _init("c.bias", 4), _init("d.weight", 3, 4, 3, 3)] + initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def test_batchnorm_parameters_from_constant_nodes_are_read() -> None:
+    """A Constant node and an Identity of an initializer as batch-norm parameters (KeyError before)."""
+    variance = numpy_helper.from_array((np.abs(RNG.standard_normal(4)) + 0.5).astype(np.float32), "v")
+    bn_nodes = [
+        helper.make_node("Constant", [], ["bn.weight"], value=numpy_helper.from_array(
+            RNG.standard_normal(4).astype(np.float32) + 2, "w")),
+        helper.make_node("Constant", [], ["bn.running_var"], value=variance),
+        helper.make_node("Identity", ["shared"], ["bn.bias"]),
+        helper.make_node("Identity", ["shared"], ["bn.running_mean"]),
+    ]
+    model = _conv_bn_conv(bn_nodes, [], [_init("shared", 4)])
+    sites = tg.find_sites(model, through=("batchnorm",))
+    assert [s.name for s in sites] == [f"c[{c}]" for c in range(4)]
+    assert sites[0].inbound_size == 2 * 9 + 1 and sites[0].outbound_size == 3 * 9
+    assert tg.find_sites(model) == []  # batch norm is not passed by default
+    x = torch.randn(2, 2, 5, 5)
+    rewritten = tg.rewrite(model, sites[2], RNG.uniform(0, 1, sites[2].outbound_size), through=("batchnorm",))
+    assert tg.verify(model, rewritten, x, rtol=1e-5, atol=1e-6).passed
+    widths = {t.name: tuple(t.dims) for t in rewritten.graph.initializer}
+    # each Identity output became its own parameter, rewritten with the channel; the source stays
+    assert widths["bn.bias"] == widths["bn.running_mean"] == widths["bn.weight"] == (5,)
+    assert widths["shared"] == (4,)
+    assert tg.verify(model, tg.merge(rewritten, "c[4]", into=2, through=("batchnorm",)), x, rtol=1e-5,
+                     atol=1e-6).passed
+
+
+def test_batchnorm_parameter_as_graph_input_blocks_with_the_reason() -> None:
+    inputs = [helper.make_tensor_value_info("bn.running_mean", TensorProto.FLOAT, [4])]
+    variance = numpy_helper.from_array((np.abs(RNG.standard_normal(4)) + 0.5).astype(np.float32), "bn.running_var")
+    model = _conv_bn_conv([], inputs, [_init("bn.weight", 4), _init("bn.bias", 4), variance])
+    report = tg.analyze(model, through=("batchnorm",))
+    assert report.sites == []
+    (group,) = [g for g in report.groups if g.name == "c"]
+    assert any("running_mean 'bn.running_mean' is a graph input" in reason for reason in group.reasons), group.reasons
+    # the graph input is no parameter: to_torch reads it when the model runs
+    converted = tg.to_torch(model)
+    x, mean = torch.randn(2, 2, 5, 5), torch.randn(4)
+    assert tg.verify(model, converted, (x, mean), rtol=1e-5, atol=1e-6).passed
+
+
+def test_a_literal_width_in_a_reshape_target_computed_at_run_time_blocks() -> None:
+    """x.view(x.size(0), 100) as a traced export writes it: rewrites could not update the 100."""
+    nodes = [
+        helper.make_node("Conv", ["x", "c.weight"], ["h"], pads=[1, 1, 1, 1]),
+        helper.make_node("Shape", ["h"], ["shape"]),
+        helper.make_node("Gather", ["shape", "zero"], ["batch"], axis=0),
+        helper.make_node("Unsqueeze", ["batch", "axes"], ["batch1"]),
+        helper.make_node("Concat", ["batch1", "width"], ["target"], axis=0),
+        helper.make_node("Reshape", ["h", "target"], ["f"]),
+        helper.make_node("Gemm", ["f", "g.weight"], ["y"], transB=1),
+    ]
+    initializers = [_init("c.weight", 4, 2, 3, 3), _init("g.weight", 3, 100),
+                    numpy_helper.from_array(np.array(0, np.int64), "zero"),
+                    numpy_helper.from_array(np.array([0], np.int64), "axes")]
+
+    def model(width: int) -> onnx.ModelProto:
+        literal = numpy_helper.from_array(np.array([width], np.int64), "width")
+        graph = helper.make_graph(
+            nodes, "view", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 2, 5, 5])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 3])], initializers + [literal],
+        )
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+    report = tg.analyze(model(100))
+    (group,) = [g for g in report.groups if g.name == "c"]
+    assert not group.legal and any("literal size 100" in reason for reason in group.reasons), group.reasons
+    # with -1 the width follows the channels: the symbolic batch axis cancels and the flatten is proven
+    sites = tg.find_sites(model(-1))
+    assert [s.name for s in sites] == [f"c[{c}]" for c in range(4)] and sites[0].outbound_size == 3 * 25
+    rewritten = tg.rewrite(model(-1), sites[1], 0.3)
+    assert tg.verify(model(-1), rewritten, torch.randn(3, 2, 5, 5), rtol=1e-5, atol=1e-6).passed
+
+
+class _PoolNet(torch.nn.Module):
+    """conv1 (a planted unit) -> activation -> pooling -> conv2 -> flatten -> linear."""
+
+    def __init__(self, activation: torch.nn.Module, pool: torch.nn.Module, features: int) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(2, 4, 3, padding=1)
+        self.act = activation
+        self.pool = pool
+        self.conv2 = torch.nn.Conv2d(4, 3, 1)
+        self.fc = torch.nn.Linear(features, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.conv2(self.pool(self.act(self.conv1(x)))), 1))
+
+
+POOLINGS = [  # (name, activation, pooling, features after conv2, planted factor of unit 3 over unit 1)
+    ("avg_pool", torch.nn.Tanh(), torch.nn.AvgPool2d(2), 3 * 3 * 3, -1.0),
+    ("global_avg_pool", torch.nn.Tanh(), torch.nn.AdaptiveAvgPool2d(1), 3, -1.0),
+    ("max_pool", torch.nn.ReLU(), torch.nn.MaxPool2d(2), 3 * 3 * 3, 2.0),
+    ("global_max_pool", torch.nn.ReLU(), torch.nn.AdaptiveMaxPool2d(1), 3, 2.0),
+]
+
+
+@pytest.mark.parametrize("name, activation, pool, features, factor", POOLINGS, ids=[p[0] for p in POOLINGS])
+def test_pytorch_and_onnx_give_the_same_reducibility_findings(
+    name: str, activation: torch.nn.Module, pool: torch.nn.Module, features: int, factor: float
+) -> None:
+    """Pooling kinds and activations are matched by their framework-neutral names, not by spelling."""
+    model = _PoolNet(activation, pool, features).eval()
+    with torch.no_grad():
+        model.conv1.weight[3] = factor * model.conv1.weight[1]
+        model.conv1.bias[3] = factor * model.conv1.bias[1]
+    x = torch.randn(2, 2, 6, 6)
+    proto = tg.export_onnx(model, x)
+    pooling_ops = {n.op_type for n in proto.graph.node} & {"AveragePool", "GlobalAveragePool", "MaxPool",
+                                                             "GlobalMaxPool", "ReduceMean", "ReduceMax"}
+    assert pooling_ops, [n.op_type for n in proto.graph.node]
+
+    def findings(report: tg.AnalysisReport) -> set[tuple[str, str, int | None, float]]:
+        return {(f.unit, f.condition, f.partner, round(f.factor, 5)) for f in report.reducibility}
+
+    expected = {("conv1[3]", "negated" if factor < 0 else "relu_scaled", 1, factor)}
+    assert findings(tg.analyze(model, x, through=("pooling",))) == expected
+    assert findings(tg.analyze(proto, through=("pooling",))) == expected
+
+
+def test_activation_and_pooling_names_are_framework_neutral() -> None:
+    from tunnelgraph.frontends import fx
+    from tunnelgraph.frontends.onnx import _ACTIVATIONS, _POOLING
+    from tunnelgraph.ir import ACTIVATION_FUNCTIONS, POOLING_FUNCTIONS, activation_function
+
+    # every spelling either frontend knows maps into the IR's vocabulary
+    torch_spellings = [m.__name__ for m in fx._ACTIVATION_MODULES] + ["PReLU", "clamp", "gt", "lt", "ge", "le", "eq"]
+    torch_spellings += [f.__name__ for f in fx._ACTIVATION_FUNCTIONS] + sorted(fx._ACTIVATION_METHODS)
+    assert {activation_function(s) for s in torch_spellings} <= ACTIVATION_FUNCTIONS
+    pools = [m.__name__ for m in fx._POOLING_MODULES] + [f.__name__ for f in fx._POOLING_FUNCTIONS]
+    assert {fx._pooling_kind(p) for p in pools} == POOLING_FUNCTIONS - {"mean"}
+    assert set(_POOLING.values()) == POOLING_FUNCTIONS - {"mean"}
+
+    # an ONNX chain of every activation the frontend reads, and the PyTorch spellings of the same
+    ops = sorted(_ACTIVATIONS)
+    nodes = [helper.make_node(op, [f"t{i}"], [f"t{i + 1}"]) for i, op in enumerate(ops)]
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("t0", TensorProto.FLOAT, [2, 3])],
+                              [helper.make_tensor_value_info(f"t{len(ops)}", TensorProto.FLOAT, [2, 3])])
+    loaded = tg.load_onnx(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
+    onnx_names = {n.attrs["op_type"]: n.attrs["function"] for n in loaded if n.op == "activation"}
+    assert set(onnx_names) == set(ops) and set(onnx_names.values()) <= ACTIVATION_FUNCTIONS
+    assert onnx_names["LeakyRelu"] == activation_function("LeakyReLU") == "leaky_relu"
+    assert onnx_names["HardSwish"] == activation_function("Hardswish") == "hardswish"
+    assert onnx_names["Clip"] == "clamp" and onnx_names["ThresholdedRelu"] == "thresholded_relu"
+    traced = tg.trace(torch.nn.Sequential(torch.nn.LeakyReLU(), torch.nn.AvgPool1d(2), torch.nn.ReLU6()),
+                      torch.randn(2, 3, 4))
+    assert [n.attrs["function"] for n in traced if n.op in ("activation", "pooling")] == ["leaky_relu", "avg", "relu6"]

@@ -13,14 +13,39 @@ adds a reason, and a group with reasons has no sites.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Iterable, Literal
+from typing import Iterable, Iterator, Literal
 
 from tunnelgraph.ir import IDENTITY, ChannelMap, Graph, Node, OpKind
 
 THROUGH_OPTIONS: tuple[str, ...] = ("batchnorm", "pooling", "dropout", "depthwise")
 """Per-channel operations that sites may pass when asked (``through=``); the
 paper's default is to skip units that feed them."""
+
+HintStyle = Literal["python", "cli"]
+_HINT_STYLE: ContextVar[HintStyle] = ContextVar("tunnelgraph_hint_style", default="python")
+
+
+@contextmanager
+def hint_style(style: HintStyle) -> Iterator[None]:
+    """Word the ``through=`` hints of reasons and errors made inside for Python or the command line."""
+    token = _HINT_STYLE.set(style)
+    try:
+        yield
+    finally:
+        _HINT_STYLE.reset(token)
+
+
+def through_hint(options: Iterable[str]) -> str:
+    """How a caller asks for ``options``: ``through=("batchnorm",)``, or ``--through batchnorm`` in the CLI."""
+    chosen = tuple(options)
+    if _HINT_STYLE.get() == "cli":
+        return f"--through {','.join(chosen)}"
+    quoted = ", ".join(f'"{option}"' for option in chosen)
+    return f"through=({quoted}{',' if len(chosen) == 1 else ''})"
+
 
 _ELEMENTWISE = ("add", "sub", "mul", "div", "where")
 _LABELS = {
@@ -122,6 +147,15 @@ class ChannelGroup:
     @property
     def legal(self) -> bool:
         return not self.reasons
+
+    @property
+    def self_consumers(self) -> tuple[str, ...]:
+        """Layers that both produce and read the group's channels (an inverted residual's projection).
+
+        Rewrites are exact for them; the paper's A is not defined there,
+        since cloning a channel adds an inbound weight to the channel itself.
+        """
+        return tuple(name for name in self.producers if name in self.consumers)
 
     @property
     def inbound_size(self) -> int:
@@ -383,7 +417,7 @@ class _GroupWalker:
             self.passed.append((self.graph.index(node.name), where))
             if node.op not in self.through:
                 self._reason(
-                    f"feeds {_LABELS[node.op]} '{where}' (pass through=('{node.op}',) to clone "
+                    f"feeds {_LABELS[node.op]} '{where}' (pass {through_hint([node.op])} to clone "
                     "through it)"
                 )
         required = node.attrs.get("requires_axis")
@@ -400,10 +434,12 @@ class _GroupWalker:
         queue = []
         own = self.classes.find(node.name)
         for user in self.graph.users(node.name):
-            if self.classes.find(user.name) == own:
-                continue
             if user.kind == OpKind.PARAMETRIC:
+                # a layer whose output is coupled back into these channels (the projection of an
+                # inverted residual block) is in the class, and still reads them: a consumer too
                 self._consumer(node, user, channel_map, axis)
+            elif self.classes.find(user.name) == own:
+                continue
             elif user.kind == OpKind.COUPLING and user.op == "concat":
                 if user.attrs["dim"] != axis:
                     self._reason(f"concat at node '{user.name}' joins along axis "
@@ -487,10 +523,16 @@ class _GroupWalker:
             self.slices.append((rank_order, self.graph.index(node.name) * 16 + index, item))
 
     def _check_tied(self) -> None:
-        """Modules whose parameters appear in more than one role of this group."""
+        """Parameters that appear in more than one role of this group.
+
+        A layer that reads the group's channels and writes them too (inbound
+        rows and outbound columns of one weight, on different axes) is
+        exact: the rewrite edits its columns, then its rows. Any other mix
+        (a per-channel layer's parameter read as a weight) is blocked.
+        """
         roles: dict[str, set[str]] = {}
         for _, _, s in self.slices:
             roles.setdefault(s.param, set()).add(s.role)
         for param, seen in roles.items():
-            if len(seen) > 1:
+            if len(seen) > 1 and seen != {"inbound", "outbound"}:
                 self._reason(f"parameter '{param}' is both {' and '.join(sorted(seen))}")

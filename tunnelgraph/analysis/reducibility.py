@@ -1,4 +1,4 @@
-"""Sussmann reducibility read off the weights (MATH.md section 2).
+"""Sussmann reducibility read off the weights (docs/MATH.md section 2).
 
 A hidden unit (channel ``c`` of a group) is reducible when
 
@@ -43,13 +43,13 @@ Weights = Mapping[str, np.ndarray]
 
 CONDITIONS = ("inconsequential", "constant", "redundant", "negated", "sigmoid_complement", "relu_scaled")
 
+# Names are the IR's framework-neutral ones (tunnelgraph.ir.ACTIVATION_FUNCTIONS and
+# POOLING_FUNCTIONS): the frontends translate each framework's spelling, so a model gets the
+# same findings whether it comes as PyTorch or as ONNX.
 _ODD_ACTIVATIONS = {"tanh", "softsign", "tanhshrink", "neg"}
-_HOMOGENEOUS_ACTIVATIONS = {"relu", "leakyrelu", "leaky_relu", "prelu", "abs", "neg"}
-_LINEAR_POOLING = {
-    "avgpool1d", "avgpool2d", "avgpool3d", "adaptiveavgpool1d", "adaptiveavgpool2d", "adaptiveavgpool3d",
-    "avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
-    "adaptive_avg_pool3d", "mean",
-}
+_HOMOGENEOUS_ACTIVATIONS = {"relu", "leaky_relu", "prelu", "abs", "neg"}
+_LINEAR_POOLING = {"avg", "mean"}
+_HOMOGENEOUS_POOLING = {"max", "lp"}
 _PLAIN = {"dropout", "identity", "flatten", "concat"}
 
 
@@ -82,7 +82,7 @@ class Finding:
 
     @property
     def action(self) -> str:
-        """The function-preserving transformation that removes the unit (MATH.md section 2)."""
+        """The function-preserving transformation that removes the unit (docs/MATH.md section 2)."""
         if self.condition == "inconsequential":
             return "delete the unit"
         if self.condition == "constant":
@@ -255,11 +255,11 @@ def _chain_kinds(graph: Graph, group: ChannelGroup) -> set[str]:
         node = graph[name]
         if node.kind == OpKind.METADATA or (node.kind == OpKind.PARAMETRIC and node.module in producers):
             continue
-        function = str(node.attrs.get("function", "")).lower().rstrip("_")
+        function = str(node.attrs.get("function", ""))
         if node.op == "activation":
             kinds.add(f"activation:{function}")
         elif node.op == "pooling":
-            kinds.add("linear" if function in _LINEAR_POOLING else "maxpool")
+            kinds.add("linear" if function in _LINEAR_POOLING else f"pooling:{function}")
         elif node.op == "scale":
             kinds.add("linear" if function in ("mul", "div") else "shift")
         elif node.op in _PLAIN:
@@ -303,7 +303,8 @@ def _relation(
     if first[index] != 0:
         alpha = float(second[index] / first[index])
         if alpha > 0 and not math.isclose(alpha, 1.0) and close(alpha * first, second, scale):
-            if activations <= _HOMOGENEOUS_ACTIVATIONS and others <= {"plain", "linear", "maxpool", "coupling"}:
+            homogeneous = {"plain", "linear", "coupling"} | {f"pooling:{kind}" for kind in _HOMOGENEOUS_POOLING}
+            if activations <= _HOMOGENEOUS_ACTIVATIONS and others <= homogeneous:
                 return (
                     "relu_scaled", alpha, 0.0,
                     f"inbound weights and bias {alpha:.6g} times the partner's; positively homogeneous "

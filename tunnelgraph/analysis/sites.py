@@ -89,7 +89,7 @@ class AnalysisReport:
         through: the per-channel operations sites may pass.
         groups: every channel group, legal or not.
         reducibility: the units the weights prove reducible (Sussmann,
-            MATH.md section 2), when the weights were available.
+            docs/MATH.md section 2), when the weights were available.
         measures: every unit's empirical reducibility measures (outbound
             norm, activation std, best affine partner), when data was given.
     """

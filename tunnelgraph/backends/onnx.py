@@ -15,11 +15,16 @@ import logging
 from typing import Any, Sequence
 
 import numpy as np
-import onnx
-from onnx import numpy_helper
+
+from tunnelgraph.errors import RewriteError, missing_onnx
+
+try:
+    import onnx
+    from onnx import numpy_helper
+except ImportError as error:  # the optional extra is not installed
+    raise missing_onnx(error) from error
 
 from tunnelgraph.analysis.groups import ChannelGroup
-from tunnelgraph.errors import RewriteError
 from tunnelgraph.rewrite.plan import RewritePlan, TensorEdit, check_shapes
 
 logger = logging.getLogger(__name__)
@@ -45,7 +50,9 @@ def apply_plan_onnx(model: onnx.ModelProto, plan: RewritePlan) -> onnx.ModelProt
     new_arrays = {}
     for tensor_edit in plan.tensors:
         name = tensor_edit.slice.param
-        new_arrays[name] = edit_array(numpy_helper.to_array(arrays[name]), tensor_edit)
+        new_arrays[name] = edit_array(
+            new_arrays[name] if name in new_arrays else numpy_helper.to_array(arrays[name]), tensor_edit
+        )
     result = copy.deepcopy(model)
     for tensor in result.graph.initializer:
         if tensor.name in new_arrays:

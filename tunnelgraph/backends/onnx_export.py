@@ -17,15 +17,22 @@ import io
 import logging
 import os
 import warnings
-from typing import Sequence, Union
+from contextlib import contextmanager
+from typing import Iterator, Sequence, Union
 
 import numpy as np
-import onnx
 import torch
 import torch.nn as nn
-from onnx import numpy_helper
 
-from tunnelgraph.errors import RewriteError
+from tunnelgraph.errors import RewriteError, missing_onnx
+
+try:
+    import onnx
+    from onnx import numpy_helper
+except ImportError as error:  # the optional extra is not installed
+    raise missing_onnx(error) from error
+
+from tunnelgraph.runtime import preserved
 
 logger = logging.getLogger(__name__)
 
@@ -59,9 +66,7 @@ def export_onnx(
     """
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     names = [f"input_{i}" if len(inputs) > 1 else "input" for i in range(len(inputs))]
-    modes = {name: sub.training for name, sub in model.named_modules()}
-    model.eval()
-    try:
+    with preserved(model, train=False):
         try:
             proto = _dynamo(model, inputs, names, opset)
         except Exception as error:  # the exporter raises many kinds of errors
@@ -71,9 +76,6 @@ def export_onnx(
             )
             proto = _torchscript(model, inputs, names, opset)
         _check(model, proto, inputs, rtol, atol)
-    finally:
-        for name, sub in model.named_modules():
-            sub.train(modes[name])
     if path is not None:
         onnx.save(proto, os.fspath(path))
     return proto
@@ -83,7 +85,7 @@ def _dynamo(model: nn.Module, inputs: tuple[torch.Tensor, ...], names: list[str]
     import onnx_ir
     import onnxscript.optimizer as optimizer
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _quiet("torch.onnx._internal.exporter._registration"):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             model, inputs, None, dynamo=True, input_names=names, opset_version=opset, optimize=False,
@@ -94,6 +96,18 @@ def _dynamo(model: nn.Module, inputs: tuple[torch.Tensor, ...], names: list[str]
     optimizer.remove_unused_nodes(ir_model)
     proto = onnx_ir.to_proto(ir_model)
     return _tidy(proto)
+
+
+@contextmanager
+def _quiet(name: str) -> Iterator[None]:
+    """Hide the warnings that torch's logger ``name`` logs (the exporter lists the torchvision ops it skips)."""
+    log = logging.getLogger(name)
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 def _torchscript(model: nn.Module, inputs: tuple[torch.Tensor, ...], names: list[str], opset: int) -> onnx.ModelProto:

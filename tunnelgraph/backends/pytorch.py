@@ -21,6 +21,7 @@ import torch.nn as nn
 from tunnelgraph.analysis.groups import ChannelGroup, WidthLiteral
 from tunnelgraph.errors import RewriteError
 from tunnelgraph.rewrite.plan import RewritePlan, TensorEdit, check_shapes
+from tunnelgraph.runtime import preserved
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ def apply_plan(model: nn.Module, plan: RewritePlan, *, inplace: bool = False) ->
     with torch.no_grad():
         for tensor_edit in plan.tensors:
             name = tensor_edit.slice.param
-            new_tensors[name] = edit_tensor(state[name].detach(), tensor_edit)
+            new_tensors[name] = edit_tensor(new_tensors.get(name, state[name].detach()), tensor_edit)
     target = model if inplace else copy.deepcopy(model)
     modules = []
     for name, tensor in new_tensors.items():
@@ -176,16 +177,12 @@ def consumer_inputs(
             seen[name] = args[0].detach().clone()
 
         handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
-    modes = {name: sub.training for name, sub in model.named_modules()}
     try:
-        model.eval()
-        with torch.no_grad():
+        with preserved(model, train=False), torch.no_grad():
             model(*example_inputs)
     finally:
         for handle in handles:
             handle.remove()
-        for name, sub in model.named_modules():
-            sub.train(modes[name])
     return seen
 
 

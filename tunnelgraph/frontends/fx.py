@@ -18,9 +18,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx.passes.shape_prop import ShapeProp
 
-from tunnelgraph.errors import TraceError
+from tunnelgraph.errors import TraceError, TunnelgraphError
 from tunnelgraph.frontends.shapes import merged_range
-from tunnelgraph.ir import ChannelMap, Graph, Node, OpKind, ParamRef
+from tunnelgraph.ir import ChannelMap, Graph, Node, OpKind, ParamRef, activation_function
+from tunnelgraph.runtime import preserved
 
 logger = logging.getLogger(__name__)
 
@@ -87,8 +88,8 @@ def trace(
 
     Args:
         model: the network. It is not modified: shapes are recorded in eval
-            mode under ``torch.no_grad()`` and every module's training flag is
-            restored afterwards.
+            mode under ``torch.no_grad()``, and every training flag and buffer
+            is restored afterwards (see :func:`tunnelgraph.runtime.preserved`).
         example_inputs: one tensor or a sequence of tensors, passed
             positionally to ``model``.
         concrete_args: forwarded to ``torch.fx.symbolic_trace`` to fix
@@ -104,6 +105,32 @@ def trace(
             not fit it. The message names the cause and the ways out.
     """
     inputs = _as_tuple(example_inputs)
+    with preserved(model):  # tracing runs Python code of the forward, which may touch buffers
+        module = _symbolic_trace(model, concrete_args, tracer)
+    try:
+        # the traced module shares the model's submodules and tensors; a forward traced in
+        # training mode calls F.batch_norm with training=True baked in, so the shape pass
+        # runs inside preserved(), which puts every buffer back
+        with preserved(model, train=False), torch.no_grad():
+            ShapeProp(module).propagate(*inputs)
+    except TunnelgraphError:
+        raise
+    except Exception as error:
+        raise TraceError(
+            f"running {type(model).__name__} on the example inputs failed "
+            f"({type(error).__name__}: {error}); pass example_inputs with the shapes and "
+            "dtypes the model's forward expects."
+        ) from error
+
+    graph = _Translator(model, module).run()
+    graph.source = module
+    logger.debug("traced %s into %d nodes", type(model).__name__, len(graph))
+    return graph
+
+
+def _symbolic_trace(
+    model: nn.Module, concrete_args: dict[str, Any] | None, tracer: torch.fx.Tracer | None
+) -> torch.fx.GraphModule:
     try:
         if tracer is not None:
             fx_graph = tracer.trace(model, concrete_args=concrete_args)
@@ -118,26 +145,20 @@ def trace(
             "opaque (its neighbourhood is then reported as blocked), or rewrite the forward "
             "without data-dependent branches."
         ) from error
+    return module
 
-    modes = {name: sub.training for name, sub in model.named_modules()}
-    try:
-        model.eval()
-        with torch.no_grad():
-            ShapeProp(module).propagate(*inputs)
-    except Exception as error:
-        raise TraceError(
-            f"running {type(model).__name__} on the example inputs failed "
-            f"({type(error).__name__}: {error}); pass example_inputs with the shapes and "
-            "dtypes the model's forward expects."
-        ) from error
-    finally:
-        for name, sub in model.named_modules():
-            sub.train(modes[name])
 
-    graph = _Translator(model, module).run()
-    graph.source = module
-    logger.debug("traced %s into %d nodes", type(model).__name__, len(graph))
-    return graph
+def _pooling_kind(name: str) -> str:
+    """The framework-neutral pooling kind of a torch pooling module or function name.
+
+    ``MaxPool2d``, ``AdaptiveMaxPool1d`` and ``max_pool3d`` are ``"max"``;
+    the average pools (adaptive included) ``"avg"``; ``LPPool*`` ``"lp"``.
+    """
+    squashed = name.lower().replace("_", "")
+    for marker, kind in (("maxpool", "max"), ("avgpool", "avg"), ("lppool", "lp")):
+        if marker in squashed:
+            return kind
+    return squashed  # unknown to the analyses, which then claim nothing that depends on it
 
 
 def _as_tuple(example_inputs: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
@@ -270,11 +291,13 @@ class _Translator:
         elif isinstance(sub, _ACTIVATION_MODULES) or (
             isinstance(sub, nn.PReLU) and sub.num_parameters == 1
         ):
-            node = self._node(fx_node, OpKind.CHANNELWISE, "activation", function=type(sub).__name__)
+            node = self._node(
+                fx_node, OpKind.CHANNELWISE, "activation", function=activation_function(type(sub).__name__)
+            )
             return node
         elif isinstance(sub, _POOLING_MODULES):
             return self._node(
-                fx_node, OpKind.CHANNELWISE, "pooling", requires_axis=1, function=type(sub).__name__
+                fx_node, OpKind.CHANNELWISE, "pooling", requires_axis=1, function=_pooling_kind(type(sub).__name__)
             )
         elif isinstance(sub, _DROPOUT_MODULES):
             return self._node(fx_node, OpKind.CHANNELWISE, "dropout")
@@ -293,10 +316,12 @@ class _Translator:
 
     def _function(self, fx_node: torch.fx.Node, target: Any) -> Node:
         if target in _ACTIVATION_FUNCTIONS:
-            return self._node(fx_node, OpKind.CHANNELWISE, "activation", function=target.__name__)
+            return self._node(
+                fx_node, OpKind.CHANNELWISE, "activation", function=activation_function(target.__name__)
+            )
         if target in _POOLING_FUNCTIONS:
             return self._node(
-                fx_node, OpKind.CHANNELWISE, "pooling", requires_axis=1, function=target.__name__
+                fx_node, OpKind.CHANNELWISE, "pooling", requires_axis=1, function=_pooling_kind(target.__name__)
             )
         if target in _DROPOUT_FUNCTIONS:
             return self._node(fx_node, OpKind.CHANNELWISE, "dropout")
@@ -325,7 +350,7 @@ class _Translator:
 
     def _method(self, fx_node: torch.fx.Node, method: str) -> Node:
         if method in _ACTIVATION_METHODS:
-            return self._node(fx_node, OpKind.CHANNELWISE, "activation", function=method)
+            return self._node(fx_node, OpKind.CHANNELWISE, "activation", function=activation_function(method))
         if method in _ELEMENTWISE_METHODS:
             return self._elementwise(fx_node, _ELEMENTWISE_METHODS[method])
         if method in _RESHAPE_METHODS:
@@ -368,7 +393,7 @@ class _Translator:
         if fx_node.kwargs or len(tensors) + len(numbers) != len(fx_node.args):
             return self._blocking(fx_node, f"{name} with arguments {fx_node.args}")
         if name != "where" and len(tensors) == 1 and len(numbers) == 1:
-            return self._node(fx_node, OpKind.CHANNELWISE, "activation", function=name)
+            return self._node(fx_node, OpKind.CHANNELWISE, "activation", function=activation_function(name))
         if len(tensors) == len(fx_node.args) and len(tensors) >= 2:
             return self._node(fx_node, OpKind.COUPLING, "where")
         return self._blocking(fx_node, f"{name} with a constant operand")

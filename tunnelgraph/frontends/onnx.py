@@ -9,36 +9,60 @@ their PyTorch names. Shapes come from ONNX shape inference. Operators this
 module does not know become ``BLOCKING`` nodes naming their op type, so the
 rule engine refuses the sites around them.
 
-This module does not import torch.
+Constant tensors written as nodes (``Constant``, ``Identity`` of an
+initializer) are read as initializers (see :func:`constants_as_initializers`);
+a layer's parameter that is a graph input, or is computed at run time, blocks
+the sites around the layer, with that reason. Activations and pooling get the
+IR's framework-neutral names (``LeakyRelu`` -> ``leaky_relu``,
+``AveragePool`` -> ``avg``), as the torch.fx frontend writes them.
+
+This module does not import torch. It needs the optional ``onnx`` extra;
+without it, importing it raises :class:`~tunnelgraph.errors.MissingExtraError`
+saying how to install it.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
+from collections import Counter
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Union
 
 import numpy as np
-import onnx
-from onnx import numpy_helper
 
-from tunnelgraph.errors import TraceError
+from tunnelgraph.errors import TraceError, missing_onnx
+
+try:
+    import onnx
+    from onnx import numpy_helper
+except ImportError as error:  # the optional extra is not installed
+    raise missing_onnx(error) from error
+
 from tunnelgraph.frontends.shapes import merged_range
-from tunnelgraph.ir import ChannelMap, Graph, Node, OpKind, ParamRef
+from tunnelgraph.ir import ChannelMap, Graph, Node, OpKind, ParamRef, activation_function
 
 logger = logging.getLogger(__name__)
 
 OnnxSource = Union[str, os.PathLike, bytes, onnx.ModelProto]
+Dims = tuple[Any, ...]
+"""A tensor's dimensions: each a size, a symbolic name (equal names are equal sizes) or None (unknown);
+in reasoning about one reshape, an unknown size may be named by the :class:`Dim` that reads it."""
 
 _ACTIVATIONS = {
     "Relu", "LeakyRelu", "Sigmoid", "Tanh", "Elu", "Selu", "Softplus", "Softsign", "HardSwish",
     "HardSigmoid", "Gelu", "Erf", "Celu", "Mish", "ThresholdedRelu", "Abs", "Neg", "Exp", "Log",
     "Sqrt", "Reciprocal", "Clip",
 }
-_COMPARISONS = {"Greater", "Less", "GreaterOrEqual", "LessOrEqual", "Equal"}
-_POOLING = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "GlobalLpPool"}
+_ACTIVATION_NAMES = {"Clip": "clamp"}  # ONNX spellings that are not the IR's name up to case and '_'
+_COMPARISONS = {"Greater": "gt", "Less": "lt", "GreaterOrEqual": "ge", "LessOrEqual": "le", "Equal": "eq"}
+_POOLING = {
+    "MaxPool": "max", "GlobalMaxPool": "max", "AveragePool": "avg", "GlobalAveragePool": "avg",
+    "LpPool": "lp", "GlobalLpPool": "lp",
+}
+_REDUCTIONS = {"ReduceMean": "mean", "ReduceMax": "max"}  # over whole axes: pooling, as torch.mean is
 _ELEMENTWISE = {"Add": "add", "Sub": "sub", "Mul": "mul", "Div": "div"}
 _METADATA_OPS = {"Shape", "Size"}
 _SHAPE_FOLLOWERS = {"Gather", "Unsqueeze", "Squeeze", "Concat", "Cast", "Slice", "Mul", "Div", "Add", "Sub"}
@@ -47,19 +71,36 @@ _BLOCKING_DETAIL = {
     "LogSoftmax": "softmax mixes channels",
     "LayerNormalization": "layer norm mixes channels",
 }
+TRANSLATED_OPERATORS = frozenset(
+    {"Conv", "Gemm", "MatMul", "PRelu", "Where", "BatchNormalization", "Dropout", "Identity",
+     "Concat", "Flatten", "Reshape", "Constant", "Cast", "CastLike"}
+    | set(_REDUCTIONS) | _ACTIVATIONS | set(_COMPARISONS) | set(_POOLING) | set(_ELEMENTWISE) | _METADATA_OPS
+    | _SHAPE_FOLLOWERS | set(_BLOCKING_DETAIL)
+)
+"""The ONNX operators this frontend reads by name (softmax and layer norm as blocking nodes that say why).
+
+Any other operator becomes a blocking node naming it, unless it computes on
+shapes only (then it is metadata). :func:`tunnelgraph.to_torch` translates
+every operator listed here.
+"""
 
 
 def read_onnx(source: OnnxSource) -> tuple[onnx.ModelProto, Path | None]:
     """Load an ONNX model safely; external data only from inside the model's folder.
+
+    The model comes back with its constant tensors as initializers
+    (:func:`constants_as_initializers`), the form every ONNX path of
+    tunnelgraph (analysis, rewrites, :func:`~tunnelgraph.to_torch`) reads.
+    A given ``ModelProto`` is never modified.
 
     Raises:
         TraceError: the file is missing, truncated or not ONNX, or an
             external-data location points outside the model's folder.
     """
     if isinstance(source, onnx.ModelProto):
-        return source, None
+        return constants_as_initializers(source), None
     if isinstance(source, bytes):
-        return _parse(source, "the given bytes"), None
+        return constants_as_initializers(_parse(source, "the given bytes")), None
     path = Path(source)
     if not path.is_file():
         raise TraceError(f"no ONNX file at '{path}'")
@@ -78,7 +119,109 @@ def read_onnx(source: OnnxSource) -> tuple[onnx.ModelProto, Path | None]:
             raise TraceError(f"initializer '{tensor.name}' keeps its data in '{location}', which is missing")
     if external:
         onnx.external_data_helper.load_external_data_for_model(model, str(folder))
-    return model, folder
+    return constants_as_initializers(model), folder
+
+
+def constants_as_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with the constant tensors that nodes compute stored as initializers.
+
+    A ``Constant`` node (of a tensor, a number or a list of numbers) and an
+    ``Identity`` of an initializer (or of such a constant) compute a tensor
+    known before the model runs. Each becomes an initializer under its
+    output's name and the node is dropped, so the function is unchanged. An
+    ``Identity`` output gets its own copy of the data: ``Identity`` copies,
+    and the TorchScript exporter writes parameters of equal values (fresh
+    batch norms) as ``Identity`` of one initializer, which are separate
+    parameters in the exported network. A ``Reshape`` target computed from
+    constants only (``Unsqueeze`` and ``Concat`` of numbers, as an export
+    without constant folding writes it) becomes an initializer too, and the
+    nodes that computed it, now unused, are dropped.
+
+    Layers' parameters and reshape targets are then initializers, which the
+    analysis reads and the rewrite backends edit, whatever node wrote them.
+    Only the main graph is changed (not subgraphs or functions), and nothing
+    when the model's IR version is below 4 (initializers would have to be
+    graph inputs there) or for a tensor that is a graph output.
+
+    Returns:
+        ``model`` itself when it has no such node, else a changed copy.
+    """
+    graph = model.graph
+    if model.ir_version and model.ir_version < 4:
+        return model
+    initializers = {t.name: t for t in graph.initializer}
+    outputs = {value.name for value in graph.output}
+    arrays: dict[str, np.ndarray] = {}
+    for node in graph.node:
+        if node.domain not in ("", "ai.onnx") or len(node.output) != 1 or node.output[0] in outputs:
+            continue
+        if node.op_type == "Constant":
+            array = constant_value(node)
+        elif node.op_type == "Identity" and node.input[0] in arrays:
+            array = arrays[node.input[0]]
+        elif node.op_type == "Identity" and node.input[0] in initializers:
+            array = numpy_helper.to_array(initializers[node.input[0]])
+        else:
+            continue
+        if array is not None:
+            arrays[node.output[0]] = array
+
+    def stored(tensor: str) -> np.ndarray | None:
+        if tensor in arrays:
+            return arrays[tensor]
+        return numpy_helper.to_array(initializers[tensor]) if tensor in initializers else None
+
+    producers = {out: node for node in graph.node for out in node.output if out}
+    followed = ShapeValues(graph.node, stored, {})
+    folded = False
+    for node in graph.node:
+        target = node.input[1] if node.op_type == "Reshape" and len(node.input) > 1 else ""
+        if (not target or stored(target) is not None or target in outputs or target not in producers
+                or len(producers[target].output) != 1):
+            continue
+        entries = followed.entries(target)
+        if entries is not None and all(isinstance(entry, int) for entry in entries):
+            arrays[target] = np.array(entries, dtype=np.int64)
+            folded = True
+    if not arrays:
+        return model
+    logger.debug("reading %d tensor(s) computed from constants as initializers", len(arrays))
+    result = copy.deepcopy(model)
+    kept = [node for node in result.graph.node if not (len(node.output) == 1 and node.output[0] in arrays)]
+    graph_types = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+    subgraphs = any(attribute.type in graph_types for node in kept for attribute in node.attribute)
+    if folded and not subgraphs:  # drop what computed the folded targets (a subgraph may read outer tensors)
+        needed = outputs.copy()
+        used = []
+        for node in reversed(kept):
+            if any(out in needed for out in node.output):
+                used.append(node)
+                needed.update(node.input)
+        kept = used[::-1]
+    del result.graph.node[:]
+    result.graph.node.extend(kept)
+    result.graph.initializer.extend(numpy_helper.from_array(np.array(a), name) for name, a in arrays.items())
+    return result
+
+
+def constant_value(node: onnx.NodeProto) -> np.ndarray | None:
+    """The value of a ``Constant`` node, or None for a sparse or missing one."""
+    for attribute in node.attribute:
+        if attribute.name == "sparse_value" or not attribute.name.startswith("value"):
+            continue
+        value = onnx.helper.get_attribute_value(attribute)
+        if isinstance(value, onnx.TensorProto):
+            return numpy_helper.to_array(value)
+        if attribute.name == "value_float":
+            return np.array(value, dtype=np.float32)
+        if attribute.name == "value_floats":
+            return np.array(list(value), dtype=np.float32)
+        if attribute.name == "value_int":
+            return np.array(value, dtype=np.int64)
+        if attribute.name == "value_ints":
+            return np.array(list(value), dtype=np.int64)
+        return None  # strings: no layer reads them
+    return None
 
 
 def _parse(data: bytes, where: str) -> onnx.ModelProto:
@@ -124,11 +267,16 @@ class _Translator:
         self.initializers = {t.name: t for t in model.graph.initializer}
         self.constants: dict[str, np.ndarray] = {}
         self.shapes: dict[str, tuple[int, ...] | None] = {}
+        self.dims: dict[str, Dims | None] = {}  # with symbolic and unknown dimensions kept
         for value in list(model.graph.input) + list(model.graph.value_info) + list(model.graph.output):
             self.shapes[value.name] = value_shape(value)
+            self.dims[value.name] = value_dims(value)
         for tensor in self.initializers.values():
             self.shapes[tensor.name] = tuple(tensor.dims)
+            self.dims[tensor.name] = tuple(tensor.dims)
+        self.graph_inputs = {value.name for value in model.graph.input} - set(self.initializers)
         self.producer: dict[str, str] = {}  # tensor name -> IR node name that produces it
+        self.shape_values = ShapeValues(model.graph.node, self._value, self.dims)
         self.kinds: dict[str, OpKind] = {}
         self.users: dict[str, list[onnx.NodeProto]] = {}
         for node in model.graph.node:
@@ -192,12 +340,9 @@ class _Translator:
         return self.graph
 
     def _constant_node(self, node: onnx.NodeProto) -> None:
-        for attribute in node.attribute:
-            value = onnx.helper.get_attribute_value(attribute)
-            if isinstance(value, onnx.TensorProto):
-                value = numpy_helper.to_array(value)
-            if attribute.name.startswith("value"):
-                self.constants[node.output[0]] = np.asarray(value)
+        value = constant_value(node)
+        if value is not None:
+            self.constants[node.output[0]] = value
         self.shapes[node.output[0]] = tuple(self.constants.get(node.output[0], np.zeros(0)).shape)
 
     def _node(self, node: onnx.NodeProto, kind: OpKind, op: str, inputs: list[str] | None = None,
@@ -220,9 +365,10 @@ class _Translator:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         if node.domain not in ("", "ai.onnx"):
             return self._blocking(node, f"custom operator {node.domain}::{op}")
-        if op in ("Cast", "CastLike") and self._value(node.input[0]) is not None:
-            self.constants[node.output[0]] = self._value(node.input[0])  # a constant, whatever its type
-            self.shapes[node.output[0]] = tuple(self.constants[node.output[0]].shape)
+        value = self._value(node.input[0]) if op in ("Cast", "CastLike") else None
+        if value is not None:
+            self.constants[node.output[0]] = value  # a constant, whatever its type
+            self.shapes[node.output[0]] = tuple(value.shape)
             return None
         data_inputs = [t for t in node.input if t and t not in self.initializers and t not in self.constants]
         if data_inputs and all(self.kinds.get(self.producer.get(t, ""), None) == OpKind.METADATA for t in data_inputs):
@@ -236,23 +382,20 @@ class _Translator:
         if op in _ACTIVATIONS or (op == "PRelu" and self._numel(node.input[1]) == 1):
             if op == "Clip" and any(t and t not in self.initializers and t not in self.constants for t in node.input[1:]):
                 return self._blocking(node, "Clip with bounds computed at run time")
+            function = activation_function(_ACTIVATION_NAMES.get(op, op))
             return self._finish(node, self._node(node, OpKind.CHANNELWISE, "activation", inputs=[node.input[0]],
-                                                 function=op.lower()))
-        if op in _COMPARISONS or op == "Where":
-            return self._elementwise(node, op.lower())
-        if op == "ReduceMean":
-            return self._reduce_mean(node, attrs)
+                                                 function=function))
+        if op in _COMPARISONS:
+            return self._elementwise(node, _COMPARISONS[op])
+        if op == "Where":
+            return self._elementwise(node, "where")
+        if op in _REDUCTIONS:
+            return self._reduce(node, attrs, _REDUCTIONS[op])
         if op == "BatchNormalization":
-            ir = self._node(node, OpKind.CHANNELWISE, "batchnorm", inputs=[node.input[0]], requires_axis=1)
-            ir.module = node.name or node.output[0]
-            roles = ("weight", "bias", "running_mean", "running_var")
-            ir.params = {role: self._param(t) for role, t in zip(roles, node.input[1:5])}
-            if node.input[1].endswith(".weight"):
-                ir.module = node.input[1][: -len(".weight")]
-            return self._finish(node, ir)
+            return self._batchnorm(node, attrs)
         if op in _POOLING:
             return self._finish(node, self._node(node, OpKind.CHANNELWISE, "pooling", requires_axis=1,
-                                                 function=op.lower()))
+                                                 function=_POOLING[op]))
         if op == "Dropout":
             return self._finish(node, self._node(node, OpKind.CHANNELWISE, "dropout", inputs=[node.input[0]]))
         if op == "Identity":
@@ -280,8 +423,9 @@ class _Translator:
     def _conv(self, node: onnx.NodeProto, attrs: dict[str, Any]) -> None:
         weight = node.input[1]
         bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
-        if weight not in self.initializers or (bias is not None and bias not in self.initializers):
-            return self._blocking(node, "Conv whose weight is computed at run time")
+        unstored = self._unstored(node, {"weight": weight, "bias": bias})
+        if unstored:
+            return self._blocking(node, f"Conv whose {unstored}")
         groups = int(attrs.get("group", 1))
         shape = tuple(self.initializers[weight].dims)
         out_channels, in_per_group = shape[0], shape[1]
@@ -297,13 +441,37 @@ class _Translator:
             ir.params["bias"] = self._param(bias)
         self._finish(node, ir)
 
+    def _unstored(self, node: onnx.NodeProto, params: dict[str, str | None]) -> str | None:
+        """Why the first of a layer's parameters that is not an initializer cannot be edited, or None."""
+        for role, tensor in params.items():
+            if tensor is None or tensor in self.initializers:
+                continue
+            if tensor in self.graph_inputs:
+                return (f"{role} '{tensor}' is a graph input (given when the model runs, so tunnelgraph "
+                        "cannot resize it; store it as an initializer)")
+            return f"{role} '{tensor}' is computed at run time"
+        return None
+
+    def _batchnorm(self, node: onnx.NodeProto, attrs: dict[str, Any]) -> None:
+        roles = ("weight", "bias", "running_mean", "running_var")
+        unstored = self._unstored(node, dict(zip(roles, node.input[1:5])))
+        if unstored:
+            return self._blocking(node, f"batch norm whose {unstored}", "batchnorm")
+        ir = self._node(node, OpKind.CHANNELWISE, "batchnorm", inputs=[node.input[0]], requires_axis=1)
+        ir.module = node.name or node.output[0]
+        ir.params = {role: self._param(t) for role, t in zip(roles, node.input[1:5])}
+        if node.input[1].endswith(".weight"):
+            ir.module = node.input[1][: -len(".weight")]
+        return self._finish(node, ir)
+
     def _gemm(self, node: onnx.NodeProto, attrs: dict[str, Any]) -> None:
         weight = node.input[1]
         bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
         if attrs.get("transA", 0):
             return self._blocking(node, "Gemm with transA=1 (its input is transposed)")
-        if weight not in self.initializers or (bias is not None and bias not in self.initializers):
-            return self._blocking(node, "Gemm whose weight or bias is computed at run time")
+        unstored = self._unstored(node, {"weight": weight, "bias": bias})
+        if unstored:
+            return self._blocking(node, f"Gemm whose {unstored}")
         weight_shape = tuple(self.initializers[weight].dims)
         out_features = weight_shape[0] if attrs.get("transB", 0) else weight_shape[1]
         if bias is not None and tuple(self.initializers[bias].dims) != (out_features,):
@@ -358,18 +526,19 @@ class _Translator:
                 return self._finish(node, self._node(node, OpKind.CHANNELWISE, kind, inputs=data, function=op))
         return self._blocking(node, f"element-wise {op} with a constant tensor")
 
-    def _reduce_mean(self, node: onnx.NodeProto, attrs: dict[str, Any]) -> None:
+    def _reduce(self, node: onnx.NodeProto, attrs: dict[str, Any], function: str) -> None:
+        """ReduceMean and ReduceMax over given axes: pooling over whole axes (``global`` pooling when spatial)."""
         in_shape = self.shapes.get(node.input[0])
         axes = attrs.get("axes")
         if axes is None and len(node.input) > 1 and node.input[1]:
             value = self._value(node.input[1])
             axes = None if value is None else [int(a) for a in np.asarray(value).reshape(-1)]
         if in_shape is None or not axes:
-            return self._blocking(node, "ReduceMean over all axes or over axes computed at run time")
+            return self._blocking(node, f"{node.op_type} over all axes or over axes computed at run time")
         reduced = tuple(sorted(int(a) % len(in_shape) for a in axes))
         keepdim = bool(attrs.get("keepdims", 1))
         self._finish(node, self._node(node, OpKind.CHANNELWISE, "pooling", inputs=[node.input[0]],
-                                      reduces=reduced, keepdim=keepdim, function="mean"))
+                                      reduces=reduced, keepdim=keepdim, function=function))
 
     def _concat(self, node: onnx.NodeProto, attrs: dict[str, Any]) -> None:
         shape = self.shapes.get(node.output[0])
@@ -386,28 +555,52 @@ class _Translator:
         self._finish(node, self._node(node, OpKind.COUPLING, "concat", dim=axis), maps)
 
     def _reshape(self, node: onnx.NodeProto, attrs: dict[str, Any]) -> None:
-        in_shape, out_shape = self.shapes.get(node.input[0]), self.shapes.get(node.output[0])
-        if in_shape is None or out_shape is None:
+        """Flatten and Reshape: a flatten of adjacent axes passes channels on, anything else blocks.
+
+        Sizes may be symbolic (a dynamic batch axis): the flatten is proven on
+        the symbolic dimensions. A target shape computed at run time
+        (``Shape`` -> ``Gather`` -> ``Concat``, as ``x.view(x.size(0), -1)``
+        exports) is followed back to sizes of the reshaped tensor; a literal
+        size in such a computation blocks, since rewrites could not update it.
+        """
+        literals: dict[int, tuple[tuple[int, ...], int]] = {}
+        extra: dict[str, Any] = {}
+        if node.op_type == "Flatten":
+            both = flattened(node.input[0], int(attrs.get("axis", 1)), self.dims)
+        else:
+            target = self._value(node.input[1])
+            entries: list[int | Dim]
+            if target is not None:
+                sizes = [int(v) for v in np.asarray(target).reshape(-1)]
+                extra["shape_tensor"] = node.input[1]
+                literals = {axis: ((axis,), size) for axis, size in enumerate(sizes) if size not in (-1, 0)}
+                entries = list(sizes)
+            else:
+                followed = self.shape_values.entries(node.input[1])
+                if followed is None:
+                    return self._blocking(node, "Reshape whose target shape is computed at run time in a way "
+                                                "tunnelgraph does not follow", "reshape")
+                entries = followed
+                foreign = [e for e in entries if isinstance(e, Dim) and e.tensor != node.input[0]]
+                fixed = [e for e in entries if isinstance(e, int) and e not in (-1, 0)]
+                if foreign or fixed:
+                    what = (f"the literal size {fixed[0]}" if fixed
+                            else f"a size of another tensor ('{foreign[0].tensor}')")
+                    return self._blocking(node, f"Reshape whose target shape is computed at run time from {what}, "
+                                                "which a rewrite could not update", "reshape")
+            both = reshaped(node.input[0], entries, self.dims, bool(attrs.get("allowzero", 0)))
+        if both is None:
             return self._blocking(node, f"{node.op_type} of unknown shape")
-        merged = merged_range(in_shape, out_shape)
+        in_dims, out_dims = both
+        in_shape, out_shape = _sized(in_dims), _sized(out_dims)
+        self.shapes[node.output[0]], self.dims[node.output[0]] = out_shape, stored_dims(out_dims)
+        merged = flatten_range(in_dims, out_dims)
         if merged is None:
             return self._finish(node, self._node(node, OpKind.BLOCKING, "reshape", inputs=[node.input[0]],
                                                  detail=f"reshape {in_shape} -> {out_shape} is not a flatten"))
         start, end = merged
-        literals: dict[int, tuple[tuple[int, ...], int]] = {}
-        extra: dict[str, Any] = {}
-        if node.op_type == "Reshape":
-            target = self._value(node.input[1])
-            if target is None:
-                inputs = [node.input[0]]
-            else:
-                inputs = [node.input[0]]
-                extra["shape_tensor"] = node.input[1]
-                for axis, size in enumerate(np.asarray(target).reshape(-1).tolist()):
-                    if size not in (-1, 0) and axis < len(out_shape):
-                        literals[axis] = ((axis,), int(size))
-        else:
-            inputs = [node.input[0]]
+        inputs = [node.input[0]]
+        literals = {axis: literal for axis, literal in literals.items() if axis < len(out_shape)}
         block = ChannelMap(0, math.prod(in_shape[start + 1:end + 1]))
         ir = self._node(node, OpKind.RESHAPE, "flatten", inputs=inputs, start=start, end=end,
                         literal_widths=literals, **extra)
@@ -424,12 +617,184 @@ def layer_name(node: onnx.NodeProto, weight: str | None, bias: str | None = None
 
 def value_shape(value: onnx.ValueInfoProto) -> tuple[int, ...] | None:
     """A value's inferred shape, unknown (symbolic) dimensions read as 1; None without a shape."""
+    dims = value_dims(value)
+    return None if dims is None else _sized(dims)
+
+
+def value_dims(value: onnx.ValueInfoProto) -> Dims | None:
+    """A value's inferred dimensions, symbolic ones by name and unknown ones as None; None without a shape."""
     tensor_type = value.type.tensor_type
     if not tensor_type.HasField("shape"):
         return None
-    dims = []
+    dims: list[int | str | None] = []
     for dim in tensor_type.shape.dim:
-        dims.append(dim.dim_value if dim.HasField("dim_value") else 1)
+        if dim.HasField("dim_value"):
+            dims.append(int(dim.dim_value))
+        else:
+            dims.append(dim.dim_param if dim.HasField("dim_param") and dim.dim_param else None)
     return tuple(dims)
+
+
+def _sized(dims: Dims) -> tuple[int, ...]:
+    """Dimensions as the IR records them: symbolic and unknown sizes read as 1."""
+    return tuple(d if isinstance(d, int) else 1 for d in dims)
+
+
+class Dim(NamedTuple):
+    """An entry of a shape tensor that is read when the model runs: the size of ``tensor``'s axis ``axis``."""
+
+    tensor: str
+    axis: int
+
+
+class ShapeValues:
+    """The values of the small integer tensors that compute shapes, followed through the graph.
+
+    ``Shape`` gives one :class:`Dim` per axis; ``Gather`` and ``Slice`` with
+    constant indices pick entries, ``Concat`` joins them, ``Cast``,
+    ``Identity``, ``Squeeze`` and ``Unsqueeze`` keep them, and constants are
+    their integers. Any other operation is not followed.
+    """
+
+    def __init__(self, nodes: Iterable[onnx.NodeProto], constant: Callable[[str], np.ndarray | None],
+                 dims: dict[str, Dims | None]) -> None:
+        self.producers = {out: node for node in nodes for out in node.output if out}
+        self.constant = constant
+        self.dims = dims
+
+    def entries(self, tensor: str) -> list[int | Dim] | None:
+        """The flattened value of ``tensor``: integers and sizes read at run time; None if not followed."""
+        value = self.constant(tensor)
+        if value is not None:
+            array = np.asarray(value)
+            return [int(v) for v in array.reshape(-1)] if array.dtype.kind in "iu" else None
+        node = self.producers.get(tensor)
+        if node is None or node.domain not in ("", "ai.onnx"):
+            return None
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        op = node.op_type
+        if op == "Shape":
+            dims = self.dims.get(node.input[0])
+            if dims is None:
+                return None
+            every: list[int | Dim] = [Dim(node.input[0], axis) for axis in range(len(dims))]
+            return every[int(attrs.get("start", 0)):attrs.get("end", len(dims))]
+        if op in ("Cast", "Identity", "Squeeze", "Unsqueeze"):
+            return self.entries(node.input[0])
+        if op == "Concat":
+            parts = [self.entries(t) for t in node.input]
+            return None if any(p is None for p in parts) else [e for p in parts for e in p or []]
+        if op == "Gather" and int(attrs.get("axis", 0)) == 0:
+            data, indices = self.entries(node.input[0]), self.constant(node.input[1])
+            if data is None or indices is None:
+                return None
+            picked = [int(i) for i in np.asarray(indices).reshape(-1)]
+            if any(not -len(data) <= i < len(data) for i in picked):
+                return None
+            return [data[i] for i in picked]
+        if op == "Slice" and len(node.input) >= 3:
+            data = self.entries(node.input[0])
+            bounds = [self.constant(t) if t else None for t in list(node.input[1:5]) + [""] * (5 - len(node.input))]
+            starts, ends, axes, steps = bounds
+            if data is None or starts is None or ends is None:
+                return None
+            if axes is not None and [int(a) for a in np.asarray(axes).reshape(-1)] not in ([0], [-1]):
+                return None
+            step = 1 if steps is None else int(np.asarray(steps).reshape(-1)[0])
+            if step == 0:
+                return None
+            return data[int(np.asarray(starts).reshape(-1)[0]):int(np.asarray(ends).reshape(-1)[0]):step]
+        return None
+
+
+def reshaped(source: str, entries: list[int | Dim], dims: Mapping[str, Dims | None],
+             allowzero: bool = False) -> tuple[Dims, Dims] | None:
+    """The dimensions of ``source`` and of ONNX ``Reshape(source, entries)``; None if ``source``'s rank is unknown.
+
+    A size nobody knows comes back as the :class:`Dim` that names it (equal
+    only to itself), so a size the target copies (``0``, or a :class:`Dim`
+    entry) is known to be equal on both sides. A single ``-1`` is solved from
+    the element count when the symbolic sizes on both sides cancel, else it
+    stays None (unknown).
+    """
+    in_dims = _named(source, dims)
+    if in_dims is None:
+        return None
+    out: list[int | str | Dim | None] = []
+    for axis, entry in enumerate(entries):
+        if isinstance(entry, Dim):
+            other = _named(entry.tensor, dims)
+            out.append(other[entry.axis] if other is not None and entry.axis < len(other) else None)
+        elif entry == 0 and not allowzero:
+            out.append(in_dims[axis] if axis < len(in_dims) else None)
+        elif entry == -1:
+            out.append(None)
+        else:
+            out.append(int(entry))
+    unknown = [axis for axis, d in enumerate(out) if d is None]
+    if len(unknown) == 1:
+        symbols_in = Counter(d for d in in_dims if not isinstance(d, int))
+        symbols_out = Counter(d for d in out if d is not None and not isinstance(d, int))
+        known_in = math.prod(d for d in in_dims if isinstance(d, int))
+        known_out = math.prod(d for d in out if isinstance(d, int))
+        if symbols_in == symbols_out and known_out and known_in % known_out == 0:
+            out[unknown[0]] = known_in // known_out
+    return in_dims, tuple(out)
+
+
+def flattened(source: str, axis: int, dims: Mapping[str, Dims | None]) -> tuple[Dims, Dims] | None:
+    """The dimensions of ``source`` and of ONNX ``Flatten(source, axis)`` (see :func:`reshaped`)."""
+    in_dims = _named(source, dims)
+    if in_dims is None:
+        return None
+    axis = axis + len(in_dims) if axis < 0 else axis
+    return in_dims, (_product(in_dims[:axis]), _product(in_dims[axis:]))
+
+
+def _named(tensor: str, dims: Mapping[str, Dims | None]) -> Dims | None:
+    """``tensor``'s dimensions with each unknown size replaced by the :class:`Dim` that names it."""
+    known = dims.get(tensor)
+    if known is None:
+        return None
+    return tuple(Dim(tensor, axis) if d is None else d for axis, d in enumerate(known))
+
+
+def stored_dims(dims: Dims) -> Dims:
+    """Dimensions as they are stored: sizes named by a :class:`Dim` are unknown (None) again."""
+    return tuple(None if isinstance(d, Dim) else d for d in dims)
+
+
+def _product(dims: Dims) -> Any:
+    """The product of sizes: an int, a single symbolic size (times ones), or None when it cannot be named."""
+    symbols = [d for d in dims if not isinstance(d, int)]
+    size = math.prod(d for d in dims if isinstance(d, int))
+    if not symbols:
+        return size
+    if len(symbols) == 1 and symbols[0] is not None and size == 1:
+        return symbols[0]
+    return None
+
+
+def flatten_range(in_dims: Dims, out_dims: Dims) -> tuple[int, int] | None:
+    """The input axes ``start..end`` that a reshape from ``in_dims`` to ``out_dims`` merges, if it is a flatten.
+
+    :func:`~tunnelgraph.frontends.shapes.merged_range` for symbolic sizes:
+    a symbolic size equals only the same name, and an unknown one nothing.
+    """
+    if None in in_dims or None in out_dims:
+        return None
+    if all(isinstance(d, int) for d in in_dims + out_dims):
+        return merged_range(tuple(int(d) for d in in_dims), tuple(int(d) for d in out_dims))  # type: ignore[arg-type]
+    if in_dims == out_dims:
+        return (0, 0)
+    count = len(in_dims) - len(out_dims) + 1
+    if count < 1:
+        return None
+    for start in range(len(out_dims)):
+        end = start + count - 1
+        if (in_dims[:start] == out_dims[:start] and in_dims[end + 1:] == out_dims[start + 1:]
+                and _product(in_dims[start:end + 1]) == out_dims[start]):
+            return (start, end)
+    return None
 
 

@@ -1,5 +1,25 @@
 """The framework-free intermediate representation: a DAG of units."""
 
-from tunnelgraph.ir.graph import IDENTITY, ChannelMap, Graph, Node, OpKind, ParamRef
+from tunnelgraph.ir.graph import (
+    ACTIVATION_FUNCTIONS,
+    IDENTITY,
+    POOLING_FUNCTIONS,
+    ChannelMap,
+    Graph,
+    Node,
+    OpKind,
+    ParamRef,
+    activation_function,
+)
 
-__all__ = ["IDENTITY", "ChannelMap", "Graph", "Node", "OpKind", "ParamRef"]
+__all__ = [
+    "ACTIVATION_FUNCTIONS",
+    "IDENTITY",
+    "POOLING_FUNCTIONS",
+    "ChannelMap",
+    "Graph",
+    "Node",
+    "OpKind",
+    "ParamRef",
+    "activation_function",
+]

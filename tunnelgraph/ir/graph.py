@@ -88,6 +88,40 @@ class ChannelMap:
 
 IDENTITY = ChannelMap()
 
+ACTIVATION_FUNCTIONS = frozenset({
+    "relu", "leaky_relu", "prelu", "relu6", "thresholded_relu", "elu", "selu", "celu", "gelu", "silu",
+    "mish", "softplus", "softsign", "sigmoid", "hardsigmoid", "hardswish", "hardtanh", "tanh", "tanhshrink",
+    "exp", "log", "sqrt", "square", "reciprocal", "abs", "neg", "erf", "clamp", "gt", "lt", "ge", "le", "eq",
+})
+"""The names an ``activation`` node's ``attrs["function"]`` takes, whatever the framework.
+
+Comparisons with a number (``gt``, ``lt``, ``ge``, ``le``, ``eq``) are element-wise
+functions too; ``clamp`` is clipping to constant bounds (``torch.clamp``, ONNX
+``Clip``, which is also how exporters write ``relu6``).
+"""
+
+POOLING_FUNCTIONS = frozenset({"avg", "max", "lp", "mean"})
+"""The names a ``pooling`` node's ``attrs["function"]`` takes: ``avg`` (average
+pooling over windows, adaptive or global included), ``max`` (max pooling, idem),
+``lp`` (power-average pooling) and ``mean`` (a mean over whole axes). A pooling
+over whole axes (``mean``, or ``max`` from ONNX ``ReduceMax``) lists them in
+``attrs["reduces"]`` and says in ``attrs["keepdim"]`` whether they stay."""
+
+_ACTIVATION_KEYS = {name.replace("_", ""): name for name in ACTIVATION_FUNCTIONS}
+
+
+def activation_function(spelling: str) -> str:
+    """The framework-neutral name of the activation a framework spells ``spelling``.
+
+    Case, underscores and a trailing in-place ``_`` do not matter:
+    ``"LeakyReLU"`` (a module class), ``"leaky_relu_"`` (a function) and
+    ``"LeakyRelu"`` (an ONNX operator) all give ``"leaky_relu"``. A spelling
+    that names none of :data:`ACTIVATION_FUNCTIONS` comes back lower-cased and
+    unchanged otherwise, so analyses that match names do not recognise it
+    (and claim nothing that depends on it).
+    """
+    return _ACTIVATION_KEYS.get(spelling.lower().replace("_", ""), spelling.lower())
+
 
 @dataclass
 class Node:
@@ -114,6 +148,10 @@ class Node:
             they keep the axis of their input.
         attrs: operation details (``groups``, ``dim``, ``requires_axis``,
             ``literal_widths``, ``detail`` for blocking nodes, ...).
+            ``attrs["function"]`` names what an ``activation``, ``pooling``
+            or ``scale`` node computes, in the framework-neutral spelling
+            every frontend writes: one of :data:`ACTIVATION_FUNCTIONS`, of
+            :data:`POOLING_FUNCTIONS`, or ``add``/``sub``/``mul``/``div``.
     """
 
     name: str

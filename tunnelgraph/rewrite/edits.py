@@ -101,7 +101,7 @@ def clone(size: int, channel: int, lam: Coefficient, position: int | None = None
     """Open a tunnel: copy ``channel`` into a new channel at ``position`` (default: last).
 
     Inbound entries are copied; outbound entries become ``lam * w`` on the
-    original and ``(1 - lam) * w`` on the clone (MATH.md section 3, case C).
+    original and ``(1 - lam) * w`` on the clone (docs/MATH.md section 3, case C).
     """
     _check_channel(size, channel)
     position = size if position is None else position
@@ -116,7 +116,7 @@ def clone(size: int, channel: int, lam: Coefficient, position: int | None = None
 
 
 def merge(size: int, channel: int, into: int) -> ChannelEdit:
-    """Close a tunnel: fold ``channel`` into ``into`` and delete it (MATH.md section 6).
+    """Close a tunnel: fold ``channel`` into ``into`` and delete it (docs/MATH.md section 6).
 
     Inbound entries of ``into`` become the mean of both; outbound entries
     are summed. Exact when the two channels are equal (right after a clone).
@@ -164,4 +164,4 @@ def reorganize(size: int, merged: int, into: int, cloned: int, lam: Coefficient)
 
 def _check_channel(size: int, channel: int) -> None:
     if not 0 <= channel < size:
-        raise ValueError(f"channel {channel} is outside 0..{size - 1}")
+        raise ValueError(f"channel {channel} is outside the group's {size} channels 0..{size - 1}")

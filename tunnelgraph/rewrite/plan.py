@@ -52,7 +52,9 @@ class RewritePlan:
     Attributes:
         group: the group as it is before the edit.
         edit: the channel edit.
-        tensors: one :class:`TensorEdit` per parameter entry the group owns.
+        tensors: one :class:`TensorEdit` per parameter entry the group owns,
+            outbound ones first; a backend applies them in this order, each
+            to the result of the ones before on the same parameter.
         literals: reshape literals with the values they must have afterwards.
         result: the group as it is after the edit.
     """
@@ -97,6 +99,9 @@ def plan_edit(group: ChannelGroup, edit: ChannelEdit) -> RewritePlan:
             for new, copied in enumerate(copies[inbound])
         )
         tensors.append(TensorEdit(param_slice, group.size, sources, copies[inbound]))
+    # outbound edits first: a layer that reads and writes the group has both on one weight, and
+    # its lambda entries are cut for the weight's rows as they are before the rows change
+    tensors.sort(key=lambda tensor_edit: tensor_edit.slice.role != "outbound")
     result = group.resized(edit.delta)
     return RewritePlan(group, edit, tuple(tensors), result.literals if edit.delta else (), result)
 

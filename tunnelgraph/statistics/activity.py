@@ -22,26 +22,43 @@ from tqdm.auto import tqdm
 from tunnelgraph.analysis.groups import ChannelGroup, ParamSlice
 from tunnelgraph.analysis.reducibility import Finding, UnitMeasures, channel_rows
 from tunnelgraph.errors import StatisticsError
+from tunnelgraph.runtime import model_device, preserved, to_device, unwrap_model
 
 
 class _Moments:
-    """Running first and second moments of a group's channels at one consumer input (float64)."""
+    """Mean and covariance of a group's channels at one consumer input, merged batch by batch (float64).
+
+    Each batch contributes its own mean and its centred sum of products,
+    merged with the running ones by Chan et al.'s pairwise update. The naive
+    ``E[x x^T] - E[x] E[x]^T`` cancels catastrophically for a constant
+    channel, leaving a variance of either sign at rounding level that
+    depends on the order of the sums; the centred form gives a constant
+    channel a variance at rounding level relative to its squared mean
+    however the data are batched or summed.
+    """
 
     def __init__(self, size: int) -> None:
         self.count = 0
-        self.total = torch.zeros(size, dtype=torch.float64)
-        self.outer = torch.zeros(size, size, dtype=torch.float64)
+        self.mean = torch.zeros(size, dtype=torch.float64)
+        self.centred = torch.zeros(size, size, dtype=torch.float64)  # sum of (x - mean)(x - mean)^T
 
     def add(self, values: torch.Tensor) -> None:  # (rows, channels)
+        rows = values.shape[0]
+        if rows == 0:
+            return
         values = values.double()
-        self.count += values.shape[0]
-        self.total += values.sum(0).cpu()
-        self.outer += (values.T @ values).cpu()
+        batch_mean = values.mean(0)
+        deviations = values - batch_mean
+        batch_centred = (deviations.T @ deviations).cpu()
+        batch_mean = batch_mean.cpu()
+        total = self.count + rows
+        delta = batch_mean - self.mean
+        self.centred += batch_centred + torch.outer(delta, delta) * (self.count * rows / total)
+        self.mean += delta * (rows / total)
+        self.count = total
 
     def mean_and_covariance(self) -> tuple[torch.Tensor, torch.Tensor]:
-        mean = self.total / max(self.count, 1)
-        covariance = self.outer / max(self.count, 1) - torch.outer(mean, mean)
-        return mean, covariance
+        return self.mean.clone(), self.centred / max(self.count, 1)
 
 
 def unit_measures(
@@ -57,8 +74,6 @@ def unit_measures(
     ``data`` yields ``(inputs, targets)`` batches or bare inputs; targets are
     not used. Training flags are restored afterwards.
     """
-    from tunnelgraph.statistics.engine import model_device, to_device, unwrap_model
-
     model = unwrap_model(model)
     device = model_device(model)
     legal = [group for group in groups if group.legal]
@@ -76,11 +91,9 @@ def unit_measures(
             recorded[name] = args[0].detach()
 
         handles.append(model.get_submodule(module_name).register_forward_pre_hook(hook))
-    modes = {name: sub.training for name, sub in model.named_modules()}
     samples = 0
     try:
-        model.eval()
-        with torch.no_grad():
+        with preserved(model, train=False), torch.no_grad():
             for index, batch in enumerate(tqdm(data, total=batches, desc="unit measures", disable=not progress)):
                 if batches is not None and index >= batches:
                     break
@@ -91,13 +104,16 @@ def unit_measures(
                 model(*inputs)
                 samples += int(inputs[0].shape[0])
                 for key, accumulator in moments.items():
+                    if not bool(torch.isfinite(recorded[key[1]]).all()):
+                        raise StatisticsError(
+                            f"batch {index}: the input of layer '{key[1]}' is not finite (NaN or infinite "
+                            "values); check the batch for NaN or infinite inputs"
+                        )
                     module = model.get_submodule(key[1])
                     accumulator.add(_channels_last(recorded[key[1]], slices[key], module, _size(legal, key[0])))
     finally:
         for handle in handles:
             handle.remove()
-        for name, sub in model.named_modules():
-            sub.train(modes[name])
     if samples == 0:
         raise StatisticsError("data yielded no samples")
     weights = {name: p.detach().cpu().double().numpy() for name, p in model.named_parameters()}

@@ -2,8 +2,8 @@
 
 A group's channels leave their *producers* (linear or conv layers), pass
 per-channel operations, residual adds, concats and flattens (the group's
-*chain*), and enter their *consumers*. For a site of the group, MATH.md
-defines column ``l`` of A as the inbound-weight gradient carried by the
+*chain*), and enter their *consumers*. For a site of the group, docs/MATH.md
+sections 4 and 7 define column ``l`` of A as the inbound-weight gradient carried by the
 error that flows back through outbound entry ``l`` alone, pushed back through
 the chain. Everything here is linear algebra around one object: the chain,
 as a function from the producers' outputs to the consumers' inputs,
@@ -43,8 +43,10 @@ from tunnelgraph.ir import Graph, OpKind
 
 with warnings.catch_warnings():
     # torch.func.jvp imports this lazily, and it scripts functions with the deprecated
-    # torch.jit.script; import it once here so users do not see torch's internal warning
+    # torch.jit.script (a DeprecationWarning, a FutureWarning from torch 2.14); import it
+    # once here so users do not see torch's internal warning
     warnings.simplefilter("ignore", DeprecationWarning)
+    warnings.simplefilter("ignore", FutureWarning)
     import torch._decomp.decompositions_for_jvp  # noqa: F401
 
 _CONV_DIMS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}

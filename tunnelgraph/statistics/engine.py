@@ -1,7 +1,7 @@
 """The A-statistics engine: the matrix A of every site, its top singular triplet, over a data set.
 
 For a site (channel ``c`` of a group) with K inbound entries and L outbound
-entries, MATH.md sections 4, 5 and 7 define ``A`` (K x L): column ``l`` is
+entries, docs/MATH.md sections 4, 5 and 7 define ``A`` (K x L): column ``l`` is
 the gradient of the channel's inbound weights carried by the error that
 flows back through outbound entry ``l`` alone. After opening the tunnel with
 a vector ``lam``, the channel's inbound gradient is ``A @ lam`` and the
@@ -42,6 +42,7 @@ from tunnelgraph.errors import StatisticsError
 from tunnelgraph.frontends.fx import trace
 from tunnelgraph.ir import Graph
 from tunnelgraph.rewrite.plan import check_shapes
+from tunnelgraph.runtime import model_device, preserved, to_device, unwrap_model
 from tunnelgraph.statistics.capture import Capture, Recorder
 from tunnelgraph.statistics.chain import GroupChain, conv_patches
 from tunnelgraph.statistics.solve import Triplet, lanczos_top, top_singular
@@ -89,6 +90,14 @@ class SiteStatistics:
     method: str
     steps: int = 0
     residual: float = 0.0
+
+    def __repr__(self) -> str:
+        a = "None" if self.a is None else str(tuple(self.a.shape))
+        return (
+            f"SiteStatistics(site={self.site!r}, sigma={self.sigma:.6g}, method={self.method!r}, "
+            f"samples={self.samples}, steps={self.steps}, residual={self.residual:.3g}, a={a}, "
+            f"direction={tuple(self.direction.shape)}, gradient={tuple(self.gradient.shape)})"
+        )
 
 
 def a_statistics(
@@ -168,17 +177,12 @@ def a_statistics(
                 "a DataLoader), not an iterator or generator"
             )
         replay = lambda: _batches(data, batches, device)  # noqa: E731
-    modes = {name: sub.training for name, sub in model.named_modules()}
-    model.eval()
-    try:
+    with preserved(model, train=False):
         graph = trace(model, first[0])
         plans = _plans(model, graph, sites, method, max_steps)
         return _measure(
             model, plans, batches_iter, loss_fn, batches, progress, memory_budget, max_steps, tol, replay
         )
-    finally:
-        for name, sub in model.named_modules():
-            sub.train(modes[name])
 
 
 # -- planning -------------------------------------------------------------------------
@@ -216,10 +220,22 @@ def _plans(model: nn.Module, graph: Graph, sites: Sequence[Site], method: Method
 
 
 def check_sites_fit(model: nn.Module, site: Site) -> None:
-    """Raise :class:`StatisticsError` unless ``site`` was found on ``model`` (its parameters' shapes)."""
+    """Raise :class:`StatisticsError` unless ``site`` was found on ``model`` and A is defined for it."""
     tensors = dict(model.named_parameters(remove_duplicate=False))
     tensors.update(model.named_buffers(remove_duplicate=False))
     check_shapes(site.group, {name: tuple(t.shape) for name, t in tensors.items()}, StatisticsError)
+    if not measurable(site):
+        raise StatisticsError(
+            f"site {site.name}: layer(s) {', '.join(site.group.self_consumers)} both produce and read the "
+            f"channels of group '{site.group.name}' (an inverted residual block whose projection is added "
+            "back to its input), so cloning a channel adds an inbound weight to the channel itself and the "
+            "paper's A is not defined; the rewrite is exact, but leave these sites out of the statistics"
+        )
+
+
+def measurable(site: Site) -> bool:
+    """Whether A is defined for ``site``: no layer of its group both produces and reads its channels."""
+    return not site.group.self_consumers
 
 
 def estimate_cost(chain: GroupChain, graph: Graph, *, max_steps: int = 8) -> tuple[float, float]:
@@ -264,8 +280,10 @@ def _measure(
     stored: list[Capture] = []
     samples = 0
     with Recorder(model, [plan.chain for plan in plans]) as recorder:
-        for inputs, targets in tqdm(batches_iter, total=batches, desc="A-statistics", disable=not progress):
-            capture = run_batch(model, recorder, inputs, targets, loss_fn)
+        for index, (inputs, targets) in enumerate(
+            tqdm(batches_iter, total=batches, desc="A-statistics", disable=not progress)
+        ):
+            capture = run_batch(model, recorder, inputs, targets, loss_fn, index=index)
             samples += capture.batch
             for plan in exact_plans:
                 if sums[id(plan)] is None:
@@ -288,11 +306,32 @@ def _measure(
     for plan in free_plans:
         captures: Iterable[Capture] = stored if replay is None else _Replay(model, plan.chain, replay, loss_fn)
         results.update(_matrix_free(plan, captures, samples, max_steps, tol, model_device(model)))
+    check_statistics(results.values())
     return {site.name: results[site.name] for plan in plans for site in plan.sites}
 
 
-def run_batch(model: nn.Module, recorder: Recorder, inputs: Any, targets: Any, loss_fn: LossFn) -> Capture:
-    """One forward and backward pass under the recorder's hooks; parameters' ``.grad`` untouched."""
+def check_statistics(results: Iterable[SiteStatistics]) -> None:
+    """Raise :class:`StatisticsError` if a site's sigma, lambda* or gradient is NaN or infinite."""
+    for entry in results:
+        if not (
+            math.isfinite(entry.sigma) and bool(torch.isfinite(entry.direction).all())
+            and bool(torch.isfinite(entry.gradient).all())
+        ):
+            raise StatisticsError(
+                f"site {entry.site}: the statistics are not finite (sigma {entry.sigma}); the sums over "
+                f"{entry.samples} samples overflowed. Scale the loss or the inputs down, or measure in float64"
+            )
+
+
+def run_batch(
+    model: nn.Module, recorder: Recorder, inputs: Any, targets: Any, loss_fn: LossFn, *, index: int | None = None
+) -> Capture:
+    """One forward and backward pass under the recorder's hooks; parameters' ``.grad`` untouched.
+
+    Raises:
+        StatisticsError: the loss, or a gradient that A is made of, is not
+            finite (NaN or infinite); the message names batch ``index``.
+    """
     inputs = inputs if isinstance(inputs, tuple) else (inputs,)
     with torch.enable_grad():
         leaves = [
@@ -303,6 +342,13 @@ def run_batch(model: nn.Module, recorder: Recorder, inputs: Any, targets: Any, l
         loss = loss_fn(output, targets)
         if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
             raise StatisticsError("loss_fn must return a scalar tensor (the batch's mean loss)")
+        if not bool(torch.isfinite(loss.detach())):
+            recorder.discard()
+            raise StatisticsError(
+                f"{_batch_name(index)}: the loss is {float(loss.detach())}; A-statistics need finite losses. "
+                "Check the batch's inputs and targets for NaN or infinite values, and the model for an "
+                "overflow (a learning rate too large, a log of zero)"
+            )
         # differentiate for the producers' parameters: every consumer lies on the way, no
         # gradient that nobody needs (the input's, the consumers' weights') is computed, and
         # what comes out is A 1 of every channel
@@ -326,7 +372,28 @@ def run_batch(model: nn.Module, recorder: Recorder, inputs: Any, targets: Any, l
             parts.append(grad.detach().reshape(param.shape[0], -1))
             position += 1
         capture.gradients[node] = torch.cat(parts, dim=1)
+    check_finite(capture, index)
     return capture
+
+
+def check_finite(capture: Capture, index: int | None) -> None:
+    """Raise :class:`StatisticsError` if a value of ``capture`` that A is made of is NaN or infinite."""
+    for kind, values in (
+        ("the input of layer", capture.inputs), ("the output of layer", capture.outputs),
+        ("the loss gradient at the output of layer", capture.errors),
+        ("the weight gradient of layer", capture.gradients),
+    ):
+        for node, value in values.items():
+            if not bool(torch.isfinite(value).all()):
+                raise StatisticsError(
+                    f"{_batch_name(index)}: {kind} '{node}' is not finite (NaN or infinite values); "
+                    "A-statistics need finite values. Check the batch for NaN or infinite inputs, and "
+                    "the model for an overflow"
+                )
+
+
+def _batch_name(index: int | None) -> str:
+    return f"batch {index}" if index is not None else "the batch"
 
 
 def statistics_from_a(sites: Sequence[Site], a: torch.Tensor, samples: int) -> dict[str, SiteStatistics]:
@@ -447,8 +514,8 @@ class _Replay:
 
     def __iter__(self) -> Iterator[Capture]:
         with Recorder(self.model, [self.chain]) as recorder:
-            for inputs, targets in self.batches():
-                yield run_batch(self.model, recorder, inputs, targets, self.loss_fn)
+            for index, (inputs, targets) in enumerate(self.batches()):
+                yield run_batch(self.model, recorder, inputs, targets, self.loss_fn, index=index)
 
 
 def _matrix_free(
@@ -603,21 +670,6 @@ def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def unwrap_model(model: nn.Module) -> nn.Module:
-    wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
-    while isinstance(model, wrappers):
-        model = model.module
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    return model
-
-
-def model_device(model: nn.Module) -> torch.device:
-    for tensor in itertools.chain(model.parameters(), model.buffers()):
-        return tensor.device
-    return torch.device("cpu")
-
-
 def _batches(data: Iterable[Any], limit: int | None, device: torch.device) -> Iterable[tuple[Any, Any]]:
     if limit is not None and limit < 1:
         raise ValueError(f"batches must be a positive number of batches or None, got {limit}")
@@ -637,11 +689,3 @@ def _batches(data: Iterable[Any], limit: int | None, device: torch.device) -> It
         inputs, targets = batch
         inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else inputs
         yield to_device(inputs, device), to_device(targets, device)
-
-
-def to_device(value: Any, device: torch.device) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, tuple):
-        return tuple(to_device(item, device) for item in value)
-    return value

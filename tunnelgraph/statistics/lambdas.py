@@ -1,4 +1,4 @@
-"""Choosing lambda and ranking sites from measured statistics (MATH.md section 4)."""
+"""Choosing lambda and ranking sites from measured statistics (docs/MATH.md section 4)."""
 
 from __future__ import annotations
 

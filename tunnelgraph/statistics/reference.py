@@ -1,6 +1,6 @@
 """The naive oracle for A: one rewrite and one autograd pass over the data per column.
 
-By MATH.md section 4, opening a tunnel with ``lam = e_l`` (the channel keeps
+By docs/MATH.md section 4, opening a tunnel with ``lam = e_l`` (the channel keeps
 only outbound entry ``l``, the clone gets the rest) makes the channel's
 inbound gradient ``A e_l``, column ``l`` of A. This module computes A that
 way, column by column, with nothing but :func:`tunnelgraph.rewrite` and

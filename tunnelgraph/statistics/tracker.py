@@ -26,7 +26,9 @@ from tunnelgraph.statistics.chain import GroupChain
 from tunnelgraph.statistics.engine import (
     DEFAULT_MEMORY_BUDGET,
     SiteStatistics,
+    check_finite,
     check_sites_fit,
+    check_statistics,
     exact_a,
     statistics_from_a,
     unwrap_model,
@@ -63,8 +65,9 @@ class StatisticsTracker:
     its batch statistics (as the training forward used them); dropout inside
     a chain must be off, since its random mask cannot be replayed.
     Forward passes without a backward (evaluation under ``torch.no_grad``)
-    are ignored. The average is bias-corrected, as Adam's moments are, so
-    early estimates are not shrunk towards zero.
+    are ignored, and so are iterations whose values are NaN or infinite
+    (logged, counted in ``skipped``). The average is bias-corrected, as
+    Adam's moments are, so early estimates are not shrunk towards zero.
     """
 
     def __init__(
@@ -97,6 +100,7 @@ class StatisticsTracker:
             self.groups.append((GroupChain(self.model, graph, members[0].group), members))
         self.averages: dict[str, torch.Tensor] = {}
         self.updates = 0
+        self.skipped = 0  # iterations left out because a value was NaN or infinite
         self.samples = 0
         self._forwards = 0
         self._pending = False
@@ -133,6 +137,12 @@ class StatisticsTracker:
             self.recorder.discard()
             return False
         capture = self.recorder.take()
+        try:
+            check_finite(capture, self._forwards - 1)
+        except StatisticsError as error:
+            logger.warning("the tracker skips training iteration %d: %s", self._forwards - 1, error)
+            self.skipped += 1
+            return False
         keep = 1.0 - self.decay
         with torch.no_grad():
             for chain, members in self.groups:
@@ -159,4 +169,5 @@ class StatisticsTracker:
         for chain, members in self.groups:
             a = self.averages[chain.group.name] / correction
             results.update(statistics_from_a(members, a, self.samples))
+        check_statistics(results.values())
         return results

@@ -1,0 +1,112 @@
+"""Running a user's PyTorch model without changing it.
+
+Whatever tunnelgraph runs (a shape pass while tracing, a statistics pass,
+a verification, an export) it runs inside :func:`preserved`, which restores
+every module's training flag and every buffer afterwards, bit for bit, even
+when the run fails. Buffers matter because a forward may update them: batch
+norm's running statistics in training mode, and modules that call
+``F.batch_norm`` on their own buffers with a training flag that
+``torch.fx`` baked into the traced graph. Parameters are not copied (that
+would double the model's memory); a forward that modifies one in place is
+reported as an error naming it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from typing import Any, Iterator
+
+import torch
+import torch.nn as nn
+
+from tunnelgraph.errors import TunnelgraphError
+
+
+@contextlib.contextmanager
+def preserved(model: nn.Module, *, train: bool | None = None) -> Iterator[nn.Module]:
+    """Run ``model`` inside the block and get its state back afterwards.
+
+    On entry the training flags of every module, every buffer (its object
+    and a copy of its value) and every parameter (its object and version
+    counter) are recorded; with ``train`` given, the model is switched to
+    that mode. On exit, also after an exception, the flags and the buffers'
+    objects and values are restored (a buffer is written only where its
+    value changed).
+
+    Raises:
+        TunnelgraphError: the block modified a parameter in place or
+            replaced one (tunnelgraph cannot undo that without keeping a
+            copy of every parameter).
+    """
+    modules = list(model.modules())
+    flags = [module.training for module in modules]
+    buffers = [
+        (module, name, tensor, tensor.detach().clone() if tensor is not None else None)
+        for module in modules
+        for name, tensor in list(module._buffers.items())
+    ]
+    parameters = [
+        (module, name, tensor, _version(tensor))
+        for module in modules
+        for name, tensor in list(module._parameters.items())
+    ]
+    if train is not None:
+        model.train(train)
+    try:
+        yield model
+    finally:
+        for module, flag in zip(modules, flags):
+            module.training = flag
+        with torch.no_grad():
+            for module, name, tensor, saved in buffers:
+                if module._buffers.get(name) is not tensor:
+                    module._buffers[name] = tensor
+                # compared by value: native kernels (batch norm's running statistics) update
+                # buffers without bumping their version counter
+                if tensor is not None and not torch.equal(tensor, saved):
+                    tensor.copy_(saved)
+    changed = [
+        f"{type(module).__name__}.{name}"
+        for module, name, tensor, version in parameters
+        if module._parameters.get(name) is not tensor or _version(tensor) != version
+    ]
+    if changed:
+        raise TunnelgraphError(
+            f"running {type(model).__name__} modified parameter(s) {', '.join(changed)} in place; "
+            "tunnelgraph runs the forward for shapes and statistics and cannot undo that: make the "
+            "forward leave its parameters alone (use buffers for running state)"
+        )
+
+
+def _version(tensor: torch.Tensor | None) -> int:
+    """The tensor's in-place version counter (-1 for None and for inference tensors, which have none)."""
+    if tensor is None or tensor.is_inference():
+        return -1
+    return int(tensor._version)
+
+
+def unwrap_model(model: Any) -> nn.Module:
+    """The module inside DistributedDataParallel / DataParallel wrappers."""
+    wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
+    while isinstance(model, wrappers):
+        model = model.module
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    return model
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model's first parameter or buffer lives (the CPU for a model without tensors)."""
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def to_device(value: Any, device: torch.device) -> Any:
+    """``value`` (a tensor, or a tuple of them and other things) moved to ``device``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(to_device(item, device) for item in value)
+    return value
