@@ -10,7 +10,7 @@
    images of the same shape when no directory is given.
 3. Reorganisation on an MLP (6 -> 10 tanh -> 3) with one planted
    near-redundant pair (unit 8 = unit 2 plus 1e-3 noise in its inbound
-   weights): the pair ``tg.reorganize(clone=..., data=...)`` picks and its
+   weights): the pair ``tg.reorganize_from_data(clone=..., data=...)`` picks and its
    function change, against merging each other pair of the group.
 
 Usage::
@@ -102,7 +102,7 @@ def reorganisation() -> dict:
     data = [(x[i:i + 256], y[i:i + 256]) for i in range(0, 2048, 256)]
     loss = nn.MSELoss()
     sites = tg.find_sites(model, x[:2])
-    new, chosen = tg.reorganize(model, clone=sites[0], lam=0.5, data=data, loss_fn=loss)
+    new, chosen = tg.reorganize_from_data(model, clone=sites[0], lam=0.5, data=data, loss_fn=loss)
     others = []
     for merged in range(1, 10):
         for into in range(10):

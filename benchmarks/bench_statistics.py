@@ -46,7 +46,7 @@ import torch.nn as nn
 
 import tunnelgraph as tg
 from tunnelgraph.models import paper_cnn
-from tunnelgraph.statistics.reference import naive_a_matrix
+from tunnelgraph.testing import naive_a_matrix
 
 BATCH = 256
 

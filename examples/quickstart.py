@@ -107,9 +107,9 @@ def main(argv: list[str] | None = None) -> None:
     batches = [(x[i:i + len(x) // 4], labels[i:i + len(x) // 4]) for i in range(0, len(x), len(x) // 4)]
     stats = tg.a_statistics(model, report.sites, batches, F.cross_entropy, progress=False)
     ranked = tg.rank_sites(stats)
-    print("sites by sigma_max(A): " + ", ".join(f"{s.site} {s.sigma:.3g}" for s in ranked))
+    print("sites by sigma_max(A): " + ", ".join(f"{s.name} {s.sigma:.3g}" for s in ranked))
     best = ranked[0]
-    site = report.site(best.site)
+    site = best.site
 
     # 3. Open the steepest tunnel with lambda_t (one entry per outbound weight).
     lam = tg.lambda_t(best, args.t)

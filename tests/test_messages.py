@@ -147,13 +147,12 @@ def test_first_calls_show_no_warnings_of_torch_machinery() -> None:
 # -- reprs ---------------------------------------------------------------------------------------
 def test_reprs_show_shapes_and_key_numbers_not_matrices() -> None:
     a = torch.randn(300, 2000, dtype=torch.float64)
-    stats = tg.SiteStatistics(
-        "conv[3]", a, 12.5, torch.randn(2000, dtype=torch.float64), a.sum(1), 64, "exact"
-    )
+    site = tg.find_sites(paper_cnn(), torch.randn(2, 1, 28, 28))[3]
+    stats = tg.SiteStatistics(site, a, 12.5, torch.randn(2000, dtype=torch.float64), a.sum(1), 64, "exact")
     text = repr(stats)
     assert len(text) < 300 and "a=(300, 2000)" in text and "direction=(2000,)" in text
     assert "sigma=12.5" in text and "samples=64" in text and "method='exact'" in text
-    tunnel = tg.OpenedTunnel("conv[3]", 8, torch.linspace(-0.25, 1.5, 2000, dtype=torch.float64), stats)
+    tunnel = tg.OpenedTunnel(site, 8, torch.linspace(-0.25, 1.5, 2000, dtype=torch.float64), stats)
     text = repr(tunnel)
     assert len(text) < 300 and text.startswith("OpenedTunnel(site='conv[3]', clone=8")
     assert "lam=(2000,) in [-0.25, 1.5]" in text and "sigma=12.5" in text

@@ -31,7 +31,9 @@ from tunnelgraph.api import (
     function_change,
     merge,
     open_tunnels,
+    reduce,
     reorganize,
+    reorganize_from_data,
     rewrite,
 )
 from tunnelgraph.errors import (
@@ -44,6 +46,7 @@ from tunnelgraph.errors import (
 )
 from tunnelgraph.ir import Graph
 from tunnelgraph.rewrite.edits import ChannelEdit
+from tunnelgraph.rewrite.passes import ReductionReport, RewriteRecord
 
 __version__ = "0.1.0"
 
@@ -57,8 +60,6 @@ _LAZY = {
     "random_lambda": "tunnelgraph.statistics.lambdas",
     "rank_sites": "tunnelgraph.statistics.lambdas",
     "StatisticsTracker": "tunnelgraph.statistics.tracker",
-    "reduce": "tunnelgraph.reduction",
-    "ReductionReport": "tunnelgraph.reduction",
     "export_onnx": "tunnelgraph.backends.onnx_export",
     "to_torch": "tunnelgraph.backends.onnx_torch",
     "load_onnx": "tunnelgraph.frontends.onnx",
@@ -110,6 +111,7 @@ __all__ = [
     "OpenedTunnel",
     "ParamSlice",
     "ReductionReport",
+    "RewriteRecord",
     "Reorganization",
     "RewriteError",
     "Site",
@@ -134,6 +136,7 @@ __all__ = [
     "rank_sites",
     "reduce",
     "reorganize",
+    "reorganize_from_data",
     "rewrite",
     "to_torch",
     "trace",

@@ -1,10 +1,13 @@
-"""The public entry points: find sites, analyse, and rewrite PyTorch and ONNX models.
+"""The public entry points: find sites, analyse, measure, and rewrite PyTorch and ONNX models.
 
-Every rewrite returns a new model and leaves its input untouched unless
-``inplace=True``; a rewrite that fails raises before anything is changed.
-Models are PyTorch modules, or ONNX models (``onnx.ModelProto``, or a path
-to an ``.onnx`` file), for which this module never imports torch: the
-PyTorch machinery is imported when a PyTorch model is given.
+Every function asks :func:`tunnelgraph.adapters.adapter_for` once for the
+model's adapter and never tests the framework itself. Every rewrite returns
+a new model and leaves its input untouched unless ``inplace=True``; a
+rewrite that fails raises before anything is changed. A PyTorch module in
+gives a module out; an ONNX model in (``onnx.ModelProto``, or the path or
+bytes of an ``.onnx`` file) gives a ``ModelProto`` out, and for ONNX models
+this module never imports torch (the PyTorch machinery is imported when a
+PyTorch model is given).
 """
 
 from __future__ import annotations
@@ -12,20 +15,24 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence, Union, overload
+
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterable, Sequence, Union
 
 import numpy as np
 
+from tunnelgraph.adapters import Adapter, adapter_for
 from tunnelgraph.analysis.groups import THROUGH_OPTIONS, ChannelGroup, channel_groups, check_through, through_hint
 from tunnelgraph.analysis.sites import AnalysisReport, Site, analyze_graph, find_site, sites_of
 from tunnelgraph.errors import SiteError
 from tunnelgraph.ir import Graph
 from tunnelgraph.rewrite import edits
 from tunnelgraph.rewrite.edits import ChannelEdit, Coefficient
-from tunnelgraph.rewrite.plan import plan_edit
+from tunnelgraph.rewrite.passes import EditPass, ReducePass, ReductionReport
+from tunnelgraph.rewrite.plan import check_shapes
 
 if TYPE_CHECKING:
+    import onnx
     import torch
     import torch.nn as nn
 
@@ -34,18 +41,26 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 ExampleInputs = Union["torch.Tensor", Sequence["torch.Tensor"]]
+"""Inputs of a model's forward: one tensor, or a sequence passed positionally."""
 Lambda = Union[float, Sequence[float], np.ndarray, "torch.Tensor"]
+"""An outbound split: one number, or a vector of the site's outbound size."""
+OnnxModel = Union["onnx.ModelProto", str, "os.PathLike[str]", bytes]
+"""An ONNX model: a ``ModelProto``, or the path or bytes of an ``.onnx`` file. (Overloads list
+the ONNX form first: without protobuf's stubs a ``ModelProto`` would match ``nn.Module`` too.)"""
+AnyModel = Union["nn.Module", OnnxModel]
 
 
 def find_sites(
-    model: nn.Module | Graph, example_inputs: ExampleInputs | None = None, *, through: Iterable[str] = ()
+    model: AnyModel | Graph, example_inputs: ExampleInputs | None = None, *, through: Iterable[str] = ()
 ) -> list[Site]:
     """Every channel of ``model`` that can be cloned function-preservingly.
 
     Args:
         model: a PyTorch module (traced with ``torch.fx`` on
-            ``example_inputs``) or an already traced :class:`Graph`.
-        example_inputs: inputs of the model's forward (shapes matter).
+            ``example_inputs``), an ONNX model, or an already traced
+            :class:`Graph`.
+        example_inputs: inputs of a PyTorch model's forward (shapes matter);
+            not needed for ONNX models and graphs.
         through: per-channel operations that sites may pass, cloning them
             with the channel: any of ``"batchnorm"``, ``"pooling"``,
             ``"dropout"``, ``"depthwise"``. By default, as in the paper,
@@ -54,13 +69,11 @@ def find_sites(
     Returns:
         The sites, group by group in graph order, channels in order.
     """
-    if _is_onnx(model):
-        return sites_of(channel_groups(_onnx_graph(model), through))
-    return sites_of(channel_groups(_graph(model, example_inputs), through))
+    return sites_of(channel_groups(adapter_for(model).graph(example_inputs), through))
 
 
 def analyze(
-    model: nn.Module | Graph,
+    model: AnyModel | Graph,
     example_inputs: ExampleInputs | None = None,
     *,
     through: Iterable[str] = (),
@@ -70,51 +83,42 @@ def analyze(
 ) -> AnalysisReport:
     """Every hidden channel group of ``model``, legal or not, and why (see :func:`find_sites`).
 
-    For a PyTorch model the report also lists the units its weights prove
-    reducible (Sussmann's conditions, docs/MATH.md section 2; see
-    :func:`tunnelgraph.reduce`). With ``data`` (batches of ``(inputs,
-    targets)`` or of inputs; ``batches`` limits them) every unit also gets
-    its empirical measures: outbound norm, activation mean and std, and the
-    best affine fit by another unit of its group, so near-reducible units
-    show too.
+    For a model (not a bare :class:`Graph`) the report also lists the units
+    its weights prove reducible (Sussmann's conditions, docs/MATH.md section
+    2; see :func:`reduce`). With ``data`` (batches as
+    :func:`tunnelgraph.runtime.batch_parts` reads them; ``batches`` limits
+    them) every unit of a PyTorch model also gets its empirical measures:
+    outbound norm, activation mean and std, and the best affine fit by
+    another unit of its group, so near-reducible units show too.
     """
-    if _is_onnx(model):
-        from tunnelgraph.backends.onnx import initializer_arrays
-        from tunnelgraph.frontends.onnx import read_onnx
-
-        proto, _ = read_onnx(model)
-        if data is not None:
-            raise TypeError("empirical measures run PyTorch models; convert the ONNX model first")
-        return analyze_graph(_onnx_graph(proto), through, initializer_arrays(proto))
-    if isinstance(model, Graph):
-        if data is not None:
-            raise TypeError("empirical measures need the model itself, not a traced Graph")
-        return analyze_graph(model, through)
-    import torch.nn as nn
-
-    from tunnelgraph.backends.pytorch import weights_of
-    from tunnelgraph.statistics.activity import unit_measures
-
-    weights = weights_of(model) if isinstance(model, nn.Module) else None
-    report = analyze_graph(_graph(model, example_inputs), through, weights)
+    adapter = adapter_for(model)
+    report = analyze_graph(adapter.graph(example_inputs), through, adapter.weights())
     if data is not None:
-        if not isinstance(model, nn.Module):
-            raise TypeError("empirical measures need the model itself, not a traced Graph")
-        measures = unit_measures(model, report.groups, data, batches=batches, progress=progress)
+        measures = adapter.unit_measures(report.groups, data, batches=batches, progress=progress)
         ordered = tuple(measures[site.name] for site in report.sites)
         report = AnalysisReport(report.model, report.through, report.groups, report.reducibility, ordered)
     return report
 
 
+@overload
 def rewrite(
-    model: nn.Module,
+    model: OnnxModel, site: Site | str, lam: Lambda = ..., *, example_inputs: ExampleInputs | None = ...,
+    through: Iterable[str] = ..., inplace: bool = ...,
+) -> onnx.ModelProto: ...
+@overload
+def rewrite(
+    model: nn.Module, site: Site | str, lam: Lambda = ..., *, example_inputs: ExampleInputs | None = ...,
+    through: Iterable[str] = ..., inplace: bool = ...,
+) -> nn.Module: ...
+def rewrite(
+    model: AnyModel,
     site: Site | str,
     lam: Lambda = 0.5,
     *,
     example_inputs: ExampleInputs | None = None,
     through: Iterable[str] = (),
     inplace: bool = False,
-) -> nn.Module:
+) -> Any:
     """Open a tunnel: clone ``site``'s channel into a new last channel of its group.
 
     The clone copies the channel's inbound weights, bias and per-channel
@@ -123,43 +127,115 @@ def rewrite(
     network computes the same function.
 
     Args:
-        model: the network; not modified unless ``inplace``.
+        model: the network (PyTorch or ONNX); not modified unless ``inplace``.
         site: a :class:`Site` from :func:`find_sites` on this model, or its
-            name (then ``example_inputs`` and ``through`` are needed to find it).
+            name (then a PyTorch model needs ``example_inputs``, and
+            ``through`` if the site passes per-channel layers).
         lam: a number, or a vector of ``site.outbound_size`` numbers in the
             order documented on :class:`Site` (consumer by consumer,
             row-major over each consumer's weight columns of the channel).
-        inplace: edit ``model`` itself instead of a copy.
+        inplace: edit a PyTorch ``model`` itself instead of a copy.
 
     Returns:
-        The rewritten model, with one more channel in the site's group.
+        The rewritten model (a module for a module, a ``ModelProto`` for an
+        ONNX model), with one more channel in the site's group.
     """
-    resolved = _resolve(model, site, example_inputs, through)
-    vector = _lambda(lam, resolved)
-    edit = edits.clone(resolved.group.size, resolved.channel, vector)
-    return _apply(model, resolved.group, edit, inplace)
+    adapter = adapter_for(model)
+    resolved = _resolve(adapter, site, example_inputs, through)
+    edit = edits.clone(resolved.group.size, resolved.channel, _lambda(lam, resolved))
+    return EditPass(resolved.group, edit, inplace=inplace)(adapter).model
 
 
+@overload
 def merge(
-    model: nn.Module,
+    model: OnnxModel, site: Site | str, into: int, *, example_inputs: ExampleInputs | None = ...,
+    through: Iterable[str] = ..., inplace: bool = ...,
+) -> onnx.ModelProto: ...
+@overload
+def merge(
+    model: nn.Module, site: Site | str, into: int, *, example_inputs: ExampleInputs | None = ...,
+    through: Iterable[str] = ..., inplace: bool = ...,
+) -> nn.Module: ...
+def merge(
+    model: AnyModel,
     site: Site | str,
     into: int,
     *,
     example_inputs: ExampleInputs | None = None,
     through: Iterable[str] = (),
     inplace: bool = False,
-) -> nn.Module:
+) -> Any:
     """Close a tunnel: merge ``site``'s channel into channel ``into`` of the same group.
 
     Inbound weights, biases and per-channel parameters of ``into`` become the
     mean of the two channels; outbound weights are summed; ``site``'s
     channel is removed. Exact when the two channels have equal inbound
     weights (right after :func:`rewrite`); otherwise it changes the function,
-    which :func:`verify` measures.
+    which :func:`tunnelgraph.verify` measures. Returns the new model.
     """
-    resolved = _resolve(model, site, example_inputs, through)
+    adapter = adapter_for(model)
+    resolved = _resolve(adapter, site, example_inputs, through)
     edit = _edit(lambda: edits.merge(resolved.group.size, resolved.channel, into))
-    return _apply(model, resolved.group, edit, inplace)
+    return EditPass(resolved.group, edit, inplace=inplace)(adapter).model
+
+
+@overload
+def reorganize(
+    model: OnnxModel, merge: tuple[Site | str, int] | None = ..., clone: Site | str | int | None = ...,
+    lam: Lambda = ..., *, example_inputs: ExampleInputs | None = ..., through: Iterable[str] = ...,
+    inplace: bool = ...,
+) -> onnx.ModelProto: ...
+@overload
+def reorganize(
+    model: nn.Module, merge: tuple[Site | str, int] | None = ..., clone: Site | str | int | None = ...,
+    lam: Lambda = ..., *, example_inputs: ExampleInputs | None = ..., through: Iterable[str] = ...,
+    inplace: bool = ...,
+) -> nn.Module: ...
+def reorganize(
+    model: AnyModel,
+    merge: tuple[Site | str, int] | None = None,
+    clone: Site | str | int | None = None,
+    lam: Lambda = 0.5,
+    *,
+    example_inputs: ExampleInputs | None = None,
+    through: Iterable[str] = (),
+    inplace: bool = False,
+    **removed: Any,
+) -> Any:
+    """The paper's shape-preserving tunnel (docs/MATH.md section 6), on a pair you name.
+
+    ``merge = (site, into)`` merges ``site``'s channel into channel ``into``
+    (as :func:`merge`); then ``clone`` (a site or a channel index of the same
+    group) is cloned into the slot that the merge freed, splitting its
+    outbound weights by ``lam`` (as :func:`rewrite`). Every shape is kept.
+    The merge is exact only when the two merged channels are redundant;
+    measure the change with :func:`tunnelgraph.verify`. Returns the new
+    model. To let data choose the pair, use :func:`reorganize_from_data`.
+    """
+    if merge is None or removed:
+        raise TypeError(
+            "reorganize takes merge=(site, into) and clone=; to merge the most nearly redundant pair that "
+            "data show, call tg.reorganize_from_data(model, clone=site, lam=..., data=..., loss_fn=...) "
+            "(it returns the model and a tg.Reorganization)"
+        )
+    if clone is None:
+        raise TypeError("reorganize needs clone= (the site, or channel of the merged site's group, to clone)")
+    adapter = adapter_for(model)
+    merged_site, into = merge
+    resolved = _resolve(adapter, merged_site, example_inputs, through)
+    group = resolved.group
+    if isinstance(clone, int):
+        cloned = clone
+    else:
+        cloned_site = _resolve(adapter, clone, example_inputs, through)
+        if cloned_site.group.name != group.name:
+            raise SiteError(
+                f"the cloned site {cloned_site.name} is not in the merged site's group '{group.name}'"
+            )
+        cloned = cloned_site.channel
+    vector = _lambda(lam, resolved)
+    edit = _edit(lambda: edits.reorganize(group.size, resolved.channel, into, cloned, vector))
+    return EditPass(group, edit, inplace=inplace)(adapter).model
 
 
 @dataclass(frozen=True)
@@ -186,105 +262,51 @@ class Reorganization:
     samples: int
 
 
-def reorganize(
+def reorganize_from_data(
     model: nn.Module,
-    merge: tuple[Site | str, int] | None = None,
-    clone: Site | str | int | None = None,
+    clone: Site | str,
     lam: Lambda = 0.5,
     *,
+    data: Iterable[Any],
+    loss_fn: LossFn | None = None,
     example_inputs: ExampleInputs | None = None,
     through: Iterable[str] = (),
     inplace: bool = False,
-    data: Iterable[Any] | None = None,
-    loss_fn: LossFn | None = None,
     batches: int | None = None,
     progress: bool = False,
-) -> Any:
-    """The paper's shape-preserving tunnel (docs/MATH.md section 6).
-
-    ``merge = (site, into)`` merges ``site``'s channel into channel ``into``
-    (as :func:`merge`); then ``clone`` (a site or a channel index of the same
-    group) is cloned into the slot that the merge freed, splitting its
-    outbound weights by ``lam`` (as :func:`rewrite`). Every shape is kept.
-    The merge is exact only when the two merged channels are redundant;
-    measure the change with :func:`verify`. Returns the new model.
-
-    With ``merge=None``, ``clone`` must be a site and ``data`` is required:
-    the most nearly redundant pair of the clone's group on the data (the
-    largest ``|corr|`` of activations, the cloned channel never merged away)
-    is merged, and the call returns ``(new_model, Reorganization)``, which
-    reports the function change on the data (and the mean loss before and
-    after, given ``loss_fn``).
-    """
-    if clone is None:
-        raise TypeError("reorganize needs clone= (the site, or channel of the merged site's group, to clone)")
-    if merge is None:
-        return _reorganize_auto(
-            model, clone, lam, example_inputs, through, inplace, data, loss_fn, batches, progress
-        )
-    merged_site, into = merge
-    resolved = _resolve(model, merged_site, example_inputs, through)
-    group = resolved.group
-    if isinstance(clone, int):
-        cloned = clone
-    else:
-        cloned_site = _resolve(model, clone, example_inputs, through)
-        if cloned_site.group.name != group.name:
-            raise SiteError(
-                f"the cloned site {cloned_site.name} is not in the merged site's group '{group.name}'"
-            )
-        cloned = cloned_site.channel
-    vector = _lambda(lam, resolved)
-    edit = _edit(lambda: edits.reorganize(group.size, resolved.channel, into, cloned, vector))
-    return _apply(model, group, edit, inplace)
-
-
-def _reorganize_auto(
-    model: nn.Module,
-    clone: Site | str | int,
-    lam: Lambda,
-    example_inputs: ExampleInputs | None,
-    through: Iterable[str],
-    inplace: bool,
-    data: Iterable[Any] | None,
-    loss_fn: LossFn | None,
-    batches: int | None,
-    progress: bool,
 ) -> tuple[nn.Module, Reorganization]:
-    if data is None:
-        raise ValueError(
-            "reorganize without merge= picks the most nearly redundant pair from data: pass data= "
-            "(batches of (inputs, targets)), or name the pair with merge=(site, into)"
-        )
-    if isinstance(clone, int):
-        raise TypeError("with merge=None, clone must be a Site (or a site name), not a channel index")
+    """Reorganise with the pair the data choose: merge the most nearly redundant pair, then clone.
+
+    The pair of ``clone``'s group whose activations on ``data`` are most
+    nearly affinely related (the largest ``|corr|``; the cloned channel is
+    never merged away) is merged, then ``clone`` is cloned into the freed
+    slot with ``lam`` (see :func:`reorganize`). Returns the new model and a
+    :class:`Reorganization` reporting the function change on the data (and
+    the mean loss before and after, given ``loss_fn``).
+    """
+    from tunnelgraph.runtime import batch_parts
     from tunnelgraph.statistics.activity import unit_measures
 
+    if isinstance(clone, int):
+        raise TypeError("clone must be a Site (or a site name), not a channel index")
     batches_list = list(itertools.islice(iter(data), batches)) if batches is not None else list(data)
     if not batches_list:
         raise ValueError("data yielded no batches")
     if example_inputs is None:
-        example_inputs = _inputs_of(batches_list[0])
-    site = _resolve(model, clone, example_inputs, through)
+        example_inputs = batch_parts(batches_list[0], index=0)[0]
+    adapter = adapter_for(model)
+    site = _resolve(adapter, clone, example_inputs, through)
     group = site.group
     if group.size < 3:
         raise SiteError(f"group '{group.name}' has {group.size} channels: nothing to merge besides the clone")
     measures = unit_measures(model, [group], batches_list, progress=progress)
-    candidates = [
-        measures[f"{group.name}[{c}]"] for c in range(group.size) if c != site.channel
-    ]
+    candidates = [measures[f"{group.name}[{c}]"] for c in range(group.size) if c != site.channel]
     best = max(candidates, key=lambda m: (m.correlation, -int(m.unit.rpartition("[")[2][:-1])))
     merged = int(best.unit.rpartition("[")[2][:-1])
     into = best.partner if best.partner is not None else (0 if merged else 1)
-    merged_site = Site.of(group, merged)
-    result = reorganize(
-        model, merge=(merged_site, into), clone=site.channel, lam=lam, example_inputs=example_inputs,
-        through=through, inplace=False,
-    )
+    result = reorganize(model, merge=(Site.of(group, merged), into), clone=site.channel, lam=lam)
     change = function_change(model, result, batches_list, loss_fn)
-    report = Reorganization(
-        merged=best.unit, into=f"{group.name}[{into}]", correlation=best.correlation, **change
-    )
+    report = Reorganization(merged=best.unit, into=f"{group.name}[{into}]", correlation=best.correlation, **change)
     logger.info("reorganized %s: merged %s into %s (|corr| %.6f)", group.name, report.merged, report.into,
                 best.correlation)
     if inplace:
@@ -299,22 +321,20 @@ def function_change(
     """Largest output change of ``after`` against ``before`` over ``data``, and mean losses (eval mode)."""
     import torch
 
-    from tunnelgraph.runtime import preserved
+    from tunnelgraph.runtime import batch_parts, preserved
 
     worst = reference = 0.0
     losses = [0.0, 0.0]
     samples = 0
     with preserved(before, train=False), preserved(after, train=False), torch.no_grad():
-        for batch in data:
-            inputs = _inputs_of(batch)
-            inputs = inputs if isinstance(inputs, tuple) else (inputs,)
+        for index, batch in enumerate(data):
+            inputs, targets = batch_parts(batch, index=index)
             first, second = before(*inputs), after(*inputs)
             worst = max(worst, float((first - second).abs().max()))
             reference = max(reference, float(first.abs().max()))
             count = int(inputs[0].shape[0])
             samples += count
             if loss_fn is not None:
-                targets = batch[1]
                 losses[0] += float(loss_fn(first, targets)) * count
                 losses[1] += float(loss_fn(second, targets)) * count
     return {
@@ -326,26 +346,18 @@ def function_change(
     }
 
 
-def _inputs_of(batch: Any) -> Any:
-    if isinstance(batch, (tuple, list)) and len(batch) == 2:
-        inputs = batch[0]
-    else:
-        inputs = batch
-    return tuple(inputs) if isinstance(inputs, list) else inputs
-
-
 @dataclass(frozen=True)
 class OpenedTunnel:
     """One tunnel that :func:`open_tunnels` opened.
 
     Attributes:
-        site: the cloned site's name (in the model given to ``open_tunnels``).
+        site: the cloned site (of the model given to ``open_tunnels``).
         clone: the channel index of the clone in the returned model's group.
         lam: the outbound split used, ``lambda_t(statistics, t)``.
         statistics: what was measured for the site.
     """
 
-    site: str
+    site: Site
     clone: int
     lam: torch.Tensor
     statistics: SiteStatistics
@@ -354,7 +366,7 @@ class OpenedTunnel:
         lam = self.lam.detach()
         span = f" in [{float(lam.min()):.4g}, {float(lam.max()):.4g}]" if lam.numel() else ""
         return (
-            f"OpenedTunnel(site={self.site!r}, clone={self.clone}, lam={tuple(lam.shape)}{span}, "
+            f"OpenedTunnel(site={self.site.name!r}, clone={self.clone}, lam={tuple(lam.shape)}{span}, "
             f"sigma={self.statistics.sigma:.6g})"
         )
 
@@ -382,7 +394,8 @@ def open_tunnels(
         k: how many tunnels to open (distinct sites, best first).
         t: the radius of ``lambda_t``.
         sites: candidate sites; default: every site of ``model`` (found on
-            the first batch's inputs with ``through``).
+            the first batch's inputs with ``through``) for which A is
+            defined (see :attr:`ChannelGroup.self_consumers`).
         through: per-channel operations sites may pass (see :func:`find_sites`).
 
     Returns:
@@ -390,10 +403,14 @@ def open_tunnels(
         opened, steepest first. After opening, the loss is unchanged and the
         inbound gradients of each pair are ``A lambda_t`` and
         ``A (1 - lambda_t)``.
+
+    Raises:
+        StatisticsError: a loss, activation or gradient over ``data`` is
+            NaN or infinite; nothing is opened.
     """
     import torch
 
-    from tunnelgraph.runtime import model_device, to_device, unwrap_model
+    from tunnelgraph.runtime import batch_parts, model_device, to_device, unwrap_model
     from tunnelgraph.statistics.engine import a_statistics, measurable
     from tunnelgraph.statistics.lambdas import lambda_t, rank_sites
 
@@ -404,15 +421,14 @@ def open_tunnels(
     if first is None:
         raise ValueError("data yielded no batches; pass an iterable of (inputs, targets) batches")
     data = itertools.chain([first], iterator)
-    example = first[0] if isinstance(first, (tuple, list)) else None
-    example = tuple(example) if isinstance(example, (tuple, list)) else example
     model = unwrap_model(model)
-    example = to_device(example, torch.device(device) if device is not None else model_device(model))
+    adapter = adapter_for(model)
+    example = to_device(batch_parts(first, index=0)[0], torch.device(device) if device is not None else model_device(model))
     chosen = check_through(through)
     if sites is not None:
         candidates = list(sites)
     else:
-        found = find_sites(model, example, through=chosen)
+        found = sites_of(channel_groups(adapter.graph(example), chosen))
         candidates = [site for site in found if measurable(site)]
         if len(candidates) < len(found):
             logger.info(
@@ -422,7 +438,7 @@ def open_tunnels(
     if not candidates:
         if sites is not None:
             raise ValueError("sites= is empty: pass sites from tg.find_sites, or sites=None to measure every site")
-        raise _no_sites_error(model, example, chosen)
+        raise _no_sites_error(adapter, example, chosen)
     stats = a_statistics(
         model, candidates, data, loss_fn, batches=batches, device=device, progress=progress, method=method
     )
@@ -431,19 +447,20 @@ def open_tunnels(
     opened = []
     for entry in best:
         if entry.sigma == 0:
-            logger.warning("site %s has sigma_max(A) = 0: its tunnel is flat", entry.site)
-        site = _resolve(result, entry.site, example, chosen)
+            logger.warning("site %s has sigma_max(A) = 0: its tunnel is flat", entry.name)
+        # after the first tunnel the group may have grown: find the site again on the new model
+        site = entry.site if result is model else _resolve(adapter.of(result), entry.name, example, chosen)
         lam = lambda_t(entry, t)
         result = rewrite(result, site, lam)
         opened.append(OpenedTunnel(entry.site, site.group.size, lam, entry))
-        logger.info("opened %s (sigma %.3g) as channel %d", entry.site, entry.sigma, site.group.size)
+        logger.info("opened %s (sigma %.3g) as channel %d", entry.name, entry.sigma, site.group.size)
     return result, opened
 
 
-def _no_sites_error(model: nn.Module, example: ExampleInputs, chosen: tuple[str, ...]) -> SiteError:
+def _no_sites_error(adapter: Adapter[Any], example: Any, chosen: tuple[str, ...]) -> SiteError:
     """The error for a model without sites, naming the smallest ``through=`` that would give it some."""
-    graph = _graph(model, example)
-    name = type(model).__name__
+    graph = adapter.graph(example)
+    name = adapter.name
     rules = f"with {through_hint(chosen)}" if chosen else "under the default rules"
     others = [option for option in THROUGH_OPTIONS if option not in chosen]
     for size in range(1, len(others) + 1):
@@ -465,103 +482,92 @@ def _no_sites_error(model: nn.Module, example: ExampleInputs, chosen: tuple[str,
     )
 
 
-def apply_edit(model: nn.Module, group: ChannelGroup, edit: ChannelEdit, *, inplace: bool = False) -> nn.Module:
-    """Apply any channel edit (see :mod:`tunnelgraph.rewrite.edits`) to one group of ``model``."""
-    _check_fits(model, group)
-    return _apply(model, group, edit, inplace)
+@overload
+def apply_edit(model: OnnxModel, group: ChannelGroup, edit: ChannelEdit, *, inplace: bool = ...) -> onnx.ModelProto: ...
+@overload
+def apply_edit(model: nn.Module, group: ChannelGroup, edit: ChannelEdit, *, inplace: bool = ...) -> nn.Module: ...
+def apply_edit(model: AnyModel, group: ChannelGroup, edit: ChannelEdit, *, inplace: bool = False) -> Any:
+    """Apply any channel edit (see :mod:`tunnelgraph.rewrite.edits`) to one group of ``model``; the new model."""
+    return EditPass(group, edit, inplace=inplace)(adapter_for(model)).model
 
 
-def _check_fits(model: Any, group: ChannelGroup) -> None:
-    """Raise :class:`SiteError` when ``group`` was found on another model (its parameter shapes differ).
+@overload
+def reduce(
+    model: OnnxModel, example_inputs: ExampleInputs | None = ..., *, data: Iterable[Any] | None = ...,
+    batches: int | None = ..., tol: float = ..., through: Iterable[str] = ..., progress: bool = ...,
+) -> tuple[onnx.ModelProto, ReductionReport]: ...
+@overload
+def reduce(
+    model: nn.Module, example_inputs: ExampleInputs | None = ..., *, data: Iterable[Any] | None = ...,
+    batches: int | None = ..., tol: float = ..., through: Iterable[str] = ..., progress: bool = ...,
+) -> tuple[nn.Module, ReductionReport]: ...
+def reduce(
+    model: AnyModel,
+    example_inputs: ExampleInputs | None = None,
+    *,
+    data: Iterable[Any] | None = None,
+    batches: int | None = None,
+    tol: float = 1e-12,
+    through: Iterable[str] = (),
+    progress: bool = False,
+) -> tuple[Any, ReductionReport]:
+    """Remove every reducible unit (docs/MATH.md section 2); return the smaller model and a report.
 
-    Checked before an edit is built, so that a stale site is named as such
-    rather than as a channel index out of range.
+    Args:
+        model: the network, a PyTorch module or an ONNX model (reduced into
+            a new ``ModelProto``); not modified.
+        example_inputs: inputs of its forward (to trace it, to read the
+            constant activations of constant units, and to verify); for an
+            ONNX model, random inputs of its declared shapes by default.
+        data: optional batches (PyTorch models; ``batches`` limits them).
+            Units the data show reducible within ``tol`` are then removed
+            too, using the measured relation (the mean of a constant unit,
+            the affine fit of a redundant one): an approximation whose
+            function change the report gives.
+        tol: relative tolerance of the parametric tests (see
+            :func:`~tunnelgraph.analysis.reducibility.parametric_findings`)
+            and of the empirical ones (see
+            :func:`~tunnelgraph.analysis.reducibility.empirical_findings`).
+        through: per-channel operations groups may pass (see :func:`find_sites`).
+
+    Units are removed group by group, re-analysing after each group, until
+    nothing reducible is left (:class:`~tunnelgraph.rewrite.passes.ReducePass`).
+    A finding that cannot be applied exactly (a constant unit read by a conv
+    that pads, a consumer without bias) is reported as skipped with the reason.
     """
-    if _is_onnx(model):
-        from tunnelgraph.backends.onnx import check_fits
-        from tunnelgraph.frontends.onnx import read_onnx
+    from tunnelgraph.equivalence import verify
 
-        check_fits(read_onnx(model)[0], group)
-    else:
-        from tunnelgraph.backends.pytorch import check_fits as check_module_fits
-
-        check_module_fits(model, group)
-
-
-def _apply(model: Any, group: ChannelGroup, edit: ChannelEdit, inplace: bool) -> Any:
-    if not group.legal:
-        raise SiteError(f"group '{group.name}' cannot be rewritten: {'; '.join(group.reasons)}")
-    plan = plan_edit(group, edit)
-    if _is_onnx(model):
-        from tunnelgraph.backends.onnx import apply_plan_onnx
-        from tunnelgraph.frontends.onnx import read_onnx
-
-        if inplace:
-            raise ValueError("ONNX models are rewritten into a new ModelProto; inplace=True is for PyTorch modules")
-        return apply_plan_onnx(read_onnx(model)[0], plan)
-    from tunnelgraph.backends.pytorch import apply_plan
-
-    result = apply_plan(model, plan, inplace=inplace)
-    logger.debug("group '%s': %d -> %d channels", group.name, group.size, plan.result.size)
-    return result
+    adapter = adapter_for(model)
+    inputs = adapter.example_inputs(example_inputs)
+    before = adapter.parameter_count()
+    result, applied, skipped = ReducePass(
+        inputs, data=data, batches=batches, tol=tol, through=through, progress=progress
+    )(adapter)
+    reduced = adapter.of(result.model)
+    equivalence = verify(model, result.model, inputs) if applied else None
+    report = ReductionReport(
+        tuple(applied), tuple(skipped), before, reduced.parameter_count(), equivalence, result.records
+    )
+    logger.info("reduced %d units: %d -> %d parameters", len(applied), before, report.parameters_after)
+    return (result.model if applied else adapter.copy()), report
 
 
-def _is_onnx(model: Any) -> bool:
-    """An ``onnx.ModelProto``, or a path or bytes of an ``.onnx`` file."""
-    if isinstance(model, (str, os.PathLike)):
-        return str(model).endswith(".onnx")
-    if isinstance(model, bytes):
-        return True
-    try:
-        import onnx
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(model, onnx.ModelProto)
-
-
-def _onnx_graph(model: Any) -> Graph:
-    from tunnelgraph.frontends.onnx import load_onnx
-
-    return load_onnx(model)
-
-
-def _graph(model: nn.Module | Graph, example_inputs: ExampleInputs | None) -> Graph:
-    if isinstance(model, Graph):
-        return model
-    import torch.nn as nn
-
-    from tunnelgraph.frontends.fx import trace
-
-    if not isinstance(model, nn.Module):
-        raise TypeError(
-            f"expected an nn.Module, an ONNX model (ModelProto or .onnx path) or a tunnelgraph Graph, "
-            f"got {type(model).__name__}"
-        )
-    if example_inputs is None:
-        raise ValueError(
-            "example_inputs are required to trace a PyTorch model: pass a tensor (or a tuple of "
-            "tensors) of the shape the model's forward expects"
-        )
-    return trace(model, example_inputs)
-
-
-def _resolve(
-    model: nn.Module, site: Site | str, example_inputs: ExampleInputs | None, through: Iterable[str]
-) -> Site:
+def _resolve(adapter: Adapter[Any], site: Site | str, example_inputs: Any, through: Iterable[str]) -> Site:
+    """``site`` itself once checked against the model (a stale site is named as such), or the site of that name."""
     if isinstance(site, Site):
-        _check_fits(model, site.group)
+        check_shapes(site.group, adapter.shapes())
         return site
     if not isinstance(site, str):
         raise TypeError(f"site must be a tunnelgraph Site or its name, got {type(site).__name__}")
-    if _is_onnx(model):
-        return find_site(channel_groups(_onnx_graph(model), check_through(through)), site)
-    if example_inputs is None:
+    try:
+        graph = adapter.graph(example_inputs)
+    except ValueError as error:
         raise SiteError(
             f"to find site {site!r} by name, pass example_inputs= (and through= if the site "
             "passes batch norm, pooling, dropout or depthwise layers), or pass a Site from "
             "tg.find_sites"
-        )
-    return find_site(channel_groups(_graph(model, example_inputs), check_through(through)), site)
+        ) from error
+    return find_site(channel_groups(graph, check_through(through)), site)
 
 
 def _lambda(lam: Lambda, site: Site) -> Coefficient:
@@ -581,7 +587,8 @@ def _lambda(lam: Lambda, site: Site) -> Coefficient:
     return array
 
 
-def _edit(build) -> ChannelEdit:  # type: ignore[no-untyped-def]
+def _edit(build: Callable[[], ChannelEdit]) -> ChannelEdit:
+    """The edit ``build`` makes; an edit that does not fit the group is a :class:`SiteError`."""
     try:
         return build()
     except ValueError as error:

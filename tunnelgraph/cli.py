@@ -110,22 +110,18 @@ def _through_options(text: str) -> list[str]:
 
 
 # -- loading ---------------------------------------------------------------------------
-def _is_onnx(spec: str) -> bool:
-    return spec.endswith(".onnx")
-
-
 def _load(spec: str) -> Any:
-    if _is_onnx(spec):
-        from tunnelgraph.frontends.onnx import read_onnx
+    """The adapter of MODEL: an .onnx file, a .pt file saved with torch.save, or package.module:factory."""
+    from tunnelgraph.adapters import adapter_for
 
-        return read_onnx(spec)[0]
-    import torch
-
+    model: Any = spec  # an .onnx file; adapter_for names what else MODEL may be
     if spec.endswith((".pt", ".pth")):
+        import torch
+
         if not Path(spec).is_file():
             raise UsageError(f"no file '{spec}'")
         model = torch.load(spec, weights_only=False)
-    elif ":" in spec:
+    elif ":" in spec and not Path(spec).exists():
         module_name, _, factory = spec.partition(":")
         try:
             module = importlib.import_module(module_name)
@@ -134,14 +130,20 @@ def _load(spec: str) -> Any:
         if not hasattr(module, factory):
             raise UsageError(f"'{module_name}' has no '{factory}'")
         model = getattr(module, factory)()
-    else:
-        raise UsageError(f"MODEL '{spec}' is neither an .onnx file, a .pt file nor package.module:factory")
-    if not isinstance(model, torch.nn.Module):
-        raise UsageError(f"'{spec}' gave a {type(model).__name__}, not a torch.nn.Module")
-    return model.eval()
+    try:
+        adapter = adapter_for(model)
+    except TypeError as error:
+        raise UsageError(
+            f"MODEL '{spec}' is neither an .onnx file, a .pt file nor package.module:factory giving an "
+            f"nn.Module ({error})"
+        ) from error
+    if model is not spec:  # a PyTorch module: compared and saved in inference mode
+        adapter.model.eval()
+    return adapter
 
 
-def _example(args: argparse.Namespace, needed: bool) -> Any:
+def _example(args: argparse.Namespace, *models: Any) -> Any:
+    """The example inputs from --inputs or --input-shape, else those the first model declares (ONNX)."""
     import torch
 
     if args.inputs:
@@ -155,31 +157,21 @@ def _example(args: argparse.Namespace, needed: bool) -> Any:
         except ValueError as error:
             raise UsageError(f"--input-shape must be comma-separated integers, got '{args.input_shape}'") from error
         return torch.randn(shape, generator=torch.Generator().manual_seed(0))
-    if needed:
-        raise UsageError("a PyTorch model needs example inputs: pass --input-shape 1,3,32,32 or --inputs F.npz")
-    return None
+    for model in models:
+        try:
+            return model.example_inputs(None)
+        except ValueError:
+            continue
+    raise UsageError("a PyTorch model needs example inputs: pass --input-shape 1,3,32,32 or --inputs F.npz")
 
 
 def _save(model: Any, out: str, example: Any) -> None:
-    import torch
-    import torch.nn as nn
+    from tunnelgraph.adapters import adapter_for
 
-    if isinstance(model, nn.Module):
-        if out.endswith(".onnx"):
-            from tunnelgraph.backends.onnx_export import export_onnx
-
-            export_onnx(model, example, out)
-        else:
-            torch.save(model, out)
-        return
-    import onnx
-
-    from tunnelgraph.backends.onnx import PROTOBUF_LIMIT
-
-    if not out.endswith(".onnx"):
-        raise UsageError("an ONNX model is written to an .onnx file: use --out NAME.onnx")
-    large = model.ByteSize() >= PROTOBUF_LIMIT
-    onnx.save(model, out, save_as_external_data=large, location=Path(out).name + ".data" if large else None)
+    try:
+        adapter_for(model).save(out, example)
+    except ValueError as error:
+        raise UsageError(f"{error} (--out)") from error
 
 
 # -- commands ----------------------------------------------------------------------------
@@ -187,18 +179,15 @@ def _analyze(args: argparse.Namespace) -> int:
     import tunnelgraph as tg
 
     model = _load(args.model)
-    onnx_model = _is_onnx(args.model)
-    example = _example(args, needed=not onnx_model)
+    example = _example(args, model)
     data = None
     if args.data:
-        if onnx_model:
-            raise UsageError("--data measures PyTorch models; for ONNX the report is parametric only")
         import torch
 
         with np.load(args.data) as arrays:
             inputs = torch.from_numpy(arrays["inputs"])
         data = [(inputs[i:i + 256], None) for i in range(0, len(inputs), 256)]
-    report = tg.analyze(model, example, through=args.through, data=data, progress=False)
+    report = tg.analyze(model.model, example, through=args.through, data=data, progress=False)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
@@ -216,8 +205,8 @@ def _open(args: argparse.Namespace) -> int:
     import tunnelgraph as tg
 
     model = _load(args.model)
-    example = _example(args, needed=not _is_onnx(args.model))
-    result = tg.rewrite(model, args.site, _lam(args), example_inputs=example, through=args.through)
+    example = _example(args, model)
+    result = tg.rewrite(model.model, args.site, _lam(args), example_inputs=example, through=args.through)
     _save(result, args.out, example)
     _report(args, {"opened": args.site, "out": args.out})
     return 0
@@ -227,8 +216,8 @@ def _merge(args: argparse.Namespace) -> int:
     import tunnelgraph as tg
 
     model = _load(args.model)
-    example = _example(args, needed=not _is_onnx(args.model))
-    result = tg.merge(model, args.site, args.into, example_inputs=example, through=args.through)
+    example = _example(args, model)
+    result = tg.merge(model.model, args.site, args.into, example_inputs=example, through=args.through)
     _save(result, args.out, example)
     _report(args, {"merged": args.site, "into": args.into, "out": args.out})
     return 0
@@ -238,27 +227,13 @@ def _verify(args: argparse.Namespace) -> int:
     import tunnelgraph as tg
 
     a, b = _load(args.a), _load(args.b)
-    example = _example(args, needed=False)
-    if example is None:
-        example = _onnx_example(a if _is_onnx(args.a) else b if _is_onnx(args.b) else None)
-    report = tg.verify(a, b, example, rtol=args.rtol, atol=args.atol)
+    example = _example(args, a, b)
+    report = tg.verify(a.model, b.model, example, rtol=args.rtol, atol=args.atol)
     if args.json:
         print(json.dumps({**report.__dict__}, indent=2))
     else:
         print(report)
     return 0 if report.passed else 1
-
-
-def _onnx_example(model: Any) -> Any:
-    """Random inputs of an ONNX model's declared shapes (for verify without --inputs)."""
-    import torch
-
-    from tunnelgraph.backends.onnx import random_inputs
-
-    if model is None:
-        raise UsageError("verify needs example inputs: pass --input-shape or --inputs F.npz")
-    tensors = [torch.from_numpy(array) for array in random_inputs(model)]
-    return tensors[0] if len(tensors) == 1 else tuple(tensors)
 
 
 def _report(args: argparse.Namespace, payload: dict[str, Any]) -> None:

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
-import torch.nn as nn
 
-from tunnelgraph.runtime import preserved
+
+from tunnelgraph.adapters import Adapter, Dims, adapter_for
 
 TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
     torch.float64: (1e-10, 1e-12),
@@ -76,10 +76,10 @@ def verify(
             outputs differ in number or shape.
     """
     args = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
-    model_a, model_b = _loaded(model_a), _loaded(model_b)
-    _check_inputs(model_a, model_b, args)
-    outputs_a = _outputs(model_a, "model_a", args)
-    outputs_b = _outputs(model_b, "model_b", args)
+    first, second = adapter_for(model_a), adapter_for(model_b)
+    _check_inputs(first, second, args)
+    outputs_a = _outputs(first, "model_a", args)
+    outputs_b = _outputs(second, "model_b", args)
     if not outputs_a:
         raise ValueError("model_a returned no tensors: nothing to compare")
     if len(outputs_a) != len(outputs_b):
@@ -106,40 +106,6 @@ def verify(
                              len(outputs_a), passed)
 
 
-def _run(model: Any, args: tuple[torch.Tensor, ...]) -> Any:
-    if not isinstance(model, nn.Module):
-        from tunnelgraph.backends.onnx import run_onnx
-        from tunnelgraph.frontends.onnx import read_onnx
-
-        proto, _ = read_onnx(model)
-        outputs = run_onnx(proto, [a.detach().cpu().numpy() for a in args])
-        return [torch.from_numpy(o) for o in outputs]
-    with preserved(model), torch.no_grad():
-        return model(*args)
-
-
-def _loaded(model: Any) -> Any:
-    """``model`` itself, or an ONNX path or bytes read once into a ``ModelProto``."""
-    if isinstance(model, nn.Module):
-        return model
-    from tunnelgraph.frontends.onnx import read_onnx
-
-    return read_onnx(model)[0]
-
-
-Dims = tuple[int | str | None, ...]
-
-
-def _declared_inputs(model: Any) -> list[tuple[str, Dims | None]] | None:
-    """An ONNX model's graph inputs as ``(name, dims)`` (None: no declared shape); None for PyTorch."""
-    if isinstance(model, nn.Module):
-        return None
-    from tunnelgraph.frontends.onnx import value_dims
-
-    initializers = {tensor.name for tensor in model.graph.initializer}
-    return [(value.name, value_dims(value)) for value in model.graph.input if value.name not in initializers]
-
-
 def _shape_text(dims: Dims | None) -> str:
     if dims is None:
         return "(unknown)"
@@ -155,9 +121,9 @@ def _fits(dims: Dims | None, shape: Dims | None) -> bool:
     )
 
 
-def _check_inputs(model_a: Any, model_b: Any, args: tuple[torch.Tensor, ...]) -> None:
-    """Refuse inputs that an ONNX model does not declare, and ONNX pairs that take different inputs."""
-    declared = {"model_a": _declared_inputs(model_a), "model_b": _declared_inputs(model_b)}
+def _check_inputs(model_a: Adapter[Any], model_b: Adapter[Any], args: tuple[torch.Tensor, ...]) -> None:
+    """Refuse inputs that a model does not declare (ONNX), and pairs that declare different inputs."""
+    declared = {"model_a": model_a.declared_inputs(), "model_b": model_b.declared_inputs()}
     first, second = declared["model_a"], declared["model_b"]
     if first is not None and second is not None:
         if len(first) != len(second):
@@ -184,10 +150,10 @@ def _check_inputs(model_a: Any, model_b: Any, args: tuple[torch.Tensor, ...]) ->
                 )
 
 
-def _outputs(model: Any, label: str, args: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+def _outputs(model: Adapter[Any], label: str, args: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
     """``model``'s output tensors on ``args``; a model that fails on them is a ValueError naming the shapes."""
     try:
-        return _flatten(_run(model, args))
+        return _flatten(model.run(args))
     except Exception as error:
         from_runtime = type(error).__module__.startswith("onnxruntime")
         out_of_memory = isinstance(error, torch.cuda.OutOfMemoryError)

@@ -64,7 +64,7 @@ def preserved(model: nn.Module, *, train: bool | None = None) -> Iterator[nn.Mod
                     module._buffers[name] = tensor
                 # compared by value: native kernels (batch norm's running statistics) update
                 # buffers without bumping their version counter
-                if tensor is not None and not torch.equal(tensor, saved):
+                if tensor is not None and saved is not None and not torch.equal(tensor, saved):
                     tensor.copy_(saved)
     changed = [
         f"{type(module).__name__}.{name}"
@@ -110,3 +110,37 @@ def to_device(value: Any, device: torch.device) -> Any:
     if isinstance(value, tuple):
         return tuple(to_device(item, device) for item in value)
     return value
+
+
+def batch_parts(batch: Any, *, index: int | None = None) -> tuple[tuple[Any, ...], Any]:
+    """A batch as ``(inputs, targets)``, ``inputs`` a tuple of positional arguments of the forward.
+
+    The one rule every pass over data uses:
+
+    - a tensor is the inputs of a one-input model (no targets);
+    - a pair ``(inputs, targets)`` (tuple or list, as a DataLoader yields
+      it), where ``inputs`` is a tensor or a tuple/list of tensors;
+    - a dict with the keys ``"inputs"`` (and optionally ``"targets"``).
+
+    Targets may be None where a pass does not use them.
+
+    Raises:
+        TypeError: any other structure, naming the batch ``index``.
+    """
+    inputs: Any
+    targets: Any
+    if isinstance(batch, torch.Tensor):
+        inputs, targets = batch, None
+    elif isinstance(batch, (tuple, list)) and len(batch) == 2:
+        inputs, targets = batch
+    elif isinstance(batch, dict) and "inputs" in batch:
+        inputs, targets = batch["inputs"], batch.get("targets")
+    else:
+        where = f"batch {index}" if index is not None else "a batch"
+        raise TypeError(
+            f"{where} is a {type(batch).__name__}"
+            + (f" of {len(batch)} items" if isinstance(batch, (tuple, list)) else "")
+            + "; a batch must be a tensor of inputs, a pair (inputs, targets), or a dict with 'inputs' "
+            "and 'targets'"
+        )
+    return (tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)), targets

@@ -184,7 +184,7 @@ def test_empirical_measures_find_the_planted_units(name: str, split: int, thread
     report = tg.analyze(model, x[:4], data=data, progress=False)
     assert len(report.measures) == len(report.sites) and report.measures[0].samples == 64
     assert "Empirical measures (64 samples)" in report.to_markdown()
-    from tunnelgraph.statistics.activity import empirical_findings
+    from tunnelgraph.analysis.reducibility import empirical_findings
 
     found = {(f.unit, f.condition) for f in empirical_findings(report.groups, {m.unit: m for m in report.measures}, tol=1e-9)}
     # the data see every planted unit; relations show as redundant (an affine fit)
@@ -220,7 +220,7 @@ def test_reorganize_picks_the_planted_near_redundant_pair() -> None:
     data = [(x[i:i + 128], y[i:i + 128]) for i in range(0, 512, 128)]
     site = tg.find_sites(model, x[:2])[0]
     loss = lambda out, target: ((out - target) ** 2).mean()  # noqa: E731
-    new, report = tg.reorganize(model, clone=site, lam=0.5, data=data, loss_fn=loss)
+    new, report = tg.reorganize_from_data(model, clone=site, lam=0.5, data=data, loss_fn=loss)
     assert {report.merged, report.into} == {"fc1[2]", "fc1[8]"}
     assert report.correlation > 0.999 and report.samples == 512
     assert new.fc1.weight.shape == model.fc1.weight.shape
@@ -229,5 +229,5 @@ def test_reorganize_picks_the_planted_near_redundant_pair() -> None:
     random_change = tg.function_change(model, random_pair, data, loss)
     assert report.max_abs_change < random_change["max_abs_change"] / 10
     assert abs(report.loss_after - report.loss_before) < abs(random_change["loss_after"] - random_change["loss_before"])
-    with pytest.raises(ValueError, match="data="):
+    with pytest.raises(TypeError, match="reorganize_from_data"):
         tg.reorganize(model, clone=site, lam=0.5)

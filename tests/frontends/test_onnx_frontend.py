@@ -366,3 +366,15 @@ def test_activation_and_pooling_names_are_framework_neutral() -> None:
     traced = tg.trace(torch.nn.Sequential(torch.nn.LeakyReLU(), torch.nn.AvgPool1d(2), torch.nn.ReLU6()),
                       torch.randn(2, 3, 4))
     assert [n.attrs["function"] for n in traced if n.op in ("activation", "pooling")] == ["leaky_relu", "avg", "relu6"]
+
+
+def test_a_gemm_bias_factor_is_a_neutral_attribute() -> None:
+    """Gemm's beta multiplies the bias: the graph says so as ``bias_scale``, not as an ONNX attribute."""
+    model = hand_written()
+    gemm = next(node for node in model.graph.node if node.op_type == "Gemm")
+    next(a for a in gemm.attribute if a.name == "beta").f = 2.0
+    graph = tg.load_onnx(model)
+    layers = {node.name: node for node in graph if node.op == "linear"}
+    assert layers["g"].attrs["bias_scale"] == 2.0
+    assert "bias_scale" not in layers["y"].attrs  # MatMul + Add: the bias is added as it is
+    assert "bias_scale" not in tg.load_onnx(hand_written())["g"].attrs  # beta = 1

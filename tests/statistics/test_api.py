@@ -71,7 +71,7 @@ def test_open_tunnels_opens_the_k_steepest_and_keeps_the_function(cnn) -> None: 
     # the first tunnel's pair has the gradients A lam and A (1 - lam)
     first = opened[0]
     grads = mean_gradients(new, data, squared_error)
-    site = next(s for s in sites if s.name == first.site)
+    site = first.site
     a = first.statistics.a
     assert relative(a @ first.lam, inbound_gradient(grads, site, site.channel)) <= 1e-6
     assert relative(a @ (1 - first.lam), inbound_gradient(grads, site, first.clone)) <= 1e-6

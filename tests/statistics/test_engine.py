@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -188,5 +190,32 @@ def test_a_group_that_a_layer_both_produces_and_reads_is_refused_by_name() -> No
     with pytest.raises(tg.StatisticsError, match="project1.*both produce and read"):
         tg.a_statistics(model, stream[:1], data, squared_error, progress=False)
     opened, tunnels = tg.open_tunnels(model, data, squared_error, k=2, through=THROUGH, progress=False)
-    assert len(tunnels) == 2 and not any(t.site.startswith("stem[") for t in tunnels)
+    assert len(tunnels) == 2 and not any(t.site.group.self_consumers for t in tunnels)
     assert tg.verify(model, opened, data[0][0]).passed
+
+
+def test_a_given_graph_is_used_instead_of_tracing_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    entry = ZOO_BY_NAME["inception_concat"]
+    model = entry.build().double()
+    data = regression_data(model, entry, torch.float64)
+    graph = tg.trace(model, data[0][0])
+    sites = tg.find_sites(graph)
+    traced = tg.a_statistics(model, sites, data, squared_error, method="exact", progress=False)
+
+    def no_second_trace(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a_statistics traced the model although graph= was given")
+
+    monkeypatch.setattr("tunnelgraph.statistics.engine.trace", no_second_trace)
+    given = tg.a_statistics(model, sites, data, squared_error, method="exact", progress=False, graph=graph)
+    for site in sites:
+        assert torch.equal(given[site.name].a, traced[site.name].a)
+
+
+def test_a_graph_of_another_model_is_refused() -> None:
+    entry = ZOO_BY_NAME["paper_cnn"]
+    model = entry.build().double()
+    data = regression_data(model, entry, torch.float64)
+    graph = tg.trace(model, data[0][0])
+    sites = tg.find_sites(graph)
+    with pytest.raises(tg.StatisticsError, match="not traced from this model"):
+        tg.a_statistics(copy.deepcopy(model), sites, data, squared_error, progress=False, graph=graph)

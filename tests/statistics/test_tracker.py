@@ -84,3 +84,24 @@ def test_statistics_before_any_iteration_is_an_error() -> None:
         tracker.statistics()
     tracker.close()
     assert not model._forward_hooks and not model._forward_pre_hooks
+
+
+def test_the_tracker_takes_the_graph_the_sites_were_found_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    entry = ZOO_BY_NAME["paper_cnn"]
+    model = entry.build().double()
+    (x, y), = regression_data(model, entry, torch.float64, batches=1)
+    graph = tg.trace(model, x)
+    sites = tg.find_sites(graph)[:2]
+
+    def no_second_trace(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the tracker traced the model although graph= was given")
+
+    monkeypatch.setattr("tunnelgraph.statistics.tracker.trace", no_second_trace)
+    with tg.StatisticsTracker(model, sites, graph=graph, decay=0.0) as tracker:
+        squared_error(model(x), y).backward()
+        tracked = tracker.statistics()
+    measured = tg.a_statistics(model, sites, [(x, y)], squared_error, method="exact", progress=False, graph=graph)
+    for site in sites:
+        assert relative(tracked[site.name].a, measured[site.name].a) <= 1e-12
+    with pytest.raises(ValueError, match="example_inputs= .* or graph="):
+        tg.StatisticsTracker(model, sites)

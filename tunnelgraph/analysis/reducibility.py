@@ -315,3 +315,50 @@ def _relation(
 
 def _describe(chain: set[str]) -> str:
     return ", ".join(sorted(chain)) or "no operations"
+
+
+def empirical_findings(
+    groups: Sequence[ChannelGroup], measures: dict[str, UnitMeasures], *, tol: float
+) -> list[Finding]:
+    """Units that the measures show reducible within ``tol`` (relative to the group's largest value).
+
+    Inconsequential: outbound norm <= tol * the group's largest; constant:
+    std <= tol * the group's largest; redundant: ``1 - |corr| <= tol`` with
+    an earlier partner (the relation is then the measured affine fit).
+    """
+    findings = []
+    for group in groups:
+        if not group.legal:
+            continue
+        units = [measures[f"{group.name}[{c}]"] for c in range(group.size)]
+        top_norm = max(u.outbound_norm for u in units)
+        top_std = max(u.std for u in units)
+        reduced: set[int] = set()
+        for c, u in enumerate(units):
+            if u.outbound_norm <= tol * top_norm:
+                findings.append(Finding(
+                    u.unit, group.name, c, "inconsequential",
+                    f"outbound weight norm {u.outbound_norm:.3g} (group's largest {top_norm:.3g})", exact=False,
+                ))
+            elif u.std <= tol * top_std:
+                findings.append(Finding(
+                    u.unit, group.name, c, "constant",
+                    f"activation std {u.std:.3g} over {u.samples} samples (group's largest {top_std:.3g}); "
+                    f"mean {u.mean:.6g}",
+                    offset=u.mean, exact=False,
+                ))
+            else:
+                continue
+            reduced.add(c)
+        for c, u in enumerate(units):
+            if c in reduced or u.partner is None or u.partner in reduced or u.partner > c:
+                continue
+            if 1.0 - u.correlation <= tol and not math.isclose(u.slope, 0.0):
+                findings.append(Finding(
+                    u.unit, group.name, c, "redundant",
+                    f"|corr| with {group.name}[{u.partner}] is {u.correlation:.9f} over {u.samples} samples; "
+                    f"x = {u.slope:.6g} * x_partner + {u.intercept:.6g}",
+                    partner=u.partner, factor=u.slope, offset=u.intercept, exact=False,
+                ))
+                reduced.add(c)
+    return findings

@@ -1,9 +1,10 @@
 """ONNX backend: apply a :class:`RewritePlan` to an ``onnx.ModelProto``; run models in onnxruntime.
 
-Rewrites edit initializers with numpy (the same per-tensor edit as the
-torch backend), update the ``group`` attribute of depthwise convolutions
-and the shape tensors of reshapes that hard-code a width, drop inferred
-intermediate shapes (they are stale), and check the result with
+Rewrites edit initializers with numpy in float64 (the per-tensor edit the
+torch backend uses too, :func:`~tunnelgraph.rewrite.plan.edit_array`), update
+the ``group`` attribute of depthwise convolutions and the shape tensors of
+reshapes that hard-code a width, drop inferred intermediate shapes (they
+are stale), and check the result with
 ``onnx.checker.check_model(full_check=True)``. The input model is never
 modified. This module does not import torch.
 """
@@ -25,7 +26,7 @@ except ImportError as error:  # the optional extra is not installed
     raise missing_onnx(error) from error
 
 from tunnelgraph.analysis.groups import ChannelGroup
-from tunnelgraph.rewrite.plan import RewritePlan, TensorEdit, check_shapes
+from tunnelgraph.rewrite.plan import NUMPY_OPS, RewritePlan, TensorEdit, check_shapes, edit_array
 
 logger = logging.getLogger(__name__)
 
@@ -47,10 +48,10 @@ def apply_plan_onnx(model: onnx.ModelProto, plan: RewritePlan) -> onnx.ModelProt
     """The rewritten copy of ``model`` (see the module docstring)."""
     check_fits(model, plan.group)
     arrays = {t.name: t for t in model.graph.initializer}
-    new_arrays = {}
+    new_arrays: dict[str, np.ndarray] = {}
     for tensor_edit in plan.tensors:
         name = tensor_edit.slice.param
-        new_arrays[name] = edit_array(
+        new_arrays[name] = edit_initializer(
             new_arrays[name] if name in new_arrays else numpy_helper.to_array(arrays[name]), tensor_edit
         )
     result = copy.deepcopy(model)
@@ -97,28 +98,9 @@ def _patch_reshapes(model: onnx.ModelProto, plan: RewritePlan) -> None:
         tensor.CopyFrom(numpy_helper.from_array(values, tensor.name))
 
 
-def edit_array(array: np.ndarray, tensor_edit: TensorEdit) -> np.ndarray:
-    """The rewritten copy of one parameter array (the numpy twin of the torch backend's ``edit_tensor``)."""
-    param_slice = tensor_edit.slice
-    axis, block, offset = param_slice.axis, param_slice.block, param_slice.offset
-    moved = np.moveaxis(np.asarray(array, dtype=np.float64), axis, 0)
-    span = tensor_edit.size * block
-    segment = moved[offset:offset + span]
-    blocks = []
-    for new, copied in enumerate(tensor_edit.copies):
-        if copied is not None:
-            blocks.append(segment[copied * block:(copied + 1) * block])
-            continue
-        value = np.zeros_like(segment[:block])
-        for old, factor in tensor_edit.sources[new]:
-            coefficient = np.asarray(factor, dtype=np.float64)
-            if coefficient.ndim:
-                coefficient = np.moveaxis(coefficient, axis, 0)
-            value = value + coefficient * segment[old * block:(old + 1) * block]
-        blocks.append(value)
-    new_segment = np.concatenate(blocks, axis=0) if blocks else segment[:0]
-    result = np.concatenate([moved[:offset], new_segment, moved[offset + span:]], axis=0)
-    return np.moveaxis(result, 0, axis)
+def edit_initializer(array: np.ndarray, tensor_edit: TensorEdit) -> np.ndarray:
+    """The rewritten copy of one initializer's array, computed in float64 (the caller casts it back)."""
+    return edit_array(np.asarray(array, dtype=np.float64), tensor_edit, NUMPY_OPS)
 
 
 def run_onnx(model: onnx.ModelProto, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:

@@ -51,6 +51,7 @@ from tunnelgraph.frontends.onnx import (
     constant_value,
     flatten_range,
     layer_name,
+    linear_patterns,
     read_onnx,
     reshaped,
     value_dims,
@@ -140,7 +141,8 @@ class _Builder:
             for tensor in node.input:
                 self.users.setdefault(tensor, []).append(node)
         self.outputs = {value.name for value in model.graph.output}
-        self.fused: set[str] = set()
+        self.linear_patterns = linear_patterns(model)
+        self.fused: set[str] = set()  # Add nodes folded into a MatMul layer
         self.untranslated: dict[str, str] = {}  # extra outputs of translated nodes -> why they are missing
         self.constants = 0
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 18)
@@ -414,12 +416,11 @@ class _Builder:
             return self._emit(node, torch.matmul, self._input(node.input[0]), self._input(node.input[1]))
         weight = self._tensor(node.input[1]).T.contiguous()
         bias, output, bias_name = None, node.output[0], None
-        users = self.users.get(node.output[0], [])
-        if len(users) == 1 and users[0].op_type == "Add" and node.output[0] not in self.outputs:
-            other = [t for t in users[0].input if t != node.output[0]]
-            if len(other) == 1 and other[0] in self.arrays and self.arrays[other[0]].shape == (weight.shape[0],):
-                bias, output, bias_name = self._tensor(other[0]), users[0].output[0], other[0]
-                self.fused.add(output)
+        pattern = self.linear_patterns.get(node.output[0])
+        if pattern is not None:
+            bias_name, output = pattern
+            bias = self._tensor(bias_name)
+            self.fused.add(output)
         self._linear(node, weight, bias, self._input(node.input[0]), output,
                      layer_name(node, node.input[1], bias_name))
 

@@ -14,13 +14,14 @@ import copy
 import logging
 from typing import Any
 
+import numpy as np
 import torch
 import torch.fx
 import torch.nn as nn
 
 from tunnelgraph.analysis.groups import ChannelGroup, WidthLiteral
 from tunnelgraph.errors import RewriteError
-from tunnelgraph.rewrite.plan import RewritePlan, TensorEdit, check_shapes
+from tunnelgraph.rewrite.plan import ArrayOps, RewritePlan, TensorEdit, check_shapes, edit_array
 from tunnelgraph.runtime import preserved
 
 logger = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ def apply_plan(model: nn.Module, plan: RewritePlan, *, inplace: bool = False) ->
             "cannot be updated in place; call with inplace=False to get a torch.fx.GraphModule "
             "with the new width, or write the reshape as x.flatten(1)"
         )
-    new_tensors = {}
+    new_tensors: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for tensor_edit in plan.tensors:
             name = tensor_edit.slice.param
@@ -77,29 +78,18 @@ def check_fits(
     check_shapes(group, {name: tuple(tensor.shape) for name, tensor in state.items()})
 
 
+TORCH_OPS: ArrayOps[torch.Tensor] = ArrayOps(
+    narrow=torch.narrow,
+    concat=lambda tensors, axis: torch.cat(list(tensors), dim=axis),
+    zeros_like=torch.zeros_like,
+    coefficient=lambda factor, like: torch.as_tensor(factor, dtype=like.dtype, device=like.device),
+)
+"""The array operations of :func:`~tunnelgraph.rewrite.plan.edit_array` on torch tensors."""
+
+
 def edit_tensor(tensor: torch.Tensor, tensor_edit: TensorEdit) -> torch.Tensor:
-    """The rewritten copy of ``tensor`` (see :class:`TensorEdit`)."""
-    param_slice = tensor_edit.slice
-    axis, block, offset = param_slice.axis, param_slice.block, param_slice.offset
-    span = tensor_edit.size * block
-    segment = tensor.narrow(axis, offset, span)
-    index = [
-        (copied if copied is not None else 0) * block + element
-        for copied in tensor_edit.copies
-        for element in range(block)
-    ]
-    new_segment = segment.index_select(axis, torch.tensor(index, device=tensor.device))
-    for new, copied in enumerate(tensor_edit.copies):
-        if copied is not None:
-            continue
-        value = torch.zeros_like(segment.narrow(axis, 0, block))
-        for old, factor in tensor_edit.sources[new]:
-            coefficient = torch.as_tensor(factor, dtype=tensor.dtype, device=tensor.device)
-            value = value + coefficient * segment.narrow(axis, old * block, block)
-        new_segment.narrow(axis, new * block, block).copy_(value)
-    head = tensor.narrow(axis, 0, offset)
-    tail = tensor.narrow(axis, offset + span, tensor.shape[axis] - offset - span)
-    return torch.cat([head, new_segment, tail], dim=axis).contiguous()
+    """The rewritten copy of ``tensor`` (see :class:`TensorEdit`), on its device, in its dtype."""
+    return edit_array(tensor, tensor_edit, TORCH_OPS).contiguous()
 
 
 def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -214,3 +204,29 @@ def bias_shift(module: nn.Module, weight_slice: Any, channel: int, values: torch
             "varies along the layer's input), so it is not a bias"
         )
     return first
+
+
+def constant_bias_shift(
+    module: nn.Module, weight_slice: Any, channel: int, seen: torch.Tensor, offset: float | None
+) -> np.ndarray:
+    """What ``module`` gains, as a bias (float64), from ``channel`` of its input being constant.
+
+    ``seen`` is the module's recorded input (every sample). The channel's
+    value is its recorded entries, checked to be the same for every sample,
+    when ``offset`` is None; else ``offset`` at every position (an affine
+    relation's offset). Raises :class:`RewriteError` when the module has no
+    bias, the recorded values vary between samples, or the contribution
+    varies between output positions (see :func:`bias_shift`).
+    """
+    if getattr(module, "bias", None) is None:
+        raise RewriteError(f"consumer '{weight_slice.module}' has no bias to take the constant")
+    axis = seen.dim() - 1 if isinstance(module, nn.Linear) else 1
+    values = seen.narrow(axis, weight_slice.offset + channel * weight_slice.block, weight_slice.block)
+    if offset is None:
+        scale = float(values.abs().max())
+        if scale and float((values - values[:1]).abs().max()) > 1e-9 * scale:
+            raise RewriteError("its activation differs between samples, so it is not constant")
+        value = values[0]
+    else:
+        value = torch.full_like(values[0], offset)
+    return np.asarray(bias_shift(module, weight_slice, channel, value).detach().cpu().double().numpy())

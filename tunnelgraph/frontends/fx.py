@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import operator
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.fx
@@ -185,7 +185,6 @@ class _Translator:
         self.model = model
         self.module = module
         self.graph = Graph(type(model).__name__)
-        self.kinds: dict[str, OpKind] = {}
         self.aliases = self._parameter_aliases(model)
 
     @staticmethod
@@ -200,11 +199,12 @@ class _Translator:
 
     def run(self) -> Graph:
         for fx_node in self.module.graph.nodes:
-            node = self._translate(fx_node)
-            self.kinds[node.name] = node.kind
-            maps = node.attrs.pop("_maps", None)
-            self.graph.add(node, maps)
+            self.graph.add(self._translate(fx_node))
         return self.graph
+
+    def _kind(self, name: str) -> OpKind:
+        """The kind of an earlier node (fx lists nodes in execution order, so it is in the graph)."""
+        return self.graph[name].kind
 
     # -- helpers -----------------------------------------------------------
     def _tensor_inputs(self, fx_node: torch.fx.Node) -> tuple[str, ...]:
@@ -234,14 +234,29 @@ class _Translator:
                 refs[role] = ParamRef(name, tuple(tensor.shape), name in self.aliases)
         return refs
 
-    def _node(self, fx_node: torch.fx.Node, kind: OpKind, op: str, **attrs: Any) -> Node:
+    def _node(
+        self,
+        fx_node: torch.fx.Node,
+        kind: OpKind,
+        op: str,
+        *,
+        params: Mapping[str, ParamRef] | None = None,
+        channel_axis: int | None = None,
+        input_maps: Mapping[int, ChannelMap] | None = None,
+        **attrs: Any,
+    ) -> Node:
+        """The IR node of ``fx_node``, every field given; a ``call_module`` node's ``module`` is the layer it calls."""
         return Node(
             name=fx_node.name,
             kind=kind,
             op=op,
             inputs=self._tensor_inputs(fx_node),
+            module=str(fx_node.target) if fx_node.op == "call_module" else None,
+            params=params or {},
             shape=_shape(fx_node),
+            channel_axis=channel_axis,
             attrs=attrs,
+            input_maps=input_maps or {},
         )
 
     def _blocking(self, fx_node: torch.fx.Node, detail: str) -> Node:
@@ -256,63 +271,59 @@ class _Translator:
         if fx_node.op == "get_attr":
             return self._node(fx_node, OpKind.CONSTANT, "constant", target=str(fx_node.target))
         if fx_node.op == "call_module":
-            return self._module(fx_node)
+            return self._module_node(fx_node)
         if fx_node.op == "call_function":
             return self._function(fx_node, fx_node.target)
         if fx_node.op == "call_method":
             return self._method(fx_node, str(fx_node.target))
         return self._blocking(fx_node, f"fx opcode {fx_node.op}")
 
-    def _module(self, fx_node: torch.fx.Node) -> Node:
-        node = self._module_node(fx_node)
-        node.module = str(fx_node.target)
-        return node
-
     def _module_node(self, fx_node: torch.fx.Node) -> Node:
+        """A ``call_module`` node: the layer's kind, parameters and channel axis come from its class."""
         name = str(fx_node.target)
         sub = self.module.get_submodule(name)
         if isinstance(sub, nn.Linear):
-            node = self._node(fx_node, OpKind.PARAMETRIC, "linear", in_axis=-1)
-            rank = len(node.shape or (0, 0))
-            node.channel_axis = rank - 1
-        elif isinstance(sub, _CONV_MODULES):
+            rank = len(_shape(fx_node) or (0, 0))
+            return self._node(
+                fx_node, OpKind.PARAMETRIC, "linear", params=self._params(name, ("weight", "bias")),
+                channel_axis=rank - 1, in_axis=-1,
+            )
+        if isinstance(sub, _CONV_MODULES):
             depthwise = sub.groups > 1 and sub.groups == sub.in_channels == sub.out_channels
+            padding: dict[str, Any] = {"padding_mode": sub.padding_mode} if sub.padding_mode != "zeros" else {}
+            params = self._params(name, ("weight", "bias"))
             if depthwise:
-                node = self._node(fx_node, OpKind.CHANNELWISE, "depthwise", requires_axis=1)
-            else:
-                node = self._node(fx_node, OpKind.PARAMETRIC, "conv", in_axis=1, groups=sub.groups)
-                node.channel_axis = 1
-            if sub.padding_mode != "zeros":
-                node.attrs["padding_mode"] = sub.padding_mode
-        elif isinstance(sub, _BATCHNORM_MODULES):
-            node = self._node(fx_node, OpKind.CHANNELWISE, "batchnorm", requires_axis=1)
-            node.params = self._params(name, ("weight", "bias", "running_mean", "running_var"))
-            return node
-        elif isinstance(sub, _ACTIVATION_MODULES) or (
+                return self._node(
+                    fx_node, OpKind.CHANNELWISE, "depthwise", params=params, requires_axis=1, **padding
+                )
+            return self._node(
+                fx_node, OpKind.PARAMETRIC, "conv", params=params, channel_axis=1, in_axis=1, groups=sub.groups,
+                **padding,
+            )
+        if isinstance(sub, _BATCHNORM_MODULES):
+            params = self._params(name, ("weight", "bias", "running_mean", "running_var"))
+            return self._node(fx_node, OpKind.CHANNELWISE, "batchnorm", params=params, requires_axis=1)
+        if isinstance(sub, _ACTIVATION_MODULES) or (
             isinstance(sub, nn.PReLU) and sub.num_parameters == 1
         ):
-            node = self._node(
+            return self._node(
                 fx_node, OpKind.CHANNELWISE, "activation", function=activation_function(type(sub).__name__)
             )
-            return node
-        elif isinstance(sub, _POOLING_MODULES):
+        if isinstance(sub, _POOLING_MODULES):
             return self._node(
                 fx_node, OpKind.CHANNELWISE, "pooling", requires_axis=1, function=_pooling_kind(type(sub).__name__)
             )
-        elif isinstance(sub, _DROPOUT_MODULES):
+        if isinstance(sub, _DROPOUT_MODULES):
             return self._node(fx_node, OpKind.CHANNELWISE, "dropout")
-        elif isinstance(sub, nn.Identity):
+        if isinstance(sub, nn.Identity):
             return self._node(fx_node, OpKind.CHANNELWISE, "identity")
-        elif isinstance(sub, nn.Flatten):
+        if isinstance(sub, nn.Flatten):
             return self._reshape(fx_node)
-        elif isinstance(sub, nn.LayerNorm):
+        if isinstance(sub, nn.LayerNorm):
             return self._node(fx_node, OpKind.BLOCKING, "layernorm", detail="layer norm mixes channels")
-        elif isinstance(sub, (nn.Softmax, nn.LogSoftmax, nn.Softmin)):
+        if isinstance(sub, (nn.Softmax, nn.LogSoftmax, nn.Softmin)):
             return self._node(fx_node, OpKind.BLOCKING, "softmax", detail="softmax mixes channels")
-        else:
-            return self._blocking(fx_node, f"module {type(sub).__name__}")
-        node.params = self._params(name, ("weight", "bias"))
-        return node
+        return self._blocking(fx_node, f"module {type(sub).__name__}")
 
     def _function(self, fx_node: torch.fx.Node, target: Any) -> Node:
         if target in _ACTIVATION_FUNCTIONS:
@@ -342,7 +353,7 @@ class _Translator:
         if target is operator.getitem or target is getattr:
             return self._metadata_or_blocking(fx_node, "indexing")
         if _shape(fx_node) is None and all(
-            self.kinds.get(name) == OpKind.METADATA for name in self._tensor_inputs(fx_node)
+            self._kind(name) == OpKind.METADATA for name in self._tensor_inputs(fx_node)
         ):
             return self._node(fx_node, OpKind.METADATA, "metadata")
         name = getattr(target, "__name__", str(target))
@@ -367,14 +378,14 @@ class _Translator:
         sources = self._tensor_inputs(fx_node)
         if fx_node.target is getattr and fx_node.args[1] in _METADATA_ATTRIBUTES:
             return self._node(fx_node, OpKind.METADATA, "metadata")
-        if sources and all(self.kinds.get(name) == OpKind.METADATA for name in sources[:1]):
+        if sources and all(self._kind(name) == OpKind.METADATA for name in sources[:1]):
             return self._node(fx_node, OpKind.METADATA, "metadata")
         return self._blocking(fx_node, what)
 
     def _elementwise(self, fx_node: torch.fx.Node, op: str) -> Node:
         tensors = [
             arg for arg in fx_node.args
-            if isinstance(arg, torch.fx.Node) and self.kinds.get(arg.name) != OpKind.METADATA
+            if isinstance(arg, torch.fx.Node) and self._kind(arg.name) != OpKind.METADATA
         ]
         others = [arg for arg in fx_node.args if arg not in tensors]
         if any(isinstance(arg, torch.fx.Node) for arg in others):
@@ -413,7 +424,7 @@ class _Translator:
             if tensor_shape is None:
                 return self._blocking(fx_node, "concat of a non-tensor")
             offset += tensor_shape[dim]
-        return self._node(fx_node, OpKind.COUPLING, "concat", dim=dim, _maps=maps)
+        return self._node(fx_node, OpKind.COUPLING, "concat", input_maps=maps, dim=dim)
 
     def _mean(self, fx_node: torch.fx.Node) -> Node:
         source = fx_node.args[0]
@@ -445,8 +456,8 @@ class _Translator:
         # a channel on the first merged axis becomes a block of this many features
         block = ChannelMap(0, math.prod(in_shape[start + 1:end + 1]))
         return self._node(
-            fx_node, OpKind.RESHAPE, "flatten", start=start, end=end, literal_widths=literals,
-            _maps={0: block},
+            fx_node, OpKind.RESHAPE, "flatten", input_maps={0: block}, start=start, end=end,
+            literal_widths=literals,
         )
 
 

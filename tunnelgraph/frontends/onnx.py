@@ -277,11 +277,7 @@ class _Translator:
         self.graph_inputs = {value.name for value in model.graph.input} - set(self.initializers)
         self.producer: dict[str, str] = {}  # tensor name -> IR node name that produces it
         self.shape_values = ShapeValues(model.graph.node, self._value, self.dims)
-        self.kinds: dict[str, OpKind] = {}
-        self.users: dict[str, list[onnx.NodeProto]] = {}
-        for node in model.graph.node:
-            for tensor in node.input:
-                self.users.setdefault(tensor, []).append(node)
+        self.linear_patterns = linear_patterns(model)
         self.uses: dict[str, int] = {}
         for node in model.graph.node:
             for tensor in node.input:
@@ -294,9 +290,12 @@ class _Translator:
             return numpy_helper.to_array(self.initializers[tensor])
         return self.constants.get(tensor)
 
-    def _add(self, node: Node, maps: dict[int, ChannelMap] | None = None) -> None:
-        self.graph.add(node, maps)
-        self.kinds[node.name] = node.kind
+    def _add(self, node: Node) -> None:
+        self.graph.add(node)
+
+    def _produced_by_metadata(self, tensor: str) -> bool:
+        """Whether ``tensor`` comes out of a node that computes on shapes only."""
+        return tensor in self.producer and self.graph[self.producer[tensor]].kind == OpKind.METADATA
 
     def _input_nodes(self, tensors: list[str]) -> tuple[str, ...]:
         names = []
@@ -345,17 +344,20 @@ class _Translator:
             self.constants[node.output[0]] = value
         self.shapes[node.output[0]] = tuple(self.constants.get(node.output[0], np.zeros(0)).shape)
 
-    def _node(self, node: onnx.NodeProto, kind: OpKind, op: str, inputs: list[str] | None = None,
+    def _node(self, node: onnx.NodeProto, kind: OpKind, op: str, inputs: list[str] | None = None, *,
+              module: str | None = None, params: Mapping[str, ParamRef] | None = None,
+              channel_axis: int | None = None, input_maps: Mapping[int, ChannelMap] | None = None,
               **attrs: Any) -> Node:
+        """The IR node of ``node``, named after its first output; ``attrs["op_type"]`` records the operator."""
         name = node.output[0]
-        ir = Node(
+        return Node(
             name=name, kind=kind, op=op, inputs=self._input_nodes(list(inputs if inputs is not None else node.input)),
-            shape=self.shapes.get(name), attrs={"op_type": node.op_type, **attrs},
+            module=module, params=params or {}, shape=self.shapes.get(name), channel_axis=channel_axis,
+            attrs={"op_type": node.op_type, **attrs}, input_maps=input_maps or {},
         )
-        return ir
 
-    def _finish(self, node: onnx.NodeProto, ir: Node, maps: dict[int, ChannelMap] | None = None) -> None:
-        self._add(ir, maps)
+    def _finish(self, node: onnx.NodeProto, ir: Node) -> None:
+        self._add(ir)
         for tensor in node.output:
             if tensor:
                 self.producer[tensor] = ir.name
@@ -371,7 +373,7 @@ class _Translator:
             self.shapes[node.output[0]] = tuple(value.shape)
             return None
         data_inputs = [t for t in node.input if t and t not in self.initializers and t not in self.constants]
-        if data_inputs and all(self.kinds.get(self.producer.get(t, ""), None) == OpKind.METADATA for t in data_inputs):
+        if data_inputs and all(self._produced_by_metadata(t) for t in data_inputs):
             return self._finish(node, self._node(node, OpKind.METADATA, "metadata"))
         if op == "Conv":
             return self._conv(node, attrs)
@@ -430,16 +432,20 @@ class _Translator:
         shape = tuple(self.initializers[weight].dims)
         out_channels, in_per_group = shape[0], shape[1]
         depthwise = groups > 1 and in_per_group == 1 and groups == out_channels
+        module, params = self._layer_name(node, weight, bias), self._layer_params(weight, bias)
         if depthwise:
-            ir = self._node(node, OpKind.CHANNELWISE, "depthwise", inputs=[node.input[0]], requires_axis=1)
+            ir = self._node(node, OpKind.CHANNELWISE, "depthwise", inputs=[node.input[0]], module=module,
+                            params=params, requires_axis=1)
         else:
-            ir = self._node(node, OpKind.PARAMETRIC, "conv", inputs=[node.input[0]], in_axis=1, groups=groups)
-            ir.channel_axis = 1
-        ir.module = self._layer_name(node, weight, bias)
-        ir.params = {"weight": self._param(weight)}
-        if bias is not None:
-            ir.params["bias"] = self._param(bias)
+            ir = self._node(node, OpKind.PARAMETRIC, "conv", inputs=[node.input[0]], module=module, params=params,
+                            channel_axis=1, in_axis=1, groups=groups)
         self._finish(node, ir)
+
+    def _layer_params(self, weight: str, bias: str | None) -> dict[str, ParamRef]:
+        params = {"weight": self._param(weight)}
+        if bias is not None:
+            params["bias"] = self._param(bias)
+        return params
 
     def _unstored(self, node: onnx.NodeProto, params: dict[str, str | None]) -> str | None:
         """Why the first of a layer's parameters that is not an initializer cannot be edited, or None."""
@@ -457,11 +463,11 @@ class _Translator:
         unstored = self._unstored(node, dict(zip(roles, node.input[1:5])))
         if unstored:
             return self._blocking(node, f"batch norm whose {unstored}", "batchnorm")
-        ir = self._node(node, OpKind.CHANNELWISE, "batchnorm", inputs=[node.input[0]], requires_axis=1)
-        ir.module = node.name or node.output[0]
-        ir.params = {role: self._param(t) for role, t in zip(roles, node.input[1:5])}
-        if node.input[1].endswith(".weight"):
-            ir.module = node.input[1][: -len(".weight")]
+        scale = node.input[1]
+        module = scale[: -len(".weight")] if scale.endswith(".weight") else node.name or node.output[0]
+        params = {role: self._param(t) for role, t in zip(roles, node.input[1:5])}
+        ir = self._node(node, OpKind.CHANNELWISE, "batchnorm", inputs=[node.input[0]], module=module, params=params,
+                        requires_axis=1)
         return self._finish(node, ir)
 
     def _gemm(self, node: onnx.NodeProto, attrs: dict[str, Any]) -> None:
@@ -477,7 +483,9 @@ class _Translator:
         if bias is not None and tuple(self.initializers[bias].dims) != (out_features,):
             return self._blocking(node, f"Gemm bias of shape {tuple(self.initializers[bias].dims)} (broadcast)")
         axes = (0, 1) if attrs.get("transB", 0) else (1, 0)
-        self._linear(node, weight, bias, axes, [node.input[0]], node.output[0])
+        beta = float(attrs.get("beta", 1.0))
+        scale = {"bias_scale": beta} if bias is not None and beta != 1.0 else {}
+        self._linear(node, weight, bias, axes, [node.input[0]], node.output[0], **scale)
 
     def _matmul(self, node: onnx.NodeProto) -> None:
         weight = node.input[1]
@@ -485,29 +493,22 @@ class _Translator:
             if weight in self.initializers or weight in self.constants:
                 return self._blocking(node, "MatMul with a weight that is not a matrix")
             return self._blocking(node, "MatMul of two computed tensors")
-        users = self.users.get(node.output[0], [])
         bias, output = None, node.output[0]
-        if len(users) == 1 and users[0].op_type == "Add":
-            add = users[0]
-            other = [t for t in add.input if t != node.output[0]]
-            out_features = self.initializers[weight].dims[1]
-            if len(other) == 1 and other[0] in self.initializers and tuple(self.initializers[other[0]].dims) == (out_features,):
-                bias, output = other[0], add.output[0]
-                self.fused.add(add.output[0])
+        pattern = self.linear_patterns.get(node.output[0])
+        if pattern is not None:
+            bias, output = pattern
+            self.fused.add(output)
         self._linear(node, weight, bias, (1, 0), [node.input[0]], output)
 
     def _linear(self, node: onnx.NodeProto, weight: str, bias: str | None, axes: tuple[int, int],
-                inputs: list[str], output: str) -> None:
+                inputs: list[str], output: str, **attrs: Any) -> None:
         shape = self.shapes.get(output)
         ir = Node(
-            name=output, kind=OpKind.PARAMETRIC, op="linear", inputs=self._input_nodes(inputs), shape=shape,
-            attrs={"op_type": node.op_type, "in_axis": -1, "weight_axes": axes},
+            name=output, kind=OpKind.PARAMETRIC, op="linear", inputs=self._input_nodes(inputs),
+            module=self._layer_name(node, weight, bias), params=self._layer_params(weight, bias), shape=shape,
+            channel_axis=len(shape) - 1 if shape else None,
+            attrs={"op_type": node.op_type, "in_axis": -1, "weight_axes": axes, **attrs},
         )
-        ir.channel_axis = len(shape) - 1 if shape else None
-        ir.module = self._layer_name(node, weight, bias)
-        ir.params = {"weight": self._param(weight)}
-        if bias is not None:
-            ir.params["bias"] = self._param(bias)
         self._add(ir)
         self.producer[node.output[0]] = ir.name
         self.producer[output] = ir.name
@@ -552,7 +553,7 @@ class _Translator:
                 return self._blocking(node, "Concat of a tensor of unknown shape")
             maps[position] = ChannelMap(offset, 1)
             offset += tensor_shape[axis]
-        self._finish(node, self._node(node, OpKind.COUPLING, "concat", dim=axis), maps)
+        self._finish(node, self._node(node, OpKind.COUPLING, "concat", input_maps=maps, dim=axis))
 
     def _reshape(self, node: onnx.NodeProto, attrs: dict[str, Any]) -> None:
         """Flatten and Reshape: a flatten of adjacent axes passes channels on, anything else blocks.
@@ -602,9 +603,50 @@ class _Translator:
         inputs = [node.input[0]]
         literals = {axis: literal for axis, literal in literals.items() if axis < len(out_shape)}
         block = ChannelMap(0, math.prod(in_shape[start + 1:end + 1]))
-        ir = self._node(node, OpKind.RESHAPE, "flatten", inputs=inputs, start=start, end=end,
-                        literal_widths=literals, **extra)
-        self._finish(node, ir, {0: block})
+        ir = self._node(node, OpKind.RESHAPE, "flatten", inputs=inputs, input_maps={0: block}, start=start,
+                        end=end, literal_widths=literals, **extra)
+        self._finish(node, ir)
+
+
+class LinearPattern(NamedTuple):
+    """The ``Add`` of a ``MatMul`` + ``Add`` pair that is one linear layer."""
+
+    bias: str
+    """The ``(out_features,)`` bias initializer the Add adds."""
+    output: str
+    """The Add's output: the linear layer's output."""
+
+
+def linear_patterns(model: onnx.ModelProto) -> dict[str, LinearPattern]:
+    """Every ``MatMul`` + ``Add`` pair that is one linear layer, by the MatMul's output.
+
+    How PyTorch's exporters write ``nn.Linear`` on inputs of more than two
+    dimensions: a MatMul by a stored ``(in, out)`` matrix whose output only
+    an Add reads (and is no graph output), adding a stored ``(out,)`` bias.
+    The frontend reads each pair as one linear layer and
+    :func:`~tunnelgraph.to_torch` builds one ``nn.Linear`` for it.
+    """
+    initializers = {t.name: t for t in model.graph.initializer}
+    outputs = {value.name for value in model.graph.output}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for tensor in node.input:
+            readers.setdefault(tensor, []).append(node)
+    patterns = {}
+    for node in model.graph.node:
+        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
+            continue
+        weight, product = initializers.get(node.input[1]), node.output[0]
+        users = readers.get(product, [])
+        if weight is None or len(weight.dims) != 2 or product in outputs or len(users) != 1:
+            continue
+        add = users[0]
+        if add.op_type != "Add" or add.domain not in ("", "ai.onnx"):
+            continue
+        other = [tensor for tensor in add.input if tensor != product]
+        if len(other) == 1 and other[0] in initializers and tuple(initializers[other[0]].dims) == (weight.dims[1],):
+            patterns[product] = LinearPattern(other[0], add.output[0])
+    return patterns
 
 
 def layer_name(node: onnx.NodeProto, weight: str | None, bias: str | None = None) -> str:

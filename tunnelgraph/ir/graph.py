@@ -11,11 +11,15 @@ guessed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import dataclasses
+from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, TypeVar
 
 import networkx as nx
+
+K = TypeVar("K")
+V = TypeVar("V")
 
 
 class OpKind(str, Enum):
@@ -123,9 +127,64 @@ def activation_function(spelling: str) -> str:
     return _ACTIVATION_KEYS.get(spelling.lower().replace("_", ""), spelling.lower())
 
 
-@dataclass
+class FrozenMapping(Mapping[K, V]):
+    """A read-only mapping: no item can be set, deleted or added after construction.
+
+    It compares equal to any mapping with the same items, hashes when its
+    values do, and pickles and deep-copies (unlike ``types.MappingProxyType``).
+    """
+
+    __slots__ = ("_items",)
+    _items: dict[K, V]
+
+    def __init__(self, items: Mapping[K, V] | None = None) -> None:
+        object.__setattr__(self, "_items", dict(items or {}))
+
+    def __getitem__(self, key: K) -> V:
+        return self._items[key]
+
+    def __iter__(self) -> Iterator[K]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __hash__(self) -> int:
+        return hash(frozenset(self._items.items()))
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"{type(self).__name__} is read-only")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self._items,))
+
+    def __repr__(self) -> str:
+        return repr(self._items)
+
+
+def frozen(value: Any) -> Any:
+    """``value`` with every mapping (at any depth) made a :class:`FrozenMapping` and every list a tuple.
+
+    Plain tuples are frozen item by item; other values (named tuples
+    included) are kept as they are.
+    """
+    if isinstance(value, Mapping):
+        return FrozenMapping({key: frozen(item) for key, item in value.items()})
+    if isinstance(value, list) or type(value) is tuple:
+        return tuple(frozen(item) for item in value)
+    return value
+
+
+EMPTY: Mapping[Any, Any] = FrozenMapping()
+
+
+@dataclass(frozen=True)
 class Node:
-    """One operation of the DAG.
+    """One operation of the DAG; immutable once constructed.
+
+    A frontend gives every field when it creates the node; nothing is
+    attached afterwards. What a pass learns about a node goes into ``meta``
+    through :meth:`Graph.annotate`, which puts a new node in its place.
 
     Attributes:
         name: unique node name (the fx node name, or the ONNX node name).
@@ -146,12 +205,34 @@ class Node:
             parametric layers; the axis of the input they consume is
             ``attrs["in_axis"]``. Channel-wise operations leave it ``None``:
             they keep the axis of their input.
-        attrs: operation details (``groups``, ``dim``, ``requires_axis``,
-            ``literal_widths``, ``detail`` for blocking nodes, ...).
+        attrs: the operation's attributes (``groups``, ``dim``,
+            ``requires_axis``, ``literal_widths``, ``detail`` for blocking
+            nodes, ...), in framework-neutral terms.
             ``attrs["function"]`` names what an ``activation``, ``pooling``
             or ``scale`` node computes, in the framework-neutral spelling
             every frontend writes: one of :data:`ACTIVATION_FUNCTIONS`, of
             :data:`POOLING_FUNCTIONS`, or ``add``/``sub``/``mul``/``div``.
+            A ``linear`` or ``conv`` node with a bias that the operation
+            multiplies by a factor other than 1 (ONNX ``Gemm``'s ``beta``)
+            gives it as ``attrs["bias_scale"]``. The ONNX frontend also
+            records the operator it read in ``attrs["op_type"]``: where a
+            node came from, not what it does (``op`` and the attributes
+            above say that).
+        input_maps: where the channels of input ``i`` land in this node's
+            output, by input position, for the inputs that do not keep them
+            in place (:data:`IDENTITY`): a concat's offsets, a flatten's
+            blocks. The graph puts them on the node's in-edges
+            (:meth:`Graph.maps`).
+        meta: what passes learned about the node (as ``torch.fx``'s
+            ``node.meta``); frontends leave it empty.
+
+    ``attrs``, ``params``, ``input_maps`` and ``meta`` are read-only
+    mappings (:class:`FrozenMapping`), whatever mapping the constructor is
+    given; nested dicts in ``attrs`` and ``meta`` are frozen too.
+
+    Raises:
+        ValueError: an ``input_maps`` position names no input, or maps to
+            something that is not a :class:`ChannelMap`.
     """
 
     name: str
@@ -159,10 +240,34 @@ class Node:
     op: str
     inputs: tuple[str, ...] = ()
     module: str | None = None
-    params: Mapping[str, ParamRef] = field(default_factory=dict)
+    params: Mapping[str, ParamRef] = EMPTY
     shape: tuple[int, ...] | None = None
     channel_axis: int | None = None
-    attrs: dict[str, Any] = field(default_factory=dict)
+    attrs: Mapping[str, Any] = EMPTY
+    input_maps: Mapping[int, ChannelMap] = EMPTY
+    meta: Mapping[str, Any] = EMPTY
+
+    def __post_init__(self) -> None:
+        set_field = object.__setattr__  # the frozen dataclass's own way to normalise its fields
+        set_field(self, "inputs", tuple(self.inputs))
+        if self.shape is not None:
+            set_field(self, "shape", tuple(int(size) for size in self.shape))
+        set_field(self, "params", FrozenMapping(self.params))
+        set_field(self, "attrs", frozen(self.attrs))
+        set_field(self, "input_maps", FrozenMapping(self.input_maps))
+        set_field(self, "meta", frozen(self.meta))
+        for position, channel_map in self.input_maps.items():
+            if not (isinstance(position, int) and 0 <= position < len(self.inputs)):
+                raise ValueError(
+                    f"node {self.name!r}: input_maps names input {position!r}, but it has "
+                    f"{len(self.inputs)} input(s)"
+                )
+            if not isinstance(channel_map, ChannelMap):
+                raise ValueError(f"node {self.name!r}: input_maps[{position}] is not a ChannelMap")
+
+    def input_map(self, position: int) -> ChannelMap:
+        """Where the channels of input ``position`` land in this node's output."""
+        return self.input_maps.get(position, IDENTITY)
 
     def describe(self) -> str:
         """A short human-readable label: ``conv 'features.0'``."""
@@ -175,9 +280,11 @@ class Graph:
 
     Node names key the networkx graph; each networkx node carries its
     :class:`Node` under ``"node"``. An edge ``(u, v)`` carries ``maps``: one
-    :class:`ChannelMap` per time ``u`` appears among ``v``'s inputs.
-    Insertion order is a topological order (frontends add nodes in execution
-    order), which :meth:`topological` returns.
+    :class:`ChannelMap` per time ``u`` appears among ``v``'s inputs, taken
+    from ``v``'s ``input_maps``. Insertion order is a topological order
+    (frontends add nodes in execution order), which :meth:`topological`
+    returns. Nodes are immutable; the graph grows by :meth:`add`, and
+    :meth:`annotate` replaces a node by one with more ``meta``.
     """
 
     def __init__(self, name: str = "graph") -> None:
@@ -188,22 +295,40 @@ class Graph:
         self._order: list[str] = []
         self._index: dict[str, int] = {}
 
-    def add(self, node: Node, maps: Mapping[int, ChannelMap] | None = None) -> Node:
-        """Add ``node`` after its inputs; ``maps`` gives non-identity maps by input position."""
+    def add(self, node: Node) -> Node:
+        """Add ``node`` after its inputs, with one edge map per input (``node.input_map(i)``).
+
+        Raises:
+            ValueError: the name is taken, or an input is not in the graph yet
+                (the graph is then unchanged).
+        """
         if node.name in self.nx:
             raise ValueError(f"duplicate node name {node.name!r}")
+        for source in node.inputs:
+            if source not in self.nx:
+                raise ValueError(f"node {node.name!r} uses {source!r} before it is defined")
         self.nx.add_node(node.name, node=node)
         self._index[node.name] = len(self._order)
         self._order.append(node.name)
         for position, source in enumerate(node.inputs):
-            if source not in self.nx:
-                raise ValueError(f"node {node.name!r} uses {source!r} before it is defined")
-            channel_map = (maps or {}).get(position, IDENTITY)
+            channel_map = node.input_map(position)
             if self.nx.has_edge(source, node.name):
                 self.nx.edges[source, node.name]["maps"] += (channel_map,)
             else:
                 self.nx.add_edge(source, node.name, maps=(channel_map,))
         return node
+
+    def annotate(self, name: str, **meta: Any) -> Node:
+        """Record what a pass learned about node ``name``: its ``meta`` gains (or updates) ``meta``.
+
+        The node itself does not change: a copy with the merged ``meta``
+        takes its place (same name, inputs and edges) and is returned.
+        References to the old node keep the old ``meta``.
+        """
+        node = self[name]
+        annotated = dataclasses.replace(node, meta={**node.meta, **meta})
+        self.nx.nodes[name]["node"] = annotated
+        return annotated
 
     def __getitem__(self, name: str) -> Node:
         return self.nx.nodes[name]["node"]

@@ -3,17 +3,17 @@
 A :class:`RewritePlan` is framework-free: it names parameters, axes and
 index blocks, with coefficient arrays already cut and shaped for each
 consumer. A backend applies it to its own storage (torch tensors, ONNX
-initializers) with :func:`apply_tensor_edit`-style code of its own.
+initializers) through :func:`edit_array`, giving the few array operations
+it needs as an :class:`ArrayOps`.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, Callable, Generic, Mapping, Protocol, Sequence, TypeVar
 
 import numpy as np
-
-from typing import Mapping
 
 from tunnelgraph.analysis.groups import ChannelGroup, ParamSlice, WidthLiteral
 from tunnelgraph.errors import SiteError
@@ -64,6 +64,89 @@ class RewritePlan:
     tensors: tuple[TensorEdit, ...]
     literals: tuple[WidthLiteral, ...]
     result: ChannelGroup
+
+
+class _ArrayLike(Protocol):
+    """What :func:`edit_array` uses of an array directly: its shape and its arithmetic."""
+
+    @property
+    def shape(self) -> Sequence[int]: ...
+
+    def __add__(self, other: Any) -> Any: ...
+
+    def __mul__(self, other: Any) -> Any: ...
+
+
+Array = TypeVar("Array", bound=_ArrayLike)
+
+
+@dataclass(frozen=True)
+class ArrayOps(Generic[Array]):
+    """The array operations :func:`edit_array` needs, for one array type (numpy, torch).
+
+    Attributes:
+        narrow: ``narrow(array, axis, start, length)``, entries ``start`` to
+            ``start + length`` along ``axis`` (a view where the type has them).
+        concat: ``concat(arrays, axis)``, a new array.
+        zeros_like: an array of zeros of the same shape, dtype and device.
+        coefficient: ``coefficient(factor, like)``, a :data:`Coefficient` as an
+            array of ``like``'s dtype and device, so the arithmetic happens in
+            the array's own precision.
+    """
+
+    narrow: Callable[[Array, int, int, int], Array]
+    concat: Callable[[Sequence[Array], int], Array]
+    zeros_like: Callable[[Array], Array]
+    coefficient: Callable[[Coefficient, Array], Array]
+
+
+def _numpy_narrow(array: np.ndarray, axis: int, start: int, length: int) -> np.ndarray:
+    return array[(slice(None),) * axis + (slice(start, start + length),)]
+
+
+NUMPY_OPS: ArrayOps[np.ndarray] = ArrayOps(
+    narrow=_numpy_narrow,
+    concat=lambda arrays, axis: np.concatenate(arrays, axis=axis),
+    zeros_like=np.zeros_like,
+    coefficient=lambda factor, like: np.asarray(factor, dtype=like.dtype),
+)
+
+
+def edit_array(array: Array, tensor_edit: TensorEdit, ops: ArrayOps[Array]) -> Array:
+    """The rewritten copy of one parameter (see :class:`TensorEdit`), in ``array``'s own type and dtype.
+
+    The group's span along the slice's axis is cut into channel blocks; each
+    new block is a copy of an old one or a combination of old ones, and the
+    entries before and after the span stay as they are. Copies of
+    consecutive old blocks are taken as one piece (most of a clone or a
+    merge is the identity).
+    """
+    param_slice = tensor_edit.slice
+    axis, block, offset = param_slice.axis, param_slice.block, param_slice.offset
+    copies = tensor_edit.copies
+    end = offset + tensor_edit.size * block
+
+    def old_blocks(first: int, count: int = 1) -> Array:
+        return ops.narrow(array, axis, offset + first * block, count * block)
+
+    parts = [ops.narrow(array, axis, 0, offset)]
+    new = 0
+    while new < len(copies):
+        copied = copies[new]
+        if copied is None:
+            value = ops.zeros_like(old_blocks(0))
+            for old, factor in tensor_edit.sources[new]:
+                value = value + ops.coefficient(factor, array) * old_blocks(old)
+            parts.append(value)
+            new += 1
+            continue
+        run = 1
+        while new + run < len(copies) and copies[new + run] == copied + run:
+            run += 1
+        parts.append(old_blocks(copied, run))
+        new += run
+    parts.append(ops.narrow(array, axis, end, array.shape[axis] - end))
+    return ops.concat(parts, axis)
 
 
 def plan_edit(group: ChannelGroup, edit: ChannelEdit) -> RewritePlan:

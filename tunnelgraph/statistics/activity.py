@@ -11,7 +11,6 @@ a relation counts only as well as it holds at the worst of them.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -20,9 +19,9 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from tunnelgraph.analysis.groups import ChannelGroup, ParamSlice
-from tunnelgraph.analysis.reducibility import Finding, UnitMeasures, channel_rows
+from tunnelgraph.analysis.reducibility import UnitMeasures, channel_rows
 from tunnelgraph.errors import StatisticsError
-from tunnelgraph.runtime import model_device, preserved, to_device, unwrap_model
+from tunnelgraph.runtime import batch_parts, model_device, preserved, to_device, unwrap_model
 
 
 class _Moments:
@@ -71,8 +70,8 @@ def unit_measures(
 ) -> dict[str, UnitMeasures]:
     """Measure every unit of the legal ``groups`` of ``model`` over ``data`` (eval mode, no gradients).
 
-    ``data`` yields ``(inputs, targets)`` batches or bare inputs; targets are
-    not used. Training flags are restored afterwards.
+    ``data`` yields batches as :func:`tunnelgraph.runtime.batch_parts` reads
+    them (bare inputs, ``(inputs, targets)`` or a dict); targets are not used. Training flags are restored afterwards.
     """
     model = unwrap_model(model)
     device = model_device(model)
@@ -97,9 +96,7 @@ def unit_measures(
             for index, batch in enumerate(tqdm(data, total=batches, desc="unit measures", disable=not progress)):
                 if batches is not None and index >= batches:
                     break
-                inputs = batch[0] if isinstance(batch, (tuple, list)) and len(batch) == 2 else batch
-                inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
-                inputs = to_device(inputs, device)
+                inputs = to_device(batch_parts(batch, index=index)[0], device)
                 recorded.clear()
                 model(*inputs)
                 samples += int(inputs[0].shape[0])
@@ -176,50 +173,3 @@ def _group_measures(
             samples=samples,
         )
     return results
-
-
-def empirical_findings(
-    groups: Sequence[ChannelGroup], measures: dict[str, UnitMeasures], *, tol: float
-) -> list[Finding]:
-    """Units that the measures show reducible within ``tol`` (relative to the group's largest value).
-
-    Inconsequential: outbound norm <= tol * the group's largest; constant:
-    std <= tol * the group's largest; redundant: ``1 - |corr| <= tol`` with
-    an earlier partner (the relation is then the measured affine fit).
-    """
-    findings = []
-    for group in groups:
-        if not group.legal:
-            continue
-        units = [measures[f"{group.name}[{c}]"] for c in range(group.size)]
-        top_norm = max(u.outbound_norm for u in units)
-        top_std = max(u.std for u in units)
-        reduced: set[int] = set()
-        for c, u in enumerate(units):
-            if u.outbound_norm <= tol * top_norm:
-                findings.append(Finding(
-                    u.unit, group.name, c, "inconsequential",
-                    f"outbound weight norm {u.outbound_norm:.3g} (group's largest {top_norm:.3g})", exact=False,
-                ))
-            elif u.std <= tol * top_std:
-                findings.append(Finding(
-                    u.unit, group.name, c, "constant",
-                    f"activation std {u.std:.3g} over {u.samples} samples (group's largest {top_std:.3g}); "
-                    f"mean {u.mean:.6g}",
-                    offset=u.mean, exact=False,
-                ))
-            else:
-                continue
-            reduced.add(c)
-        for c, u in enumerate(units):
-            if c in reduced or u.partner is None or u.partner in reduced or u.partner > c:
-                continue
-            if 1.0 - u.correlation <= tol and not math.isclose(u.slope, 0.0):
-                findings.append(Finding(
-                    u.unit, group.name, c, "redundant",
-                    f"|corr| with {group.name}[{u.partner}] is {u.correlation:.9f} over {u.samples} samples; "
-                    f"x = {u.slope:.6g} * x_partner + {u.intercept:.6g}",
-                    partner=u.partner, factor=u.slope, offset=u.intercept, exact=False,
-                ))
-                reduced.add(c)
-    return findings

@@ -34,6 +34,7 @@ from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
 
 import torch
 import torch.distributed as dist
+import torch.fx
 import torch.nn as nn
 from tqdm.auto import tqdm
 
@@ -42,7 +43,7 @@ from tunnelgraph.errors import StatisticsError
 from tunnelgraph.frontends.fx import trace
 from tunnelgraph.ir import Graph
 from tunnelgraph.rewrite.plan import check_shapes
-from tunnelgraph.runtime import model_device, preserved, to_device, unwrap_model
+from tunnelgraph.runtime import batch_parts, model_device, preserved, to_device, unwrap_model
 from tunnelgraph.statistics.capture import Capture, Recorder
 from tunnelgraph.statistics.chain import GroupChain, conv_patches
 from tunnelgraph.statistics.solve import Triplet, lanczos_top, top_singular
@@ -61,7 +62,8 @@ class SiteStatistics:
     """What the data says about opening one site.
 
     Attributes:
-        site: the site's name.
+        site: the site measured (its :attr:`name` is the key of
+            :func:`a_statistics`' result).
         a: A (K x L, float64, on the CPU): rows are the channel's inbound
             entries in the order of the group's inbound slices (producer by
             producer, weight entries row-major then the bias), columns its
@@ -81,7 +83,7 @@ class SiteStatistics:
             the exact path).
     """
 
-    site: str
+    site: Site
     a: torch.Tensor | None
     sigma: float
     direction: torch.Tensor
@@ -91,10 +93,15 @@ class SiteStatistics:
     steps: int = 0
     residual: float = 0.0
 
+    @property
+    def name(self) -> str:
+        """The site's name."""
+        return self.site.name
+
     def __repr__(self) -> str:
         a = "None" if self.a is None else str(tuple(self.a.shape))
         return (
-            f"SiteStatistics(site={self.site!r}, sigma={self.sigma:.6g}, method={self.method!r}, "
+            f"SiteStatistics(site={self.name!r}, sigma={self.sigma:.6g}, method={self.method!r}, "
             f"samples={self.samples}, steps={self.steps}, residual={self.residual:.3g}, a={a}, "
             f"direction={tuple(self.direction.shape)}, gradient={tuple(self.gradient.shape)})"
         )
@@ -114,6 +121,7 @@ def a_statistics(
     max_steps: int = 20,
     tol: float = 1e-4,
     store: bool = True,
+    graph: Graph | None = None,
 ) -> dict[str, SiteStatistics]:
     """Measure A, its top singular triplet and the current gradient for every site.
 
@@ -151,6 +159,10 @@ def a_statistics(
             product instead (memory independent of the data's size, about
             two passes per Lanczos step), which needs a re-iterable ``data``
             such as a list or a DataLoader.
+        graph: the model's graph, from :func:`tunnelgraph.trace` on this
+            very model (not a copy) in eval mode, e.g. the one the sites
+            were found on; it is used as it is. Default: the model is traced
+            here, once, in eval mode, on the first batch's inputs.
 
     When ``torch.distributed`` is initialised, each rank passes its own
     shard of the data; sums (A, or each product with A) are all-reduced, so
@@ -158,10 +170,16 @@ def a_statistics(
 
     Returns:
         Site name -> :class:`SiteStatistics`.
+
+    Raises:
+        StatisticsError: ``graph`` was not traced from ``model``, a site was
+            not found on it, or the data yield no usable batch.
     """
     model = unwrap_model(model)
     if not sites:
         return {}
+    if graph is not None:
+        check_graph(model, graph)
     device = torch.device(device) if device is not None else model_device(model)
     batches_iter = _batches(data, batches, device)
     first = next(batches_iter, None)
@@ -178,7 +196,8 @@ def a_statistics(
             )
         replay = lambda: _batches(data, batches, device)  # noqa: E731
     with preserved(model, train=False):
-        graph = trace(model, first[0])
+        if graph is None:
+            graph = trace(model, first[0])  # in eval mode: the chains re-execute this trace's code
         plans = _plans(model, graph, sites, method, max_steps)
         return _measure(
             model, plans, batches_iter, loss_fn, batches, progress, memory_budget, max_steps, tol, replay
@@ -231,6 +250,43 @@ def check_sites_fit(model: nn.Module, site: Site) -> None:
             "back to its input), so cloning a channel adds an inbound weight to the channel itself and the "
             "paper's A is not defined; the rewrite is exact, but leave these sites out of the statistics"
         )
+
+
+def check_graph(model: nn.Module, graph: Graph) -> None:
+    """Raise :class:`StatisticsError` unless ``graph`` was traced (:func:`tunnelgraph.trace`) from ``model`` itself.
+
+    The statistics re-execute the graph's code on the model's layers, so
+    every layer and stored tensor the trace calls must be the model's own
+    object under the same name: a graph of a copy, or of the model before a
+    rewrite, would silently measure other weights.
+    """
+    source = graph.source
+    if not isinstance(source, torch.fx.GraphModule):
+        raise StatisticsError(
+            "graph= must be a graph traced from this PyTorch model (tg.trace(model, example_inputs)); "
+            f"got one whose source is {type(source).__name__}"
+        )
+    for fx_node in source.graph.nodes:
+        if fx_node.op not in ("call_module", "get_attr"):
+            continue
+        target = str(fx_node.target)
+        own = _attribute(model, target)
+        if own is None and fx_node.op == "get_attr":
+            continue  # a constant the trace captured from outside the model (fx's _tensor_constant)
+        if _attribute(source, target) is not own:
+            raise StatisticsError(
+                f"graph= was not traced from this model: its '{target}' is not the model's (a copy, or "
+                "the model before a rewrite?); trace the model the statistics run on, or leave graph= out"
+            )
+
+
+def _attribute(root: nn.Module, target: str) -> object:
+    value: object = root
+    for part in target.split("."):
+        value = getattr(value, part, None)
+        if value is None:
+            return None
+    return value
 
 
 def measurable(site: Site) -> bool:
@@ -318,7 +374,7 @@ def check_statistics(results: Iterable[SiteStatistics]) -> None:
             and bool(torch.isfinite(entry.gradient).all())
         ):
             raise StatisticsError(
-                f"site {entry.site}: the statistics are not finite (sigma {entry.sigma}); the sums over "
+                f"site {entry.name}: the statistics are not finite (sigma {entry.sigma}); the sums over "
                 f"{entry.samples} samples overflowed. Scale the loss or the inputs down, or measure in float64"
             )
 
@@ -403,7 +459,7 @@ def statistics_from_a(sites: Sequence[Site], a: torch.Tensor, samples: int) -> d
     for index, site in enumerate(sites):
         matrix = a[index].cpu()
         results[site.name] = SiteStatistics(
-            site=site.name,
+            site=site,
             a=matrix,
             sigma=float(triplet.sigma[index]),
             direction=triplet.direction[index].cpu(),
@@ -538,7 +594,7 @@ def _matrix_free(
         c = site.channel
         sigma = float(triplet.sigma[c])
         results[site.name] = SiteStatistics(
-            site=site.name,
+            site=site,
             a=None,
             sigma=sigma,
             direction=triplet.direction[c].cpu(),
@@ -682,10 +738,13 @@ def _batches(data: Iterable[Any], limit: int | None, device: torch.device) -> It
     for index, batch in enumerate(iterator):
         if limit is not None and index >= limit:
             return
-        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        if isinstance(batch, torch.Tensor):
             raise StatisticsError(
-                f"batch {index} is a {type(batch).__name__}; each batch must be a pair (inputs, targets)"
+                f"batch {index} is a bare tensor; A-statistics need the loss, so each batch must be a pair "
+                "(inputs, targets) or a dict with 'inputs' and 'targets'"
             )
-        inputs, targets = batch
-        inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else inputs
+        try:
+            inputs, targets = batch_parts(batch, index=index)
+        except TypeError as error:
+            raise StatisticsError(str(error)) from error
         yield to_device(inputs, device), to_device(targets, device)

@@ -40,4 +40,4 @@ def random_lambda(site: Site | int, t: float, generator: torch.Generator | None 
 def rank_sites(stats: Mapping[str, SiteStatistics] | Sequence[SiteStatistics]) -> list[SiteStatistics]:
     """Statistics sorted by top singular value, steepest tunnel first (ties: by site name)."""
     values = list(stats.values()) if isinstance(stats, Mapping) else list(stats)
-    return sorted(values, key=lambda s: (-s.sigma, s.site))
+    return sorted(values, key=lambda s: (-s.sigma, s.name))

@@ -21,12 +21,14 @@ import torch.nn as nn
 from tunnelgraph.analysis.sites import Site
 from tunnelgraph.errors import StatisticsError
 from tunnelgraph.frontends.fx import trace
+from tunnelgraph.ir import Graph
 from tunnelgraph.statistics.capture import Recorder
 from tunnelgraph.statistics.chain import GroupChain
 from tunnelgraph.statistics.engine import (
     DEFAULT_MEMORY_BUDGET,
     SiteStatistics,
     check_finite,
+    check_graph,
     check_sites_fit,
     check_statistics,
     exact_a,
@@ -43,6 +45,7 @@ class StatisticsTracker:
     Usage::
 
         tracker = tg.StatisticsTracker(model, sites, example_inputs=x, decay=0.9)
+        # or, with the graph the sites were found on: StatisticsTracker(model, sites, graph=graph)
         for x, y in loader:
             loss = loss_fn(model(x), y)
             optimizer.zero_grad()
@@ -56,7 +59,11 @@ class StatisticsTracker:
         model: the model being trained (a DistributedDataParallel wrapper is
             unwrapped; each rank then tracks its own batches).
         sites: the sites to track, from :func:`tunnelgraph.find_sites` on this model.
-        example_inputs: inputs of the model's forward, to trace it.
+        example_inputs: inputs of the model's forward, to trace it; not
+            needed when ``graph`` is given.
+        graph: the model's graph, from :func:`tunnelgraph.trace` on this
+            very model (not a copy), e.g. the one the sites were found on;
+            it is used as it is instead of tracing the model again.
         decay: weight of the past in the average; ``A <- decay * A + (1 - decay) * A_batch``.
         every: record one training iteration in ``every`` (the others cost nothing).
         memory_budget: bytes of working memory per update, as for ``a_statistics``.
@@ -75,7 +82,8 @@ class StatisticsTracker:
         model: nn.Module,
         sites: Sequence[Site],
         *,
-        example_inputs: torch.Tensor | Sequence[torch.Tensor],
+        example_inputs: torch.Tensor | Sequence[torch.Tensor] | None = None,
+        graph: Graph | None = None,
         decay: float = 0.9,
         every: int = 1,
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
@@ -90,7 +98,12 @@ class StatisticsTracker:
         self.decay = decay
         self.every = every
         self.memory_budget = memory_budget
-        graph = trace(self.model, example_inputs)
+        if graph is not None:
+            check_graph(self.model, graph)
+        elif example_inputs is not None:
+            graph = trace(self.model, example_inputs)
+        else:
+            raise ValueError("pass example_inputs= (to trace the model) or graph= (tg.trace(model, example_inputs))")
         by_group: dict[str, list[Site]] = {}
         for site in sites:
             by_group.setdefault(site.group.name, []).append(site)
