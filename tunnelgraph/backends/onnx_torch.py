@@ -481,16 +481,27 @@ class _Builder:
             raise self._refuse(node, "uses storage_order=1, which has no translation")
         kernel, strides, dilations, begin, end = self._window(node, attrs)
         dims = len(kernel)
-        x = self._input(node.input[0])
         ceil = bool(attrs.get("ceil_mode", 0))
-        if begin != end or any(2 * p > k for p, k in zip(begin, kernel)):
-            if ceil:  # torch would keep windows that start in the explicit padding, ONNX drops them
-                raise self._refuse(node, f"pads {begin} / {end} (asymmetric, or over half the kernel) with "
-                                         "ceil_mode=1, which has no translation")
-            x = self.graph.call_function(F.pad, (x, _torch_pads(begin, end)), {"value": float("-inf")})
-            begin = [0] * dims
+        # with ceil_mode torch would keep windows that start in the explicit padding, ONNX drops them
+        x, begin = self._pooling_pads(
+            node, self._input(node.input[0]), kernel, begin, end, allowed=not ceil, why="ceil_mode=1",
+            value=float("-inf"),
+        )
         function = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[dims - 1]
         self._emit(node, function, x, kernel, strides, begin, dilations, ceil)
+
+    def _pooling_pads(
+        self, node: onnx.NodeProto, x: Any, kernel: list[int], begin: list[int], end: list[int], *,
+        allowed: bool, why: str, value: float,
+    ) -> tuple[Any, list[int]]:
+        """``x`` and the pads torch's pooling is left with: pads torch cannot take (asymmetric, or over
+        half the kernel) become an explicit ``F.pad`` with ``value`` where ``allowed``, else a refusal."""
+        if begin == end and all(2 * p <= k for p, k in zip(begin, kernel)):
+            return x, begin
+        if not allowed:
+            raise self._refuse(node, f"pads {begin} / {end} (asymmetric, or over half the kernel) with {why}, "
+                                     "which has no translation")
+        return self.graph.call_function(F.pad, (x, _torch_pads(begin, end)), {"value": value}), [0] * len(kernel)
 
     def _onnx_averagepool(self, node: onnx.NodeProto, attrs: dict[str, Any]) -> None:
         kernel, strides, dilations, begin, end = self._window(node, attrs)
@@ -499,14 +510,10 @@ class _Builder:
             raise self._refuse(node, f"has dilations {dilations}, which torch's average pooling lacks")
         include_pad = bool(attrs.get("count_include_pad", 0))
         ceil = bool(attrs.get("ceil_mode", 0))
-        x = self._input(node.input[0])
-        if begin != end or any(2 * p > k for p, k in zip(begin, kernel)):
-            if not include_pad or ceil:
-                raise self._refuse(node, f"pads {begin} / {end} (asymmetric, or over half the kernel) with "
-                                         f"count_include_pad={int(include_pad)} and ceil_mode={int(ceil)}, which "
-                                         "has no translation")
-            x = self.graph.call_function(F.pad, (x, _torch_pads(begin, end)))
-            begin = [0] * dims
+        x, begin = self._pooling_pads(
+            node, self._input(node.input[0]), kernel, begin, end, allowed=include_pad and not ceil,
+            why=f"count_include_pad={int(include_pad)} and ceil_mode={int(ceil)}", value=0.0,
+        )
         function = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[dims - 1]
         self._emit(node, function, x, kernel, strides, begin, ceil, include_pad)
 

@@ -825,18 +825,6 @@ def flatten_range(in_dims: Dims, out_dims: Dims) -> tuple[int, int] | None:
     """
     if None in in_dims or None in out_dims:
         return None
-    if all(isinstance(d, int) for d in in_dims + out_dims):
-        return merged_range(tuple(int(d) for d in in_dims), tuple(int(d) for d in out_dims))  # type: ignore[arg-type]
-    if in_dims == out_dims:
-        return (0, 0)
-    count = len(in_dims) - len(out_dims) + 1
-    if count < 1:
-        return None
-    for start in range(len(out_dims)):
-        end = start + count - 1
-        if (in_dims[:start] == out_dims[:start] and in_dims[end + 1:] == out_dims[start + 1:]
-                and _product(in_dims[start:end + 1]) == out_dims[start]):
-            return (start, end)
-    return None
+    return merged_range(in_dims, out_dims, _product)
 
 

@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import math
+from typing import Any, Callable, Sequence
 
 
-def merged_range(in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> tuple[int, int] | None:
-    """The input axes ``start..end`` (inclusive) a reshape merges into one, if it is a flatten."""
+def merged_range(
+    in_shape: Sequence[Any], out_shape: Sequence[Any], product: Callable[[Sequence[Any]], Any] = math.prod
+) -> tuple[int, int] | None:
+    """The input axes ``start..end`` (inclusive) a reshape merges into one, if it is a flatten.
+
+    Sizes are compared with ``==``; ``product`` multiplies the merged ones
+    (symbolic sizes need their own, see the ONNX frontend's ``flatten_range``).
+    """
+    in_shape, out_shape = tuple(in_shape), tuple(out_shape)
     if in_shape == out_shape:
         return (0, 0)
     merged_count = len(in_shape) - len(out_shape) + 1
@@ -17,7 +25,7 @@ def merged_range(in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> tuple
         if (
             in_shape[:start] == out_shape[:start]
             and in_shape[end + 1:] == out_shape[start + 1:]
-            and math.prod(in_shape[start:end + 1]) == out_shape[start]
+            and product(in_shape[start:end + 1]) == out_shape[start]
         ):
             return (start, end)
     return None

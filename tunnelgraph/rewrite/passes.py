@@ -19,7 +19,7 @@ from __future__ import annotations
 import abc
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Generic, Iterable, Mapping, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Generic, Iterable, Mapping, Sequence, TypeVar
 
 import numpy as np
 
@@ -173,10 +173,12 @@ class RewriteRecord:
 
 @dataclass(frozen=True)
 class PassResult(Generic[M]):
-    """A pass's output: the model and the record of every edit it applied (empty: nothing changed)."""
+    """A pass's output: the model, the record of every edit it applied (empty: nothing changed), and
+    the equivalence check of the result against the input when the pass was asked for one."""
 
     model: M
     records: tuple[RewriteRecord, ...] = ()
+    equivalence: EquivalenceReport | None = None
 
     @property
     def modified(self) -> bool:
@@ -192,8 +194,19 @@ class EditPass:
     ensures a :class:`RewriteRecord` of every resized parameter.
     """
 
-    def __init__(self, group: ChannelGroup, edit: ChannelEdit, *, inplace: bool = False) -> None:
-        self.group, self.edit, self.inplace = group, edit, inplace
+    def __init__(
+        self,
+        group: ChannelGroup,
+        edit: ChannelEdit,
+        *,
+        inplace: bool = False,
+        check: Callable[[Any, Any], EquivalenceReport] | None = None,
+    ) -> None:
+        """``check(before, after)`` (e.g. ``lambda a, b: tg.verify(a, b, x)``), when given, compares
+        the result with the input; it cannot run with ``inplace`` (the input is gone)."""
+        if check is not None and inplace:
+            raise ValueError("an in-place edit leaves nothing to check the result against; pass inplace=False")
+        self.group, self.edit, self.inplace, self.check = group, edit, inplace, check
 
     @staticmethod
     def requires(adapter: ModelAdapter[Any], group: ChannelGroup) -> None:
@@ -207,7 +220,8 @@ class EditPass:
         plan = plan_edit(self.group, self.edit)
         model = adapter.apply(plan, inplace=self.inplace)
         logger.debug("group '%s': %d -> %d channels", self.group.name, self.group.size, plan.result.size)
-        return PassResult(model, (RewriteRecord.of(plan),))
+        equivalence = self.check(adapter.model, model) if self.check is not None else None
+        return PassResult(model, (RewriteRecord.of(plan),), equivalence)
 
 
 @dataclass(frozen=True)

@@ -648,62 +648,51 @@ def linear_operators(
             scales[index] = [chain.diagonal_scales(outputs, capture.externals, i) for i in producers]
         return scales[index]
 
-    def backward(index: int, capture: Capture, outputs: list[torch.Tensor], errors: list[torch.Tensor]) -> list:
-        """Errors at the consumers' inputs -> errors at the producers' outputs, through the chain."""
+    def through(index: int, capture: Capture, outputs: list[torch.Tensor], values: list[torch.Tensor], *,
+                backward: bool) -> list[torch.Tensor]:
+        """Through the chain: errors at the consumers' inputs to errors at the producers' outputs
+        (``backward``), or tangents at the producers' outputs to tangents at the consumers' inputs."""
         if not diagonal:
-            return list(chain.vjp(outputs, capture.externals, errors))
-        diagonals = chain_scales(index, capture, outputs)
-        return [
-            _total(
-                [(errors[j] * diagonals[i][j]).reshape(outputs[i].shape) for j in consumers if chain.reach[i][j]],
-                lambda: torch.zeros_like(outputs[i]),
-            )
-            for i in producers
-        ]
-
-    def forward(index: int, capture: Capture, outputs: list[torch.Tensor], seeds: list[torch.Tensor]) -> list:
-        """Tangents at the producers' outputs -> tangents at the consumers' inputs, through the chain."""
-        if not diagonal:
-            return list(chain.jvp(outputs, capture.externals, seeds))
-        diagonals = chain_scales(index, capture, outputs)
-        return [
-            _total(
-                [seeds[i].reshape(diagonals[i][j].shape) * diagonals[i][j] for i in producers if chain.reach[i][j]],
-                lambda: outputs[0].new_zeros(capture.shapes[chain.consumers[j].node]),
-            )
-            for j in consumers
-        ]
+            return list((chain.vjp if backward else chain.jvp)(outputs, capture.externals, values))
+        scale = chain_scales(index, capture, outputs)
+        if backward:
+            return [_total([(values[j] * scale[i][j]).reshape(outputs[i].shape) for j in consumers
+                            if chain.reach[i][j]], lambda: torch.zeros_like(outputs[i])) for i in producers]
+        return [_total([values[i].reshape(scale[i][j].shape) * scale[i][j] for i in producers if chain.reach[i][j]],
+                       lambda: outputs[0].new_zeros(capture.shapes[chain.consumers[j].node])) for j in consumers]
 
     @torch.no_grad()
-    def product(vectors: torch.Tensor) -> torch.Tensor:
-        result = torch.zeros(count, chain.inbound_size, dtype=torch.float64, device=vectors.device)
+    def summed(size: int, vectors: torch.Tensor, blocks: Callable[..., list[tuple[Any, torch.Tensor]]]) -> torch.Tensor:
+        """The mean over every sample of the blocks ``blocks`` gives per capture (columns, block), all-reduced."""
+        result = torch.zeros(count, size, dtype=torch.float64, device=vectors.device)
         for index, capture in enumerate(captures):
             outputs = [capture.outputs[spec.node] for spec in chain.producers]
+            for where, block in blocks(index, capture, outputs, outputs[0].dtype):
+                result[:, where].add_(block, alpha=capture.batch)
+        return _all_reduce(result) / samples
+
+    def product(vectors: torch.Tensor) -> torch.Tensor:
+        def blocks(index: int, capture: Capture, outputs: list[torch.Tensor], dtype: torch.dtype) -> list:
             errors = [
-                chain.consumer_error(
-                    j, vectors[:, columns[j]].to(outputs[0].dtype), capture.shapes[spec.node],
-                    capture.errors[spec.node],
-                )
+                chain.consumer_error(j, vectors[:, columns[j]].to(dtype), capture.shapes[spec.node],
+                                     capture.errors[spec.node])
                 for j, spec in enumerate(chain.consumers)
             ]
-            for i, (spec, delta) in enumerate(zip(chain.producers, backward(index, capture, outputs, errors))):
-                grad = chain.producer_gradient(i, capture.inputs[spec.node], delta)
-                result[:, rows[i]].add_(grad, alpha=capture.batch)
-        return _all_reduce(result) / samples
+            deltas = through(index, capture, outputs, errors, backward=True)
+            return [(rows[i], chain.producer_gradient(i, capture.inputs[spec.node], deltas[i]))
+                    for i, spec in enumerate(chain.producers)]
 
-    @torch.no_grad()
+        return summed(chain.inbound_size, vectors, blocks)
+
     def transposed(vectors: torch.Tensor) -> torch.Tensor:
-        result = torch.zeros(count, chain.outbound_size, dtype=torch.float64, device=vectors.device)
-        for index, capture in enumerate(captures):
-            outputs = [capture.outputs[spec.node] for spec in chain.producers]
-            seeds = [
-                chain.producer_tangent(i, capture.inputs[spec.node], vectors[:, rows[i]].to(outputs[0].dtype))
-                for i, spec in enumerate(chain.producers)
-            ]
-            for j, (spec, tangent) in enumerate(zip(chain.consumers, forward(index, capture, outputs, seeds))):
-                block = chain.consumer_columns(j, tangent, capture.errors[spec.node])
-                result[:, columns[j]].add_(block, alpha=capture.batch)
-        return _all_reduce(result) / samples
+        def blocks(index: int, capture: Capture, outputs: list[torch.Tensor], dtype: torch.dtype) -> list:
+            seeds = [chain.producer_tangent(i, capture.inputs[spec.node], vectors[:, rows[i]].to(dtype))
+                     for i, spec in enumerate(chain.producers)]
+            tangents = through(index, capture, outputs, seeds, backward=False)
+            return [(columns[j], chain.consumer_columns(j, tangents[j], capture.errors[spec.node]))
+                    for j, spec in enumerate(chain.consumers)]
+
+        return summed(chain.outbound_size, vectors, blocks)
 
     return product, transposed
 
