@@ -57,7 +57,8 @@ def preserved(model: nn.Module, *, train: bool | None = None) -> Iterator[nn.Mod
         yield model
     finally:
         for module, flag in zip(modules, flags):
-            module.training = flag
+            if module.training != flag:  # nn.Module.__setattr__ is slow: write only what changed
+                module.training = flag
         with torch.no_grad():
             for module, name, tensor, saved in buffers:
                 if module._buffers.get(name) is not tensor:

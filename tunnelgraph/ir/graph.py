@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Iterator, Mapping, TypeVar
+from typing import Any, ItemsView, Iterator, KeysView, Mapping, TypeVar, ValuesView
 
 import networkx as nx
 
@@ -149,6 +149,22 @@ class FrozenMapping(Mapping[K, V]):
     def __len__(self) -> int:
         return len(self._items)
 
+    # the dict's own methods: the analysis reads attributes in its inner loops
+    def __contains__(self, key: object) -> bool:
+        return key in self._items
+
+    def get(self, key: K, default: Any = None) -> Any:
+        return self._items.get(key, default)
+
+    def keys(self) -> KeysView[K]:
+        return self._items.keys()
+
+    def values(self) -> ValuesView[V]:
+        return self._items.values()
+
+    def items(self) -> ItemsView[K, V]:
+        return self._items.items()
+
     def __hash__(self) -> int:
         return hash(frozenset(self._items.items()))
 
@@ -162,12 +178,17 @@ class FrozenMapping(Mapping[K, V]):
         return repr(self._items)
 
 
+_ATOMS = frozenset({int, float, str, bool, type(None)})
+
+
 def frozen(value: Any) -> Any:
     """``value`` with every mapping (at any depth) made a :class:`FrozenMapping` and every list a tuple.
 
     Plain tuples are frozen item by item; other values (named tuples
     included) are kept as they are.
     """
+    if type(value) in _ATOMS:  # the common case, before the slower abstract-class checks
+        return value
     if isinstance(value, Mapping):
         return FrozenMapping({key: frozen(item) for key, item in value.items()})
     if isinstance(value, list) or type(value) is tuple:
