@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import tunnelgraph as tg
 from conftest import inbound_gradient, mean_gradients, regression_data, relative, squared_error
@@ -145,3 +146,35 @@ def test_data_loader_tuple_inputs_and_a_data_parallel_wrapper() -> None:
             total[name] += grad
     for site in sites:
         assert relative(stats[site.name].gradient, inbound_gradient(total, site, site.channel)) <= 1e-12
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_batch_raises_naming_it_and_opens_nothing(bad: float) -> None:
+    from tunnelgraph.models import paper_cnn
+
+    model = paper_cnn()
+    data = [(torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,))) for _ in range(3)]
+    data[2][0][1, 0, 5, 5] = bad  # one pixel of the third batch
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(tg.StatisticsError, match="batch 2"):
+        tg.open_tunnels(model, data, F.cross_entropy, progress=False)
+    with pytest.raises(tg.StatisticsError, match="batch 2.*not finite|batch 2: the loss is"):
+        tg.a_statistics(model, tg.find_sites(model, data[0][0]), data, F.cross_entropy, method="matrix_free",
+                        progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_the_tracker_skips_a_non_finite_iteration_and_keeps_its_average() -> None:
+    from tunnelgraph.models import paper_cnn
+
+    model = paper_cnn().double()
+    x = torch.randn(4, 1, 28, 28, dtype=torch.float64)
+    y = torch.randint(0, 10, (4,))
+    sites = tg.find_sites(model, x)[:2]
+    with tg.StatisticsTracker(model, sites, example_inputs=x) as tracker:
+        for batch in (x, x * float("nan"), x):
+            loss = F.cross_entropy(model(batch), y)
+            torch.autograd.grad(loss, list(model.parameters()))
+        stats = tracker.statistics()
+    assert tracker.updates == 2 and tracker.skipped == 1
+    assert all(torch.isfinite(entry.a).all() for entry in stats.values())
