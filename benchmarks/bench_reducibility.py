@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -34,10 +32,9 @@ import tunnelgraph as tg
 from tunnelgraph.analysis.reducibility import parametric_findings
 from tunnelgraph.analysis.groups import channel_groups
 from tunnelgraph.backends.pytorch import weights_of
+from tunnelgraph import datasets
 from tunnelgraph.models import paper_cnn, residual_net
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
-from quickstart import read_idx_images  # noqa: E402
 
 
 def best(function, repeats: int = 3):  # type: ignore[no-untyped-def]
@@ -69,9 +66,7 @@ def empirical(mnist: str | None, samples: int) -> dict:
     torch.manual_seed(0)
     model = paper_cnn()
     if mnist:
-        images = read_idx_images(mnist, samples).astype(np.float32) / 255.0
-        images -= images.mean(axis=0, keepdims=True)
-        x = torch.from_numpy(images).unsqueeze(1)
+        x = datasets.mnist(mnist, "train", limit=samples).images
         source = f"{len(x)} MNIST training images"
     else:
         x = torch.randn(samples, 1, 28, 28)

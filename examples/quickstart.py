@@ -14,10 +14,13 @@ Steps, on ``paper_cnn()`` (8 filters of 5x5, sigmoid, linear softmax layer):
 6. close the tunnel (merge the clone back into the filter) and compare the
    parameters with the original's.
 
-By default the batch is embedded (random tensors of MNIST's shape, nothing
-is downloaded). ``--mnist DIR`` reads the first 512 training images from
-the MNIST IDX file in DIR (``train-images-idx3-ubyte``, optionally gzipped)
-instead. Usage::
+By default the data is embedded and nothing is downloaded: 64 random images
+of MNIST's shape labelled by a random teacher network
+(``tunnelgraph.datasets.teacher_task``). ``--mnist DIR`` uses the first 512
+MNIST training images and labels from the IDX files in DIR instead
+(``tunnelgraph.datasets.mnist``: ``train-images-idx3-ubyte`` and
+``train-labels-idx1-ubyte``, optionally gzipped; the training set's pixel
+means subtracted, as in the paper). Usage::
 
     python examples/quickstart.py [--mnist DIR] [--t 1.0]
 """
@@ -25,54 +28,21 @@ instead. Usage::
 from __future__ import annotations
 
 import argparse
-import gzip
-import struct
-from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 import tunnelgraph as tg
+from tunnelgraph import datasets
 from tunnelgraph.models import paper_cnn
 
-IDX_NAME = "train-images-idx3-ubyte"
-
-
-def read_idx_images(directory: str | Path, count: int) -> np.ndarray:
-    """The first ``count`` images of an IDX3 ubyte file as a ``(count, rows, cols)`` uint8 array.
-
-    IDX: a big-endian header of two zero bytes, a type byte (0x08 for
-    unsigned bytes), a dimension count (3), one int32 per dimension, then the
-    data in row-major order.
-    """
-    directory = Path(directory)
-    for path, opener in ((directory / IDX_NAME, open), (directory / f"{IDX_NAME}.gz", gzip.open)):
-        if path.exists():
-            break
-    else:
-        raise FileNotFoundError(f"no {IDX_NAME} or {IDX_NAME}.gz in {directory}")
-    with opener(path, "rb") as handle:
-        zero, dtype, ndim = struct.unpack(">HBB", handle.read(4))
-        if zero != 0 or dtype != 0x08 or ndim != 3:
-            raise ValueError(
-                f"{path} is not an IDX file of unsigned-byte images (type {dtype:#x}, {ndim} dims)"
-            )
-        total, rows, cols = struct.unpack(">3I", handle.read(12))
-        count = min(count, total)
-        data = handle.read(count * rows * cols)
-    if len(data) != count * rows * cols:
-        raise ValueError(f"{path} is truncated")
-    return np.frombuffer(data, dtype=np.uint8).reshape(count, rows, cols)
-
-
-def load_batch(mnist: str | None) -> tuple[torch.Tensor, str]:
+def load_data(mnist: str | None) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """Images, labels and a line saying where they came from (``tunnelgraph.datasets``)."""
     if mnist is None:
-        generator = torch.Generator().manual_seed(1)
-        return torch.randn(64, 1, 28, 28, generator=generator), "embedded random batch (64, 1, 28, 28)"
-    images = read_idx_images(mnist, 512).astype(np.float32) / 255.0
-    images -= images.mean(axis=0, keepdims=True)  # the paper subtracts pixel means
-    return torch.from_numpy(images).unsqueeze(1), f"first {len(images)} MNIST training images from {mnist}"
+        task = datasets.teacher_task(64, seed=1)
+        return task.images, task.labels, f"embedded {task.source}"
+    train = datasets.mnist(mnist, limit=512)
+    return train.images, train.labels, train.source
 
 
 def pair_gradient_norm(
@@ -88,15 +58,16 @@ def pair_gradient_norm(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--mnist", metavar="DIR", help=f"read {IDX_NAME}[.gz] from DIR instead of the embedded batch"
+        "--mnist", metavar="DIR",
+        help="read MNIST's training IDX files (train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz]) "
+        "from DIR instead of the embedded teacher task",
     )
     parser.add_argument("--t", type=float, default=1.0, help="radius of lambda_t (default 1.0)")
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)
     model = paper_cnn().eval()
-    x, source = load_batch(args.mnist)
-    labels = torch.randint(0, 10, (len(x),), generator=torch.Generator().manual_seed(2))
+    x, labels, source = load_data(args.mnist)
     print(f"data: {source}\n")
 
     # 1. Which channels can be cloned, and why the others cannot.

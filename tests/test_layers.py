@@ -18,7 +18,7 @@ SOURCE = Path(__file__).resolve().parent.parent / PACKAGE
 
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("tunnelgraph.errors", "tunnelgraph.ir", "tunnelgraph.models"),
-    ("tunnelgraph.frontends", "tunnelgraph.runtime"),
+    ("tunnelgraph.frontends", "tunnelgraph.runtime", "tunnelgraph.datasets"),
     ("tunnelgraph.analysis",),
     ("tunnelgraph.rewrite",),
     ("tunnelgraph.statistics",),

@@ -35,6 +35,7 @@ from tunnelgraph.api import (
     reorganize,
     reorganize_from_data,
     rewrite,
+    rewrite_records,
 )
 from tunnelgraph.errors import (
     MissingExtraError,
@@ -138,6 +139,7 @@ __all__ = [
     "reorganize",
     "reorganize_from_data",
     "rewrite",
+    "rewrite_records",
     "to_torch",
     "trace",
     "verify",

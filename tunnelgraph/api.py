@@ -28,7 +28,7 @@ from tunnelgraph.errors import SiteError
 from tunnelgraph.ir import Graph
 from tunnelgraph.rewrite import edits
 from tunnelgraph.rewrite.edits import ChannelEdit, Coefficient
-from tunnelgraph.rewrite.passes import EditPass, ReducePass, ReductionReport
+from tunnelgraph.rewrite.passes import EditPass, ReducePass, ReductionReport, RewriteRecord
 from tunnelgraph.rewrite.plan import check_shapes
 
 if TYPE_CHECKING:
@@ -550,6 +550,19 @@ def reduce(
     )
     logger.info("reduced %d units: %d -> %d parameters", len(applied), before, report.parameters_after)
     return (result.model if applied else adapter.copy()), report
+
+
+def rewrite_records(model: AnyModel) -> list[RewriteRecord]:
+    """Every rewrite ``model`` went through (open, close, reorganise, reduce, any edit), oldest first.
+
+    Each :class:`~tunnelgraph.rewrite.passes.RewriteRecord` names the group,
+    the channel edit (how every new channel derives from the old ones) and,
+    for every parameter and buffer touched, its name, axis, old and new size
+    and which new slices copy which old ones. Records travel with the model:
+    a module keeps them in its ``tunnelgraph_records`` attribute (JSON-ready
+    dicts, saved by ``torch.save``), an ONNX model in its metadata.
+    """
+    return adapter_for(model).records()
 
 
 def _resolve(adapter: Adapter[Any], site: Site | str, example_inputs: Any, through: Iterable[str]) -> Site:

@@ -11,6 +11,7 @@ from tunnelgraph.adapters import Adapter, Dims
 from tunnelgraph.analysis.groups import ChannelGroup, ParamSlice
 from tunnelgraph.analysis.reducibility import UnitMeasures
 from tunnelgraph.ir import Graph
+from tunnelgraph.rewrite.passes import RewriteRecord
 from tunnelgraph.rewrite.plan import RewritePlan
 
 
@@ -60,6 +61,12 @@ class GraphAdapter(Adapter[Graph]):
 
     def bias_shift(self, weight_slice: ParamSlice, channel: int, values: Any, offset: float | None) -> np.ndarray:
         self._refuse("folding constants")
+
+    def records(self) -> list[RewriteRecord]:
+        return []
+
+    def with_records(self, model: Graph, records: Sequence[RewriteRecord]) -> Graph:
+        self._refuse("rewriting")
 
     def add_to_biases(self, model: Graph, shifts: Mapping[str, np.ndarray]) -> Graph:
         self._refuse("folding constants")

@@ -7,6 +7,7 @@ constant values a reduction folds into biases, which are read through
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
@@ -21,10 +22,23 @@ from tunnelgraph.backends.onnx import PROTOBUF_LIMIT, apply_plan_onnx, initializ
 from tunnelgraph.errors import RewriteError
 from tunnelgraph.frontends.onnx import OnnxSource, load_onnx, read_onnx, value_dims
 from tunnelgraph.ir import Graph
+from tunnelgraph.rewrite.passes import RewriteRecord
 from tunnelgraph.rewrite.plan import RewritePlan
 
 import onnx  # noqa: E402 - after tunnelgraph's ONNX modules, which name the extra when onnx is missing
 from onnx import numpy_helper  # noqa: E402
+
+
+RECORDS_KEY = "tunnelgraph.records"
+"""The ``metadata_props`` key that holds the rewrite records (JSON)."""
+
+
+def _stored_records(model: onnx.ModelProto) -> list[dict[str, Any]]:
+    for prop in model.metadata_props:
+        if prop.key == RECORDS_KEY:
+            entries: list[dict[str, Any]] = json.loads(prop.value)
+            return entries
+    return []
 
 
 class OnnxAdapter(Adapter[onnx.ModelProto]):
@@ -114,6 +128,17 @@ class OnnxAdapter(Adapter[onnx.ModelProto]):
         module = self._torch_view().get_submodule(torch_name(weight_slice.module))
         shift: np.ndarray = constant_bias_shift(module, weight_slice, channel, values, offset)
         return shift
+
+    def records(self) -> list[RewriteRecord]:
+        return [RewriteRecord.from_dict(entry) for entry in _stored_records(self.model)]
+
+    def with_records(self, model: onnx.ModelProto, records: Sequence[RewriteRecord]) -> onnx.ModelProto:
+        entries = _stored_records(self.model) + [record.to_dict() for record in records]
+        kept = [prop for prop in model.metadata_props if prop.key != RECORDS_KEY]
+        del model.metadata_props[:]
+        model.metadata_props.extend(kept)
+        model.metadata_props.add(key=RECORDS_KEY, value=json.dumps(entries))
+        return model
 
     def add_to_biases(self, model: onnx.ModelProto, shifts: Mapping[str, np.ndarray]) -> onnx.ModelProto:
         if not shifts:

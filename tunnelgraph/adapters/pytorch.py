@@ -16,8 +16,13 @@ from tunnelgraph.analysis.reducibility import UnitMeasures
 from tunnelgraph.backends.pytorch import apply_plan, constant_bias_shift, consumer_inputs, weights_of
 from tunnelgraph.frontends.fx import trace
 from tunnelgraph.ir import Graph
+from tunnelgraph.rewrite.passes import RewriteRecord
 from tunnelgraph.rewrite.plan import RewritePlan
 from tunnelgraph.runtime import preserved, unwrap_model
+
+
+RECORDS_ATTRIBUTE = "tunnelgraph_records"
+"""The module attribute that holds the rewrite records (a list of JSON-ready dicts)."""
 
 
 class TorchAdapter(Adapter[nn.Module]):
@@ -75,6 +80,14 @@ class TorchAdapter(Adapter[nn.Module]):
         module = self.model.get_submodule(weight_slice.module)
         shift: np.ndarray = constant_bias_shift(module, weight_slice, channel, values, offset)
         return shift
+
+    def records(self) -> list[RewriteRecord]:
+        return [RewriteRecord.from_dict(entry) for entry in getattr(self.model, RECORDS_ATTRIBUTE, [])]
+
+    def with_records(self, model: nn.Module, records: Sequence[RewriteRecord]) -> nn.Module:
+        entries = list(getattr(self.model, RECORDS_ATTRIBUTE, [])) + [record.to_dict() for record in records]
+        setattr(model, RECORDS_ATTRIBUTE, entries)
+        return model
 
     def add_to_biases(self, model: nn.Module, shifts: Mapping[str, np.ndarray]) -> nn.Module:
         with torch.no_grad():

@@ -32,7 +32,9 @@ def apply_plan(model: nn.Module, plan: RewritePlan, *, inplace: bool = False) ->
 
     Every new tensor is computed before anything is assigned, so a failure
     leaves ``model`` untouched; unless ``inplace`` is true, ``model`` is
-    deep-copied and the copy is edited.
+    deep-copied and the copy is edited. Modules and ``nn.Parameter`` objects
+    are kept: a parameter's ``data`` is replaced (and its ``.grad`` dropped
+    when its shape no longer fits), so references to them stay valid.
     """
     state = _tensors(model)
     check_fits(model, plan.group, state)
@@ -54,8 +56,13 @@ def apply_plan(model: nn.Module, plan: RewritePlan, *, inplace: bool = False) ->
         module_name, _, attribute = name.rpartition(".")
         module = target.get_submodule(module_name)
         if attribute in module._parameters:
-            old = module._parameters[attribute]
-            module._parameters[attribute] = nn.Parameter(tensor, requires_grad=old.requires_grad)
+            # the Parameter object stays (an optimizer or a hook that holds it keeps a valid
+            # reference); only its data and, where its shape changed, its stale .grad are replaced
+            parameter = module._parameters[attribute]
+            assert parameter is not None
+            parameter.data = tensor
+            if parameter.grad is not None and parameter.grad.shape != tensor.shape:
+                parameter.grad = None
         else:
             module._buffers[attribute] = tensor
         if module not in modules:

@@ -117,33 +117,77 @@ class ModelAdapter(abc.ABC, Generic[M]):
         """
 
     @abc.abstractmethod
+    def records(self) -> list[RewriteRecord]:
+        """The records of every rewrite the model went through, oldest first (see :meth:`with_records`)."""
+
+    @abc.abstractmethod
+    def with_records(self, model: M, records: Sequence[RewriteRecord]) -> M:
+        """``model`` (a rewrite's result) carrying this model's records followed by ``records``.
+
+        A PyTorch module keeps them, JSON-ready, in its ``tunnelgraph_records``
+        attribute (saved with the module by ``torch.save``); an ONNX model in
+        its ``metadata_props`` under ``tunnelgraph.records`` (JSON).
+        """
+
+    @abc.abstractmethod
     def add_to_biases(self, model: M, shifts: Mapping[str, np.ndarray]) -> M:
         """``model`` (a pass's own result, edited in place) with ``shifts`` added to its layers' biases."""
 
 
 @dataclass(frozen=True)
 class TensorChange:
-    """One parameter a rewrite resized: its name, the axis, and the size along it before and after."""
+    """One parameter (or buffer) a rewrite edited, and how each new slice derives from the old ones.
+
+    The group's channels occupy ``offset`` to ``offset + old_size * block``
+    along ``axis`` before the edit and ``new_size`` blocks of ``block``
+    entries after it; entries outside that range are unchanged. ``copies[j]``
+    is the old channel whose block new channel ``j`` copies unchanged, or
+    None when it is a combination (see :attr:`RewriteRecord.edit`: inbound
+    terms for ``role`` ``"inbound"`` and ``"channelwise"``, outbound terms
+    for ``"outbound"``).
+    """
 
     name: str
+    role: str
     axis: int
+    offset: int
+    block: int
     old_size: int
     new_size: int
+    copies: tuple[int | None, ...]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "axis": self.axis, "old_size": self.old_size, "new_size": self.new_size}
+        return {
+            "name": self.name, "role": self.role, "axis": self.axis, "offset": self.offset, "block": self.block,
+            "old_size": self.old_size, "new_size": self.new_size, "copies": list(self.copies),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "TensorChange":
+        return cls(
+            data["name"], data["role"], int(data["axis"]), int(data["offset"]), int(data["block"]),
+            int(data["old_size"]), int(data["new_size"]), tuple(data["copies"]),
+        )
+
+
+def _terms_to_json(terms: tuple[Mapping[int, Any], ...]) -> list[dict[str, Any]]:
+    return [
+        {str(old): (np.asarray(factor).tolist() if np.ndim(factor) else float(factor)) for old, factor in channel.items()}
+        for channel in terms
+    ]
 
 
 @dataclass(frozen=True)
 class RewriteRecord:
-    """What one channel edit did to one group.
+    """What one channel edit did to one group: enough to redo its shapes and to carry optimizer state.
 
     Attributes:
         group: the group's name.
         old_size, new_size: its channels before and after.
         edit: the channel edit (``inbound`` and ``outbound`` say how every
             new channel derives from the old ones).
-        tensors: every parameter entry that changed, in the order applied.
+        tensors: every parameter entry that changed, in the order applied
+            (outbound edits first).
     """
 
     group: str
@@ -156,19 +200,36 @@ class RewriteRecord:
     def of(cls, plan: RewritePlan) -> "RewriteRecord":
         changes = tuple(
             TensorChange(
-                t.slice.param, t.slice.axis, t.slice.shape[t.slice.axis], t.new_shape[t.slice.axis]
+                t.slice.param, t.slice.role, t.slice.axis, t.slice.offset, t.slice.block, t.size,
+                len(t.sources), t.copies,
             )
             for t in plan.tensors
         )
         return cls(plan.group.name, plan.group.size, plan.result.size, plan.edit, changes)
 
     def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable form (lambda vectors as lists)."""
         return {
             "group": self.group,
             "old_size": self.old_size,
             "new_size": self.new_size,
+            "inbound": _terms_to_json(self.edit.inbound),
+            "outbound": _terms_to_json(self.edit.outbound),
             "tensors": [change.to_dict() for change in self.tensors],
         }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "RewriteRecord":
+        def terms(channels: list[dict[str, Any]]) -> tuple[dict[int, Any], ...]:
+            return tuple(
+                {int(old): (np.asarray(f, dtype=np.float64) if isinstance(f, list) else float(f))
+                 for old, f in channel.items()}
+                for channel in channels
+            )
+
+        edit = ChannelEdit(int(data["old_size"]), terms(data["inbound"]), terms(data["outbound"]))
+        changes = tuple(TensorChange.from_dict(change) for change in data["tensors"])
+        return cls(data["group"], int(data["old_size"]), int(data["new_size"]), edit, changes)
 
 
 @dataclass(frozen=True)
@@ -218,10 +279,11 @@ class EditPass:
     def __call__(self, adapter: ModelAdapter[M]) -> PassResult[M]:
         self.requires(adapter, self.group)
         plan = plan_edit(self.group, self.edit)
-        model = adapter.apply(plan, inplace=self.inplace)
+        record = RewriteRecord.of(plan)
+        model = adapter.with_records(adapter.apply(plan, inplace=self.inplace), [record])
         logger.debug("group '%s': %d -> %d channels", self.group.name, self.group.size, plan.result.size)
         equivalence = self.check(adapter.model, model) if self.check is not None else None
-        return PassResult(model, (RewriteRecord.of(plan),), equivalence)
+        return PassResult(model, (record,), equivalence)
 
 
 @dataclass(frozen=True)
@@ -357,8 +419,9 @@ class ReducePass:
         if not done:
             return adapter.model, done, refused, None
         plan = plan_edit(group, edit)
-        result = adapter.add_to_biases(adapter.apply(plan), shifts)
-        return result, done, refused, RewriteRecord.of(plan)
+        record = RewriteRecord.of(plan)
+        result = adapter.with_records(adapter.add_to_biases(adapter.apply(plan), shifts), [record])
+        return result, done, refused, record
 
 
 def _needs_shift(finding: Finding) -> bool:
