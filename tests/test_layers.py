@@ -29,6 +29,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "tunnelgraph.api",
         "tunnelgraph.reduction",
         "tunnelgraph.testing",
+        "tunnelgraph.train",
         # a deprecated alias of tunnelgraph.testing (until 0.2): it reads its names from there on first use
         "tunnelgraph.statistics.reference",
     ),
