@@ -52,9 +52,6 @@ class Adapter(ModelAdapter[M]):
     def save(self, path: str | os.PathLike[str], example_inputs: Any | None) -> None:
         """Write the model to ``path`` (``.onnx``; ``.pt`` for a PyTorch module)."""
 
-    def supports_inplace(self) -> bool:
-        """Whether :meth:`apply` can edit the model itself."""
-        return False
 
 
 def adapter_for(model: Any) -> Adapter[Any]:

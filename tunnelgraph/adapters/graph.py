@@ -18,8 +18,6 @@ from tunnelgraph.rewrite.plan import RewritePlan
 class GraphAdapter(Adapter[Graph]):
     """A traced graph: sites and reports come from it; anything that needs the weights asks for the model."""
 
-    framework = "graph"
-
     @property
     def name(self) -> str:
         return self.model.name

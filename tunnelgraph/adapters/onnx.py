@@ -44,8 +44,6 @@ def _stored_records(model: onnx.ModelProto) -> list[dict[str, Any]]:
 class OnnxAdapter(Adapter[onnx.ModelProto]):
     """An ONNX model. Rewrites return new ``ModelProto``s; ``inplace`` is refused."""
 
-    framework = "onnx"
-
     def __init__(self, model: onnx.ModelProto) -> None:
         super().__init__(model)
         self._graph: Graph | None = None

@@ -28,8 +28,6 @@ RECORDS_ATTRIBUTE = "tunnelgraph_records"
 class TorchAdapter(Adapter[nn.Module]):
     """An ``nn.Module`` (wrappers unwrapped). Rewrites return new modules of the same classes."""
 
-    framework = "pytorch"
-
     def __init__(self, model: nn.Module) -> None:
         super().__init__(unwrap_model(model))
 
@@ -52,8 +50,6 @@ class TorchAdapter(Adapter[nn.Module]):
     def apply(self, plan: RewritePlan, *, inplace: bool = False) -> nn.Module:
         return apply_plan(self.model, plan, inplace=inplace)
 
-    def supports_inplace(self) -> bool:
-        return True
 
     def parameter_count(self) -> int:
         return sum(p.numel() for p in self.model.parameters())

@@ -45,10 +45,7 @@ class ModelAdapter(abc.ABC, Generic[M]):
     Attributes:
         model: the model, in its framework's own type (an ``nn.Module``, an
             ``onnx.ModelProto``, a :class:`~tunnelgraph.Graph`).
-        framework: ``"pytorch"``, ``"onnx"`` or ``"graph"``, for messages.
     """
-
-    framework: str = ""
 
     def __init__(self, model: M) -> None:
         self.model = model

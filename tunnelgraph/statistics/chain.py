@@ -689,9 +689,3 @@ def _conv_input_grad(
 ) -> torch.Tensor:
     grad = (torch.nn.grad.conv1d_input, torch.nn.grad.conv2d_input, torch.nn.grad.conv3d_input)[dims - 1]
     return grad(tuple(input_shape), weight, error, stride, padding, dilation)
-
-
-def _tuple(value: Any, dims: int) -> list[int]:
-    if isinstance(value, int):
-        return [value] * dims
-    return list(value)
