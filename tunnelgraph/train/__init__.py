@@ -1,7 +1,8 @@
-"""Training with tunnels: the optimizer surgery a rewrite needs (more of the training loop to come)."""
+"""Training with tunnels: plateau detection and the optimizer surgery a rewrite needs (more to come)."""
 
 from __future__ import annotations
 
 from tunnelgraph.train.optimizer import SurgeryMode, update_optimizer
+from tunnelgraph.train.plateau import PlateauDetector
 
-__all__ = ["SurgeryMode", "update_optimizer"]
+__all__ = ["PlateauDetector", "SurgeryMode", "update_optimizer"]
