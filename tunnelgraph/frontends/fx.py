@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx.passes.shape_prop import ShapeProp
 
-from tunnelgraph.errors import TraceError, TunnelgraphError
+from tunnelgraph.errors import TraceError
 from tunnelgraph.frontends.shapes import merged_range
 from tunnelgraph.ir import ChannelMap, Graph, Node, OpKind, ParamRef, activation_function
 from tunnelgraph.runtime import preserved
@@ -105,22 +105,21 @@ def trace(
             not fit it. The message names the cause and the ways out.
     """
     inputs = _as_tuple(example_inputs)
-    with preserved(model):  # tracing runs Python code of the forward, which may touch buffers
+    # tracing runs the forward's Python code, and the traced module shares the model's
+    # submodules and tensors: a forward traced in training mode calls F.batch_norm with
+    # training=True baked in, so both run inside one preserved(), which puts every buffer back
+    with preserved(model):
         module = _symbolic_trace(model, concrete_args, tracer)
-    try:
-        # the traced module shares the model's submodules and tensors; a forward traced in
-        # training mode calls F.batch_norm with training=True baked in, so the shape pass
-        # runs inside preserved(), which puts every buffer back
-        with preserved(model, train=False), torch.no_grad():
-            ShapeProp(module).propagate(*inputs)
-    except TunnelgraphError:
-        raise
-    except Exception as error:
-        raise TraceError(
-            f"running {type(model).__name__} on the example inputs failed "
-            f"({type(error).__name__}: {error}); pass example_inputs with the shapes and "
-            "dtypes the model's forward expects."
-        ) from error
+        model.eval()
+        try:
+            with torch.no_grad():
+                ShapeProp(module).propagate(*inputs)
+        except Exception as error:
+            raise TraceError(
+                f"running {type(model).__name__} on the example inputs failed "
+                f"({type(error).__name__}: {error}); pass example_inputs with the shapes and "
+                "dtypes the model's forward expects."
+            ) from error
 
     graph = _Translator(model, module).run()
     graph.source = module
