@@ -12,6 +12,7 @@ PyTorch model is given).
 
 from __future__ import annotations
 
+import copy
 import itertools
 import logging
 import os
@@ -304,14 +305,12 @@ def reorganize_from_data(
     best = max(candidates, key=lambda m: (m.correlation, -int(m.unit.rpartition("[")[2][:-1])))
     merged = int(best.unit.rpartition("[")[2][:-1])
     into = best.partner if best.partner is not None else (0 if merged else 1)
-    result = reorganize(model, merge=(Site.of(group, merged), into), clone=site.channel, lam=lam)
-    change = function_change(model, result, batches_list, loss_fn)
+    before = copy.deepcopy(model) if inplace else model
+    result = reorganize(model, merge=(Site.of(group, merged), into), clone=site.channel, lam=lam, inplace=inplace)
+    change = function_change(before, result, batches_list, loss_fn)
     report = Reorganization(merged=best.unit, into=f"{group.name}[{into}]", correlation=best.correlation, **change)
     logger.info("reorganized %s: merged %s into %s (|corr| %.6f)", group.name, report.merged, report.into,
                 best.correlation)
-    if inplace:
-        model.load_state_dict(result.state_dict())
-        result = model
     return result, report
 
 

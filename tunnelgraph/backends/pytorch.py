@@ -60,9 +60,11 @@ def apply_plan(model: nn.Module, plan: RewritePlan, *, inplace: bool = False) ->
             # reference); only its data and, where its shape changed, its stale .grad are replaced
             parameter = module._parameters[attribute]
             assert parameter is not None
+            if parameter.shape != tensor.shape:
+                _drop_grad_accumulator(parameter)
+                if parameter.grad is not None:
+                    parameter.grad = None
             parameter.data = tensor
-            if parameter.grad is not None and parameter.grad.shape != tensor.shape:
-                parameter.grad = None
         else:
             module._buffers[attribute] = tensor
         if module not in modules:
@@ -72,6 +74,19 @@ def apply_plan(model: nn.Module, plan: RewritePlan, *, inplace: bool = False) ->
     if plan.literals:
         target = _patch_literals(target, plan.group.literals, plan.literals)
     return target
+
+
+def _drop_grad_accumulator(parameter: nn.Parameter) -> None:
+    """Make autograd forget the parameter's gradient accumulator before its shape changes.
+
+    Autograd caches one accumulator per leaf, with the leaf's shape, for as
+    long as any graph holds it (a training loop's last ``loss`` does), and
+    ``.data =`` renews it only when the dtype or device changes, not the
+    shape; the next backward would then check gradients against the old
+    shape. Passing the data through another dtype renews it.
+    """
+    other = torch.float64 if parameter.dtype != torch.float64 else torch.float32
+    parameter.data = parameter.data.to(other)
 
 
 def check_fits(

@@ -1,0 +1,434 @@
+"""Tunnels opened and closed from inside the user's own training loop.
+
+A :class:`TunnelController` is a few lines added to a plain PyTorch loop; it
+does not run the loop::
+
+    controller = TunnelController(model, optimizer, loss_fn, data=loader,
+                                  open_at=[50], close_after=250, k=2)
+    for x, y in loader:
+        loss = loss_fn(controller.model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        controller.step(loss)         # may open or close tunnels now
+
+At a step in ``open_at``, or when its :class:`PlateauDetector` fires, it
+measures A on a few batches of ``data`` (or takes the moving average of a
+:class:`~tunnelgraph.statistics.tracker.StatisticsTracker`), ranks the
+sites, and opens the ``k`` steepest with ``lambda_t`` (or a random lambda of
+the same radius, the paper's control), or reorganises them (shapes kept).
+``close_after`` steps later it merges each clone back into the unit it was
+cloned from. Every rewrite is done in place on the user's module (its
+module and parameter objects stay the ones the user holds), the user's
+optimizer follows (:func:`~tunnelgraph.train.update_optimizer`), and each
+event is logged and kept in :attr:`TunnelController.events`.
+
+Data parallel: with ``torch.distributed`` initialised, the plateau test
+reads the loss averaged over ranks, the statistics are all-reduced, rank 0's
+choice of sites and lambdas is broadcast, every rank applies the same
+rewrite at the same step, and a DistributedDataParallel model is wrapped
+anew (its buckets were sized for the old shapes): use
+:attr:`TunnelController.model` for the forward pass.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import logging
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Iterable, Literal, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from tunnelgraph.analysis.sites import Site
+from tunnelgraph.api import (
+    find_sites,
+    function_change,
+    merge,
+    reorganize_from_data,
+    rewrite,
+    rewrite_records,
+)
+from tunnelgraph.runtime import batch_parts, model_device, to_device, unwrap_model
+from tunnelgraph.statistics.engine import SiteStatistics, a_statistics, measurable
+from tunnelgraph.statistics.lambdas import lambda_t, random_lambda, rank_sites
+from tunnelgraph.statistics.tracker import StatisticsTracker
+from tunnelgraph.train.optimizer import SurgeryMode, update_optimizer
+from tunnelgraph.train.plateau import PlateauDetector
+
+logger = logging.getLogger(__name__)
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+LambdaChoice = Literal["steepest", "random"]
+Action = Literal["open", "reorganize"]
+
+
+@dataclass(frozen=True)
+class TunnelEvent:
+    """One thing a :class:`TunnelController` did.
+
+    Attributes:
+        step: optimizer steps completed when it happened.
+        action: ``"open"``, ``"close"`` or ``"reorganize"``.
+        reason: ``"scheduled"`` (a step of ``open_at``), ``"plateau"`` or
+            ``"close_after"``.
+        sites: the sites acted on (names in the model as it was before).
+        channels: for ``"open"``, the clones' channel indices; for
+            ``"close"``, the channels each clone was merged into.
+        sigma: the top singular value of A of each opened site (empty otherwise).
+        loss_before, loss_after: mean loss on the statistics batches before
+            and after the rewrite (None when ``check=False``).
+        max_rel_change: largest output change on those batches, relative to
+            the largest output (0 up to rounding for an opening).
+        seconds: wall-clock time of the event (statistics, rewrite, check).
+    """
+
+    step: int
+    action: str
+    reason: str
+    sites: tuple[str, ...]
+    channels: tuple[int, ...]
+    sigma: tuple[float, ...]
+    loss_before: float | None
+    loss_after: float | None
+    max_rel_change: float | None
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable copy."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class _Pending:
+    due: int
+    group: str
+    clone: int
+    origin: int
+
+
+class TunnelController:
+    """Opens the steepest tunnels at a plateau (or at given steps) and closes them later.
+
+    Args:
+        model: the model being trained (an ``nn.Module``, or a
+            DistributedDataParallel wrapper). Rewrites edit the module in
+            place; a DDP wrapper is replaced (see :attr:`model`).
+        optimizer: the optimizer of the user's loop; it is updated in place
+            after every rewrite (``surgery`` mode) and stays the same object.
+        loss_fn: ``loss_fn(outputs, targets)``, the batch-mean loss.
+        data: batches ``(inputs, targets)`` (a DataLoader, a list) from which
+            each event draws ``batches`` batches for the statistics and the
+            check; drawn under :func:`torch.random.fork_rng`, so the loop's
+            random number stream is not disturbed.
+        k: tunnels per event (distinct sites, steepest first).
+        t: the radius of lambda (``lam = 1/2 + t * direction``).
+        lam: ``"steepest"`` (``lambda_t``, the paper's method) or
+            ``"random"`` (a uniformly random direction, the paper's control).
+        action: ``"open"`` (clone, adds ``k`` channels; ``close_after``
+            merges them back) or ``"reorganize"`` (merge the most nearly
+            redundant pair of the group and clone into the freed slot:
+            shapes kept).
+        open_at: steps (optimizer steps completed) at which to act.
+        detector: act also when this detector reports a plateau (fed the
+            losses passed to :meth:`step`, averaged over ranks).
+        close_after: merge each opened clone back into its origin this
+            many steps after opening (None: keep the tunnels open).
+        max_events: at most this many opening/reorganising events.
+        batches: batches of ``data`` used per event.
+        sites: candidate sites (names or :class:`Site`); default: every
+            site of the model for which A is defined.
+        through: per-channel operations sites may pass (see
+            :func:`tunnelgraph.find_sites`).
+        track: keep A as a moving average during training with a
+            :class:`StatisticsTracker` (``decay``), instead of a pass over
+            ``batches`` batches at each event.
+        surgery: the optimizer surgery mode (see :func:`update_optimizer`).
+        check: measure the loss before and after every rewrite (copies the
+            module once per event).
+        generator: draws of ``lam="random"``.
+        wrap: rebuilds the training wrapper around the module after a
+            rewrite; default: a DDP wrapper is rebuilt with its own options,
+            a plain module is used as it is.
+        method: the statistics path (see :func:`tunnelgraph.a_statistics`).
+        progress: progress bars during the statistics pass.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        loss_fn: LossFn,
+        data: Iterable[Any],
+        *,
+        k: int = 1,
+        t: float = 1.0,
+        lam: LambdaChoice = "steepest",
+        action: Action = "open",
+        open_at: Iterable[int] = (),
+        detector: PlateauDetector | None = None,
+        close_after: int | None = None,
+        max_events: int | None = None,
+        batches: int = 4,
+        sites: Sequence[Site | str] | None = None,
+        through: Iterable[str] = (),
+        track: bool = False,
+        decay: float = 0.9,
+        surgery: SurgeryMode = "carry",
+        check: bool = True,
+        generator: torch.Generator | None = None,
+        wrap: Callable[[nn.Module], nn.Module] | None = None,
+        method: str = "auto",
+        progress: bool = False,
+    ) -> None:
+        if k < 1:
+            raise ValueError(f"k must be a positive number of tunnels, got {k}")
+        if lam not in ("steepest", "random"):
+            raise ValueError(f"lam must be 'steepest' or 'random', got {lam!r}")
+        if action not in ("open", "reorganize"):
+            raise ValueError(f"action must be 'open' or 'reorganize', got {action!r}")
+        if action == "reorganize" and close_after is not None:
+            raise ValueError("a reorganisation keeps every shape: there is nothing to close; leave close_after=None")
+        if close_after is not None and close_after < 1:
+            raise ValueError(f"close_after must be a positive number of steps, got {close_after}")
+        if batches < 1:
+            raise ValueError(f"batches must be at least 1, got {batches}")
+        self.open_at = sorted({int(s) for s in open_at})
+        if any(s < 0 for s in self.open_at):
+            raise ValueError(f"open_at holds negative steps: {self.open_at}")
+        if not self.open_at and detector is None:
+            raise ValueError("nothing would ever happen: pass open_at=[steps] or detector=PlateauDetector()")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        self._model = model
+        self.module = unwrap_model(model)
+        self.optimizer = optimizer
+        self.loss_fn = loss_fn
+        self.data = data
+        self.k, self.t, self.lam, self.action = k, float(t), lam, action
+        self.detector = detector
+        self.close_after = close_after
+        self.max_events = max_events
+        self.batches = batches
+        self.site_names = None if sites is None else [s.name if isinstance(s, Site) else str(s) for s in sites]
+        self.through = tuple(through)
+        self.surgery: SurgeryMode = surgery
+        self.check = check
+        self.generator = generator
+        self.wrap = wrap
+        self.method = method
+        self.progress = progress
+        self.decay = decay
+        self.steps = 0
+        self.events: list[TunnelEvent] = []
+        self._pending: list[_Pending] = []
+        self._opened = 0
+        self._example = self._draw(1)[0][0]
+        self._tracker: StatisticsTracker | None = None
+        if track:
+            self._tracker = self._new_tracker()
+
+    # -- the loop's interface ---------------------------------------------------------------
+
+    @property
+    def model(self) -> nn.Module:
+        """The model to train with now: the user's module, or the current DDP wrapper around it."""
+        return self._model
+
+    def step(self, loss: float | torch.Tensor | None = None, grad_norm: float | None = None) -> list[TunnelEvent]:
+        """Call once after every ``optimizer.step()``; returns what was done at this step.
+
+        Args:
+            loss: this step's training loss (needed with a ``detector``).
+            grad_norm: this step's gradient norm, for a detector with ``grad_tol``.
+        """
+        self.steps += 1
+        if self._tracker is not None:
+            self._tracker.update()
+        plateau = False
+        if self.detector is not None:
+            if loss is None:
+                raise ValueError("this controller has a plateau detector: pass the step's loss to step(loss)")
+            plateau = self.detector.update(_mean_over_ranks(loss, model_device(self.module)), grad_norm)
+        done: list[TunnelEvent] = []
+        due = [p for p in self._pending if p.due <= self.steps]
+        if due:
+            done.append(self._close(due))
+        budget = self.max_events is None or self._opened < self.max_events
+        reason = "scheduled" if self.steps in self.open_at else "plateau" if plateau else None
+        if reason is not None and budget:
+            done.append(self._open(reason))
+        if done and self.detector is not None:
+            self.detector.reset()
+        return done
+
+    def close(self) -> None:
+        """Remove the tracker's hooks (if any); the model and optimizer stay as they are."""
+        if self._tracker is not None:
+            self._tracker.close()
+            self._tracker = None
+
+    def summary(self) -> dict[str, Any]:
+        """The events so far, JSON-serialisable."""
+        return {"steps": self.steps, "events": [event.to_dict() for event in self.events]}
+
+    # -- events -------------------------------------------------------------------------
+
+    def _open(self, reason: str) -> TunnelEvent:
+        start = time.perf_counter()
+        batches = self._draw(self.batches)
+        plan = _agree(self._plan(batches))
+        before = copy.deepcopy(self.module) if self.check else None
+        count = len(rewrite_records(self.module))
+        channels = []
+        for name, lam, _ in plan:
+            site = self._site(name)
+            if self.action == "open":
+                rewrite(self.module, site, lam, example_inputs=self._example, through=self.through, inplace=True)
+                channels.append(site.group.size)
+                if self.close_after is not None:
+                    self._pending.append(_Pending(self.steps + self.close_after, site.group.name, site.group.size,
+                                                  site.channel))
+            else:
+                reorganize_from_data(self.module, site, lam, data=batches, example_inputs=self._example,
+                                     through=self.through, inplace=True)
+                channels.append(site.channel)
+        self._opened += 1
+        sigma = tuple(float(s) for _, _, s in plan)
+        return self._finish("open" if self.action == "open" else "reorganize", reason, plan, channels, sigma,
+                            before, batches, count, start)
+
+    def _close(self, due: list[_Pending]) -> TunnelEvent:
+        start = time.perf_counter()
+        batches = self._draw(self.batches) if self.check else []
+        before = copy.deepcopy(self.module) if self.check else None
+        count = len(rewrite_records(self.module))
+        # highest clone first: removing a channel shifts the ones above it down
+        ordered = sorted(due, key=lambda p: (p.group, -p.clone))
+        for pending in ordered:
+            merge(self.module, f"{pending.group}[{pending.clone}]", into=pending.origin,
+                  example_inputs=self._example, through=self.through, inplace=True)
+        self._pending = [p for p in self._pending if p not in due]
+        plan = [(f"{p.group}[{p.clone}]", None, 0.0) for p in ordered]
+        return self._finish("close", "close_after", plan, [p.origin for p in ordered], (), before, batches,
+                            count, start)
+
+    def _finish(
+        self, action: str, reason: str, plan: Sequence[tuple[Any, ...]], channels: Sequence[int],
+        sigma: tuple[float, ...], before: nn.Module | None, batches: list[Any], count: int, start: float,
+    ) -> TunnelEvent:
+        records = rewrite_records(self.module)[count:]
+        update_optimizer(self.optimizer, self.module, records, mode=self.surgery)
+        self._model = self._rewrapped()
+        if self._tracker is not None:
+            self._tracker.close()
+            self._tracker = self._new_tracker()
+        change: dict[str, Any] = {"loss_before": None, "loss_after": None, "max_rel_change": None}
+        if before is not None:
+            measured = function_change(before, self.module, batches, self.loss_fn)
+            change = {key: measured[key] for key in change}
+        event = TunnelEvent(
+            step=self.steps, action=action, reason=reason, sites=tuple(str(p[0]) for p in plan),
+            channels=tuple(int(c) for c in channels), sigma=sigma, seconds=time.perf_counter() - start, **change,
+        )
+        self.events.append(event)
+        logger.info(
+            "step %d: %s %s (%s)%s", event.step, action, ", ".join(event.sites), reason,
+            "" if event.loss_before is None else f"; loss {event.loss_before:.6g} -> {event.loss_after:.6g}",
+        )
+        return event
+
+    # -- helpers ------------------------------------------------------------------------
+
+    def _plan(self, batches: list[Any]) -> list[tuple[str, list[float], float]]:
+        """The ``k`` steepest sites with their lambdas: ``[(site name, lam, sigma)]``."""
+        candidates = self._candidates()
+        stats: dict[str, SiteStatistics]
+        if self._tracker is not None:
+            stats = self._tracker.statistics()
+        else:
+            stats = a_statistics(self.module, candidates, batches, self.loss_fn, method=self.method,
+                                 progress=self.progress)  # type: ignore[arg-type]
+        chosen = rank_sites([stats[site.name] for site in candidates if site.name in stats])[: self.k]
+        plan = []
+        for entry in chosen:
+            if self.lam == "steepest":
+                lam = lambda_t(entry, self.t)
+            else:
+                lam = random_lambda(entry.site, self.t, generator=self.generator)
+            plan.append((entry.name, lam.tolist(), float(entry.sigma)))
+        return plan
+
+    def _candidates(self) -> list[Site]:
+        found = [site for site in find_sites(self.module, self._example, through=self.through) if measurable(site)]
+        if self.site_names is not None:
+            wanted = set(self.site_names)
+            found = [site for site in found if site.name in wanted]
+        if not found:
+            raise ValueError(
+                "no site to open in this model"
+                + (f" among sites={self.site_names}" if self.site_names is not None else "")
+                + "; see tg.analyze(model, x) for why, and through= for the operations sites may pass"
+            )
+        return found
+
+    def _site(self, name: str) -> Site:
+        sites = {site.name: site for site in find_sites(self.module, self._example, through=self.through)}
+        return sites[name]
+
+    def _draw(self, count: int) -> list[Any]:
+        """``count`` batches of ``data`` (moved to the model's device), without touching the loop's RNG."""
+        with torch.random.fork_rng(devices=[]):
+            batches = list(itertools.islice(iter(self.data), count))
+        if not batches:
+            raise ValueError("data yielded no batches; pass an iterable of (inputs, targets) batches")
+        device = model_device(self.module)
+        return [to_device(batch_parts(batch), device) for batch in batches]
+
+    def _new_tracker(self) -> StatisticsTracker:
+        return StatisticsTracker(self.module, self._candidates(), example_inputs=self._example, decay=self.decay)
+
+    def _rewrapped(self) -> nn.Module:
+        if self.wrap is not None:
+            return self.wrap(self.module)
+        old = self._model
+        if isinstance(old, nn.parallel.DistributedDataParallel):
+            return nn.parallel.DistributedDataParallel(
+                self.module,
+                device_ids=old.device_ids,
+                output_device=old.output_device,
+                dim=old.dim,
+                broadcast_buffers=old.require_forward_param_sync,
+                process_group=old.process_group,
+                bucket_cap_mb=old.bucket_bytes_cap / (1024 * 1024),
+                find_unused_parameters=old.find_unused_parameters,
+                gradient_as_bucket_view=old.gradient_as_bucket_view,
+                static_graph=old.static_graph,
+            )
+        return old
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _mean_over_ranks(loss: float | torch.Tensor, device: torch.device) -> float:
+    value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
+    if not _distributed():
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return float(tensor) / dist.get_world_size()
+
+
+def _agree(plan: list[tuple[str, list[float], float]]) -> list[tuple[str, torch.Tensor, float]]:
+    """Rank 0's plan on every rank (the same sites and lambdas, bit for bit)."""
+    if _distributed():
+        box: list[Any] = [plan]
+        dist.broadcast_object_list(box, src=0)
+        plan = box[0]
+    return [(name, torch.tensor(lam, dtype=torch.float64), sigma) for name, lam, sigma in plan]
