@@ -34,6 +34,7 @@ anew (its buckets were sized for the old shapes): use
 from __future__ import annotations
 
 import copy
+import inspect
 import itertools
 import logging
 import time
@@ -285,8 +286,17 @@ class TunnelController:
         before = copy.deepcopy(self.module) if self.check else None
         count = len(rewrite_records(self.module))
         channels = []
-        for name, lam, _ in plan:
+        done = []
+        for name, lam, sigma in plan:
+            if len(done) == self.k:
+                break
             site = self._site(name)
+            if site.outbound_size != lam.numel():
+                # an earlier tunnel of this event widened this site's consumers: A was measured
+                # for the old shapes, so leave the site for a later event
+                logger.info("step %d: skipped %s, whose consumers an earlier tunnel widened", self.steps, name)
+                continue
+            done.append((name, lam, sigma))
             if self.action == "open":
                 rewrite(self.module, site, lam, example_inputs=self._example, through=self.through, inplace=True)
                 channels.append(site.group.size)
@@ -298,8 +308,8 @@ class TunnelController:
                                      through=self.through, inplace=True)
                 channels.append(site.channel)
         self._opened += 1
-        sigma = tuple(float(s) for _, _, s in plan)
-        return self._finish("open" if self.action == "open" else "reorganize", reason, plan, channels, sigma,
+        sigma = tuple(float(s) for _, _, s in done)
+        return self._finish("open" if self.action == "open" else "reorganize", reason, done, channels, sigma,
                             before, batches, count, start)
 
     def _close(self, due: list[_Pending]) -> TunnelEvent:
@@ -353,7 +363,8 @@ class TunnelController:
         else:
             stats = a_statistics(self.module, candidates, batches, self.loss_fn, method=self.method,
                                  progress=self.progress)  # type: ignore[arg-type]
-        chosen = rank_sites([stats[site.name] for site in candidates if site.name in stats])[: self.k]
+        # the k steepest, and some more in case a tunnel widens the consumers of the next (see _open)
+        chosen = rank_sites([stats[site.name] for site in candidates if site.name in stats])[: 4 * self.k + 4]
         plan = []
         for entry in chosen:
             if self.lam == "steepest":
@@ -402,7 +413,7 @@ class TunnelController:
                 device_ids=old.device_ids,
                 output_device=old.output_device,
                 dim=old.dim,
-                broadcast_buffers=old.require_forward_param_sync,
+                **_buffer_sync(old),
                 process_group=old.process_group,
                 bucket_cap_mb=old.bucket_bytes_cap / (1024 * 1024),
                 find_unused_parameters=old.find_unused_parameters,
@@ -410,6 +421,13 @@ class TunnelController:
                 static_graph=old.static_graph,
             )
         return old
+
+
+def _buffer_sync(old: nn.parallel.DistributedDataParallel) -> dict[str, Any]:
+    """The old wrapper's buffer-sync option, under the name this torch version takes."""
+    if "forward_sync_buffers" in inspect.signature(nn.parallel.DistributedDataParallel).parameters:
+        return {"forward_sync_buffers": old.forward_sync_buffers}
+    return {"broadcast_buffers": old.require_forward_param_sync}
 
 
 def _distributed() -> bool:
