@@ -55,3 +55,47 @@ def test_bench_onnx_small_run() -> None:
     )
     results = json.loads(out.stdout[out.stdout.index("{"):])
     assert results["torch_imported"] is False and results["rewrite_site"] == "blocks.2.conv1[0]"
+
+
+# -- the paper's experiments: every example runs for a few steps, so none can rot -------------------
+TINY_NEWTON = ["--train-samples", "1500", "--newton-samples", "64", "--newton-steps", "2", "--newton-iterations", "2",
+               "--no-progress"]
+EXAMPLES = {
+    "fig1_left.py": (["--seeds", "2", "--steps", "12", "--open-at", "4", "--close-at", "8", *TINY_NEWTON],
+                     ["fig1_left_curves.csv", "fig1_left_summary.csv", "fig1_left_summary.md", "fig1_left_events.json",
+                      "fig1_left.png"]),
+    "fig1_right.py": (["--seeds", "1", "--steps", "3", "--samples", "64", "--filters", "2", "--points", "4"],
+                      ["fig1_right.csv", "fig1_right.json", "fig1_right.png", "fig1_right_loss.png"]),
+    "fig2_left.py": (["--seeds", "1", "--steps", "8", "--open-at", "3", *TINY_NEWTON],
+                     ["fig2_left_curves.csv", "fig2_left_summary.csv", "fig2_left.png"]),
+    "fig2_right.py": (["--seeds", "1", "--steps", "6", "--open-at", "3", "--width", "8", "--train-samples", "512",
+                       "--eval-every", "2", "--eval-samples", "128"],
+                      ["fig2_right_curves.csv", "fig2_right_summary.csv", "fig2_right.png"]),
+    "fig3.py": (["--seeds", "1", "--steps", "5", *TINY_NEWTON], ["fig3.csv", "fig3.png", "fig3_summary.md"]),
+}
+
+
+@pytest.mark.parametrize("script", sorted(EXAMPLES))
+def test_every_example_runs_a_few_steps_and_writes_its_files(script: str, tmp_path: Path) -> None:
+    arguments, files = EXAMPLES[script]
+    done = subprocess.run([sys.executable, str(ROOT / "examples" / script), "--out", str(tmp_path), *arguments],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        files = [name for name in files if not name.endswith(".png")]
+    missing = [name for name in files if not (tmp_path / name).is_file()]
+    assert not missing, (missing, done.stderr[-2000:])
+
+
+def test_tables_gather_the_experiments(tmp_path: Path) -> None:
+    for script in ("fig1_left.py", "fig2_right.py"):
+        arguments, _ = EXAMPLES[script]
+        subprocess.run([sys.executable, str(ROOT / "examples" / script), "--out", str(tmp_path), *arguments],
+                       check=True, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, str(ROOT / "examples" / "tables.py"), "--out", str(tmp_path)],
+                          check=True, capture_output=True, text=True)
+    table = (tmp_path / "tables.md").read_text()
+    assert "Table 3" in table and "Table 4" in table and "fig1_left" in table and "fig2_right" in table
+    assert "tunnel" in done.stdout

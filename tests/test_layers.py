@@ -33,6 +33,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         # a deprecated alias of tunnelgraph.testing (until 0.2): it reads its names from there on first use
         "tunnelgraph.statistics.reference",
     ),
+    ("tunnelgraph.experiments",),
     ("tunnelgraph.cli", "tunnelgraph.__main__", "tunnelgraph"),
 )
 """Lowest first. A module may import its own layer and lower ones; an entry covers its submodules,

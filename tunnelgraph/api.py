@@ -399,7 +399,11 @@ def open_tunnels(
 
     Returns:
         The new model (with ``k`` more channels in total) and the tunnels
-        opened, steepest first. After opening, the loss is unchanged and the
+        opened, steepest first. A site whose consumers an earlier tunnel of
+        this call widened (a layer that both reads one opened group and
+        produces another) is passed over for the next one: its A was
+        measured for the old shapes (:class:`tunnelgraph.train.TunnelController`
+        measures it again instead). After opening, the loss is unchanged and the
         inbound gradients of each pair are ``A lambda_t`` and
         ``A (1 - lambda_t)``.
 
@@ -441,15 +445,19 @@ def open_tunnels(
     stats = a_statistics(
         model, candidates, data, loss_fn, batches=batches, device=device, progress=progress, method=method
     )
-    best = rank_sites(stats)[:k]
     result = model
-    opened = []
-    for entry in best:
-        if entry.sigma == 0:
-            logger.warning("site %s has sigma_max(A) = 0: its tunnel is flat", entry.name)
+    opened: list[OpenedTunnel] = []
+    for entry in rank_sites(stats):
+        if len(opened) == k:
+            break
         # after the first tunnel the group may have grown: find the site again on the new model
         site = entry.site if result is model else _resolve(adapter.of(result), entry.name, example, chosen)
         lam = lambda_t(entry, t)
+        if site.outbound_size != lam.numel():
+            logger.info("passed over %s: an earlier tunnel widened its consumers, so A no longer fits", entry.name)
+            continue
+        if entry.sigma == 0:
+            logger.warning("site %s has sigma_max(A) = 0: its tunnel is flat", entry.name)
         result = rewrite(result, site, lam)
         opened.append(OpenedTunnel(entry.site, site.group.size, lam, entry))
         logger.info("opened %s (sigma %.3g) as channel %d", entry.name, entry.sigma, site.group.size)

@@ -93,7 +93,42 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument("--atol", type=float)
     verify.add_argument("--json", action="store_true")
     verify.set_defaults(run=_verify)
+
+    demo = commands.add_parser(
+        "demo", help="escape a flat area: train the paper's CNN there, open tunnels at the plateau, compare "
+                     "with a control run (embedded task, no download)")
+    demo.add_argument("--mnist", metavar="DIR", help="MNIST IDX files in DIR instead of the embedded teacher task")
+    demo.add_argument("--steps", type=_positive_int, default=600, help="SGD steps of each run (default 600)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--out", default="tunnelgraph-demo", help="folder for demo.json and demo.png")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+    demo.add_argument("--json", action="store_true", help="print the JSON record instead of the report")
+    demo.set_defaults(run=_demo)
     return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import logging
+    from dataclasses import asdict
+
+    from tunnelgraph.experiments.demo import demo, describe
+
+    if args.mnist is not None and not Path(args.mnist).is_dir():
+        raise UsageError(f"--mnist {args.mnist}: no such folder; pass the folder that holds the MNIST IDX files")
+    logging.getLogger("tunnelgraph").setLevel(logging.WARNING)
+    result = demo(mnist=args.mnist, steps=args.steps, seed=args.seed, out=args.out, progress=not args.no_progress)
+    print(json.dumps(asdict(result), indent=1) if args.json else describe(result, args.out))
+    return 0
 
 
 def _through_options(text: str) -> list[str]:

@@ -127,6 +127,8 @@ class TunnelController:
             check; drawn under :func:`torch.random.fork_rng`, so the loop's
             random number stream is not disturbed.
         k: tunnels per event (distinct sites, steepest first).
+        one_per_group: at most one tunnel per channel group per event (the
+            paper's deep experiment opens one filter in each of two layers).
         t: the radius of lambda (``lam = 1/2 + t * direction``).
         lam: ``"steepest"`` (``lambda_t``, the paper's method) or
             ``"random"`` (a uniformly random direction, the paper's control).
@@ -167,6 +169,7 @@ class TunnelController:
         data: Iterable[Any],
         *,
         k: int = 1,
+        one_per_group: bool = False,
         t: float = 1.0,
         lam: LambdaChoice = "steepest",
         action: Action = "open",
@@ -211,6 +214,7 @@ class TunnelController:
         self.loss_fn = loss_fn
         self.data = data
         self.k, self.t, self.lam, self.action = k, float(t), lam, action
+        self.one_per_group = one_per_group
         self.detector = detector
         self.close_after = close_after
         self.max_events = max_events
@@ -293,9 +297,9 @@ class TunnelController:
             site = self._site(name)
             if site.outbound_size != lam.numel():
                 # an earlier tunnel of this event widened this site's consumers: A was measured
-                # for the old shapes, so leave the site for a later event
-                logger.info("step %d: skipped %s, whose consumers an earlier tunnel widened", self.steps, name)
-                continue
+                # for the old shapes, so measure this site again on the model as it is now
+                logger.info("step %d: measuring %s again (an earlier tunnel widened its consumers)", self.steps, name)
+                (name, lam, sigma), = _agree(self._plan(batches, [site], fresh=True))
             done.append((name, lam, sigma))
             if self.action == "open":
                 rewrite(self.module, site, lam, example_inputs=self._example, through=self.through, inplace=True)
@@ -354,17 +358,28 @@ class TunnelController:
 
     # -- helpers ------------------------------------------------------------------------
 
-    def _plan(self, batches: list[Any]) -> list[tuple[str, list[float], float]]:
-        """The ``k`` steepest sites with their lambdas: ``[(site name, lam, sigma)]``."""
-        candidates = self._candidates()
+    def _plan(
+        self, batches: list[Any], candidates: list[Site] | None = None, fresh: bool = False
+    ) -> list[tuple[str, list[float], float]]:
+        """The steepest sites with their lambdas, best first: ``[(site name, lam, sigma)]``.
+
+        ``fresh``: measure on ``batches`` even when a tracker keeps A (its
+        average belongs to the shapes before this event's rewrites).
+        """
+        if candidates is None:
+            candidates = self._candidates()
         stats: dict[str, SiteStatistics]
-        if self._tracker is not None:
+        if self._tracker is not None and not fresh:
             stats = self._tracker.statistics()
         else:
             stats = a_statistics(self.module, candidates, batches, self.loss_fn, method=self.method,
                                  progress=self.progress)  # type: ignore[arg-type]
-        # the k steepest, and some more in case a tunnel widens the consumers of the next (see _open)
-        chosen = rank_sites([stats[site.name] for site in candidates if site.name in stats])[: 4 * self.k + 4]
+        # the k steepest, and some more for one_per_group
+        ranked = rank_sites([stats[site.name] for site in candidates if site.name in stats])
+        if self.one_per_group:
+            ranked = list({entry.site.group.name: entry for entry in reversed(ranked)}.values())[::-1]
+            ranked = rank_sites(ranked)
+        chosen = ranked[: 4 * self.k + 4]
         plan = []
         for entry in chosen:
             if self.lam == "steepest":
