@@ -7,7 +7,7 @@ close them at step 300) and a random tunnel of the same radius. Writes
 fig1_left_curves.csv, fig1_left_summary.csv/.md, fig1_left_events.json and
 fig1_left.png (mean and one standard deviation over seeds) into --out.
 
-    python examples/fig1_left.py --mnist ../shared/data/mnist --seeds 10 --steps 1000 --out results
+    python examples/fig1_left.py --mnist path/to/mnist --seeds 10 --steps 1000 --out results
 """
 
 from __future__ import annotations

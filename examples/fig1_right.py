@@ -11,7 +11,7 @@ of their single-filter increases, and checks that the loss does not change.
 Writes fig1_right.csv, fig1_right.json, fig1_right.png and
 fig1_right_loss.png into --out.
 
-    python examples/fig1_right.py --mnist ../shared/data/mnist --seeds 3 --out results
+    python examples/fig1_right.py --mnist path/to/mnist --seeds 3 --out results
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ freed slot with lambda_t: every shape kept); a random reorganisation of the
 same radius; perturbed gradient descent (Jin et al. 2017); NEON (Xu and
 Yang 2017); and noisy SGD. Writes fig2_left_* files into --out.
 
-    python examples/fig2_left.py --mnist ../shared/data/mnist --seeds 10 --steps 1000 --out results
+    python examples/fig2_left.py --mnist path/to/mnist --seeds 10 --steps 1000 --out results
 """
 
 from __future__ import annotations

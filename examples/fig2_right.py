@@ -10,7 +10,7 @@ MNIST with --mnist DIR); --images DIR takes any folder of class
 sub-folders of images (needs pillow), resized to --image-size, so the
 same script runs at full scale elsewhere. Writes fig2_right_* files into --out.
 
-    python examples/fig2_right.py --mnist ../shared/data/mnist --seeds 3 --steps 1500 --open-at 750 --out results
+    python examples/fig2_right.py --mnist path/to/mnist --seeds 3 --steps 1500 --open-at 750 --out results
     python examples/fig2_right.py --images /data/imagenet64/train --image-size 64 --steps 20000 --open-at 5000
 """
 

@@ -9,7 +9,7 @@ weights and biases) is recorded every step. With lambda = 1/2 the two get
 equal gradients forever: the symmetry is never broken. Writes fig3.csv,
 fig3.png and fig3_summary.md into --out.
 
-    python examples/fig3.py --mnist ../shared/data/mnist --seeds 3 --steps 300 --out results
+    python examples/fig3.py --mnist path/to/mnist --seeds 3 --steps 300 --out results
 """
 
 from __future__ import annotations

@@ -145,7 +145,8 @@ def test_no_module_imports_a_higher_layer() -> None:
 @pytest.mark.parametrize(
     "module, layer",
     [
-        ("tunnelgraph", 9),
+        ("tunnelgraph", 10),
+        ("tunnelgraph.experiments.demo", 9),
         ("tunnelgraph.ir.graph", 0),
         ("tunnelgraph.statistics.engine", 4),
         ("tunnelgraph.statistics.reference", 8),

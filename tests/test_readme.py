@@ -52,3 +52,12 @@ def test_readme_onnx_example_runs(tmp_path, monkeypatch) -> None:  # type: ignor
     assert (tmp_path / "cnn.onnx").is_file()
     assert [s.name for s in namespace["sites"]][:2] == ["conv[0]", "conv[1]"]
     assert namespace["converted"].conv.out_channels == 9
+
+
+def test_readme_training_example_runs() -> None:
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    namespace: dict[str, object] = {}
+    exec(compile(blocks[4], str(README), "exec"), namespace)
+    events = namespace["controller"].events  # type: ignore[attr-defined]
+    assert [(e.step, e.action) for e in events] == [(4, "open"), (7, "close")]
+    assert namespace["model"].conv.out_channels == 8  # type: ignore[attr-defined]

@@ -329,12 +329,16 @@ def mnist(
 
 # -- the synthetic teacher task -------------------------------------------------------------------
 def teacher_network(
-    *, seed: int = 0, classes: int = 10, image_shape: Sequence[int] = (1, 28, 28), calibration: int = 4096
+    *, seed: int = 0, classes: int = 10, image_shape: Sequence[int] = (1, 28, 28), calibration: int = 4096,
+    architecture: Literal["conv2", "paper"] = "conv2",
 ) -> nn.Sequential:
     """A fixed random convolutional network, deterministic given ``seed``, whose argmax labels a task.
 
-    ``Conv2d(C, 16, 5, stride 2, padding 2) -> Tanh -> Conv2d(16, 32, 3,
-    stride 2, padding 1) -> Tanh -> Flatten -> Linear(_, classes)`` in
+    ``architecture="conv2"`` (the default): ``Conv2d(C, 16, 5, stride 2,
+    padding 2) -> Tanh -> Conv2d(16, 32, 3, stride 2, padding 1) -> Tanh ->
+    Flatten -> Linear(_, classes)``; ``"paper"``: the paper's MNIST network
+    ``Conv2d(C, 8, 5) -> Sigmoid -> Flatten -> Linear(_, classes)``, so that
+    a student of that shape can fit the task exactly. Either in
     float64, weights normal with variance ``1 / fan_in`` and zero biases,
     drawn from a generator seeded with ``seed``. The last layer is then
     calibrated on ``calibration`` standard-normal images from the same
@@ -349,14 +353,22 @@ def teacher_network(
     generator = torch.Generator().manual_seed(seed)
     # skip_init: PyTorch's default initialisation would draw from (and so change) the global generator
     double = {"dtype": torch.float64}
-    network = nn.Sequential(
-        skip_init(nn.Conv2d, channels, 16, 5, stride=2, padding=2, **double),
-        nn.Tanh(),
-        skip_init(nn.Conv2d, 16, 32, 3, stride=2, padding=1, **double),
-        nn.Tanh(),
-        nn.Flatten(),
-    )
-    features = 32 * _halved(_halved(height)) * _halved(_halved(width))
+    if architecture == "paper":
+        if height < 5 or width < 5:
+            raise ValueError(f"the paper teacher's 5x5 convolution needs images of at least 5x5, got {image_shape}")
+        network = nn.Sequential(skip_init(nn.Conv2d, channels, 8, 5, **double), nn.Sigmoid(), nn.Flatten())
+        features = 8 * (height - 4) * (width - 4)
+    elif architecture == "conv2":
+        network = nn.Sequential(
+            skip_init(nn.Conv2d, channels, 16, 5, stride=2, padding=2, **double),
+            nn.Tanh(),
+            skip_init(nn.Conv2d, 16, 32, 3, stride=2, padding=1, **double),
+            nn.Tanh(),
+            nn.Flatten(),
+        )
+        features = 32 * _halved(_halved(height)) * _halved(_halved(width))
+    else:
+        raise ValueError(f"architecture must be 'conv2' or 'paper', got {architecture!r}")
     readout: nn.Linear = skip_init(nn.Linear, features, classes, **double)
     network.append(readout)
     with torch.no_grad():

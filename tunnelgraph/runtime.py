@@ -88,10 +88,15 @@ def _version(tensor: torch.Tensor | None) -> int:
 
 
 def unwrap_model(model: Any) -> nn.Module:
-    """The module inside DistributedDataParallel / DataParallel wrappers."""
+    """The module inside DistributedDataParallel / DataParallel / ``torch.compile`` wrappers."""
     wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
-    while isinstance(model, wrappers):
-        model = model.module
+    while True:
+        if isinstance(model, wrappers):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        else:
+            break
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     return model

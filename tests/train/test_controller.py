@@ -184,3 +184,23 @@ def test_a_model_without_sites_gets_a_clear_error_at_the_event() -> None:
     controller = TunnelController(model, optimizer, F.cross_entropy, _loader(), open_at=[1])
     with pytest.raises(ValueError, match="no site to open"):
         _train(controller, optimizer, _loader(), 1)
+
+
+def test_hooks_and_a_compiled_wrapper_keep_working_after_the_controller_rewrites() -> None:
+    torch.manual_seed(7)
+    model = paper_cnn()
+    calls = {"forward": 0, "tensor": 0}
+    model.conv.register_forward_hook(lambda module, args, output: calls.__setitem__("forward", calls["forward"] + 1))
+    model.conv.weight.register_hook(lambda grad: calls.__setitem__("tensor", calls["tensor"] + 1))
+    compiled = torch.compile(model, backend="eager")
+    loader = _loader()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    controller = TunnelController(compiled, optimizer, F.cross_entropy, loader, open_at=[2], close_after=2, batches=1)
+    seen: list[tuple[int, int]] = []
+    events = _train(controller, optimizer, loader, 5,
+                    after_step=lambda step: seen.append((calls["forward"], calls["tensor"])))
+    assert [e.action for e in events] == ["open", "close"]
+    assert controller.model is compiled  # a compiled wrapper recompiles for the new shapes by itself
+    # both hooks fire at every training step, before, while and after the tunnels are open
+    assert all(b[0] > a[0] and b[1] > a[1] for a, b in zip(seen, seen[1:]))
+    assert model.conv.weight.grad is not None and model.conv.weight.grad.shape == (8, 1, 5, 5)

@@ -77,22 +77,24 @@ class Task:
 
 def load_task(
     mnist_dir: str | Path | None = None, *, train_samples: int | None = None, test_samples: int | None = None,
-    seed: int = 0, image_shape: tuple[int, int, int] = (1, 28, 28),
+    seed: int = 0, image_shape: tuple[int, int, int] = (1, 28, 28), teacher: Literal["conv2", "paper"] = "paper",
 ) -> Task:
     """MNIST from ``mnist_dir`` (IDX files, the paper's pixel-mean subtraction), else the embedded teacher task.
 
     The teacher task (no download): ``train_samples`` (default 20000)
-    standard-normal images labelled by a fixed random teacher network
-    (:func:`tunnelgraph.datasets.teacher_task`), and ``test_samples``
-    (default 2000) more from the same teacher.
+    standard-normal images labelled by a fixed random teacher network of
+    the ``teacher`` architecture (:func:`tunnelgraph.datasets.teacher_network`;
+    ``"paper"``, the default here, has the paper CNN's shape, so the
+    paper CNN can fit the task), and ``test_samples`` (default 2000) more
+    from the same teacher.
     """
     if mnist_dir is not None:
         train = mnist(mnist_dir, "train", limit=train_samples)
         test = mnist(mnist_dir, "test", limit=test_samples)
         return Task("mnist", train.images, train.labels, test.images, test.labels)
-    teacher = teacher_network(seed=seed, image_shape=image_shape)
-    train = teacher_task(train_samples or 20000, seed=seed, teacher=teacher, image_shape=image_shape)
-    test = teacher_task(test_samples or 2000, seed=seed + 1, teacher=teacher, image_shape=image_shape)
+    network = teacher_network(seed=seed, image_shape=image_shape, architecture=teacher)
+    train = teacher_task(train_samples or 20000, seed=seed, teacher=network, image_shape=image_shape)
+    test = teacher_task(test_samples or 2000, seed=seed + 1, teacher=network, image_shape=image_shape)
     return Task("teacher", train.images, train.labels, test.images, test.labels)
 
 
