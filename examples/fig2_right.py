@@ -74,7 +74,7 @@ def train(method: str, task: Task, args: argparse.Namespace, seed: int) -> RunRe
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        batch_losses.append(float(loss))
+        batch_losses.append(float(loss.detach()))
         acted = time.perf_counter()
         if controller is not None:
             events += [e.to_dict() for e in controller.step(loss)]

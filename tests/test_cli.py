@@ -126,3 +126,26 @@ def test_through_takes_a_comma_list_and_reasons_quote_the_flag() -> None:
     assert "through=" not in default.stdout
     unknown = run("analyze", factory, "--input-shape", shape, "--through", "batchnorm,pool")
     assert unknown.returncode == 2 and "unknown option(s) pool" in unknown.stderr
+
+
+def test_demo_escapes_on_the_embedded_task_and_writes_its_record(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "tunnelgraph", "demo", "--steps", "80", "--out", str(tmp_path),
+                           "--no-progress"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "flat area from Newton's method" in done.stdout and "escape (training loss <=" in done.stdout
+    record = json.loads((tmp_path / "demo.json").read_text())
+    assert record["task"] == "teacher" and record["steps"] == 80
+    assert set(record["curves"]) == {"control", "tunnel"}
+    if record["opened_at"] is not None:  # the detector fired: the opening kept the function
+        assert record["max_rel_change"] < 1e-4  # float32: 4608-term sums with the weights split
+        assert record["loss_after"] == pytest.approx(record["loss_before"], rel=1e-6)
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    assert (tmp_path / "demo.png").is_file()
+
+
+def test_demo_names_a_missing_mnist_folder(tmp_path: Path) -> None:
+    done = run("demo", "--mnist", str(tmp_path / "nowhere"), "--steps", "5")
+    assert done.returncode == 2 and "no such folder" in done.stderr

@@ -72,6 +72,8 @@ EXAMPLES = {
                        "--eval-every", "2", "--eval-samples", "128"],
                       ["fig2_right_curves.csv", "fig2_right_summary.csv", "fig2_right.png"]),
     "fig3.py": (["--seeds", "1", "--steps", "5", *TINY_NEWTON], ["fig3.csv", "fig3.png", "fig3_summary.md"]),
+    "grid.py": (["--steps", "60", "--values", "1", "--methods", "tunnel,pgd,neon", *TINY_NEWTON],
+                ["grid.csv", "grid.md"]),
 }
 
 

@@ -266,11 +266,12 @@ def run(
             break
         index = torch.randint(0, len(images), (config.batch_size,), generator=batches)
         loss = F.cross_entropy(model(images[index]), labels[index])
-        if not math.isfinite(float(loss)):
-            raise FloatingPointError(f"{method}, seed {seed}: the loss is {float(loss)} at step {step}")
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise FloatingPointError(f"{method}, seed {seed}: the loss is {value} at step {step}")
         optimizer.zero_grad()
         loss.backward()
-        batch_losses.append(float(loss))
+        batch_losses.append(value)
         acted = time.perf_counter()
         if pgd is not None and pgd():
             events.append({"step": step, "action": "perturb"})
