@@ -204,3 +204,19 @@ def test_hooks_and_a_compiled_wrapper_keep_working_after_the_controller_rewrites
     # both hooks fire at every training step, before, while and after the tunnels are open
     assert all(b[0] > a[0] and b[1] > a[1] for a, b in zip(seen, seen[1:]))
     assert model.conv.weight.grad is not None and model.conv.weight.grad.shape == (8, 1, 5, 5)
+
+
+def test_overlapping_tunnels_close_the_right_channels() -> None:
+    """Two openings before the first close: the later clones shift down when the earlier ones go."""
+    torch.manual_seed(8)
+    model = paper_cnn()
+    loader = _loader()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    controller = TunnelController(model, optimizer, F.cross_entropy, loader, k=2, open_at=[1, 2], close_after=2,
+                                  batches=1)
+    events = _train(controller, optimizer, loader, 5)
+    assert [(e.step, e.action) for e in events] == [(1, "open"), (2, "open"), (3, "close"), (4, "close")]
+    # the clones opened at step 2 were channels 10 and 11; after step 3's close they are 8 and 9
+    assert events[2].sites == ("conv[9]", "conv[8]") and events[3].sites == ("conv[9]", "conv[8]")
+    assert model.conv.weight.shape[0] == 8
+    assert all(e.max_rel_change is not None and e.max_rel_change < 1e-3 for e in events)

@@ -33,13 +33,14 @@ anew (its buckets were sized for the old shapes): use
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import itertools
 import logging
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Iterable, Literal, Sequence
+from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
 
 import torch
 import torch.distributed as dist
@@ -291,26 +292,28 @@ class TunnelController:
         count = len(rewrite_records(self.module))
         channels = []
         done = []
-        for name, lam, sigma in plan:
-            if len(done) == self.k:
-                break
-            site = self._site(name)
-            if site.outbound_size != lam.numel():
-                # an earlier tunnel of this event widened this site's consumers: A was measured
-                # for the old shapes, so measure this site again on the model as it is now
-                logger.info("step %d: measuring %s again (an earlier tunnel widened its consumers)", self.steps, name)
-                (name, lam, sigma), = _agree(self._plan(batches, [site], fresh=True))
-            done.append((name, lam, sigma))
-            if self.action == "open":
-                rewrite(self.module, site, lam, example_inputs=self._example, through=self.through, inplace=True)
-                channels.append(site.group.size)
-                if self.close_after is not None:
-                    self._pending.append(_Pending(self.steps + self.close_after, site.group.name, site.group.size,
-                                                  site.channel))
-            else:
-                reorganize_from_data(self.module, site, lam, data=batches, example_inputs=self._example,
-                                     through=self.through, inplace=True)
-                channels.append(site.channel)
+        with self._consistent_on_failure(count):
+            for name, lam, sigma in plan:
+                if len(done) == self.k:
+                    break
+                site = self._site(name)
+                if site.outbound_size != lam.numel():
+                    # an earlier tunnel of this event widened this site's consumers: A was measured
+                    # for the old shapes, so measure this site again on the model as it is now
+                    logger.info("step %d: measuring %s again (an earlier tunnel widened its consumers)",
+                                self.steps, name)
+                    (name, lam, sigma), = _agree(self._plan(batches, [site], fresh=True))
+                if self.action == "open":
+                    rewrite(self.module, site, lam, example_inputs=self._example, through=self.through, inplace=True)
+                    channels.append(site.group.size)
+                    if self.close_after is not None:
+                        self._pending.append(_Pending(self.steps + self.close_after, site.group.name,
+                                                      site.group.size, site.channel))
+                else:
+                    reorganize_from_data(self.module, site, lam, data=batches, example_inputs=self._example,
+                                         through=self.through, inplace=True)
+                    channels.append(site.channel)
+                done.append((name, lam, sigma))
         self._opened += 1
         sigma = tuple(float(s) for _, _, s in done)
         return self._finish("open" if self.action == "open" else "reorganize", reason, done, channels, sigma,
@@ -323,10 +326,11 @@ class TunnelController:
         count = len(rewrite_records(self.module))
         # highest clone first: removing a channel shifts the ones above it down
         ordered = sorted(due, key=lambda p: (p.group, -p.clone))
-        for pending in ordered:
-            merge(self.module, f"{pending.group}[{pending.clone}]", into=pending.origin,
-                  example_inputs=self._example, through=self.through, inplace=True)
-        self._pending = [p for p in self._pending if p not in due]
+        with self._consistent_on_failure(count):
+            for pending in ordered:
+                merge(self.module, f"{pending.group}[{pending.clone}]", into=pending.origin,
+                      example_inputs=self._example, through=self.through, inplace=True)
+        self._pending = [_shifted(p, ordered) for p in self._pending if p not in due]
         plan = [(f"{p.group}[{p.clone}]", None, 0.0) for p in ordered]
         return self._finish("close", "close_after", plan, [p.origin for p in ordered], (), before, batches,
                             count, start)
@@ -357,6 +361,20 @@ class TunnelController:
         return event
 
     # -- helpers ------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _consistent_on_failure(self, count: int) -> Iterator[None]:
+        """If a rewrite of an event fails, the optimizer still follows the rewrites done before it."""
+        try:
+            yield
+        except Exception:
+            records = rewrite_records(self.module)[count:]
+            if records:
+                logger.error("step %d: a rewrite failed after %d others; the optimizer follows those",
+                             self.steps, len(records))
+                update_optimizer(self.optimizer, self.module, records, mode=self.surgery)
+                self._model = self._rewrapped()
+            raise
 
     def _plan(
         self, batches: list[Any], candidates: list[Site] | None = None, fresh: bool = False
@@ -443,6 +461,14 @@ def _buffer_sync(old: nn.parallel.DistributedDataParallel) -> dict[str, Any]:
     if "forward_sync_buffers" in inspect.signature(nn.parallel.DistributedDataParallel).parameters:
         return {"forward_sync_buffers": old.forward_sync_buffers}
     return {"broadcast_buffers": old.require_forward_param_sync}
+
+
+def _shifted(pending: _Pending, removed: Sequence[_Pending]) -> _Pending:
+    """``pending`` after the channels ``removed`` were merged away from its group (indices shift down)."""
+    gone = [p.clone for p in removed if p.group == pending.group]
+    clone = pending.clone - sum(1 for c in gone if c < pending.clone)
+    origin = pending.origin - sum(1 for c in gone if c < pending.origin)
+    return _Pending(pending.due, pending.group, clone, origin)
 
 
 def _distributed() -> bool:
