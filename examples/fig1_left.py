@@ -24,7 +24,7 @@ from tunnelgraph.experiments.escape import RunConfig
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_arguments(parser, steps=1000, seeds=10)
-    parser.add_argument("--t", type=float, default=1.0, help="radius of lambda (default 1.0)")
+    parser.add_argument("--t", type=float, default=100.0, help="radius of lambda (default 100, from grid.py)")
     parser.add_argument("--open-at", type=int, default=50)
     parser.add_argument("--close-at", type=int, default=300)
     args = parser.parse_args(argv)

@@ -25,14 +25,19 @@ METHODS = ["control", "reorganize", "random_reorganize", "pgd", "neon", "noisy_s
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_arguments(parser, steps=1000, seeds=10)
-    parser.add_argument("--t", type=float, default=1.0, help="radius of lambda (default 1.0)")
+    parser.add_argument("--t", type=float, default=10.0, help="radius of lambda (default 10, from grid.py)")
     parser.add_argument("--open-at", type=int, default=50)
     parser.add_argument("--methods", default=",".join(METHODS), help="comma list (default: all)")
+    parser.add_argument("--pgd-radius", type=float, default=1.0, help="perturbed GD's radius (default 1, grid.py)")
+    parser.add_argument("--pgd-threshold", type=float, default=0.5, help="perturbed GD's and NEON's gradient gate")
+    parser.add_argument("--neon-step", type=float, default=10.0, help="NEON's step (default 10, grid.py)")
+    parser.add_argument("--noise-std", type=float, default=0.03, help="noisy SGD's std (default 0.03, grid.py)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     task = task_from_arguments(args)
     start, _ = flat_start_from_arguments(args, task)
-    config = RunConfig(steps=args.steps, t=args.t, open_at=args.open_at, close_at=None)
+    config = RunConfig(steps=args.steps, t=args.t, open_at=args.open_at, close_at=None, pgd_radius=args.pgd_radius,
+                       pgd_threshold=args.pgd_threshold, neon_step=args.neon_step, noise_std=args.noise_std)
     compare(args.methods.split(","), start=start, task=task, config=config, seeds=range(args.seeds), out=args.out,
             name="fig2_left", title=f"Figure 2 left: reorganisation and escape baselines ({task.name})",
             progress=not args.no_progress)

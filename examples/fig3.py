@@ -42,7 +42,7 @@ def distance(model: nn.Module, u: int, clone: int) -> float:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_arguments(parser, steps=300, seeds=3)
-    parser.add_argument("--t", type=float, default=1.0, help="radius of lambda_t and of the random lambda")
+    parser.add_argument("--t", type=float, default=100.0, help="radius of lambda_t and of the random lambda")
     parser.add_argument("--constant", type=float, default=0.75, help="c of the constant lambda (default 0.75)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -122,7 +122,13 @@ def test_a_reorganisation_keeps_every_shape_and_reports_its_change() -> None:
     assert [(e.step, e.action) for e in events] == [(2, "reorganize")]
     assert [p.shape for p in model.parameters()] == shapes
     assert events[0].max_rel_change is not None and events[0].loss_after is not None
-    assert [(r.old_size, r.new_size) for r in tg.rewrite_records(model)] == [(8, 8), (8, 8)]
+    # the paper's order: merge 2 pairs (8 -> 6 filters), then open 2 tunnels (6 -> 8)
+    assert [(r.old_size, r.new_size) for r in tg.rewrite_records(model)] == [(8, 7), (7, 6), (6, 7), (7, 8)]
+    event = events[0]
+    assert len(event.merged) == 2 and len(event.sites) == 2 and len(event.sigma) == 2
+    cloned = {int(name[5:-1]) for name in event.sites}
+    touched = [int(part.split("[")[1].split("]")[0]) for pair in event.merged for part in pair.split(" -> ")]
+    assert len(set(touched)) == 4 and not cloned & set(touched)  # disjoint pairs, never a cloned unit
 
 
 def test_statistics_from_a_tracker_open_the_same_kind_of_tunnel() -> None:

@@ -140,7 +140,10 @@ class RunConfig:
     """How one escape run trains and when its method acts.
 
     Defaults follow the paper's MNIST setup (SGD lr 1.0, batch 256, two
-    filters opened at step 50 and closed at step 300). With
+    filters opened at step 50 and closed at step 300); ``t`` and the
+    baselines' free parameter (``pgd_radius``, ``neon_step``,
+    ``noise_std``) are the values ``examples/grid.py`` chose on MNIST with
+    a tuning seed (docs/RESULTS.md). With
     ``open_at=None`` the tunnel methods act once, when a
     :class:`~tunnelgraph.train.PlateauDetector` (``plateau_window``,
     ``plateau_rel_change``) sees the minibatch loss stall, and close
@@ -159,18 +162,18 @@ class RunConfig:
     plateau_window: int = 40
     plateau_rel_change: float = 1e-2
     k: int = 2
-    t: float = 1.0
+    t: float = 100.0
     statistics_batches: int = 4
     through: tuple[str, ...] = ()
     surgery: Literal["carry", "clear", "adam_recipe"] = "carry"
-    pgd_radius: float = 0.5
+    pgd_radius: float = 1.0
     pgd_threshold: float = 0.5
     pgd_wait: int = 50
     neon_radius: float = 0.01
     neon_eta: float = 0.5
     neon_iterations: int = 10
-    neon_step: float = 0.5
-    noise_std: float = 1e-3
+    neon_step: float = 10.0
+    noise_std: float = 0.03
 
 
 @dataclass

@@ -47,15 +47,9 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from tunnelgraph.analysis.sites import Site
-from tunnelgraph.api import (
-    find_sites,
-    function_change,
-    merge,
-    reorganize_from_data,
-    rewrite,
-    rewrite_records,
-)
+from tunnelgraph.api import find_sites, function_change, merge, rewrite, rewrite_records
 from tunnelgraph.runtime import batch_parts, model_device, to_device, unwrap_model
+from tunnelgraph.statistics.activity import unit_measures
 from tunnelgraph.statistics.engine import SiteStatistics, a_statistics, measurable
 from tunnelgraph.statistics.lambdas import lambda_t, random_lambda, rank_sites
 from tunnelgraph.statistics.tracker import StatisticsTracker
@@ -80,13 +74,16 @@ class TunnelEvent:
             ``"close_after"``.
         sites: the sites acted on (names in the model as it was before).
         channels: for ``"open"``, the clones' channel indices; for
-            ``"close"``, the channels each clone was merged into.
+            ``"close"``, the channels each clone was merged into; for
+            ``"reorganize"``, the cloned units' indices after the merges.
         sigma: the top singular value of A of each opened site (empty otherwise).
         loss_before, loss_after: mean loss on the statistics batches before
             and after the rewrite (None when ``check=False``).
         max_rel_change: largest output change on those batches, relative to
             the largest output (0 up to rounding for an opening).
         seconds: wall-clock time of the event (statistics, rewrite, check).
+        merged: for ``"reorganize"``, the pairs merged first, as
+            ``"group[unit] -> [into]"`` (channel indices before the event).
     """
 
     step: int
@@ -99,6 +96,7 @@ class TunnelEvent:
     loss_after: float | None
     max_rel_change: float | None
     seconds: float
+    merged: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable copy."""
@@ -290,6 +288,8 @@ class TunnelController:
         plan = _agree(self._plan(batches))
         before = copy.deepcopy(self.module) if self.check else None
         count = len(rewrite_records(self.module))
+        if self.action == "reorganize":
+            return self._reorganize(reason, plan, batches, before, count, start)
         channels = []
         done = []
         with self._consistent_on_failure(count):
@@ -303,21 +303,60 @@ class TunnelController:
                     logger.info("step %d: measuring %s again (an earlier tunnel widened its consumers)",
                                 self.steps, name)
                     (name, lam, sigma), = _agree(self._plan(batches, [site], fresh=True))
-                if self.action == "open":
-                    rewrite(self.module, site, lam, example_inputs=self._example, through=self.through, inplace=True)
-                    channels.append(site.group.size)
-                    if self.close_after is not None:
-                        self._pending.append(_Pending(self.steps + self.close_after, site.group.name,
-                                                      site.group.size, site.channel))
-                else:
-                    reorganize_from_data(self.module, site, lam, data=batches, example_inputs=self._example,
-                                         through=self.through, inplace=True)
-                    channels.append(site.channel)
+                rewrite(self.module, site, lam, example_inputs=self._example, through=self.through, inplace=True)
+                channels.append(site.group.size)
+                if self.close_after is not None:
+                    self._pending.append(_Pending(self.steps + self.close_after, site.group.name,
+                                                  site.group.size, site.channel))
                 done.append((name, lam, sigma))
         self._opened += 1
         sigma = tuple(float(s) for _, _, s in done)
-        return self._finish("open" if self.action == "open" else "reorganize", reason, done, channels, sigma,
-                            before, batches, count, start)
+        return self._finish("open", reason, done, channels, sigma, before, batches, count, start)
+
+    def _reorganize(
+        self, reason: str, plan: list[tuple[str, torch.Tensor, float]], batches: list[Any],
+        before: nn.Module | None, count: int, start: float,
+    ) -> TunnelEvent:
+        """The paper's reorganisation of ``k`` units (section 3.2): merge ``k`` pairs, then open ``k`` tunnels.
+
+        In each group of the chosen sites, the most nearly redundant disjoint
+        pairs (largest ``|corr|`` of activations on the batches; the chosen
+        units are never merged) are merged, one per chosen unit; then A is
+        measured again on the merged model and each chosen unit is cloned
+        with ``lambda`` into a new last channel. Every shape is kept.
+        """
+        chosen: dict[str, list[tuple[str, int]]] = {}
+        for name, _, _ in plan[: self.k]:
+            site = self._site(name)
+            chosen.setdefault(site.group.name, []).append((name, site.channel))
+        merged: list[str] = []
+        cloned: list[tuple[str, int]] = []
+        with self._consistent_on_failure(count):
+            for group_name, units in chosen.items():
+                group = self._site(units[0][0]).group
+                keep = {channel for _, channel in units}
+                pairs = _disjoint_pairs(unit_measures(self.module, [group], batches, progress=False), group.name,
+                                        keep, len(units))
+                if len(pairs) < len(units):
+                    logger.warning("step %d: only %d pair(s) of %s can merge; reorganising %d unit(s)",
+                                   self.steps, len(pairs), group_name, len(pairs))
+                alive = list(range(group.size))
+                for unit, into in sorted(pairs, reverse=True):
+                    merge(self.module, f"{group_name}[{alive.index(unit)}]", into=alive.index(into),
+                          example_inputs=self._example, through=self.through, inplace=True)
+                    alive.remove(unit)
+                    merged.append(f"{group_name}[{unit}] -> [{into}]")
+                cloned += [(name, alive.index(channel)) for name, channel in units[: len(pairs)]]
+            done = []
+            for original, channel in cloned:
+                site = self._site(f"{original.rpartition('[')[0]}[{channel}]")
+                (_, lam, sigma), = _agree(self._plan(batches, [site], fresh=True))
+                rewrite(self.module, site, lam, example_inputs=self._example, through=self.through, inplace=True)
+                done.append((original, lam, sigma))
+        self._opened += 1
+        sigma = tuple(float(s) for _, _, s in done)
+        return self._finish("reorganize", reason, done, [c for _, c in cloned], sigma, before, batches, count, start,
+                            merged=tuple(merged))
 
     def _close(self, due: list[_Pending]) -> TunnelEvent:
         start = time.perf_counter()
@@ -338,6 +377,7 @@ class TunnelController:
     def _finish(
         self, action: str, reason: str, plan: Sequence[tuple[Any, ...]], channels: Sequence[int],
         sigma: tuple[float, ...], before: nn.Module | None, batches: list[Any], count: int, start: float,
+        merged: tuple[str, ...] = (),
     ) -> TunnelEvent:
         records = rewrite_records(self.module)[count:]
         update_optimizer(self.optimizer, self.module, records, mode=self.surgery)
@@ -351,7 +391,8 @@ class TunnelController:
             change = {key: measured[key] for key in change}
         event = TunnelEvent(
             step=self.steps, action=action, reason=reason, sites=tuple(str(p[0]) for p in plan),
-            channels=tuple(int(c) for c in channels), sigma=sigma, seconds=time.perf_counter() - start, **change,
+            channels=tuple(int(c) for c in channels), sigma=sigma, seconds=time.perf_counter() - start,
+            merged=merged, **change,
         )
         self.events.append(event)
         logger.info(
@@ -461,6 +502,27 @@ def _buffer_sync(old: nn.parallel.DistributedDataParallel) -> dict[str, Any]:
     if "forward_sync_buffers" in inspect.signature(nn.parallel.DistributedDataParallel).parameters:
         return {"forward_sync_buffers": old.forward_sync_buffers}
     return {"broadcast_buffers": old.require_forward_param_sync}
+
+
+def _disjoint_pairs(
+    measures: dict[str, Any], group: str, keep: set[int], count: int
+) -> list[tuple[int, int]]:
+    """Up to ``count`` disjoint ``(unit, into)`` pairs, most nearly redundant first, touching no unit of ``keep``."""
+    ranked = sorted(
+        ((m.correlation, int(name.rpartition("[")[2][:-1]), m.partner) for name, m in measures.items()
+         if name.startswith(f"{group}[") and m.partner is not None),
+        key=lambda entry: (-entry[0], entry[1]),
+    )
+    used = set(keep)
+    pairs = []
+    for _, unit, partner in ranked:
+        if len(pairs) == count:
+            break
+        if unit in used or partner in used:
+            continue
+        pairs.append((unit, partner))
+        used |= {unit, partner}
+    return pairs
 
 
 def _shifted(pending: _Pending, removed: Sequence[_Pending]) -> _Pending:
