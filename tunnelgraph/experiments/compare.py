@@ -6,7 +6,7 @@ import argparse
 import json
 import logging
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch.nn as nn
 
@@ -58,7 +58,9 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, steps: int, seeds: 
     parser.add_argument("--no-progress", action="store_true")
 
 
-def flat_start_from_arguments(args: argparse.Namespace, task: Task, *, seed: int = 0) -> tuple[nn.Module, dict]:
+def flat_start_from_arguments(
+    args: argparse.Namespace, task: Task, *, seed: int = 0
+) -> tuple[nn.Module, dict[str, Any]]:
     """The paper CNN (initialised with ``seed``) walked into a flat area by Newton's method, cached in ``--out``."""
     import torch
 

@@ -273,7 +273,7 @@ def run(
         if not math.isfinite(value):
             raise FloatingPointError(f"{method}, seed {seed}: the loss is {value} at step {step}")
         optimizer.zero_grad()
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]
         batch_losses.append(value)
         acted = time.perf_counter()
         if pgd is not None and pgd():

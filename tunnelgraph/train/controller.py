@@ -50,7 +50,7 @@ from tunnelgraph.analysis.sites import Site
 from tunnelgraph.api import find_sites, function_change, merge, rewrite, rewrite_records
 from tunnelgraph.runtime import batch_parts, model_device, to_device, unwrap_model
 from tunnelgraph.statistics.activity import unit_measures
-from tunnelgraph.statistics.engine import SiteStatistics, a_statistics, measurable
+from tunnelgraph.statistics.engine import Method, SiteStatistics, a_statistics, measurable
 from tunnelgraph.statistics.lambdas import lambda_t, random_lambda, rank_sites
 from tunnelgraph.statistics.tracker import StatisticsTracker
 from tunnelgraph.train.optimizer import SurgeryMode, update_optimizer
@@ -185,7 +185,7 @@ class TunnelController:
         check: bool = True,
         generator: torch.Generator | None = None,
         wrap: Callable[[nn.Module], nn.Module] | None = None,
-        method: str = "auto",
+        method: Method = "auto",
         progress: bool = False,
     ) -> None:
         if k < 1:
@@ -290,8 +290,8 @@ class TunnelController:
         count = len(rewrite_records(self.module))
         if self.action == "reorganize":
             return self._reorganize(reason, plan, batches, before, count, start)
-        channels = []
-        done = []
+        channels: list[int] = []
+        done: list[tuple[str, torch.Tensor, float]] = []
         with self._consistent_on_failure(count):
             for name, lam, sigma in plan:
                 if len(done) == self.k:
@@ -310,8 +310,8 @@ class TunnelController:
                                                   site.group.size, site.channel))
                 done.append((name, lam, sigma))
         self._opened += 1
-        sigma = tuple(float(s) for _, _, s in done)
-        return self._finish("open", reason, done, channels, sigma, before, batches, count, start)
+        sigmas = tuple(float(s) for _, _, s in done)
+        return self._finish("open", reason, done, channels, sigmas, before, batches, count, start)
 
     def _reorganize(
         self, reason: str, plan: list[tuple[str, torch.Tensor, float]], batches: list[Any],
@@ -347,15 +347,15 @@ class TunnelController:
                     alive.remove(unit)
                     merged.append(f"{group_name}[{unit}] -> [{into}]")
                 cloned += [(name, alive.index(channel)) for name, channel in units[: len(pairs)]]
-            done = []
+            done: list[tuple[str, torch.Tensor, float]] = []
             for original, channel in cloned:
                 site = self._site(f"{original.rpartition('[')[0]}[{channel}]")
                 (_, lam, sigma), = _agree(self._plan(batches, [site], fresh=True))
                 rewrite(self.module, site, lam, example_inputs=self._example, through=self.through, inplace=True)
                 done.append((original, lam, sigma))
         self._opened += 1
-        sigma = tuple(float(s) for _, _, s in done)
-        return self._finish("reorganize", reason, done, [c for _, c in cloned], sigma, before, batches, count, start,
+        sigmas = tuple(float(s) for _, _, s in done)
+        return self._finish("reorganize", reason, done, [c for _, c in cloned], sigmas, before, batches, count, start,
                             merged=tuple(merged))
 
     def _close(self, due: list[_Pending]) -> TunnelEvent:
@@ -432,7 +432,7 @@ class TunnelController:
             stats = self._tracker.statistics()
         else:
             stats = a_statistics(self.module, candidates, batches, self.loss_fn, method=self.method,
-                                 progress=self.progress)  # type: ignore[arg-type]
+                                 progress=self.progress)
         # the k steepest, and some more for one_per_group
         ranked = rank_sites([stats[site.name] for site in candidates if site.name in stats])
         if self.one_per_group:
@@ -514,7 +514,7 @@ def _disjoint_pairs(
         key=lambda entry: (-entry[0], entry[1]),
     )
     used = set(keep)
-    pairs = []
+    pairs: list[tuple[int, int]] = []
     for _, unit, partner in ranked:
         if len(pairs) == count:
             break
