@@ -103,7 +103,8 @@ def band_plot(
         marks: vertical lines ``(x, label)`` (e.g. when tunnels open).
 
     Returns:
-        The path written, or None without matplotlib.
+        The path written, or None without matplotlib. With ``logy`` the
+        lower edge of a band is cut at 1% of the mean.
     """
     try:
         import matplotlib
@@ -119,6 +120,8 @@ def band_plot(
         stats = [mean_std(list(column)) for column in columns]
         means = [m for m, _ in stats]
         lows = [m - s for m, s in stats]
+        if logy:  # a band that reaches zero cannot be drawn on a log axis: cut it at 1% of the mean
+            lows = [max(low, m / 100) for low, m in zip(lows, means)]
         highs = [m + s for m, s in stats]
         line = axes.plot(list(xs)[: len(means)], means, label=f"{label} (n={len(runs)})")[0]
         axes.fill_between(list(xs)[: len(means)], lows, highs, color=line.get_color(), alpha=0.2, linewidth=0)
