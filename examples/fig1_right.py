@@ -37,7 +37,7 @@ def loss_and_squared_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor
     """Full-batch loss and squared norm of the gradient over every parameter."""
     loss = F.cross_entropy(model(x), y)
     grads = torch.autograd.grad(loss, list(model.parameters()))
-    return float(loss), float(sum((g * g).sum() for g in grads))
+    return float(loss.detach()), float(sum((g * g).sum() for g in grads))
 
 
 def converge(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float) -> tuple[float, float]:
