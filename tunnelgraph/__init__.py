@@ -35,7 +35,9 @@ from tunnelgraph.api import (
     reorganize,
     reorganize_from_data,
     rewrite,
+    replay,
     rewrite_records,
+    save_records,
 )
 from tunnelgraph.errors import (
     MissingExtraError,
@@ -138,8 +140,10 @@ __all__ = [
     "reduce",
     "reorganize",
     "reorganize_from_data",
+    "replay",
     "rewrite",
     "rewrite_records",
+    "save_records",
     "to_torch",
     "trace",
     "verify",

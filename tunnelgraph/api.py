@@ -572,6 +572,78 @@ def rewrite_records(model: AnyModel) -> list[RewriteRecord]:
     return adapter_for(model).records()
 
 
+def save_records(model: AnyModel, path: str | os.PathLike[str]) -> list[RewriteRecord]:
+    """Write ``model``'s rewrite records to ``path`` as JSON (a list of record dicts); returns them.
+
+    Save it beside a ``state_dict`` checkpoint: :func:`replay` rebuilds the
+    shapes in a freshly built model from it, so the checkpoint loads.
+    """
+    import json
+
+    records = rewrite_records(model)
+    with open(path, "w") as handle:
+        json.dump([record.to_dict() for record in records], handle)
+    return records
+
+
+def replay(
+    model: nn.Module, records: nn.Module | Sequence[RewriteRecord | dict[str, Any]] | str | os.PathLike[str]
+) -> nn.Module:
+    """Give a freshly built ``model`` the shapes a rewritten one has, so that its ``state_dict`` loads.
+
+    ``model`` is built by the user's own code (``resnet18()``, ``MyNet()``):
+    the same class as the model that was rewritten, before any rewrite. The
+    records say, for every parameter and buffer each rewrite touched, how
+    its channels changed; ``replay`` resizes the same tensors of ``model``
+    **in place** (new entries are placeholders: load the rewritten model's
+    ``state_dict`` next), updates the layers' size attributes
+    (``out_channels``, ``in_features``, ``num_features``, ...), appends the
+    records to ``model``'s own, and returns ``model``::
+
+        tg.save_records(opened, "opened.json"); torch.save(opened.state_dict(), "opened.pt")
+        fresh = tg.replay(MyNet(), "opened.json")
+        fresh.load_state_dict(torch.load("opened.pt"))
+
+    Args:
+        model: the freshly built PyTorch module.
+        records: the rewritten model itself (its records are read), a list
+            of :class:`~tunnelgraph.rewrite.passes.RewriteRecord` (or their
+            ``to_dict()`` dicts), or the path of a JSON file written by
+            :func:`save_records`.
+
+    Raises:
+        RewriteError: a record names a tensor ``model`` does not have or
+            that has another size (another class, or records that do not
+            start from a freshly built model); ``model`` is unchanged then.
+        TypeError: ``model`` is not a PyTorch module.
+
+    A model whose forward hard-codes a width (``x.view(-1, 4608)``) comes
+    back from a rewrite as a ``torch.fx.GraphModule`` with the new width;
+    its own class cannot take it, and ``load_state_dict`` will say so.
+    """
+    import json
+
+    import torch.nn as nn
+
+    from tunnelgraph.backends.pytorch import replay as replay_records
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"replay rebuilds the shapes of a PyTorch module; got {type(model).__name__}")
+    if isinstance(records, nn.Module):
+        entries: list[RewriteRecord] = rewrite_records(records)
+    elif isinstance(records, (str, os.PathLike)):
+        with open(records) as handle:
+            entries = [RewriteRecord.from_dict(entry) for entry in json.load(handle)]
+    else:
+        entries = [entry if isinstance(entry, RewriteRecord) else RewriteRecord.from_dict(entry) for entry in records]
+    adapter = adapter_for(model)
+    target: nn.Module = adapter.model
+    replay_records(target, entries)
+    adapter.with_records(target, entries)
+    logger.info("replayed %d rewrite(s) on a fresh %s", len(entries), type(target).__name__)
+    return target
+
+
 def _resolve(adapter: Adapter[Any], site: Site | str, example_inputs: Any, through: Iterable[str]) -> Site:
     """``site`` itself once checked against the model (a stale site is named as such), or the site of that name."""
     if isinstance(site, Site):

@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from tunnelgraph.analysis.groups import ChannelGroup, WidthLiteral
 from tunnelgraph.errors import RewriteError
+from tunnelgraph.rewrite.passes import RewriteRecord, TensorChange
 from tunnelgraph.rewrite.plan import ArrayOps, RewritePlan, TensorEdit, check_shapes, edit_array
 from tunnelgraph.runtime import preserved
 
@@ -87,6 +88,79 @@ def _drop_grad_accumulator(parameter: nn.Parameter) -> None:
     """
     other = torch.float64 if parameter.dtype != torch.float64 else torch.float32
     parameter.data = parameter.data.to(other)
+
+
+def apply_change(value: torch.Tensor, change: TensorChange, *, what: str = "tensor") -> torch.Tensor:
+    """``value`` after one :class:`TensorChange`: block ``j`` of the group's range copies old block
+    ``copies[j]``, or is zero where the record has a new combination (``None``).
+
+    Used for a rewrite's parameters (:func:`replay`) and for per-entry optimizer state.
+
+    Raises:
+        RewriteError: ``value`` is too small along the change's axis for the
+            record (it belongs to another model, or the records are not the
+            ones made since ``value`` last matched).
+    """
+    axis, block, offset = change.axis, change.block, change.offset
+    if value.dim() <= axis or value.shape[axis] < offset + change.old_size * block:
+        raise RewriteError(
+            f"the {what} '{change.name}' has shape {tuple(value.shape)}, too small along axis {axis} for a record "
+            f"that expects {change.old_size} channels of {block} entries from offset {offset}: the records are not "
+            "the ones made since it matched (or come from another model class)"
+        )
+    segment = value.narrow(axis, offset, change.old_size * block)
+    blocks = [
+        segment.narrow(axis, old * block, block) if old is not None else torch.zeros_like(segment.narrow(axis, 0, block))
+        for old in change.copies
+    ]
+    head = value.narrow(axis, 0, offset)
+    tail_start = offset + change.old_size * block
+    tail = value.narrow(axis, tail_start, value.shape[axis] - tail_start)
+    return torch.cat([head, *blocks, tail], dim=axis).contiguous()
+
+
+def replay(model: nn.Module, records: list[RewriteRecord]) -> None:
+    """Give ``model`` (edited in place) the shapes the rewrites of ``records`` produced.
+
+    Every parameter and buffer a record names is resized slice by slice
+    (kept channels copied, new combinations zero: a ``load_state_dict`` of
+    the rewritten model fills them), and the modules' size attributes follow.
+    Everything is checked before anything changes.
+
+    Raises:
+        RewriteError: a record names a tensor ``model`` does not have, or one
+            of the wrong size; ``model`` is unchanged then.
+    """
+    current: dict[str, torch.Tensor] = dict(model.named_parameters())
+    current.update(model.named_buffers())
+    new: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for index, record in enumerate(records):
+            for change in record.tensors:
+                if change.name not in current:
+                    raise RewriteError(
+                        f"record {index} (group '{record.group}') edits '{change.name}', which this model does not "
+                        f"have: replay needs a model of the class that was rewritten"
+                    )
+                source = new.get(change.name, current[change.name].detach())
+                new[change.name] = apply_change(source, change, what="parameter or buffer")
+    modules = []
+    for name, tensor in new.items():
+        module_name, _, attribute = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        if attribute in module._parameters:
+            parameter = module._parameters[attribute]
+            assert parameter is not None
+            if parameter.shape != tensor.shape:
+                _drop_grad_accumulator(parameter)
+                parameter.grad = None
+            parameter.data = tensor
+        else:
+            module._buffers[attribute] = tensor
+        if module not in modules:
+            modules.append(module)
+    for module in modules:
+        _resize(module)
 
 
 def check_fits(

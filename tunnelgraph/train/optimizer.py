@@ -23,6 +23,8 @@ from typing import Any, Literal, Sequence
 import torch
 import torch.nn as nn
 
+from tunnelgraph.backends.pytorch import apply_change
+from tunnelgraph.errors import RewriteError
 from tunnelgraph.rewrite.passes import RewriteRecord, TensorChange
 
 logger = logging.getLogger(__name__)
@@ -96,7 +98,10 @@ def update_optimizer(
                 continue
             name = names[id(old)]
             old_shape = tuple(old.shape) if old is not current[name] else None
-            states[id(old)] = {key: _carried(value, old_shape, changes.get(name, [])) for key, value in state.items()}
+            try:
+                states[id(old)] = {key: _carried(value, old_shape, changes.get(name, [])) for key, value in state.items()}
+            except RewriteError as error:
+                raise ValueError(f"{error}; pass only the records made since the optimizer matched the model") from error
     for group in optimizer.param_groups:
         for index, old in enumerate(group["params"]):
             new = current[names[id(old)]]
@@ -134,24 +139,5 @@ def _carried(value: Any, old_shape: tuple[int, ...] | None, changes: list[Tensor
     if old_shape is not None and tuple(value.shape) != old_shape:
         return value  # not a per-entry state tensor
     for change in changes:
-        value = _edit_state(value, change)
+        value = apply_change(value, change, what="optimizer state of")
     return value
-
-
-def _edit_state(value: torch.Tensor, change: TensorChange) -> torch.Tensor:
-    axis, block, offset = change.axis, change.block, change.offset
-    if value.shape[axis] < offset + change.old_size * block:
-        raise ValueError(
-            f"the optimizer's state of '{change.name}' has {value.shape[axis]} entries along axis {axis}, "
-            f"fewer than the rewrite record expects; pass only the records made since the optimizer matched "
-            "the model"
-        )
-    segment = value.narrow(axis, offset, change.old_size * block)
-    blocks = [
-        segment.narrow(axis, old * block, block) if old is not None else torch.zeros_like(segment.narrow(axis, 0, block))
-        for old in change.copies
-    ]
-    head = value.narrow(axis, 0, offset)
-    tail_start = offset + change.old_size * block
-    tail = value.narrow(axis, tail_start, value.shape[axis] - tail_start)
-    return torch.cat([head, *blocks, tail], dim=axis).contiguous()
