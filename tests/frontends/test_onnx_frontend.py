@@ -378,3 +378,45 @@ def test_a_gemm_bias_factor_is_a_neutral_attribute() -> None:
     assert layers["g"].attrs["bias_scale"] == 2.0
     assert "bias_scale" not in layers["y"].attrs  # MatMul + Add: the bias is added as it is
     assert "bias_scale" not in tg.load_onnx(hand_written())["g"].attrs  # beta = 1
+
+
+def _shared_bias_model() -> onnx.ModelProto:
+    """conv a -> relu -> conv b -> relu -> conv c -> flatten -> Gemm; a and b read one zero bias ``zeros``
+    (as the TorchScript exporter stores equal initializers once) and b and c one weight ``w`` (a layer
+    applied twice)."""
+    zeros = numpy_helper.from_array(np.zeros(3, dtype=np.float32), "zeros")
+    nodes = [
+        helper.make_node("Conv", ["x", "a.weight", "zeros"], ["h1"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["h1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "w", "zeros"], ["h2"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["h2"], ["r2"]),
+        helper.make_node("Conv", ["r2", "w", "c.bias"], ["h3"], pads=[1, 1, 1, 1]),
+        helper.make_node("Flatten", ["h3"], ["f"], axis=1),
+        helper.make_node("Gemm", ["f", "g.weight", "g.bias"], ["y"], transB=1),
+    ]
+    initializers = [_init("a.weight", 3, 2, 3, 3), zeros, _init("w", 3, 3, 3, 3), _init("c.bias", 3),
+                    _init("g.weight", 4, 3 * 5 * 5), _init("g.bias", 4)]
+    graph = helper.make_graph(
+        nodes, "shared", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 2, 5, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])], initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def test_initializers_read_by_several_layers_get_a_copy_each_and_every_layer_gets_sites() -> None:
+    model = _shared_bias_model()
+    original = model.SerializeToString()
+    sites = tg.find_sites(model)
+    groups = {s.group_name for s in sites}
+    assert len(groups) == 3, groups  # a, b and c: none is blocked by the shared 'zeros' or 'w'
+    x = torch.randn(2, 2, 5, 5)
+    for group in sorted(groups):
+        site = next(s for s in sites if s.group_name == group)
+        rewritten = tg.rewrite(model, site, RNG.uniform(0, 1, site.outbound_size))
+        onnx.checker.check_model(rewritten, full_check=True)
+        assert tg.verify(model, rewritten, x, rtol=1e-5, atol=1e-6).passed
+        names = [t.name for t in rewritten.graph.initializer]
+        assert len(names) == len(set(names)) and {"zeros__1", "w__1"} <= set(names)
+    assert model.SerializeToString() == original  # the given model is never modified

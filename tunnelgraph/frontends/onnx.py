@@ -98,9 +98,9 @@ def read_onnx(source: OnnxSource) -> tuple[onnx.ModelProto, Path | None]:
             external-data location points outside the model's folder.
     """
     if isinstance(source, onnx.ModelProto):
-        return constants_as_initializers(source), None
+        return _prepared(source), None
     if isinstance(source, bytes):
-        return constants_as_initializers(_parse(source, "the given bytes")), None
+        return _prepared(_parse(source, "the given bytes")), None
     path = Path(source)
     if not path.is_file():
         raise TraceError(f"no ONNX file at '{path}'")
@@ -119,7 +119,74 @@ def read_onnx(source: OnnxSource) -> tuple[onnx.ModelProto, Path | None]:
             raise TraceError(f"initializer '{tensor.name}' keeps its data in '{location}', which is missing")
     if external:
         onnx.external_data_helper.load_external_data_for_model(model, str(folder))
-    return constants_as_initializers(model), folder
+    return _prepared(model), folder
+
+
+def _prepared(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The form every ONNX path reads: constants as initializers, no initializer read by two inputs."""
+    return split_shared_initializers(constants_as_initializers(model))
+
+
+def split_shared_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with every initializer that several node inputs read copied, one copy per input.
+
+    Exporters store parameters of equal value once (the TorchScript
+    exporter deduplicates initializers, e.g. the zero biases of freshly
+    built layers, and reads them through ``Identity`` nodes): in an ONNX
+    file a shared initializer is compression, not a tie the network relies
+    on. Read as one parameter it would block every site whose layer uses it.
+    Given its own copy of the (equal) values, each layer can be rewritten
+    alone, and the function stays the same whatever is rewritten, since no
+    two layers share storage any more (a layer genuinely applied twice
+    becomes two layers with equal weights, which is exact too).
+
+    The first input keeps the initializer's name; the others read
+    ``<name>__<k>``. Only the main graph is changed, and nothing when the IR
+    version is below 4 or no initializer is read twice.
+
+    Returns:
+        ``model`` itself when nothing is shared, else a changed copy.
+    """
+    graph = model.graph
+    if model.ir_version and model.ir_version < 4:
+        return model
+    # an initializer that is also a graph input can be overridden at run time: it stays one tensor
+    initializers = {t.name for t in graph.initializer} - {value.name for value in graph.input}
+    reads: dict[str, int] = {}
+    for node in graph.node:
+        for tensor in node.input:
+            if tensor in initializers:
+                reads[tensor] = reads.get(tensor, 0) + 1
+    shared = {name for name, count in reads.items() if count > 1}
+    if not shared:
+        return model
+    result = copy.deepcopy(model)
+    by_name = {t.name: t for t in result.graph.initializer}
+    taken = set(by_name) | {out for node in result.graph.node for out in node.output}
+    taken |= {value.name for value in list(result.graph.input) + list(result.graph.output)}
+    seen: dict[str, int] = {}
+    copies = []
+    for node in result.graph.node:
+        for slot, tensor in enumerate(node.input):
+            if tensor not in shared:
+                continue
+            seen[tensor] = seen.get(tensor, 0) + 1
+            if seen[tensor] == 1:
+                continue  # the first reader keeps the original
+            index = seen[tensor] - 1
+            name = f"{tensor}__{index}"
+            while name in taken:
+                index += 1
+                name = f"{tensor}__{index}"
+            taken.add(name)
+            duplicate = onnx.TensorProto()
+            duplicate.CopyFrom(by_name[tensor])
+            duplicate.name = name
+            copies.append(duplicate)
+            node.input[slot] = name
+    result.graph.initializer.extend(copies)
+    logger.debug("gave %d reader(s) of %d shared initializer(s) their own copies", len(copies), len(shared))
+    return result
 
 
 def constants_as_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
