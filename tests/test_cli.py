@@ -138,7 +138,7 @@ def test_demo_escapes_on_the_embedded_task_and_writes_its_record(tmp_path: Path)
     assert set(record["curves"]) == {"control", "tunnel"}
     if record["opened_at"] is not None:  # the detector fired: the opening kept the function
         assert record["max_rel_change"] < 1e-4  # float32: 4608-term sums with the weights split
-        assert record["loss_after"] == pytest.approx(record["loss_before"], rel=1e-6)
+        assert record["loss_after"] == pytest.approx(record["loss_before"], rel=1e-5)
     try:
         import matplotlib  # noqa: F401
     except ImportError:

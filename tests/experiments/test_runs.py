@@ -54,7 +54,7 @@ def test_every_method_sees_the_same_minibatches_until_it_acts(task, start) -> No
     tunnel = run("tunnel", start, task, CONFIG, seed=2)
     # identical up to the opening at step 4 (the opening keeps the function: the loss at step 4 agrees too)
     assert control.batch_losses[:4] == tunnel.batch_losses[:4]
-    assert tunnel.losses[1] == pytest.approx(control.losses[1], rel=1e-6)
+    assert tunnel.losses[1] == pytest.approx(control.losses[1], rel=1e-5)
     other_seed = run("control", start, task, CONFIG, seed=3)
     assert other_seed.batch_losses[0] != control.batch_losses[0]
 
