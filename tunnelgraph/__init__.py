@@ -56,6 +56,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "trace": "tunnelgraph.frontends.fx",
     "verify": "tunnelgraph.equivalence",
+    "perturbed": "tunnelgraph.equivalence",
+    "output_sensitivity": "tunnelgraph.equivalence",
     "EquivalenceReport": "tunnelgraph.equivalence",
     "a_statistics": "tunnelgraph.statistics.engine",
     "SiteStatistics": "tunnelgraph.statistics.engine",
@@ -135,6 +137,8 @@ __all__ = [
     "load_onnx",
     "merge",
     "open_tunnels",
+    "output_sensitivity",
+    "perturbed",
     "random_lambda",
     "rank_sites",
     "reduce",

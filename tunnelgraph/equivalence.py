@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -174,3 +175,53 @@ def _flatten(output: Any) -> list[torch.Tensor]:
     if isinstance(output, (tuple, list)):
         return [t for item in output for t in _flatten(item)]
     return []
+
+
+def perturbed(model: torch.nn.Module, *, generator: torch.Generator | None = None) -> torch.nn.Module:
+    """A copy of ``model`` whose parameters are generic, so that an equivalence check can fail.
+
+    Freshly built networks hide broken rewrites: a zero-initialised
+    classifier makes the output independent of the input, a layer scale of
+    1e-6 hides a block's change below float32 resolution, and equal or zero
+    weights make different channels interchangeable. Every floating-point
+    parameter of the copy is moved by Gaussian noise of its own scale (its
+    root mean square, or ``1 / sqrt(fan_in)`` for a tensor whose entries are
+    all below 1e-3 in that sense, such as zero biases or a layer scale), so
+    no entry stays zero, tiny or equal to another. Buffers (batch-norm
+    statistics) are kept. Rewrite the copy, then compare with :func:`verify`.
+
+    Args:
+        model: the network; not modified.
+        generator: the random source (a seeded ``torch.Generator`` for
+            reproducible copies).
+    """
+    result = copy.deepcopy(model)
+    with torch.no_grad():
+        for parameter in result.parameters():
+            if not parameter.is_floating_point() or parameter.numel() == 0:
+                continue
+            rms = float(parameter.detach().double().pow(2).mean().sqrt())
+            fan_in = parameter[0].numel() if parameter.dim() > 1 else 1
+            scale = rms if rms > 1e-3 else fan_in ** -0.5
+            noise = torch.randn(parameter.shape, generator=generator, dtype=torch.float64)
+            parameter.add_((noise * scale).to(parameter.dtype))
+    return result
+
+
+def output_sensitivity(model: torch.nn.Module, inputs: torch.Tensor | Sequence[torch.Tensor]) -> float:
+    """How much the output depends on the input: ``||y - mean_batch(y)|| / ||y||`` over every output.
+
+    0 means every sample gets the same output (a zero-initialised classifier,
+    a dead network): an equivalence check on such a model passes whatever a
+    rewrite did. Checks are meaningful when this is well above the
+    tolerance; where it is small, compare in float64. Runs the model as it
+    is (train or eval), without gradients; the model is not modified.
+    """
+    from tunnelgraph.runtime import preserved
+
+    args = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+    with preserved(model), torch.no_grad():
+        outputs = _flatten(model(*args))
+    spread = sum(float((y.double() - y.double().mean(0, keepdim=True)).pow(2).sum()) for y in outputs)
+    total = sum(float(y.double().pow(2).sum()) for y in outputs)
+    return (spread / total) ** 0.5 if total > 0 else 0.0
