@@ -204,7 +204,7 @@ def test_functional_batch_norm_traced_in_training_mode_keeps_its_running_statist
     model = entry.build().train()
     before = State(model)
     graph = tg.trace(model, example_input(entry))
-    assert any(node.op == "unknown" for node in graph)  # the frontend does not know F.batch_norm yet
+    assert [node.module for node in graph if node.op == "batchnorm"] == ["bn1", "bn2"]
     assert before.differences(model) == []
 
 

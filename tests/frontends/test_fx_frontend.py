@@ -97,3 +97,46 @@ def test_a_custom_tracer_keeps_a_submodule_opaque() -> None:
     report = tg.analyze(graph)
     (group,) = [g for g in report.groups if g.name == "0"]
     assert any("Branchy" in reason for reason in group.reasons)
+
+
+def test_functional_batch_norm_on_a_modules_own_tensors_is_that_modules_batch_norm() -> None:
+    """timm's BatchNormAct2d (F.batch_norm on its own buffers): sites through it, exact rewrites, A as the oracle."""
+    import torch.nn.functional as F
+
+    from tunnelgraph.testing import naive_a_matrix
+    from zoo import ZOO_BY_NAME, example_input
+
+    entry = ZOO_BY_NAME["functional_batchnorm"]
+    torch.manual_seed(0)
+    model = entry.build().double().eval()
+    x = example_input(entry).double()
+    assert tg.find_sites(model, x) == []  # units feeding batch norm are not sites by default, as in the paper
+    sites = tg.find_sites(model, x, through=("batchnorm", "pooling"))
+    assert {s.group_name for s in sites} == {"conv1", "conv2"} and len(sites) == 14
+    for site in (sites[0], sites[-1]):
+        opened = tg.rewrite(model, site, lam=torch.rand(site.outbound_size, dtype=torch.float64))
+        assert tg.verify(model, opened, x).passed
+        bn = opened.bn1 if site.group_name == "conv1" else opened.bn2
+        assert bn.num_features == site.group.size + 1 and bn.running_mean.shape == (site.group.size + 1,)
+    y = torch.randint(0, 3, (x.shape[0],))
+    stats = tg.a_statistics(model, sites[:2], [(x, y)], F.cross_entropy, method="exact", progress=False)
+    reference = naive_a_matrix(model, sites[1], [(x, y)], F.cross_entropy)
+    assert torch.allclose(stats[sites[1].name].a, reference, rtol=1e-8, atol=1e-12 * float(reference.abs().max()))
+
+
+def test_functional_batch_norm_on_computed_tensors_blocks_with_the_reason() -> None:
+    import torch.nn.functional as F
+
+    class Computed(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(1, 3, 3)
+            self.scale = torch.nn.Parameter(torch.ones(3))
+            self.fc = torch.nn.Linear(3 * 4 * 4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = F.batch_norm(self.conv(x), None, None, self.scale * 2, None, True)
+            return self.fc(h.flatten(1))
+
+    report = tg.analyze(Computed(), torch.randn(2, 1, 6, 6), through=("batchnorm",))
+    assert "function batch_norm with a computed weight" in report.to_markdown()

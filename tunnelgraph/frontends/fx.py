@@ -7,6 +7,7 @@ refuse the sites whose paths cross them instead of guessing.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import operator
@@ -325,6 +326,8 @@ class _Translator:
         return self._blocking(fx_node, f"module {type(sub).__name__}")
 
     def _function(self, fx_node: torch.fx.Node, target: Any) -> Node:
+        if target is F.batch_norm:
+            return self._functional_batchnorm(fx_node)
         if target in _ACTIVATION_FUNCTIONS:
             return self._node(
                 fx_node, OpKind.CHANNELWISE, "activation", function=activation_function(target.__name__)
@@ -357,6 +360,37 @@ class _Translator:
             return self._node(fx_node, OpKind.METADATA, "metadata")
         name = getattr(target, "__name__", str(target))
         return self._blocking(fx_node, f"function {name}")
+
+    def _functional_batchnorm(self, fx_node: torch.fx.Node) -> Node:
+        """``F.batch_norm`` on one module's own tensors (timm's ``BatchNormAct2d``): a batch norm of that module.
+
+        The node reads its ``running_mean``, ``running_var``, ``weight`` and
+        ``bias`` through ``get_attr`` nodes named ``<module>.<role>``; they
+        become the node's parameters, as for an ``nn.BatchNorm2d`` call, and
+        the data input is its only input. Anything else (computed tensors,
+        tensors of several modules) blocks, with that reason.
+        """
+        roles = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+        bound = dict(zip(roles, fx_node.args))
+        bound.update(fx_node.kwargs)
+        source = bound.get("input")
+        owners = set()
+        for role in roles[1:5]:
+            arg = bound.get(role)
+            if arg is None:
+                continue
+            if not isinstance(arg, torch.fx.Node) or arg.op != "get_attr":
+                return self._blocking(fx_node, f"function batch_norm with a computed {role}")
+            module_name, _, attribute = str(arg.target).rpartition(".")
+            if attribute != role:
+                return self._blocking(fx_node, f"function batch_norm reading '{arg.target}' as its {role}")
+            owners.add(module_name)
+        if len(owners) != 1 or not isinstance(source, torch.fx.Node):
+            return self._blocking(fx_node, "function batch_norm without the tensors of one module")
+        owner = owners.pop()
+        params = self._params(owner, ("weight", "bias", "running_mean", "running_var"))
+        node = self._node(fx_node, OpKind.CHANNELWISE, "batchnorm", params=params, requires_axis=1)
+        return dataclasses.replace(node, inputs=(source.name,), module=owner)
 
     def _method(self, fx_node: torch.fx.Node, method: str) -> Node:
         if method in _ACTIVATION_METHODS:

@@ -267,6 +267,9 @@ class GroupChain:
                 owner = F if getattr(F, name, None) is target else torch
                 target = getattr(owner, name[:-1], target)
 
+            if target is F.batch_norm:
+                return _functional_batchnorm
+
             def call(*args: Any, **kwargs: Any) -> Any:
                 if kwargs.get("inplace"):
                     kwargs = {**kwargs, "inplace": False}
@@ -589,6 +592,16 @@ def _batchnorm(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
         )
 
     return call
+
+
+def _functional_batchnorm(*args: Any, **kwargs: Any) -> torch.Tensor:
+    """``F.batch_norm`` as the traced call made it (running or batch statistics), with momentum 0:
+    re-running the chain never updates the running statistics."""
+    roles = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+    bound = dict(zip(roles, args))
+    bound.update(kwargs)
+    bound["momentum"] = 0.0
+    return F.batch_norm(**bound)
 
 
 def _dropout(name: str, active: Callable[[], bool]) -> Callable[..., torch.Tensor]:
