@@ -101,3 +101,20 @@ def test_tables_gather_the_experiments(tmp_path: Path) -> None:
     table = (tmp_path / "tables.md").read_text()
     assert "Table 3" in table and "Table 4" in table and "fig1_left" in table and "fig2_right" in table
     assert "tunnel" in done.stdout
+
+
+def test_zoo_coverage_checks_a_model_of_the_projects_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The zoo benchmark needs torchvision or timm to list models; its per-model check runs on any builder."""
+    import argparse
+    import importlib.util
+
+    from tunnelgraph.models import paper_deep_cnn
+
+    spec = importlib.util.spec_from_file_location("zoo_coverage", ROOT / "benchmarks" / "zoo_coverage.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    args = argparse.Namespace(size=32, seed=0, cap=2, all=False, onnx=True)
+    row = module.check("paper_deep_cnn", lambda: paper_deep_cnn(width=8, classes=10, image_size=32), args)
+    assert row["groups"] == 5 and row["sites"] == 40 and row["default_sites"] == 16 and row["rewritten"] == 2
+    assert row["pass32"] and row["pass64"] and row["onnx"] is True and row["reload"] is True
+    assert row["err_over_variation64"] < 1e-8 and row["sensitivity"] > 0
