@@ -63,3 +63,15 @@ def test_a_tunnel_on_a_perturbed_model_passes_in_float64() -> None:
     opened = tg.rewrite(model, tg.find_sites(model, x)[2], lam=0.3)
     assert tg.output_sensitivity(model, x) > 0.01
     assert tg.verify(model, opened, x).passed and tg.verify(model, opened, x).rtol == 1e-10
+
+
+def test_perturbed_and_output_sensitivity_leave_the_model_as_it_was_bit_for_bit() -> None:
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.Dropout(0.5)).train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    objects = [id(p) for p in model.parameters()]
+    x = torch.randn(4, 1, 6, 6)
+    tg.perturbed(model, generator=torch.Generator().manual_seed(0))
+    tg.output_sensitivity(model, x)
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())  # running stats included
+    assert [id(p) for p in model.parameters()] == objects and all(m.training for m in model.modules())

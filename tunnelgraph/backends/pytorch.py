@@ -52,19 +52,29 @@ def apply_plan(model: nn.Module, plan: RewritePlan, *, inplace: bool = False) ->
             name = tensor_edit.slice.param
             new_tensors[name] = edit_tensor(new_tensors.get(name, state[name].detach()), tensor_edit)
     target = model if inplace else copy.deepcopy(model)
+    _install(target, new_tensors)
+    if plan.literals:
+        target = _patch_literals(target, plan.group.literals, plan.literals)
+    return target
+
+
+def _install(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Put the new tensors into ``model`` by name and make its layers' size attributes follow.
+
+    A Parameter object stays (an optimizer or a hook that holds it keeps a
+    valid reference); only its data and, where its shape changed, its stale
+    ``.grad`` and autograd's cached accumulator are replaced.
+    """
     modules = []
-    for name, tensor in new_tensors.items():
+    for name, tensor in tensors.items():
         module_name, _, attribute = name.rpartition(".")
-        module = target.get_submodule(module_name)
+        module = model.get_submodule(module_name)
         if attribute in module._parameters:
-            # the Parameter object stays (an optimizer or a hook that holds it keeps a valid
-            # reference); only its data and, where its shape changed, its stale .grad are replaced
             parameter = module._parameters[attribute]
             assert parameter is not None
             if parameter.shape != tensor.shape:
                 _drop_grad_accumulator(parameter)
-                if parameter.grad is not None:
-                    parameter.grad = None
+                parameter.grad = None
             parameter.data = tensor
         else:
             module._buffers[attribute] = tensor
@@ -72,9 +82,6 @@ def apply_plan(model: nn.Module, plan: RewritePlan, *, inplace: bool = False) ->
             modules.append(module)
     for module in modules:
         _resize(module)
-    if plan.literals:
-        target = _patch_literals(target, plan.group.literals, plan.literals)
-    return target
 
 
 def _drop_grad_accumulator(parameter: nn.Parameter) -> None:
@@ -144,23 +151,7 @@ def replay(model: nn.Module, records: list[RewriteRecord]) -> None:
                     )
                 source = new.get(change.name, current[change.name].detach())
                 new[change.name] = apply_change(source, change, what="parameter or buffer")
-    modules = []
-    for name, tensor in new.items():
-        module_name, _, attribute = name.rpartition(".")
-        module = model.get_submodule(module_name)
-        if attribute in module._parameters:
-            parameter = module._parameters[attribute]
-            assert parameter is not None
-            if parameter.shape != tensor.shape:
-                _drop_grad_accumulator(parameter)
-                parameter.grad = None
-            parameter.data = tensor
-        else:
-            module._buffers[attribute] = tensor
-        if module not in modules:
-            modules.append(module)
-    for module in modules:
-        _resize(module)
+    _install(model, new)
 
 
 def check_fits(
