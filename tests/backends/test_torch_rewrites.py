@@ -283,3 +283,39 @@ def test_lambda_order_spans_consumers_in_site_order() -> None:
         old = dict(model.named_modules())[name].weight[:, 2]
         new = dict(rewritten.named_modules())[name].weight[:, 2]
         torch.testing.assert_close(new, factor * old)
+
+
+class _FunctionalBatchNorm(nn.BatchNorm1d):
+    """timm's BatchNormAct style: fx traces through it and reads four of its five tensors."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+        )
+
+
+class _HardCodedWidthWithUnreadTensors(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(2, 3, 1)
+        self.bn = _FunctionalBatchNorm(3)
+        self.fc = nn.Linear(12, 2)
+        self.unused = nn.Linear(3, 3)
+        self.register_buffer("scratch", torch.zeros(2), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.bn(self.conv(x)).view(-1, 12))
+
+
+def test_a_graph_module_result_keeps_the_tensors_its_forward_does_not_read() -> None:
+    """Random architectures: the GraphModule lost bn.num_batches_tracked and the unused layer."""
+    model = _HardCodedWidthWithUnreadTensors().eval()
+    x = torch.randn(2, 2, 4)
+    site = tg.find_sites(model, x, through=("batchnorm",))[0]
+    rewritten = tg.rewrite(model, site, 0.5)
+    assert isinstance(rewritten, torch.fx.GraphModule)
+    assert set(rewritten.state_dict()) == set(model.state_dict())
+    assert {name for name, _ in rewritten.named_buffers()} == {name for name, _ in model.named_buffers()}
+    assert isinstance(rewritten.unused, nn.Linear)
+    assert tuple(rewritten.bn.running_mean.shape) == (4,) and rewritten.bn.num_batches_tracked.shape == ()
+    assert tg.verify(model, rewritten, x).passed

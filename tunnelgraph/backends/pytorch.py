@@ -207,8 +207,15 @@ def _resize(module: nn.Module) -> None:
 def _patch_literals(
     model: nn.Module, before: tuple[WidthLiteral, ...], after: tuple[WidthLiteral, ...]
 ) -> torch.fx.GraphModule:
-    """Re-trace ``model`` and rewrite hard-coded reshape widths to their new values."""
+    """Re-trace ``model`` and rewrite hard-coded reshape widths to their new values.
+
+    The GraphModule keeps every submodule, parameter and buffer of ``model``
+    under its name, also those the forward does not read (a batch norm's
+    ``num_batches_tracked`` in a module fx traces through, an unused layer),
+    so the rewritten model's ``state_dict`` has the same keys.
+    """
     module = torch.fx.symbolic_trace(model)
+    _keep_unread(model, module)
     nodes = {node.name: node for node in module.graph.nodes}
     for old, new in zip(before, after):
         node = nodes.get(new.node)
@@ -224,6 +231,34 @@ def _patch_literals(
         "the updated values", len(after),
     )
     return module
+
+
+def _keep_unread(model: nn.Module, module: torch.fx.GraphModule) -> None:
+    """Give ``module`` (traced from ``model``) the submodules and tensors of ``model`` that fx left out.
+
+    fx copies only what the graph reads: the layers it calls and the tensors
+    it reads from modules it traces through. Missing layers are attached as
+    they are; missing tensors are registered on the stand-ins fx made for
+    their modules (persistent or not, as in ``model``), the same objects, so
+    tied parameters stay tied.
+    """
+    for name, submodule in model.named_modules(remove_duplicate=False):
+        if not name:
+            continue
+        parent_name, _, leaf = name.rpartition(".")
+        parent = module.get_submodule(parent_name)
+        if leaf not in parent._modules:
+            parent.add_module(leaf, submodule)
+    tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    for name, tensor in tensors:
+        owner_name, _, leaf = name.rpartition(".")
+        owner, holder = model.get_submodule(owner_name), module.get_submodule(owner_name)
+        if holder is owner or leaf in holder._parameters or leaf in holder._buffers:
+            continue
+        if isinstance(tensor, nn.Parameter):
+            holder.register_parameter(leaf, tensor)
+        else:
+            holder.register_buffer(leaf, tensor, persistent=leaf not in owner._non_persistent_buffers_set)
 
 
 def _read(args: Any, path: tuple[int, ...]) -> Any:
