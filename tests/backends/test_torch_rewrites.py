@@ -308,7 +308,8 @@ class _HardCodedWidthWithUnreadTensors(nn.Module):
 
 
 def test_a_graph_module_result_keeps_the_tensors_its_forward_does_not_read() -> None:
-    """Random architectures: the GraphModule lost bn.num_batches_tracked and the unused layer."""
+    """Random architectures: the GraphModule lost bn.num_batches_tracked and the unused layer, and
+    held a plain stand-in for the batch norm, which a second rewrite could not resize."""
     model = _HardCodedWidthWithUnreadTensors().eval()
     x = torch.randn(2, 2, 4)
     site = tg.find_sites(model, x, through=("batchnorm",))[0]
@@ -316,6 +317,11 @@ def test_a_graph_module_result_keeps_the_tensors_its_forward_does_not_read() -> 
     assert isinstance(rewritten, torch.fx.GraphModule)
     assert set(rewritten.state_dict()) == set(model.state_dict())
     assert {name for name, _ in rewritten.named_buffers()} == {name for name, _ in model.named_buffers()}
-    assert isinstance(rewritten.unused, nn.Linear)
+    assert isinstance(rewritten.unused, nn.Linear) and isinstance(rewritten.bn, _FunctionalBatchNorm)
     assert tuple(rewritten.bn.running_mean.shape) == (4,) and rewritten.bn.num_batches_tracked.shape == ()
     assert tg.verify(model, rewritten, x).passed
+    # it rewrites again (the batch norm was a plain stand-in module that tunnelgraph could not resize)
+    again = tg.find_sites(rewritten, x, through=("batchnorm",))[0]
+    twice = tg.rewrite(rewritten, again, 0.3)
+    assert twice.bn.num_features == 5 and twice.fc.in_features == 20
+    assert tg.verify(model, twice, x).passed

@@ -209,10 +209,10 @@ def _patch_literals(
 ) -> torch.fx.GraphModule:
     """Re-trace ``model`` and rewrite hard-coded reshape widths to their new values.
 
-    The GraphModule keeps every submodule, parameter and buffer of ``model``
-    under its name, also those the forward does not read (a batch norm's
-    ``num_batches_tracked`` in a module fx traces through, an unused layer),
-    so the rewritten model's ``state_dict`` has the same keys.
+    The GraphModule keeps ``model``'s submodules (their classes, and the
+    tensors the forward does not read: a batch norm's ``num_batches_tracked``
+    in a module fx traces through, a layer it never calls), so the
+    ``state_dict`` has the same keys and the result can be rewritten again.
     """
     module = torch.fx.symbolic_trace(model)
     _keep_unread(model, module)
@@ -234,31 +234,24 @@ def _patch_literals(
 
 
 def _keep_unread(model: nn.Module, module: torch.fx.GraphModule) -> None:
-    """Give ``module`` (traced from ``model``) the submodules and tensors of ``model`` that fx left out.
+    """Give ``module`` (traced from ``model``) the model's own submodules and every tensor fx left out.
 
-    fx copies only what the graph reads: the layers it calls and the tensors
-    it reads from modules it traces through. Missing layers are attached as
-    they are; missing tensors are registered on the stand-ins fx made for
-    their modules (persistent or not, as in ``model``), the same objects, so
-    tied parameters stay tied.
+    fx copies only what the graph reads: the layers it calls, and the
+    tensors it reads from modules it traces through, on plain stand-in
+    modules. The model's own submodules replace the stand-ins (the same
+    objects the graph reads, of their own classes, with the tensors the
+    forward does not read, such as a batch norm's ``num_batches_tracked``,
+    and layers it never calls), and the root's unread tensors are
+    registered as they were (persistent or not; tied ones stay tied).
     """
-    for name, submodule in model.named_modules(remove_duplicate=False):
-        if not name:
-            continue
-        parent_name, _, leaf = name.rpartition(".")
-        parent = module.get_submodule(parent_name)
-        if leaf not in parent._modules:
-            parent.add_module(leaf, submodule)
-    tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
-    for name, tensor in tensors:
-        owner_name, _, leaf = name.rpartition(".")
-        owner, holder = model.get_submodule(owner_name), module.get_submodule(owner_name)
-        if holder is owner or leaf in holder._parameters or leaf in holder._buffers:
-            continue
-        if isinstance(tensor, nn.Parameter):
-            holder.register_parameter(leaf, tensor)
-        else:
-            holder.register_buffer(leaf, tensor, persistent=leaf not in owner._non_persistent_buffers_set)
+    for name, child in model.named_children():
+        module.add_module(name, child)
+    for name, parameter in model._parameters.items():
+        if name not in module._parameters and parameter is not None:
+            module.register_parameter(name, parameter)
+    for name, buffer in model._buffers.items():
+        if name not in module._buffers and buffer is not None:
+            module.register_buffer(name, buffer, persistent=name not in model._non_persistent_buffers_set)
 
 
 def _read(args: Any, path: tuple[int, ...]) -> Any:
