@@ -940,8 +940,26 @@ GRAPH_MODULE_KEEPS_UNREAD_BUFFERS = RandomNet(
 )
 
 
+FUNCTIONAL_LAYERS_OF_ONE_MODULE = RandomNet(
+    # layers written as F.linear of bare parameters of one module (here "0", the wrapped Net): each
+    # needs a group name of its own, or site names collide and a name finds the wrong group
+    """class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(3, 4) / 2.0)
+        self.w2 = nn.Parameter(torch.randn(2, 3) / 2.0)
+        self.w3 = nn.Parameter(torch.randn(2, 2) / 2.0)
+
+    def forward(self, x):
+        return F.linear(F.linear(torch.relu(F.linear(x, self.w1)), self.w2), self.w3)
+""",
+    (BATCH, 4), 2, wrapped=True,
+)
+
+
 @PROFILE
 @example(net=GRAPH_MODULE_KEEPS_UNREAD_BUFFERS)
+@example(net=FUNCTIONAL_LAYERS_OF_ONE_MODULE)
 @given(net=random_nets())
 def test_every_site_of_a_random_network_rewrites_exactly(net: RandomNet) -> None:
     note(repr(net))
@@ -955,3 +973,28 @@ def test_the_generator_covers_every_activation_the_frontend_knows() -> None:
     }
     for constructor in ACTIVATION_MODULES:
         assert isinstance(eval(constructor, NAMESPACE), nn.Module)
+
+
+def test_split_and_chunk_along_channels_block_their_groups_with_a_reason() -> None:
+    """The tracer does not pass torch.split / chunk: the groups they read are blocked and say so."""
+    net = RandomNet(
+        """class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv1d(2, 4, 1)
+        self.b = nn.Conv1d(2, 3, 1)
+        self.c = nn.Conv1d(2, 2, 1)
+        self.d = nn.Conv1d(3, 2, 1)
+
+    def forward(self, x):
+        p, q = torch.chunk(self.a(x), 2, 1)
+        r, s = self.b(x).split([1, 2], dim=1)
+        return self.c(p) + self.c(q), self.d(torch.cat([r, s], 1))
+""",
+        (BATCH, 2, 5), 0,
+    )
+    model = net.build()
+    groups = {g.name: g for g in tg.analyze(model, net.inputs(), through=tg.THROUGH_OPTIONS).groups}
+    assert any("chunk" in reason for reason in groups["a"].reasons)
+    assert any("split" in reason for reason in groups["b"].reasons)
+    assert check_network(net) == 0
