@@ -19,6 +19,7 @@ import torch.nn.functional as F
 import tunnelgraph as tg
 from tunnelgraph.rewrite import edits
 from tunnelgraph.runtime import preserved
+from tunnelgraph.statistics.engine import measurable as statistics_defined
 from zoo import SPECIAL, ZOO, ZOO_BY_NAME, ZooEntry, example_input
 
 MODELS = ZOO + SPECIAL
@@ -108,7 +109,8 @@ def _calls(model: nn.Module, entry: ZooEntry, tmp_path: Any) -> list[tuple[str, 
         ("reduce with data", lambda: tg.reduce(model, x, data=data, through=THROUGH), False),
     ]
     sites = tg.find_sites(model, x, through=THROUGH)
-    measurable = [site for site in sites if not site.group.self_consumers]
+    measurable = [site for site in sites if statistics_defined(site)]
+    unmeasured = [site for site in sites if site.group.unmeasured]
     if not sites:
         calls.append(("open_tunnels without sites", lambda: tg.open_tunnels(model, data, _loss, progress=False), True))
         return calls
@@ -129,6 +131,11 @@ def _calls(model: nn.Module, entry: ZooEntry, tmp_path: Any) -> list[tuple[str, 
         ("apply_edit", lambda: tg.apply_edit(model, site.group, edits.clone(site.group.size, site.channel, 0.2)),
          False),
     ]
+    if unmeasured:  # a layer called as a function: refused with the reason, and nothing changes
+        calls.append(
+            ("a_statistics where not measured", lambda: tg.a_statistics(model, unmeasured[:1], data, _loss,
+                                                                        progress=False), True)
+        )
     if measurable:
         chosen = measurable[:: max(1, len(measurable) // 3)][:3]
         calls += [
@@ -182,7 +189,7 @@ def test_a_training_loop_with_a_tracker_ends_as_the_same_loop_without_one(entry:
     data = _data(model, entry)
     # dropout in training mode is refused by the tracker (its mask cannot be replayed)
     through = tuple(option for option in THROUGH if option != "dropout")
-    sites = [s for s in tg.find_sites(model, data[0][0], through=through) if not s.group.self_consumers]
+    sites = [s for s in tg.find_sites(model, data[0][0], through=through) if statistics_defined(s)]
     if not sites:
         pytest.skip(f"{entry.name} has no sites to track")
     twin = copy.deepcopy(model)

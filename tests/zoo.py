@@ -517,6 +517,77 @@ class FunctionalBatchNorm(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
+class StdConv2d(nn.Conv2d):
+    """timm's StdConv2d (BiT): every output filter standardised in forward by ``F.batch_norm``."""
+
+    def __init__(self, *args: int, eps: float = 1e-6, **kwargs: int) -> None:
+        super().__init__(*args, **kwargs)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = F.batch_norm(
+            self.weight.reshape(1, self.out_channels, -1), None, None, training=True, momentum=0.0, eps=self.eps
+        ).reshape_as(self.weight)
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class ScaledStdConv2d(nn.Conv2d):
+    """timm's ScaledStdConv2d (NF-ResNet): standardised filters times a learned per-filter gain."""
+
+    def __init__(self, *args: int, gamma: float = 1.0, eps: float = 1e-6, **kwargs: int) -> None:
+        super().__init__(*args, **kwargs)
+        self.gain = nn.Parameter(torch.ones(self.out_channels, 1, 1, 1))
+        self.scale = gamma * self.weight[0].numel() ** -0.5
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = F.batch_norm(
+            self.weight.reshape(1, self.out_channels, -1), None, None,
+            weight=(self.gain * self.scale).view(-1), training=True, momentum=0.0, eps=self.eps,
+        ).reshape_as(self.weight)
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class Conv2dSamePad(nn.Conv2d):
+    """A conv that pads in forward with literal sizes, then calls ``F.conv2d`` on its own weight."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.pad(x, (0, 1, 0, 1))
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class MixedFilterConv(nn.Conv2d):
+    """A computed weight that mixes output filters (each filter minus the mean filter): not per filter."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight - self.weight.mean(0, keepdim=True)
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding)
+
+
+class WeightStandardized(nn.Module):
+    """NF-ResNet / BiT-style: StdConv2d -> ScaledStdConv2d -> padded functional conv -> mixed conv -> linear.
+
+    Sites: the ScaledStdConv2d's filters feed a functional conv (exact);
+    the StdConv2d's feed the ScaledStdConv2d (blocked: its computed weight
+    reads every input column); the padded conv's feed the mixed conv
+    (blocked: a weight computed across filters); the mixed conv's feed the
+    head through pooling.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = StdConv2d(3, 6, 3, padding=1)
+        self.conv1 = ScaledStdConv2d(6, 8, 3, padding=1, gamma=1.7)
+        self.conv2 = Conv2dSamePad(8, 5, 3, stride=2)
+        self.conv3 = MixedFilterConv(5, 7, 1)
+        self.fc = nn.Linear(7, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.silu(self.conv1(F.relu(self.stem(x))))
+        x = torch.tanh(self.conv3(F.gelu(self.conv2(x))))
+        return self.fc(x.mean((2, 3)))
+
+
 def _builder(cls: Callable[..., nn.Module], **kwargs: int) -> Callable[[], nn.Module]:
     def build() -> nn.Module:
         return _finish(cls(**kwargs))
@@ -580,6 +651,8 @@ SPECIAL: list[ZooEntry] = [
     # timm's functional batch norm: fx blocks F.batch_norm for now, so the model has no sites; the
     # no-harm tests run it (its trace in training mode used to update the running statistics)
     ZooEntry("functional_batchnorm", _builder(FunctionalBatchNorm), (4, 3, 6, 6), has_batchnorm=True),
+    # layers called as functions on their own tensors, weight standardisation among them
+    ZooEntry("weight_standardized", _builder(WeightStandardized), (4, 3, 8, 8), has_batchnorm=False),
 ]
 """Models for particular tests, outside the zoo that every rewrite test runs over."""
 

@@ -435,7 +435,8 @@ def open_tunnels(
         candidates = [site for site in found if measurable(site)]
         if len(candidates) < len(found):
             logger.info(
-                "left out %d site(s) whose group a layer both produces and reads (A is not defined there)",
+                "left out %d site(s) where A is not measured (a layer both produces and reads the group, "
+                "or is called as a function)",
                 len(found) - len(candidates),
             )
     if not candidates:

@@ -231,3 +231,35 @@ def test_reorganize_picks_the_planted_near_redundant_pair() -> None:
     assert abs(report.loss_after - report.loss_before) < abs(random_change["loss_after"] - random_change["loss_before"])
     with pytest.raises(TypeError, match="reorganize_from_data"):
         tg.reorganize(model, clone=site, lam=0.5)
+
+
+@pytest.mark.parametrize("tol", [0.0, 1e-12, 1e-6])
+def test_candidate_partners_hold_every_related_pair(tol: float) -> None:
+    """The sorted-projection search misses no pair that the pairwise check relates (equal, negated, scaled
+    by a tiny or a huge factor, off by just under the tolerance), so the findings are those of C^2 checks."""
+    import numpy as np
+
+    from tunnelgraph.analysis.reducibility import _candidate_partners, _relation
+
+    generator = np.random.default_rng(7)
+    base = generator.normal(size=(12, 30))
+    rows = [base[i] for i in range(12)]
+    for source, factor in [(0, 1.0), (1, -1.0), (2, 1e-3), (3, 1e3), (4, 2.5), (5, -1.0), (0, 7.0)]:
+        planted = factor * rows[source]
+        scale = np.abs(planted).max()
+        rows.append(planted + 0.9 * tol * min(scale, np.abs(rows[source]).max()) * generator.choice([-1.0, 1.0], 30))
+    rows.append(np.zeros(30))
+    rows.append(rows[3] + 1e-2)  # not related
+    matrix = np.stack(rows)
+    order = generator.permutation(len(rows))
+    matrix = matrix[order]
+    empty = np.zeros((0,))
+    chain = {"activation:neg"}  # odd and positively homogeneous: every relation is allowed
+    related = {
+        (p, c) for c in range(len(matrix)) for p in range(c)
+        if _relation(matrix[p], matrix[c], empty, empty, chain, tol if tol else 1e-15) is not None
+    }
+    candidates = _candidate_partners(matrix, tol if tol else 1e-15)
+    assert len(related) >= 6
+    assert related <= {(p, c) for c, found in candidates.items() for p in found}
+    assert all(p < c for c, found in candidates.items() for p in found)

@@ -132,6 +132,9 @@ class ChannelGroup:
         reasons: why no channel of the group is a legal site; empty when
             every channel is one.
         nodes: the IR nodes whose outputs carry the channels.
+        unmeasured: why A-statistics are not measured for the group's
+            sites, though rewrites are exact (a layer called as a function,
+            or one whose weight is computed in forward); empty when they are.
     """
 
     name: str
@@ -143,6 +146,7 @@ class ChannelGroup:
     literals: tuple[WidthLiteral, ...] = ()
     reasons: tuple[str, ...] = ()
     nodes: tuple[str, ...] = field(default=(), repr=False)
+    unmeasured: tuple[str, ...] = ()
 
     @property
     def legal(self) -> bool:
@@ -182,6 +186,7 @@ class ChannelGroup:
             ),
             self.reasons,
             self.nodes,
+            self.unmeasured,
         )
 
 
@@ -282,6 +287,7 @@ class _GroupWalker:
         self.param_users = param_users
         self.slices: list[tuple[int, int, ParamSlice]] = []
         self.reasons: list[str] = []
+        self.unmeasured: list[str] = []
         self.producers: list[str] = []
         self.passed: list[tuple[int, str]] = []
         self.literals: list[WidthLiteral] = []
@@ -333,6 +339,7 @@ class _GroupWalker:
             literals=tuple(self.literals),
             reasons=tuple(self.reasons),
             nodes=tuple(self.nodes),
+            unmeasured=tuple(dict.fromkeys(self.unmeasured)),
         )
 
     # -- members of a class --------------------------------------------------
@@ -377,6 +384,9 @@ class _GroupWalker:
                 elif not node.attrs["keepdim"]:
                     axis -= sum(1 for dim in node.attrs["reduces"] if dim < axis)
             elif node.kind == OpKind.COUPLING:
+                # an input, stored tensor or blocking output in the class has its own reason already
+                opaque = (OpKind.INPUT, OpKind.CONSTANT, OpKind.BLOCKING)
+                data = [name for name in data if self.graph[name].kind not in opaque] or data
                 if any(
                     self.graph[name].shape is None or not -len(self.graph[name].shape) <= self.axes[name]
                     < len(self.graph[name].shape) for name in data
@@ -404,6 +414,7 @@ class _GroupWalker:
     def _producer(self, node: Node, channel_map: ChannelMap) -> None:
         module = node.module or node.name
         self.producers.append(module)
+        self._functional(node, module)
         if node.attrs.get("groups", 1) != 1:
             self._reason(
                 f"grouped convolution '{module}' (groups={node.attrs['groups']}) produces these "
@@ -420,6 +431,9 @@ class _GroupWalker:
                     f"feeds {_LABELS[node.op]} '{where}' (pass {through_hint([node.op])} to clone "
                     "through it)"
                 )
+        first_padded = node.attrs.get("first_padded")
+        if first_padded is not None and not 0 <= axis < first_padded:
+            self._reason(f"pad at node '{node.name}' pads the channel axis {axis}")
         required = node.attrs.get("requires_axis")
         if required is not None and axis != required:
             self._reason(
@@ -477,7 +491,26 @@ class _GroupWalker:
                 f"grouped convolution '{module}' (groups={user.attrs['groups']}) consumes these "
                 "channels: cloning one would break its group structure"
             )
+        if user.attrs.get("computed_weight"):
+            self._reason(
+                f"feeds '{module}', whose weight is computed in forward ({user.attrs['computed_weight']}) "
+                "from all its input columns at once, as in weight standardisation: splitting a column "
+                "would change the computed weight"
+            )
+        self._functional(user, module)
         self._add_slices(user, "outbound", user.attrs.get("weight_axes", (0, 1))[1], channel_map, roles=("weight",))
+
+    def _functional(self, node: Node, module: str) -> None:
+        """Note why A is not measured where a layer is called as a function (rewrites stay exact)."""
+        if node.attrs.get("computed_weight"):
+            self.unmeasured.append(
+                f"'{module}' computes its weight in forward ({node.attrs['computed_weight']})"
+            )
+        elif node.attrs.get("functional"):
+            self.unmeasured.append(
+                f"'{module}' is called as the function {node.attrs['functional']}; A-statistics "
+                "follow layers called as modules"
+            )
 
     def _flatten(
         self, node: Node, user: Node, channel_map: ChannelMap, axis: int

@@ -178,6 +178,10 @@ def _group_findings(graph: Graph, group: ChannelGroup, weights: Weights, tol: fl
     rows = channel_rows(weights, inbound, size)
     extras = channel_rows(weights, channelwise, size)
     chain = _chain_kinds(graph, group)
+    if any(graph[name].attrs.get("computed_weight") for name in group.nodes):
+        # a computed weight (standardised filters) maps negated or scaled stored filters to
+        # results that are not negated or scaled: only equal stored filters compute equal ones
+        chain.add("computed weight")
 
     findings: list[Finding] = []
     reduced: set[int] = set()
@@ -203,10 +207,11 @@ def _group_findings(graph: Graph, group: ChannelGroup, weights: Weights, tol: fl
             continue
         reduced.add(c)
 
+    partners = _candidate_partners(rows, tol)
     for c in range(size):
         if c in reduced:
             continue
-        for p in range(c):
+        for p in partners.get(c, ()):
             if p in reduced:
                 continue
             relation = _relation(rows[p], rows[c], extras[p], extras[c], chain, tol)
@@ -216,6 +221,48 @@ def _group_findings(graph: Graph, group: ChannelGroup, weights: Weights, tol: fl
                 reduced.add(c)
                 break
     return sorted(findings, key=lambda f: f.channel)
+
+
+def _candidate_partners(rows: np.ndarray, tol: float) -> dict[int, list[int]]:
+    """Channel c -> the earlier channels p (ascending) whose rows may be related to c's; a superset.
+
+    Every relation :func:`_relation` accepts (equal, negated or positively
+    scaled rows, within ``tol`` times the larger row's largest entry) makes
+    two rows equal up to a nonzero factor, so they point the same way: each
+    row is divided by its largest absolute entry ``s`` and projected on one
+    fixed random vector ``r``. For related rows ``i`` and ``j`` the absolute
+    projections differ by at most ``4 tol |r|_1 max(s_i, s_j) / min(s_i,
+    s_j)``, which is at most ``max(w_i, w_j)`` with ``w_i = 4 tol |r|_1
+    S / s_i`` (``S`` the group's largest ``s``), widened by the rounding
+    bound of the projection. Sorting the projections finds every pair
+    within that window in ``O(C log C)`` array work instead of ``C^2 / 2``
+    comparisons; each candidate is then checked by :func:`_relation` as
+    before, so the findings are the same.
+    """
+    size, width = rows.shape
+    if size < 2:
+        return {}
+    scales = np.abs(rows).max(axis=1, initial=0.0)
+    live = np.flatnonzero(scales > 0)  # a zero row relates to nothing (_relation returns None)
+    if live.size < 2:
+        return {}
+    direction = np.random.default_rng(0).uniform(-1.0, 1.0, width)
+    reach = float(np.abs(direction).sum())
+    keys = np.abs((rows[live] / scales[live, None]) @ direction)
+    rounding = 4 * (width + 2) * np.finfo(np.float64).eps * reach
+    windows = 4 * tol * reach * float(scales.max()) / scales[live] + rounding
+    order = np.argsort(keys, kind="stable")
+    sorted_keys, sorted_windows = keys[order], windows[order]
+    starts = np.searchsorted(sorted_keys, sorted_keys - sorted_windows, side="left")
+    ends = np.searchsorted(sorted_keys, sorted_keys + sorted_windows, side="right")
+    partners: dict[int, set[int]] = {}
+    for i in np.flatnonzero(ends - starts > 1):
+        first = int(live[order[i]])
+        for j in range(int(starts[i]), int(ends[i])):
+            second = int(live[order[j]])
+            if second != first:
+                partners.setdefault(max(first, second), set()).add(min(first, second))
+    return {c: sorted(found) for c, found in partners.items()}
 
 
 def _zero_channels(weights: Weights, slices: Sequence[ParamSlice], size: int, tol: float) -> list[bool]:
@@ -287,8 +334,8 @@ def _relation(
     extra_scale = max(float(np.abs(first_extra).max(initial=0.0)), float(np.abs(second_extra).max(initial=0.0)))
     if close(first, second, scale) and close(first_extra, second_extra, extra_scale):
         return "redundant", 1.0, 0.0, "equal inbound weights, biases and per-channel parameters"
-    if first_extra.size:
-        return None  # batch norm or depthwise parameters: only equality carries through them
+    if first_extra.size or "computed weight" in chain:
+        return None  # batch norm, depthwise parameters or a computed weight: only equality carries through
     activations = {kind.split(":", 1)[1] for kind in chain if kind.startswith("activation:")}
     others = {kind for kind in chain if not kind.startswith("activation:")}
     if close(first, -second, scale):

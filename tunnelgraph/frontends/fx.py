@@ -11,7 +11,7 @@ import dataclasses
 import logging
 import math
 import operator
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 import torch
 import torch.fx
@@ -20,11 +20,14 @@ import torch.nn.functional as F
 from torch.fx.passes.shape_prop import ShapeProp
 
 from tunnelgraph.errors import TraceError
+from tunnelgraph.frontends.export import exported_module
 from tunnelgraph.frontends.shapes import merged_range
 from tunnelgraph.ir import ChannelMap, Graph, Node, OpKind, ParamRef, activation_function
 from tunnelgraph.runtime import preserved
 
 logger = logging.getLogger(__name__)
+
+Frontend = Literal["auto", "fx", "export"]
 
 _ACTIVATION_MODULES: tuple[type[nn.Module], ...] = (
     nn.ReLU, nn.LeakyReLU, nn.Sigmoid, nn.Tanh, nn.GELU, nn.SiLU, nn.ELU, nn.Softplus,
@@ -71,6 +74,11 @@ _ELEMENTWISE_METHODS = {
     "add": "add", "add_": "add", "sub": "sub", "sub_": "sub", "mul": "mul", "mul_": "mul",
     "div": "div", "div_": "div",
 }
+# function -> (IR op, spatial dimensions): a layer called as a function on its own tensors
+_LAYER_FUNCTIONS: dict[Callable[..., Any], tuple[str, int]] = {
+    F.linear: ("linear", 0), F.conv1d: ("conv", 1), F.conv2d: ("conv", 2), F.conv3d: ("conv", 3),
+    torch.conv1d: ("conv", 1), torch.conv2d: ("conv", 2), torch.conv3d: ("conv", 3),
+}
 _CONCAT_FUNCTIONS: set[Callable[..., Any]] = {torch.cat, torch.concat, torch.concatenate}
 _RESHAPE_FUNCTIONS: set[Callable[..., Any]] = {torch.flatten, torch.reshape}
 _RESHAPE_METHODS = {"view", "reshape", "flatten"}
@@ -84,8 +92,9 @@ def trace(
     *,
     concrete_args: dict[str, Any] | None = None,
     tracer: torch.fx.Tracer | None = None,
+    frontend: Frontend = "auto",
 ) -> Graph:
-    """Trace ``model`` with ``torch.fx`` and record every tensor's shape.
+    """Trace ``model`` with ``torch.fx`` (or capture it with ``torch.export``) and record every tensor's shape.
 
     Args:
         model: the network. It is not modified: shapes are recorded in eval
@@ -97,20 +106,51 @@ def trace(
             arguments that drive Python control flow.
         tracer: a custom tracer, e.g. one whose ``is_leaf_module`` keeps an
             untraceable submodule opaque (it then blocks the sites around it).
+        frontend: ``"fx"`` traces with ``torch.fx.symbolic_trace``;
+            ``"export"`` captures with ``torch.export`` at the example
+            inputs' shapes (control flow on shapes is specialised; see
+            :mod:`tunnelgraph.frontends.export`); ``"auto"`` (default) uses
+            fx and falls back to ``torch.export`` where fx cannot trace. An
+            exported graph calls every layer as a function on its module's
+            tensors: sites and rewrites are the same, and A-statistics are
+            not measured for them (``ChannelGroup.unmeasured`` says so).
 
     Returns:
-        The graph. ``graph.source`` holds the ``torch.fx.GraphModule``.
+        The graph. ``graph.source`` holds the ``torch.fx.GraphModule``;
+        ``graph.frontend`` says which capture made it.
 
     Raises:
-        TraceError: fx could not trace the model, or the example inputs do
-            not fit it. The message names the cause and the ways out.
+        TraceError: neither capture could take the model, or the example
+            inputs do not fit it. The message names the cause and the ways
+            out.
     """
+    if frontend not in ("auto", "fx", "export"):
+        raise ValueError(f"frontend must be 'auto', 'fx' or 'export', got {frontend!r}")
+    if frontend != "fx" and (concrete_args is not None or tracer is not None):
+        if frontend == "export":
+            raise ValueError("concrete_args and tracer are options of the fx frontend; drop them or use frontend='fx'")
+        frontend = "fx"
     inputs = _as_tuple(example_inputs)
     # tracing runs the forward's Python code, and the traced module shares the model's
     # submodules and tensors: a forward traced in training mode calls F.batch_norm with
     # training=True baked in, so both run inside one preserved(), which puts every buffer back
     with preserved(model):
-        module = _symbolic_trace(model, concrete_args, tracer)
+        used = "fx"
+        if frontend == "export":
+            model.eval()
+            module, used = exported_module(model, inputs), "export"
+        else:
+            try:
+                module = _symbolic_trace(model, concrete_args, tracer)
+            except TraceError as fx_error:
+                if frontend == "fx":
+                    raise
+                model.eval()
+                try:
+                    module, used = exported_module(model, inputs), "export"
+                except TraceError as export_error:
+                    raise TraceError(f"{fx_error} Falling back to torch.export failed too: {export_error}") from fx_error
+                logger.info("torch.fx could not trace %s; captured it with torch.export", type(model).__name__)
         model.eval()
         try:
             with torch.no_grad():
@@ -124,6 +164,7 @@ def trace(
 
     graph = _Translator(model, module).run()
     graph.source = module
+    graph.frontend = used
     logger.debug("traced %s into %d nodes", type(model).__name__, len(graph))
     return graph
 
@@ -269,9 +310,20 @@ class _Translator:
         if fx_node.op == "output":
             return self._node(fx_node, OpKind.OUTPUT, "output")
         if fx_node.op == "get_attr":
-            return self._node(fx_node, OpKind.CONSTANT, "constant", target=str(fx_node.target))
+            target = str(fx_node.target)
+            return self._node(fx_node, OpKind.CONSTANT, "constant", target=target, stored=(target,))
         if fx_node.op == "call_module":
             return self._module_node(fx_node)
+        sources = self._tensor_inputs(fx_node)
+        if sources and _shape(fx_node) is not None and all(self._kind(name) == OpKind.CONSTANT for name in sources):
+            # computed from stored tensors alone (a standardised weight, a reshaped layer scale): no channels flow
+            stored = sorted({
+                target for name in sources for target in self.graph[name].attrs.get("stored", (name,))
+            })
+            return self._node(
+                fx_node, OpKind.CONSTANT, "constant", stored=tuple(stored),
+                target=f"{', '.join(stored)}' through '{fx_node.name}",
+            )
         if fx_node.op == "call_function":
             return self._function(fx_node, fx_node.target)
         if fx_node.op == "call_method":
@@ -328,6 +380,10 @@ class _Translator:
     def _function(self, fx_node: torch.fx.Node, target: Any) -> Node:
         if target is F.batch_norm:
             return self._functional_batchnorm(fx_node)
+        if target in _LAYER_FUNCTIONS:
+            return self._functional_layer(fx_node, _LAYER_FUNCTIONS[target])
+        if target is F.pad:
+            return self._pad(fx_node)
         if target in _ACTIVATION_FUNCTIONS:
             return self._node(
                 fx_node, OpKind.CHANNELWISE, "activation", function=activation_function(target.__name__)
@@ -391,6 +447,119 @@ class _Translator:
         params = self._params(owner, ("weight", "bias", "running_mean", "running_var"))
         node = self._node(fx_node, OpKind.CHANNELWISE, "batchnorm", params=params, requires_axis=1)
         return dataclasses.replace(node, inputs=(source.name,), module=owner)
+
+    def _functional_layer(self, fx_node: torch.fx.Node, layer: tuple[str, int]) -> Node:
+        """``F.conv2d(x, self.weight, self.bias, ...)`` or ``F.linear``: a layer on stored tensors.
+
+        The weight is either a stored tensor (timm's ``Conv2dSame`` pads, then
+        calls ``F.conv2d`` on its own weight) or computed in forward from one
+        module's tensors by a function that treats every output filter alike
+        and on its own (weight standardisation: timm's ``StdConv2d`` and
+        ``ScaledStdConv2d``), which is checked numerically here. Cloning an
+        output filter then clones its computed filter, so such a layer is an
+        exact producer; splitting its input columns would change what the
+        computation sees, so it is recorded (``computed_weight``) and the
+        rule engine refuses it as a consumer. The node's only input is the
+        data; its parameters are the stored tensors, by qualified name.
+        """
+        op, dims = layer
+        roles = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+        bound = dict(zip(roles, fx_node.args))
+        bound.update(fx_node.kwargs)
+        source, weight, bias = bound.get("input"), bound.get("weight"), bound.get("bias")
+        name = getattr(fx_node.target, "__name__", str(fx_node.target))
+        if not isinstance(source, torch.fx.Node) or not isinstance(weight, torch.fx.Node):
+            return self._blocking(fx_node, f"function {name} without a tensor weight")
+        stored = self._stored_weight(weight)
+        if isinstance(stored, str):
+            return self._blocking(fx_node, f"function {name} whose weight is {stored}")
+        owner, refs, computed = stored
+        if bias is not None:
+            if not isinstance(bias, torch.fx.Node) or bias.op != "get_attr":
+                return self._blocking(fx_node, f"function {name} with a computed bias")
+            refs["bias"] = self._ref(str(bias.target))
+        weight_shape = refs["weight"].shape
+        groups = bound.get("groups", 1)
+        if not isinstance(groups, int):
+            return self._blocking(fx_node, f"function {name} with a computed number of groups")
+        attrs: dict[str, Any] = {"computed_weight": computed} if computed else {}  # what computes it
+        if op == "linear":
+            rank = len(_shape(fx_node) or (0, 0))
+            node = self._node(fx_node, OpKind.PARAMETRIC, "linear", params=refs, channel_axis=rank - 1, in_axis=-1, **attrs)
+        elif groups > 1 and not computed and groups == weight_shape[0] and weight_shape[1] == 1 and (
+            (_shape(source) or (0, 0))[1] == groups
+        ):
+            node = self._node(fx_node, OpKind.CHANNELWISE, "depthwise", params=refs, requires_axis=1)
+        else:
+            node = self._node(
+                fx_node, OpKind.PARAMETRIC, "conv", params=refs, channel_axis=1, in_axis=1, groups=groups, **attrs
+            )
+        return dataclasses.replace(
+            node, inputs=(source.name,), module=owner or None, attrs={**node.attrs, "functional": name}
+        )
+
+    def _pad(self, fx_node: torch.fx.Node) -> Node:
+        """``F.pad`` with literal sizes: per channel while it pads only axes after the channels'.
+
+        The pads apply to the last ``len(pad) // 2`` axes; a cloned channel is
+        padded as its original (the same constant, reflection or border), so
+        the pad passes channels on any earlier axis (``first_padded`` records
+        where the padded axes start).
+        """
+        pads = fx_node.args[1] if len(fx_node.args) > 1 else fx_node.kwargs.get("pad")
+        shape = _shape(fx_node)
+        if shape is None or not isinstance(pads, (tuple, list)) or not all(isinstance(p, int) for p in pads):
+            return self._blocking(fx_node, "function pad with computed sizes")
+        return self._node(
+            fx_node, OpKind.CHANNELWISE, "pad", first_padded=len(shape) - len(pads) // 2
+        )
+
+    def _ref(self, target: str) -> ParamRef:
+        tensor = _attribute(self.module, target)
+        return ParamRef(target, tuple(tensor.shape), target in self.aliases)
+
+    def _stored_weight(self, weight: torch.fx.Node) -> tuple[str, dict[str, ParamRef], str] | str:
+        """(owner module, parameters by role, what computes it or "") of a functional layer's weight, or why not.
+
+        A stored weight is a ``get_attr`` node. A computed one must come from
+        tensors of one module only (never from activations), keep the stored
+        weight's shape, and act on each output filter alike and alone:
+        permuting the filters (and every per-filter tensor with them)
+        permutes the result, and changing one filter changes only its result.
+        """
+        if weight.op == "get_attr":
+            owner = str(weight.target).rpartition(".")[0]
+            return owner, {"weight": self._ref(str(weight.target))}, ""
+        ancestors: dict[str, torch.fx.Node] = {}
+        stack = [weight]
+        while stack:
+            node = stack.pop()
+            if node.name in ancestors:
+                continue
+            ancestors[node.name] = node
+            if node.op in ("placeholder", "call_module"):
+                return "computed from activations"
+            stack.extend(node.all_input_nodes)
+        leaves = {str(node.target): node for node in ancestors.values() if node.op == "get_attr"}
+        owners = {target.rpartition(".")[0] for target in leaves}
+        weights = [target for target in leaves if target.rpartition(".")[2] == "weight"]
+        if len(owners) != 1 or len(weights) != 1:
+            return "computed from tensors of several modules" if len(owners) > 1 else "computed without a stored weight"
+        owner = owners.pop()
+        order = [node for node in self.module.graph.nodes if node.name in ancestors]
+        values = {target: _attribute(self.module, target).detach().double() for target in leaves}
+        filters = values[weights[0]].shape[0]
+        per_filter = [t for t, v in values.items() if v.dim() >= 1 and v.shape[0] == filters and (
+            t == weights[0] or math.prod(v.shape[1:]) == 1)]
+        others = [t for t, v in values.items() if t not in per_filter and v.numel() > 1]
+        if others:
+            return f"computed with '{others[0]}', which is not one value per output filter"
+        if not _acts_per_filter(order, values, per_filter, filters):
+            return "computed by a function that mixes output filters"
+        refs = {target.rpartition(".")[2]: self._ref(target) for target in per_filter}
+        refs = {"weight": refs.pop("weight"), **refs}
+        kinds = sorted({getattr(node.target, "__name__", str(node.target)) for node in order if node.op != "get_attr"})
+        return owner, refs, ", ".join(kinds)
 
     def _method(self, fx_node: torch.fx.Node, method: str) -> Node:
         if method in _ACTIVATION_METHODS:
@@ -492,6 +661,71 @@ class _Translator:
             fx_node, OpKind.RESHAPE, "flatten", input_maps={0: block}, start=start, end=end,
             literal_widths=literals,
         )
+
+
+def _attribute(module: nn.Module, target: str) -> torch.Tensor:
+    """The tensor a ``get_attr`` node reads."""
+    value: Any = module
+    for part in target.split("."):
+        value = getattr(value, part)
+    if not isinstance(value, torch.Tensor):
+        raise TraceError(f"'{target}' is read as a tensor but is a {type(value).__name__}")
+    return value
+
+
+def _evaluate(order: Sequence[torch.fx.Node], values: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Run the fx nodes ``order`` (ancestors of the last, inputs from ``values`` by target) and return the last's value."""
+    env: dict[str, Any] = {}
+
+    def load(arg: torch.fx.Node) -> Any:
+        return env[arg.name]
+
+    for node in order:
+        args = torch.fx.node.map_arg(node.args, load)
+        kwargs = torch.fx.node.map_arg(node.kwargs, load)
+        if node.op == "get_attr":
+            env[node.name] = values[str(node.target)]
+        elif node.op == "call_function":
+            env[node.name] = node.target(*args, **kwargs)  # type: ignore[operator]
+        else:
+            env[node.name] = getattr(args[0], str(node.target))(*args[1:], **kwargs)
+    return env[order[-1].name]
+
+
+def _acts_per_filter(
+    order: Sequence[torch.fx.Node], values: Mapping[str, torch.Tensor], per_filter: Sequence[str], filters: int
+) -> bool:
+    """Whether the computation ``order`` treats output filters alike and alone (checked in float64).
+
+    Two probes: a permutation of the filters (and of every per-filter
+    tensor) must permute the result, and a change of the first filter must
+    leave every other filter's result as it was. Together they make the
+    result of a filter a function of that filter's tensors alone, the same
+    for every filter, so a cloned filter computes a cloned result.
+    """
+    generator = torch.Generator().manual_seed(0)
+    probe = {t: torch.randn(v.shape, generator=generator, dtype=torch.float64) if t in per_filter else v
+             for t, v in values.items()}
+    try:
+        with torch.no_grad():
+            base = _evaluate(order, probe)
+            weight_shape = next(v.shape for t, v in probe.items() if t.rpartition(".")[2] == "weight")
+            if base.shape != weight_shape:
+                return False
+            permutation = torch.randperm(filters, generator=generator)
+            permuted = _evaluate(order, {t: v[permutation] if t in per_filter else v for t, v in probe.items()})
+            changed = {t: v.clone() for t, v in probe.items()}
+            for t in per_filter:
+                changed[t][0] += torch.randn(changed[t][0].shape, generator=generator, dtype=torch.float64)
+            moved = _evaluate(order, changed)
+    except Exception:  # the computation does not run on probes: it is not one this rule understands
+        return False
+    scale = float(base.abs().max()) or 1.0
+    return bool(
+        (permuted - base[permutation]).abs().max() <= 1e-9 * scale
+        and (moved[1:] - base[1:]).abs().max() <= 1e-9 * scale
+        and (moved[0] - base[0]).abs().max() > 1e-9 * scale
+    )
 
 
 def _literal_widths(fx_node: torch.fx.Node, rank: int) -> dict[int, tuple[tuple[int, ...], int]]:

@@ -313,6 +313,8 @@ class Graph:
         self.nx = nx.DiGraph()
         self.source: object | None = None
         """The frontend's own form of the model (e.g. a ``torch.fx.GraphModule``), opaque here."""
+        self.frontend: str | None = None
+        """Which capture made the graph ("fx", "export", "onnx"), where the frontend says."""
         self._order: list[str] = []
         self._index: dict[str, int] = {}
 

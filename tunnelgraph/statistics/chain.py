@@ -76,7 +76,7 @@ class LayerSpec:
     @property
     def conv_dims(self) -> int:
         """Spatial dimensions of a conv layer, 0 for a linear layer."""
-        return _CONV_DIMS.get(type(self.module), 0)
+        return next((dims for kind, dims in _CONV_DIMS.items() if isinstance(self.module, kind)), 0)
 
     @property
     def weight_slice(self) -> ParamSlice:
@@ -110,6 +110,12 @@ class GroupChain:
     def __init__(self, model: nn.Module, graph: Graph, group: ChannelGroup) -> None:
         if not group.legal:
             raise StatisticsError(f"group '{group.name}' has no sites: {'; '.join(group.reasons)}")
+        if group.unmeasured:
+            raise StatisticsError(
+                f"A-statistics are not measured for group '{group.name}': {'; '.join(group.unmeasured)}. "
+                "Its sites can still be rewritten with a lambda of your choice (tg.rewrite); leave them "
+                "out of the statistics (tg.open_tunnels does so by itself)."
+            )
         source = graph.source
         if not isinstance(source, torch.fx.GraphModule):
             raise StatisticsError("A-statistics need a graph traced from a PyTorch model (tg.trace)")
@@ -628,7 +634,7 @@ def _prepad(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def conv_patches(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """(N, C_in * prod(kernel), *output spatial): the input entry each weight multiplies, per output pixel."""
-    dims = _CONV_DIMS[type(module)]
+    dims = next(dims for kind, dims in _CONV_DIMS.items() if isinstance(module, kind))
     x = _prepad(module, x)
     if dims == 2:
         patches = F.unfold(x, module.kernel_size, module.dilation, 0, module.stride)
@@ -653,7 +659,7 @@ def patches_by_position(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     Built as a strided view of the sample-minor input and copied once, which
     is much cheaper than transposing the patches afterwards.
     """
-    dims = _CONV_DIMS[type(module)]
+    dims = next(dims for kind, dims in _CONV_DIMS.items() if isinstance(module, kind))
     padded = _prepad(module, x)
     samples, channels, spatial = padded.shape[0], padded.shape[1], padded.shape[2:]
     moved = padded.movedim(0, -1).contiguous()  # (C, *spatial, N)

@@ -243,6 +243,12 @@ def check_sites_fit(model: nn.Module, site: Site) -> None:
     tensors = dict(model.named_parameters(remove_duplicate=False))
     tensors.update(model.named_buffers(remove_duplicate=False))
     check_shapes(site.group, {name: tuple(t.shape) for name, t in tensors.items()}, StatisticsError)
+    if site.group.unmeasured:
+        raise StatisticsError(
+            f"site {site.name}: A-statistics are not measured for group '{site.group.name}': "
+            f"{'; '.join(site.group.unmeasured)}. The rewrite is exact; leave these sites out of the "
+            "statistics (tg.open_tunnels does so by itself)"
+        )
     if not measurable(site):
         raise StatisticsError(
             f"site {site.name}: layer(s) {', '.join(site.group.self_consumers)} both produce and read the "
@@ -290,8 +296,13 @@ def _attribute(root: nn.Module, target: str) -> object:
 
 
 def measurable(site: Site) -> bool:
-    """Whether A is defined for ``site``: no layer of its group both produces and reads its channels."""
-    return not site.group.self_consumers
+    """Whether A is measured for ``site``.
+
+    Not where a layer of its group both produces and reads its channels (A
+    is not defined there), nor where the group's layers are called as
+    functions (``site.group.unmeasured`` says which and why).
+    """
+    return not site.group.self_consumers and not site.group.unmeasured
 
 
 def estimate_cost(chain: GroupChain, graph: Graph, *, max_steps: int = 8) -> tuple[float, float]:
