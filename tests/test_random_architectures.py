@@ -123,9 +123,13 @@ class RandomNet:
     input_shape: tuple[int, ...]
     seed: int
     wrapped: bool = False  # the model is nn.Sequential(Net()), so every layer's name starts with "0."
+    export: bool = False  # check the groups of the torch.export frontend too
 
     def __repr__(self) -> str:
-        return f"RandomNet(input_shape={self.input_shape}, seed={self.seed}, wrapped={self.wrapped})\n{self.source}"
+        return (
+            f"RandomNet(input_shape={self.input_shape}, seed={self.seed}, wrapped={self.wrapped}, "
+            f"export={self.export})\n{self.source}"
+        )
 
     def build(self) -> nn.Module:
         """The network in float64 and eval mode, with generic weights and batch-norm statistics."""
@@ -738,14 +742,14 @@ def _flat_unknown(b: _Builder, v: str) -> list[str] | None:
     return b.emit(form.format(v=v))
 
 
-SPATIAL_OPS: list[Callable[[_Builder, str], list[str]]] = (
+SPATIAL_OPS: list[Callable[..., list[str] | None]] = (
     [_conv] * 6 + [_residual] * 3 + [_activation_module] * 3 + [_activation_function] * 3 + [_activation_method]
     + [_select, _scale, _identity, _linear_last, _split, _reuse, _broadcast, _squeeze_excite, _inception]
     + [_layer_scale, _functional_layer] + [_classifier] * 2
     + [_batchnorm] * 3 + [_pool] * 3 + [_dropout] * 2 + [_mean] * 2 + [_flatten] * 3 + [_unknown] * 2
     + [_binary] * 3 + [_cat] * 3
 )
-FLAT_OPS: list[Callable[[_Builder, str], list[str]]] = (
+FLAT_OPS: list[Callable[..., list[str] | None]] = (
     [_linear] * 6 + [_activation_module] * 2 + [_activation_function] * 2 + [_activation_method]
     + [_select, _scale, _dropout, _batchnorm, _flat_residual, _unflatten, _flat_unknown, _reuse, _identity]
     + [_layer_scale, _functional_layer]
@@ -791,7 +795,10 @@ def _random_net(draw: Callable[[Any], Any]) -> RandomNet:
         outputs.append(read[0] if read else name)
     output = ", ".join(outputs) + ("," if len(outputs) > 1 else "")
     layout = draw(st.sampled_from(["attributes", "attributes", "modulelist", "moduledict"]))
-    return RandomNet(builder.source(output, layout), shape, draw(st.integers(0, 2**16)), draw(st.booleans()))
+    return RandomNet(
+        builder.source(output, layout), shape, draw(st.integers(0, 2**16)), draw(st.booleans()),
+        draw(st.integers(0, 3)) == 0,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -848,41 +855,50 @@ def check_network(net: RandomNet) -> int:
     saved = x.clone()
     graph = tg.trace(model, x)
     assert torch.equal(x, saved), "tg.trace changed its example input (the forward writes into its input in place)"
+    graphs = [("fx", graph)]
+    if net.export:  # the second frontend: its groups must rewrite exactly too
+        try:
+            graphs.append(("export", tg.trace(model, x, frontend="export")))
+        except tg.TraceError:
+            pass
+        assert torch.equal(x, saved), "tg.trace(frontend='export') changed its example input"
     options = tuple(tg.THROUGH_OPTIONS)
     subsets = [s for size in range(len(options) + 1) for s in itertools.combinations(options, size)]
-    reports = {subset: tg.analyze(graph, through=subset) for subset in subsets}
-    direct = tg.find_sites(model, x, through=options)
-    assert [s.name for s in direct] == [s.name for s in reports[options].sites]
-
-    baseline = reports[()].groups
-    legal: dict[tuple[Any, ...], tuple[tg.ChannelGroup, tuple[str, ...]]] = {}
-    for subset, report in reports.items():
-        sites = report.sites
-        assert [s.name for s in sites] == [s.name for s in tg.find_sites(graph, through=subset)]
-        assert len({s.name for s in sites}) == len(sites), f"duplicate site names under through={subset}"
-        assert [g.name for g in report.groups] == [g.name for g in baseline]
-        for group, plain in zip(report.groups, baseline):
-            assert _group_key(group) == _group_key(plain), f"through={subset} changed group {group.name}'s layout"
-            # through= only permits: every reason left is one the default rules give too
-            assert set(group.reasons) <= set(plain.reasons), f"through={subset} added reasons to {group.name}"
-            if group.legal:
-                assert group.reasons == ()
-                legal.setdefault(_group_key(group), (group, subset))
-            else:
-                assert group.reasons and all(isinstance(r, str) and r.strip() for r in group.reasons), (
-                    f"group {group.name} is not legal but gives no reason"
-                )
-                assert group.name not in {s.group_name for s in sites}
+    legal: dict[tuple[Any, ...], tuple[tg.ChannelGroup, tuple[str, ...], str]] = {}
+    for frontend, traced in graphs:
+        reports = {subset: tg.analyze(traced, through=subset) for subset in subsets}
+        if frontend == "fx":
+            direct = tg.find_sites(model, x, through=options)
+            assert [s.name for s in direct] == [s.name for s in reports[options].sites]
+        baseline = reports[()].groups
+        for subset, report in reports.items():
+            sites = report.sites
+            where = f"{frontend}, through={subset}"
+            assert [s.name for s in sites] == [s.name for s in tg.find_sites(traced, through=subset)]
+            assert len({s.name for s in sites}) == len(sites), f"duplicate site names ({where})"
+            assert [g.name for g in report.groups] == [g.name for g in baseline]
+            for group, plain in zip(report.groups, baseline):
+                assert _group_key(group) == _group_key(plain), f"{where} changed group {group.name}'s layout"
+                # through= only permits: every reason left is one the default rules give too
+                assert set(group.reasons) <= set(plain.reasons), f"{where} added reasons to {group.name}"
+                if group.legal:
+                    assert group.reasons == ()
+                    legal.setdefault(_group_key(group), (group, subset, frontend))
+                else:
+                    assert group.reasons and all(isinstance(r, str) and r.strip() for r in group.reasons), (
+                        f"group {group.name} is not legal but gives no reason ({where})"
+                    )
+                    assert group.name not in {s.group_name for s in sites}, f"{group.name} ({where})"
 
     rng = np.random.default_rng(net.seed)
     checked = 0
-    for group, subset in legal.values():
+    for group, subset, frontend in legal.values():
         for channel in range(group.size):
             site = tg.Site.of(group, channel)
             lam: Any = float(rng.uniform(-1.0, 2.0))
             if site.outbound_size and rng.uniform() < 0.5:
                 lam = rng.uniform(-1.0, 2.0, site.outbound_size)
-            what = f"site {site.name} (through={subset}, lam={lam})"
+            what = f"site {site.name} ({frontend}, through={subset}, lam={lam})"
             rewritten = tg.rewrite(model, site, lam)
             assert rewritten is not model
             rewritten.eval()
@@ -907,7 +923,8 @@ def check_network(net: RandomNet) -> int:
             if channel == 0:
                 assert tg.verify(model, rewritten, x, rtol=RTOL, atol=ATOL).passed, what
                 assert torch.equal(x, saved), "tg.verify changed its input (the forward writes into its input in place)"
-                again = {g.name: g for g in tg.analyze(rewritten, x, through=subset).groups}
+                retraced = tg.trace(rewritten, x, frontend=frontend)
+                again = {g.name: g for g in tg.analyze(retraced, through=subset).groups}
                 assert group.name in again and again[group.name].size == group.size + 1, what
                 assert again[group.name].legal, f"{what}: {again[group.name].reasons}"
                 # the rewritten model rewrites again (clone the clone), and merging the clone back is exact
