@@ -96,7 +96,8 @@ def analyze(
     report = analyze_graph(adapter.graph(example_inputs), through, adapter.weights())
     if data is not None:
         measures = adapter.unit_measures(report.groups, data, batches=batches, progress=progress)
-        ordered = tuple(measures[site.name] for site in report.sites)
+        # units of groups with layers called as functions are not measured (ChannelGroup.unmeasured)
+        ordered = tuple(measures[site.name] for site in report.sites if site.name in measures)
         report = AnalysisReport(report.model, report.through, report.groups, report.reducibility, ordered)
     return report
 
@@ -300,6 +301,11 @@ def reorganize_from_data(
     group = site.group
     if group.size < 3:
         raise SiteError(f"group '{group.name}' has {group.size} channels: nothing to merge besides the clone")
+    if group.unmeasured:
+        raise SiteError(
+            f"the units of group '{group.name}' are not measured on data ({'; '.join(group.unmeasured)}); "
+            "choose the pair yourself with tg.reorganize(model, merge=(site, partner), clone=..., lam=...)"
+        )
     measures = unit_measures(model, [group], batches_list, progress=progress)
     candidates = [measures[f"{group.name}[{c}]"] for c in range(group.size) if c != site.channel]
     best = max(candidates, key=lambda m: (m.correlation, -int(m.unit.rpartition("[")[2][:-1])))

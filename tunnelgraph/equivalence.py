@@ -154,7 +154,9 @@ def _check_inputs(model_a: Adapter[Any], model_b: Adapter[Any], args: tuple[torc
 def _outputs(model: Adapter[Any], label: str, args: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
     """``model``'s output tensors on ``args``; a model that fails on them is a ValueError naming the shapes."""
     try:
-        return _flatten(model.run(args))
+        # on copies: a forward that writes into its input (x.mul_(2)) must change neither the
+        # caller's tensors nor what the other model sees
+        return _flatten(model.run(tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)))
     except Exception as error:
         from_runtime = type(error).__module__.startswith("onnxruntime")
         out_of_memory = isinstance(error, torch.cuda.OutOfMemoryError)

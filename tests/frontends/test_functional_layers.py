@@ -153,7 +153,47 @@ def test_functional_linear_on_a_root_parameter_rewrites_exactly() -> None:
     model = Functional().double()
     x = torch.randn(3, 4, dtype=torch.float64)
     sites = tg.find_sites(model, x)
-    assert len(sites) == 5 and sites[0].group.producers == ("linear",)
+    assert len(sites) == 5 and sites[0].group.producers == ("w1",)
     opened = tg.rewrite(model, sites[2], lam=torch.rand(2, dtype=torch.float64))
     assert opened.w1.shape == (6, 4) and opened.b1.shape == (6,) and opened.out.in_features == 6
     assert tg.verify(model, opened, x).passed
+
+
+class TwoOfOneModule(nn.Module):
+    """Two layers written as F.linear on bare parameters of one module: two layers, two names."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(3, 4))
+        self.b1 = nn.Parameter(torch.randn(3))
+        self.w2 = nn.Parameter(torch.randn(3, 3))
+        self.w3 = nn.Parameter(torch.randn(2, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(torch.relu(F.linear(torch.relu(F.linear(x, self.w1, self.b1)), self.w2)), self.w3)
+
+
+def test_layers_on_tensors_of_one_module_are_named_by_their_tensors() -> None:
+    model = TwoOfOneModule().double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    sites = tg.find_sites(model, x)
+    assert [site.group_name for site in sites] == ["w1"] * 3 + ["w2"] * 3
+    assert len({site.name for site in sites}) == 6
+    opened = tg.rewrite(model, "w2[1]", 0.3, example_inputs=x)
+    assert opened.w2.shape == (4, 3) and opened.w3.shape == (2, 4) and tg.verify(model, opened, x).passed
+
+
+def test_a_constant_unit_read_by_a_functional_layer_is_kept_with_the_reason() -> None:
+    """Removing a constant unit folds its value into the consumers' biases, done for modules only."""
+    model = TwoOfOneModule().double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    with torch.no_grad():
+        model.w1[1] = 0.0  # unit w1[1] is relu(b1[1]) whatever the input
+        model.w3[:, 2] = 0.0  # unit w2[2] leads nowhere
+    reduced, report = tg.reduce(model, x)
+    assert tg.verify(model, reduced, x).passed
+    assert reduced.w2.shape == (2, 3) and reduced.w1.shape == (3, 4)  # w2[2] removed, w1[1] kept
+    (kept,) = report.skipped
+    assert kept[0].unit == "w1[1]" and "layers called as modules only" in kept[1]
+    analysed = tg.analyze(model, x, data=[x], progress=False)  # the units are not measured, and that is no error
+    assert analysed.measures == ()

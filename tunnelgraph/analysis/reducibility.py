@@ -375,8 +375,8 @@ def empirical_findings(
     """
     findings = []
     for group in groups:
-        if not group.legal:
-            continue
+        if not group.legal or f"{group.name}[0]" not in measures:
+            continue  # illegal, or not measured (layers called as functions)
         units = [measures[f"{group.name}[{c}]"] for c in range(group.size)]
         top_norm = max(u.outbound_norm for u in units)
         top_std = max(u.std for u in units)

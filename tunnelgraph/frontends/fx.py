@@ -154,7 +154,8 @@ def trace(
         model.eval()
         try:
             with torch.no_grad():
-                ShapeProp(module).propagate(*inputs)
+                # on copies: a forward that writes into its input (x.mul_(2)) must not change the caller's
+                ShapeProp(module).propagate(*(t.clone() if isinstance(t, torch.Tensor) else t for t in inputs))
         except Exception as error:
             raise TraceError(
                 f"running {type(model).__name__} on the example inputs failed "
@@ -528,8 +529,7 @@ class _Translator:
         permutes the result, and changing one filter changes only its result.
         """
         if weight.op == "get_attr":
-            owner = str(weight.target).rpartition(".")[0]
-            return owner, {"weight": self._ref(str(weight.target))}, ""
+            return _layer_name(str(weight.target)), {"weight": self._ref(str(weight.target))}, ""
         ancestors: dict[str, torch.fx.Node] = {}
         stack = [weight]
         while stack:
@@ -545,7 +545,7 @@ class _Translator:
         weights = [target for target in leaves if target.rpartition(".")[2] == "weight"]
         if len(owners) != 1 or len(weights) != 1:
             return "computed from tensors of several modules" if len(owners) > 1 else "computed without a stored weight"
-        owner = owners.pop()
+        owner = _layer_name(weights[0])
         order = [node for node in self.module.graph.nodes if node.name in ancestors]
         values = {target: _attribute(self.module, target).detach().double() for target in leaves}
         filters = values[weights[0]].shape[0]
@@ -661,6 +661,18 @@ class _Translator:
             fx_node, OpKind.RESHAPE, "flatten", input_maps={0: block}, start=start, end=end,
             literal_widths=literals,
         )
+
+
+def _layer_name(weight: str) -> str:
+    """The name of the layer a functional call on the stored ``weight`` makes.
+
+    ``conv.weight`` (a module's own weight: ``Conv2dSame``, ``StdConv2d``, an
+    exported ``nn.Conv2d``) is the layer ``conv``; any other tensor names its
+    own layer (``mlp.w1``, ``w2``), so two calls on tensors of one module
+    are two layers with two names.
+    """
+    owner, _, attribute = weight.rpartition(".")
+    return owner if attribute == "weight" and owner else weight
 
 
 def _attribute(module: nn.Module, target: str) -> torch.Tensor:

@@ -390,7 +390,7 @@ class ReducePass:
         self, adapter: ModelAdapter[M], group: ChannelGroup, findings: list[Finding]
     ) -> tuple[M, list[Finding], list[tuple[Finding, str]], RewriteRecord | None]:
         outbound = [s for s in group.slices if s.role == "outbound"]
-        needs_values = any(_needs_shift(f) for f in findings)
+        needs_values = any(_needs_shift(f) for f in findings) and not group.unmeasured
         seen = adapter.consumer_values([s.module for s in outbound], self.inputs) if needs_values else {}
         edit = edits.identity(group.size)
         shifts: dict[str, np.ndarray] = {}
@@ -398,6 +398,12 @@ class ReducePass:
         refused: list[tuple[Finding, str]] = []
         size = group.size
         for finding in sorted(findings, key=lambda f: -f.channel):
+            if _needs_shift(finding) and group.unmeasured:
+                refused.append((finding, (
+                    "removing it moves its constant part into the consumers' biases, which tunnelgraph does "
+                    f"for layers called as modules only: {'; '.join(group.unmeasured)}"
+                )))
+                continue
             try:
                 extra = _bias_shifts(adapter, outbound, finding, seen)
             except RewriteError as error:

@@ -72,10 +72,13 @@ def unit_measures(
 
     ``data`` yields batches as :func:`tunnelgraph.runtime.batch_parts` reads
     them (bare inputs, ``(inputs, targets)`` or a dict); targets are not used. Training flags are restored afterwards.
+    Units are read at the input of the consumers called as modules, so
+    groups with layers called as functions (``group.unmeasured``) are left
+    out.
     """
     model = unwrap_model(model)
     device = model_device(model)
-    legal = [group for group in groups if group.legal]
+    legal = [group for group in groups if group.legal and not group.unmeasured]
     moments: dict[tuple[str, str], _Moments] = {}
     slices: dict[tuple[str, str], ParamSlice] = {}
     for group in legal:
