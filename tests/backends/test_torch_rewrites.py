@@ -325,3 +325,29 @@ def test_a_graph_module_result_keeps_the_tensors_its_forward_does_not_read() -> 
     twice = tg.rewrite(rewritten, again, 0.3)
     assert twice.bn.num_features == 5 and twice.fc.in_features == 20
     assert tg.verify(model, twice, x).passed
+
+
+class _HardCodedReshape(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3)
+        self.fc = nn.Linear(18, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.conv(x)).reshape(-1, 18))
+
+
+def test_a_hard_coded_width_found_on_a_torch_export_capture_rewrites_or_refuses_cleanly() -> None:
+    """Random architectures: the exported graph's literal is at another argument path than fx's
+    (reshape(x, [-1, 18]) against x.reshape(-1, 18)), and patching it raised a TypeError."""
+    model = _HardCodedReshape().eval()
+    x = torch.randn(2, 1, 5, 5)
+    graph = tg.trace(model, x, frontend="export")
+    site = [s for s in tg.find_sites(graph) if s.group_name == "conv"][0]
+    assert site.group.literals
+    try:
+        rewritten = tg.rewrite(model, site, 0.5)
+    except tg.RewriteError as error:
+        assert "torch.export" in str(error)
+    else:
+        assert tg.verify(model, rewritten, x).passed

@@ -214,7 +214,14 @@ def _patch_literals(
     in a module fx traces through, a layer it never calls), so the
     ``state_dict`` has the same keys and the result can be rewritten again.
     """
-    module = torch.fx.symbolic_trace(model)
+    way_out = "rewrite the forward with x.flatten(1) or x.view(x.size(0), -1)"
+    try:
+        module = torch.fx.symbolic_trace(model)
+    except Exception as error:  # fx raises many types; all mean "cannot trace"
+        raise RewriteError(
+            f"the forward hard-codes a width that this rewrite changes, and torch.fx cannot trace "
+            f"{type(model).__name__} to update it ({type(error).__name__}: {error}); {way_out}"
+        ) from error
     _keep_unread(model, module)
     nodes = {node.name: node for node in module.graph.nodes}
     for old, new in zip(before, after):
@@ -222,7 +229,8 @@ def _patch_literals(
         if node is None or _read(node.args, new.path) != old.value:
             raise RewriteError(
                 f"could not find the literal width {old.value} of node '{new.node}' again when "
-                "re-tracing the model; rewrite the forward with x.flatten(1) or x.view(x.size(0), -1)"
+                "re-tracing the model with torch.fx (the nodes of a site found on a torch.export "
+                f"capture are not fx's); {way_out}"
             )
         node.args = _write(node.args, new.path, new.value)
     module.recompile()
@@ -255,7 +263,10 @@ def _keep_unread(model: nn.Module, module: torch.fx.GraphModule) -> None:
 
 
 def _read(args: Any, path: tuple[int, ...]) -> Any:
+    """The argument at ``path``, or None where the arguments have no such place."""
     for index in path:
+        if not isinstance(args, (tuple, list)) or not -len(args) <= index < len(args):
+            return None
         args = args[index]
     return args
 
