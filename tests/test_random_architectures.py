@@ -40,7 +40,7 @@ import tunnelgraph as tg
 from tunnelgraph.frontends import fx as fx_frontend
 
 EXAMPLES_VARIABLE = "TUNNELGRAPH_RANDOM_EXAMPLES"
-CI_EXAMPLES = 150
+CI_EXAMPLES = 100
 RTOL = 1e-9
 ATOL = 1e-12
 BATCH = 3
