@@ -80,7 +80,7 @@ def analyze(
     through: Iterable[str] = (),
     data: Iterable[Any] | None = None,
     batches: int | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> AnalysisReport:
     """Every hidden channel group of ``model``, legal or not, and why (see :func:`find_sites`).
 
@@ -90,7 +90,9 @@ def analyze(
     :func:`tunnelgraph.runtime.batch_parts` reads them; ``batches`` limits
     them) every unit of a PyTorch model also gets its empirical measures:
     outbound norm, activation mean and std, and the best affine fit by
-    another unit of its group, so near-reducible units show too.
+    another unit of its group, so near-reducible units show too;
+    ``progress`` shows a bar over that pass (True), never (False), or in
+    interactive use only (None, the default: when stderr is a terminal).
     """
     adapter = adapter_for(model)
     report = analyze_graph(adapter.graph(example_inputs), through, adapter.weights())
@@ -388,7 +390,7 @@ def open_tunnels(
     batches: int | None = None,
     device: torch.device | str | None = None,
     method: Method = "auto",
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> tuple[nn.Module, list[OpenedTunnel]]:
     """Measure every site, rank them, and open the ``k`` steepest tunnels with ``lambda_t``.
 

@@ -15,12 +15,30 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from typing import Any, Iterator
+import sys
+from typing import Any, Iterable, Iterator, TypeVar
 
 import torch
 import torch.nn as nn
 
+from tqdm.auto import tqdm
+
 from tunnelgraph.errors import TunnelgraphError
+
+T = TypeVar("T")
+
+
+def progress_bar(
+    iterable: Iterable[T], *, desc: str, total: int | None = None, enabled: bool | None = None, leave: bool = True
+) -> Iterable[T]:
+    """``iterable`` with a tqdm bar on stderr, the one way tunnelgraph shows progress on long work.
+
+    ``enabled``: True shows the bar, False never does, None (the library's
+    default) shows it in interactive use only, when stderr is a terminal,
+    so scripts, logs and test runs stay quiet unless asked.
+    """
+    shown = sys.stderr.isatty() if enabled is None else enabled
+    return tqdm(iterable, desc=desc, total=total, disable=not shown, leave=leave)  # type: ignore[no-any-return]
 
 
 @contextlib.contextmanager

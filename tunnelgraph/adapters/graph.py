@@ -50,7 +50,7 @@ class GraphAdapter(Adapter[Graph]):
         return given
 
     def unit_measures(
-        self, groups: Sequence[ChannelGroup], data: Iterable[Any], *, batches: int | None, progress: bool
+        self, groups: Sequence[ChannelGroup], data: Iterable[Any], *, batches: int | None, progress: bool | None
     ) -> dict[str, UnitMeasures]:
         self._refuse("empirical measures")
 

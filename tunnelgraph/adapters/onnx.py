@@ -94,7 +94,7 @@ class OnnxAdapter(Adapter[onnx.ModelProto]):
         return tensors[0] if len(tensors) == 1 else tensors
 
     def unit_measures(
-        self, groups: Sequence[ChannelGroup], data: Iterable[Any], *, batches: int | None, progress: bool
+        self, groups: Sequence[ChannelGroup], data: Iterable[Any], *, batches: int | None, progress: bool | None
     ) -> dict[str, UnitMeasures]:
         raise TypeError(
             "empirical measures (data=) run PyTorch models; convert the ONNX model with tg.to_torch first"

@@ -63,7 +63,7 @@ class TorchAdapter(Adapter[nn.Module]):
         return given
 
     def unit_measures(
-        self, groups: Sequence[ChannelGroup], data: Iterable[Any], *, batches: int | None, progress: bool
+        self, groups: Sequence[ChannelGroup], data: Iterable[Any], *, batches: int | None, progress: bool | None
     ) -> dict[str, UnitMeasures]:
         from tunnelgraph.statistics.activity import unit_measures
 

@@ -92,7 +92,7 @@ class ModelAdapter(abc.ABC, Generic[M]):
 
     @abc.abstractmethod
     def unit_measures(
-        self, groups: Sequence[ChannelGroup], data: Iterable[Any], *, batches: int | None, progress: bool
+        self, groups: Sequence[ChannelGroup], data: Iterable[Any], *, batches: int | None, progress: bool | None
     ) -> dict[str, UnitMeasures]:
         """Every unit's empirical measures over ``data`` (see :mod:`tunnelgraph.statistics.activity`)."""
 

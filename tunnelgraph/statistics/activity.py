@@ -16,12 +16,11 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
 
 from tunnelgraph.analysis.groups import ChannelGroup, ParamSlice
 from tunnelgraph.analysis.reducibility import UnitMeasures, channel_rows
 from tunnelgraph.errors import StatisticsError
-from tunnelgraph.runtime import batch_parts, model_device, preserved, to_device, unwrap_model
+from tunnelgraph.runtime import batch_parts, model_device, preserved, progress_bar, to_device, unwrap_model
 
 
 class _Moments:
@@ -66,7 +65,7 @@ def unit_measures(
     data: Iterable[Any],
     *,
     batches: int | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> dict[str, UnitMeasures]:
     """Measure every unit of the legal ``groups`` of ``model`` over ``data`` (eval mode, no gradients).
 
@@ -96,7 +95,7 @@ def unit_measures(
     samples = 0
     try:
         with preserved(model, train=False), torch.no_grad():
-            for index, batch in enumerate(tqdm(data, total=batches, desc="unit measures", disable=not progress)):
+            for index, batch in enumerate(progress_bar(data, total=batches, desc="unit measures", enabled=progress)):
                 if batches is not None and index >= batches:
                     break
                 inputs = to_device(batch_parts(batch, index=index)[0], device)

@@ -36,14 +36,13 @@ import torch
 import torch.distributed as dist
 import torch.fx
 import torch.nn as nn
-from tqdm.auto import tqdm
 
 from tunnelgraph.analysis.sites import Site
 from tunnelgraph.errors import StatisticsError
 from tunnelgraph.frontends.fx import trace
 from tunnelgraph.ir import Graph
 from tunnelgraph.rewrite.plan import check_shapes
-from tunnelgraph.runtime import batch_parts, model_device, preserved, to_device, unwrap_model
+from tunnelgraph.runtime import batch_parts, model_device, preserved, progress_bar, to_device, unwrap_model
 from tunnelgraph.statistics.capture import Capture, Recorder
 from tunnelgraph.statistics.chain import GroupChain, conv_patches
 from tunnelgraph.statistics.solve import Triplet, lanczos_top, top_singular
@@ -115,7 +114,7 @@ def a_statistics(
     *,
     batches: int | None = None,
     device: torch.device | str | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
     method: Method = "auto",
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     max_steps: int = 20,
@@ -143,7 +142,10 @@ def a_statistics(
             pass); default: all of ``data``.
         device: where to compute; default: where the model's parameters
             are (CUDA when the model is on a GPU). Batches are moved there.
-        progress: show a tqdm bar over batches.
+        progress: show progress bars over the pass over the data and over
+            the groups' top-triplet solves (True), never (False), or in
+            interactive use only (None, the default: when stderr is a
+            terminal).
         method: ``"exact"`` forms A; ``"matrix_free"`` finds the top triplet
             from products with A and A^T over stored activations (``a`` is
             then None); ``"auto"`` picks the cheaper per group.
@@ -335,7 +337,7 @@ def _measure(
     batches_iter: Iterable[tuple[Any, Any]],
     loss_fn: LossFn,
     batches: int | None,
-    progress: bool,
+    progress: bool | None,
     memory_budget: int,
     max_steps: int,
     tol: float,
@@ -348,7 +350,7 @@ def _measure(
     samples = 0
     with Recorder(model, [plan.chain for plan in plans]) as recorder:
         for index, (inputs, targets) in enumerate(
-            tqdm(batches_iter, total=batches, desc="A-statistics", disable=not progress)
+            progress_bar(batches_iter, total=batches, desc="A-statistics: pass over the data", enabled=progress)
         ):
             capture = run_batch(model, recorder, inputs, targets, loss_fn, index=index)
             samples += capture.batch
@@ -370,7 +372,8 @@ def _measure(
     for plan in exact_plans:
         a = _all_reduce(sums[id(plan)]) / samples
         results.update(statistics_from_a(plan.sites, a, samples))
-    for plan in free_plans:
+    solves = progress_bar(free_plans, desc="A-statistics: top triplets (Lanczos)", enabled=progress if free_plans else False)
+    for plan in solves:
         captures: Iterable[Capture] = stored if replay is None else _Replay(model, plan.chain, replay, loss_fn)
         results.update(_matrix_free(plan, captures, samples, max_steps, tol, model_device(model)))
     check_statistics(results.values())

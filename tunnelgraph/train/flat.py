@@ -28,7 +28,8 @@ from typing import Callable, Literal, Sequence
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+
+from tunnelgraph.runtime import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -348,7 +349,7 @@ def newton_flat_area(
     iterations: int = 50,
     solver: Literal["minres", "cg"] = "minres",
     batch_size: int | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> FlatArea:
     """Walk ``model`` into a flat area by damped Newton steps on the full-batch loss; modifies its parameters in place.
 
@@ -380,7 +381,8 @@ def newton_flat_area(
         batch_size: evaluate the full batch in chunks of this many samples
             (bounded memory: each Hessian-vector product then recomputes
             every chunk); None: all at once.
-        progress: show a tqdm bar over the steps.
+        progress: show a bar over the steps (True), never (False), or in
+            interactive use only (None, the default: stderr is a terminal).
 
     Returns:
         A :class:`FlatArea` with the loss and gradient norm before each
@@ -415,7 +417,7 @@ def newton_flat_area(
     losses: list[float] = []
     grad_norms: list[float] = []
     residuals: list[float] = []
-    for step in tqdm(range(steps), desc="Newton steps", disable=not progress):
+    for step in progress_bar(range(steps), desc="Newton steps", enabled=progress):
         loss, gradient = batch.gradient(step, keep_graph=True)
         grad_norm = math.sqrt(_dot(gradient, gradient))
         losses.append(loss)

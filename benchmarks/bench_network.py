@@ -1,0 +1,277 @@
+"""Costs on networks of the size users train: statistics for every site, analysis, memory.
+
+Two networks written here in plain PyTorch (no torchvision needed):
+
+- ``resnet18_like``: torchvision's ResNet-18 layout (7x7 stem, max pool,
+  four stages of two basic blocks, 64-128-256-512 channels, 1x1 projection
+  shortcuts, global pool, linear head). With ``through=`` everything it has
+  12 channel groups and 2,880 sites, as torchvision's ``resnet18``.
+- ``convnext_like``: a ConvNeXt-atto layout (patchify stem, 2-2-6-2 blocks
+  of 40-80-160-320 channels: depthwise 7x7, layer norm, linear 4x, GELU,
+  linear, layer scale, residual add).
+
+Printed in one run, each the best of ``--repeats``:
+
+1. ``tg.a_statistics`` over every site of ``resnet18_like`` (``through=``
+   everything, ``--batches`` batches of ``--batch`` images of ``--size``)
+   over one plain forward-backward pass over the same batches (issue
+   target: at most 8x), with the Lanczos steps used and the worst
+   residual; ``--reference FILE`` stores the top sites and lambda* the
+   first time and compares them (|cos|) on later runs.
+2. ``tg.analyze`` (groups and reducibility) over ``tg.find_sites`` on both
+   networks (target: at most 2x; convnext-like under 3 s).
+3. Peak resident memory growth of the matrix-free pass, with and without
+   ``store=``, against that of the forward-backward pass (targets 3x and
+   1.5x), each in a fresh process (the peak RSS over the RSS before the
+   call, so allocator caches of earlier work do not hide it).
+4. torchvision's ``resnet18`` for items 1 and 2, where torchvision is
+   installed.
+
+Usage::
+
+    python benchmarks/bench_network.py [--batches 3] [--batch 8] [--size 64] [--reference out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import tunnelgraph as tg
+
+THROUGH = tg.THROUGH_OPTIONS
+
+
+class _Basic(nn.Module):
+    def __init__(self, inputs: int, width: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(inputs, width, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.downsample = (
+            nn.Sequential(nn.Conv2d(inputs, width, 1, stride, bias=False), nn.BatchNorm2d(width))
+            if stride != 1 or inputs != width else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        return F.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+class ResNet18Like(nn.Module):
+    """ResNet-18's layout: 12 channel groups and 2,880 sites with through= everything."""
+
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        stages, inputs = [], 64
+        for width, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+            stages.append(nn.Sequential(_Basic(inputs, width, stride), _Basic(width, width, 1)))
+            inputs = width
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.fc = nn.Linear(512, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class _ConvNeXtBlock(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
+        self.norm = nn.LayerNorm(dim)
+        self.pwconv1 = nn.Linear(dim, 4 * dim)
+        self.pwconv2 = nn.Linear(4 * dim, dim)
+        self.gamma = nn.Parameter(torch.full((dim,), 1e-6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(self.dwconv(x).permute(0, 2, 3, 1))
+        h = self.gamma * self.pwconv2(F.gelu(self.pwconv1(h)))
+        return x + h.permute(0, 3, 1, 2)
+
+
+class ConvNeXtLike(nn.Module):
+    """ConvNeXt-atto's layout (depths 2-2-6-2, dims 40-80-160-320)."""
+
+    def __init__(self, classes: int = 10, depths: tuple[int, ...] = (2, 2, 6, 2),
+                 dims: tuple[int, ...] = (40, 80, 160, 320)) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv2d(3, dims[0], 4, 4)]
+        for index, (depth, dim) in enumerate(zip(depths, dims)):
+            if index:
+                layers.append(nn.Conv2d(dims[index - 1], dim, 2, 2))
+            layers.extend(_ConvNeXtBlock(dim) for _ in range(depth))
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(dims[-1], classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).mean((2, 3)))
+
+
+def best(function: Callable[[], Any], repeats: int) -> tuple[float, Any]:
+    """(best seconds, last result) of ``repeats`` calls."""
+    times, result = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = function()
+        times.append(time.perf_counter() - start)
+    return min(times), result
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def probe(kind: str, args: argparse.Namespace) -> None:
+    """In a fresh process: build the network and data, then print how far one call raised the peak RSS."""
+    torch.manual_seed(0)
+    model = ResNet18Like().eval()
+    data = _data(args)
+    sites = [site for site in tg.find_sites(model, data[0][0], through=THROUGH) if not site.group.self_consumers]
+    calls: dict[str, Callable[[], Any]] = {
+        "fb": lambda: forward_backward(model, data),
+        "stored": lambda: tg.a_statistics(model, sites, data, F.cross_entropy, progress=False, method="matrix_free"),
+        "streamed": lambda: tg.a_statistics(model, sites, data, F.cross_entropy, progress=False,
+                                            method="matrix_free", store=False),
+    }
+    base = _rss()
+    calls[kind]()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    print(json.dumps({"growth": peak - base}))
+
+
+def peak_growth(kind: str, args: argparse.Namespace) -> int:
+    command = [sys.executable, __file__, "--probe", kind, "--batches", str(args.batches), "--batch",
+               str(args.batch), "--size", str(args.size)]
+    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return int(json.loads(output.strip().splitlines()[-1])["growth"])
+
+
+def _data(args: argparse.Namespace) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(0)
+    return [(torch.randn(args.batch, 3, args.size, args.size, generator=generator),
+             torch.randint(0, 10, (args.batch,), generator=generator)) for _ in range(args.batches)]
+
+
+def forward_backward(model: nn.Module, data: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """One plain training pass's gradient work over ``data`` (eval mode, as the statistics run)."""
+    model.eval()
+    for x, y in data:
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+    model.zero_grad(set_to_none=True)
+
+
+def statistics_figures(name: str, model: nn.Module, data: list[Any], args: argparse.Namespace) -> dict[str, Any]:
+    sites = [site for site in tg.find_sites(model, data[0][0], through=THROUGH)
+             if not site.group.self_consumers and not site.group.unmeasured]
+    groups = len({site.group_name for site in sites})
+    pass_time, _ = best(lambda: forward_backward(model, data), args.repeats)
+    stats_time, stats = best(lambda: tg.a_statistics(model, sites, data, F.cross_entropy, progress=False), args.repeats)
+    steps = [s.steps for s in stats.values() if s.steps]
+    residuals = [s.residual for s in stats.values() if s.a is None]
+    figures = {
+        "network": name, "groups": groups, "sites": len(sites), "forward_backward_s": pass_time,
+        "a_statistics_s": stats_time, "ratio": stats_time / pass_time,
+        "lanczos_steps_max": max(steps, default=0), "worst_relative_residual": max(residuals, default=0.0),
+    }
+    print(f"{name}: {groups} groups, {len(sites)} sites; a_statistics {stats_time:.2f} s = "
+          f"{figures['ratio']:.1f}x one forward-backward ({pass_time:.3f} s) [target <= 8x]; Lanczos steps "
+          f"<= {figures['lanczos_steps_max']}, worst ||A^T u - sigma v|| / sigma {figures['worst_relative_residual']:.2g}")
+    top = [entry.name for entry in tg.rank_sites(stats)[:5]]
+    figures["top"] = [(site, float(stats[site].sigma)) for site in top]
+    if args.reference:
+        compare_reference(Path(args.reference), name, stats, top)
+    if name == "resnet18_like":
+        plain, stored, streamed = (peak_growth(kind, args) for kind in ("fb", "stored", "streamed"))
+        figures.update(peak_fb=plain, peak_stored=stored, peak_streamed=streamed)
+        print(f"{name}: peak resident memory growth (fresh processes): forward-backward {plain / 2**20:.0f} MiB; "
+              f"matrix-free {stored / 2**20:.0f} MiB ({stored / plain:.1f}x) [target <= 3x]; with store=False "
+              f"{streamed / 2**20:.0f} MiB ({streamed / plain:.1f}x) [target <= 1.5x]")
+    return figures
+
+
+def compare_reference(path: Path, name: str, stats: dict[str, Any], top: list[str]) -> None:
+    """Store the top sites' lambda* the first time; compare later runs against it."""
+    entries = json.loads(path.read_text()) if path.exists() else {}
+    current = {site: stats[site].direction.double().flatten().tolist() for site in top}
+    if name not in entries:
+        entries[name] = current
+        path.write_text(json.dumps(entries))
+        print(f"{name}: reference written to {path}")
+        return
+    reference = entries[name]
+    same_top = list(reference) == top
+    cosines = []
+    for site, vector in reference.items():
+        if site in stats:
+            a = torch.tensor(vector, dtype=torch.float64)
+            b = stats[site].direction.double().flatten()
+            cosines.append(float((a @ b).abs() / (a.norm() * b.norm())))
+    print(f"{name}: top sites {'unchanged' if same_top else 'CHANGED'} against {path}; lambda* |cos| >= "
+          f"{min(cosines, default=float('nan')):.6f} [target >= 0.999]")
+
+
+def analysis_figures(name: str, model: nn.Module, x: torch.Tensor, repeats: int) -> dict[str, Any]:
+    tg.find_sites(model, x, through=THROUGH)  # warm: the first trace imports and compiles
+    find_time, sites = best(lambda: tg.find_sites(model, x, through=THROUGH), repeats)
+    analyze_time, report = best(lambda: tg.analyze(model, x, through=THROUGH), repeats)
+    print(f"{name}: analyze {analyze_time:.2f} s = {analyze_time / find_time:.2f}x find_sites ({find_time:.2f} s, "
+          f"{len(sites)} sites) [target <= 2x]")
+    return {"network": name, "find_sites_s": find_time, "analyze_s": analyze_time, "ratio": analyze_time / find_time}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batches", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--reference", help="JSON of top sites' lambda* to write (first run) or compare against")
+    parser.add_argument("--json", help="also write the figures here")
+    parser.add_argument("--skip-statistics", action="store_true", help="only the analysis figures")
+    parser.add_argument("--probe", choices=("fb", "stored", "streamed"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.probe:
+        probe(args.probe, args)
+        return
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device cpu")
+    data = _data(args)
+    networks: list[tuple[str, nn.Module]] = [("resnet18_like", ResNet18Like()), ("convnext_like", ConvNeXtLike())]
+    try:
+        import torchvision
+
+        networks.append(("torchvision resnet18", torchvision.models.resnet18(weights=None, num_classes=10)))
+    except ImportError:
+        print("torchvision is not installed: its resnet18 is left out")
+    results: dict[str, Any] = {"analysis": [], "statistics": []}
+    for name, model in networks:
+        results["analysis"].append(analysis_figures(name, model.eval(), data[0][0], args.repeats))
+    if not args.skip_statistics:
+        for name, model in networks:
+            if "convnext" not in name:
+                results["statistics"].append(statistics_figures(name, model.eval(), data, args))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
