@@ -31,7 +31,14 @@ def test_export_gives_the_groups_fx_gives(entry: ZooEntry) -> None:
     x = example_input(entry)
     exported = tg.trace(model, x, frontend="export")
     assert exported.frontend == "export" and tg.trace(model, x).frontend == "fx"
-    assert _layout(exported) == _layout(tg.trace(model, x, frontend="fx"))
+    traced = _layout(tg.trace(model, x, frontend="fx"))
+    if entry.name == "hardcoded_view":
+        # x.view(-1, 4608): fx patches the literal on rewrite; the capture's numbers cannot follow a
+        # rewrite into the forward, so that group is blocked there, with the reason, and only that one
+        blocked = {group for group in channel_groups(exported, THROUGH_OPTIONS) if not group.legal}
+        (frozen,) = [group for group in blocked if any("torch.export capture" in r for r in group.reasons)]
+        traced = {g if g[0] != frozen.name else (g[0], g[1], False, g[3]) for g in traced}
+    assert _layout(exported) == traced
 
 
 class SamePadConv(nn.Conv2d):

@@ -530,7 +530,13 @@ class _GroupWalker:
             )
             return []
         literal = user.attrs.get("literal_widths", {}).get(new_axis)
-        if literal is not None:
+        if literal is not None and user.attrs.get("frozen_literals"):
+            self._reason(
+                f"reshape at node '{user.name}' has the width {literal[1]} as a number in a torch.export "
+                "capture, which a rewrite cannot carry into the model's forward; trace with fx "
+                "(frontend='fx') or write the reshape as x.flatten(1)"
+            )
+        elif literal is not None:
             path, value = literal
             self.literals.append(WidthLiteral(user.name, tuple(path), value, new_map.block))
         return [(self.classes.find(user.name), new_map, user, new_axis)]

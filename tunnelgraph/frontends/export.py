@@ -142,6 +142,28 @@ def _names(target: Any) -> tuple[str, str]:
     return packet, f"{packet}.{target._overloadname}"
 
 
+# operators that return (values, indices): read as the pooling alone where only the values are used
+_WITH_INDICES: dict[str, Callable[..., Any]] = {
+    "adaptive_max_pool1d": F.adaptive_max_pool1d, "adaptive_max_pool2d": F.adaptive_max_pool2d,
+    "adaptive_max_pool3d": F.adaptive_max_pool3d, "max_pool1d_with_indices": F.max_pool1d,
+    "max_pool2d_with_indices": F.max_pool2d, "max_pool3d_with_indices": F.max_pool3d,
+}
+
+
+def _drop_indices(graph: torch.fx.Graph, node: torch.fx.Node, function: Callable[..., Any]) -> None:
+    """``values, indices = aten.adaptive_max_pool2d(x, size)``, values read by ``getitem(., 0)``: one pooling node.
+
+    Kept as it is (blocking by name) when anything reads the indices.
+    """
+    users = list(node.users)
+    if not all(user.op == "call_function" and user.target is operator.getitem and user.args[1] == 0 for user in users):
+        return
+    for user in users:
+        user.replace_all_uses_with(node)
+        graph.erase_node(user)
+    node.target = function
+
+
 def exported_module(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> torch.fx.GraphModule:
     """``torch.export`` ``model`` (already in the mode to capture) on ``inputs``; its graph in ``torch`` functions.
 
@@ -180,6 +202,9 @@ def normalize(module: torch.fx.GraphModule) -> None:
         if packet in _PASSTHROUGH and node.args and isinstance(node.args[0], torch.fx.Node):
             node.replace_all_uses_with(node.args[0])
             graph.erase_node(node)
+            continue
+        if packet in _WITH_INDICES:
+            _drop_indices(graph, node, _WITH_INDICES[packet])
             continue
         converter = _TABLE.get(overload, _TABLE.get(packet))
         if converter is None:

@@ -163,7 +163,7 @@ def trace(
                 "dtypes the model's forward expects."
             ) from error
 
-    graph = _Translator(model, module).run()
+    graph = _Translator(model, module, exported=used == "export").run()
     graph.source = module
     graph.frontend = used
     logger.debug("traced %s into %d nodes", type(model).__name__, len(graph))
@@ -223,9 +223,10 @@ def _shape(fx_node: torch.fx.Node) -> tuple[int, ...] | None:
 class _Translator:
     """Turns one traced GraphModule into IR nodes, fx node by fx node."""
 
-    def __init__(self, model: nn.Module, module: torch.fx.GraphModule) -> None:
+    def __init__(self, model: nn.Module, module: torch.fx.GraphModule, *, exported: bool = False) -> None:
         self.model = model
         self.module = module
+        self.exported = exported  # a torch.export capture: its reshape sizes are literals of the capture
         self.graph = Graph(type(model).__name__)
         self.aliases = self._parameter_aliases(model)
 
@@ -655,11 +656,14 @@ class _Translator:
             )
         start, end = merged
         literals = _literal_widths(fx_node, len(out_shape))
+        # the capture of torch.export writes every size as a number, whatever the user's forward
+        # computes; a rewrite edits that forward's module, not this graph, so such a width cannot follow
+        frozen = {"frozen_literals": True} if self.exported and literals else {}
         # a channel on the first merged axis becomes a block of this many features
         block = ChannelMap(0, math.prod(in_shape[start + 1:end + 1]))
         return self._node(
             fx_node, OpKind.RESHAPE, "flatten", input_maps={0: block}, start=start, end=end,
-            literal_widths=literals,
+            literal_widths=literals, **frozen,
         )
 
 
