@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -337,17 +338,14 @@ class _HardCodedReshape(nn.Module):
         return self.fc(torch.relu(self.conv(x)).reshape(-1, 18))
 
 
-def test_a_hard_coded_width_found_on_a_torch_export_capture_rewrites_or_refuses_cleanly() -> None:
-    """Random architectures: the exported graph's literal is at another argument path than fx's
-    (reshape(x, [-1, 18]) against x.reshape(-1, 18)), and patching it raised a TypeError."""
+def test_a_hard_coded_width_the_fx_retrace_cannot_find_is_a_rewrite_error() -> None:
+    """Random architectures: a literal recorded at another argument path (the torch.export capture
+    wrote reshape(x, [-1, 18]) where fx sees x.reshape(-1, 18)) raised a TypeError while patching."""
     model = _HardCodedReshape().eval()
     x = torch.randn(2, 1, 5, 5)
-    graph = tg.trace(model, x, frontend="export")
-    site = [s for s in tg.find_sites(graph) if s.group_name == "conv"][0]
-    assert site.group.literals
-    try:
-        rewritten = tg.rewrite(model, site, 0.5)
-    except tg.RewriteError as error:
-        assert "torch.export" in str(error)
-    else:
-        assert tg.verify(model, rewritten, x).passed
+    site = [s for s in tg.find_sites(model, x) if s.group_name == "conv"][0]
+    (literal,) = site.group.literals
+    assert tg.verify(model, tg.rewrite(model, site, 0.5), x).passed
+    elsewhere = dataclasses.replace(site.group, literals=(dataclasses.replace(literal, path=(1, 1)),))
+    with pytest.raises(tg.RewriteError, match="literal width 18 of node 'reshape'"):
+        tg.rewrite(model, tg.Site.of(elsewhere, 0), 0.5)
