@@ -1067,7 +1067,17 @@ PINNED = {
 }
 
 
-@pytest.mark.parametrize("net", list(PINNED.values()), ids=list(PINNED))
+KNOWN = {
+    # open (issue 12 note): torch.export specialises to the example shapes, so an operation that is a
+    # no-op there leaves no node; until export-captured rewrites are verified on an input of the
+    # captured shape, the fallback can call such a site legal (docs/CONSTRUCTS.md, "Capture")
+    "export_elided_slice": pytest.mark.xfail(strict=True, reason="torch.export elides a no-op slice"),
+}
+
+
+@pytest.mark.parametrize(
+    "net", [pytest.param(net, id=name, marks=KNOWN.get(name, ())) for name, net in PINNED.items()]
+)
 def test_networks_the_random_test_once_failed_on(net: RandomNet) -> None:
     check_network(net)
 
