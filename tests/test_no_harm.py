@@ -127,7 +127,7 @@ def _calls(model: nn.Module, entry: ZooEntry, tmp_path: Any) -> list[tuple[str, 
                                              clone=(site.channel + 1) % site.group.size, lam=0.4),
          site.group.size < 2),
         ("reorganize from data", lambda: tg.reorganize_from_data(model, clone=site, lam=0.4, data=data, loss_fn=_loss),
-         site.group.size < 3),
+         site.group.size < 3 or bool(site.group.unmeasured)),  # units of functional layers are not measured
         ("apply_edit", lambda: tg.apply_edit(model, site.group, edits.clone(site.group.size, site.channel, 0.2)),
          False),
     ]
