@@ -1043,8 +1043,9 @@ EXPORT_HARD_CODED_WIDTH = RandomNet(
 
 EXPORT_ELIDED_SLICE = RandomNet(
     # torch.export specialises to the example shapes: a[:, :1] of a one-unit layer is a no-op there
-    # and leaves no node, so the export frontend finds a legal site that fx blocks ("indexing"), and
-    # the rewrite breaks the model (the slice keeps one unit of two)
+    # and leaves no node, so the export frontend found a legal site that fx blocks ("indexing"), and
+    # the rewrite broke the model (the slice keeps one unit of two). Fixed: the PyTorch adapter
+    # confirms each legal group of an export capture by a trial clone (Graph.refused)
     """class Net(nn.Module):
     def __init__(self):
         super().__init__()
@@ -1067,12 +1068,8 @@ PINNED = {
 }
 
 
-KNOWN = {
-    # open (issue 12 note): torch.export specialises to the example shapes, so an operation that is a
-    # no-op there leaves no node; until export-captured rewrites are verified on an input of the
-    # captured shape, the fallback can call such a site legal (docs/CONSTRUCTS.md, "Capture")
-    "export_elided_slice": pytest.mark.xfail(strict=True, reason="torch.export elides a no-op slice"),
-}
+KNOWN: dict[str, pytest.MarkDecorator] = {}
+"""Pinned networks that still fail, as strict xfails (none now)."""
 
 
 @pytest.mark.parametrize(

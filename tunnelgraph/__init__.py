@@ -54,9 +54,9 @@ from tunnelgraph.rewrite.passes import ReductionReport, RewriteRecord
 __version__ = "0.1.0"
 
 _LAZY = {
-    "trace": "tunnelgraph.frontends.fx",
+    "trace": "tunnelgraph.adapters.pytorch",
     "verify": "tunnelgraph.equivalence",
-    "perturbed": "tunnelgraph.equivalence",
+    "perturbed": "tunnelgraph.runtime",
     "output_sensitivity": "tunnelgraph.equivalence",
     "EquivalenceReport": "tunnelgraph.equivalence",
     "a_statistics": "tunnelgraph.statistics.engine",

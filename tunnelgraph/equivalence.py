@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 
-
 from tunnelgraph.adapters import Adapter, Dims, adapter_for
+from tunnelgraph.runtime import flatten_outputs
 
 TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
     torch.float64: (1e-10, 1e-12),
@@ -156,7 +155,7 @@ def _outputs(model: Adapter[Any], label: str, args: tuple[torch.Tensor, ...]) ->
     try:
         # on copies: a forward that writes into its input (x.mul_(2)) must change neither the
         # caller's tensors nor what the other model sees
-        return _flatten(model.run(tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)))
+        return flatten_outputs(model.run(tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)))
     except Exception as error:
         from_runtime = type(error).__module__.startswith("onnxruntime")
         out_of_memory = isinstance(error, torch.cuda.OutOfMemoryError)
@@ -167,47 +166,6 @@ def _outputs(model: Adapter[Any], label: str, args: tuple[torch.Tensor, ...]) ->
         raise ValueError(
             f"{label} fails on the given inputs ({shapes}): {cause}; pass inputs of the shape both models take"
         ) from error
-
-
-def _flatten(output: Any) -> list[torch.Tensor]:
-    if isinstance(output, torch.Tensor):
-        return [output]
-    if isinstance(output, dict):
-        return [t for key in sorted(output) for t in _flatten(output[key])]
-    if isinstance(output, (tuple, list)):
-        return [t for item in output for t in _flatten(item)]
-    return []
-
-
-def perturbed(model: torch.nn.Module, *, generator: torch.Generator | None = None) -> torch.nn.Module:
-    """A copy of ``model`` whose parameters are generic, so that an equivalence check can fail.
-
-    Freshly built networks hide broken rewrites: a zero-initialised
-    classifier makes the output independent of the input, a layer scale of
-    1e-6 hides a block's change below float32 resolution, and equal or zero
-    weights make different channels interchangeable. Every floating-point
-    parameter of the copy is moved by Gaussian noise of its own scale (its
-    root mean square, or ``1 / sqrt(fan_in)`` for a tensor whose entries are
-    all below 1e-3 in that sense, such as zero biases or a layer scale), so
-    no entry stays zero, tiny or equal to another. Buffers (batch-norm
-    statistics) are kept. Rewrite the copy, then compare with :func:`verify`.
-
-    Args:
-        model: the network; not modified.
-        generator: the random source (a seeded ``torch.Generator`` for
-            reproducible copies).
-    """
-    result = copy.deepcopy(model)
-    with torch.no_grad():
-        for parameter in result.parameters():
-            if not parameter.is_floating_point() or parameter.numel() == 0:
-                continue
-            rms = float(parameter.detach().double().pow(2).mean().sqrt())
-            fan_in = parameter[0].numel() if parameter.dim() > 1 else 1
-            scale = rms if rms > 1e-3 else fan_in ** -0.5
-            noise = torch.randn(parameter.shape, generator=generator, dtype=torch.float64)
-            parameter.add_((noise * scale).to(parameter.dtype))
-    return result
 
 
 def output_sensitivity(model: torch.nn.Module, inputs: torch.Tensor | Sequence[torch.Tensor]) -> float:
@@ -223,7 +181,7 @@ def output_sensitivity(model: torch.nn.Module, inputs: torch.Tensor | Sequence[t
 
     args = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
     with preserved(model), torch.no_grad():
-        outputs = _flatten(model(*args))
+        outputs = flatten_outputs(model(*args))
     spread = sum(float((y.double() - y.double().mean(0, keepdim=True)).pow(2).sum()) for y in outputs)
     total = sum(float(y.double().pow(2).sum()) for y in outputs)
     return (spread / total) ** 0.5 if total > 0 else 0.0

@@ -14,6 +14,7 @@ reported as an error naming it.
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 import sys
 from typing import Any, Iterable, Iterator, TypeVar
@@ -168,3 +169,45 @@ def batch_parts(batch: Any, *, index: int | None = None) -> tuple[tuple[Any, ...
             "and 'targets'"
         )
     return (tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)), targets
+
+
+def flatten_outputs(output: Any) -> list[torch.Tensor]:
+    """Every tensor of a forward's output (tensors, tuples, lists, dicts by sorted key), in order."""
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if isinstance(output, dict):
+        return [t for key in sorted(output) for t in flatten_outputs(output[key])]
+    if isinstance(output, (tuple, list)):
+        return [t for item in output for t in flatten_outputs(item)]
+    return []
+
+
+def perturbed(model: torch.nn.Module, *, generator: torch.Generator | None = None) -> torch.nn.Module:
+    """A copy of ``model`` whose parameters are generic, so that an equivalence check can fail.
+
+    Freshly built networks hide broken rewrites: a zero-initialised
+    classifier makes the output independent of the input, a layer scale of
+    1e-6 hides a block's change below float32 resolution, and equal or zero
+    weights make different channels interchangeable. Every floating-point
+    parameter of the copy is moved by Gaussian noise of its own scale (its
+    root mean square, or ``1 / sqrt(fan_in)`` for a tensor whose entries are
+    all below 1e-3 in that sense, such as zero biases or a layer scale), so
+    no entry stays zero, tiny or equal to another. Buffers (batch-norm
+    statistics) are kept. Rewrite the copy, then compare with :func:`verify`.
+
+    Args:
+        model: the network; not modified.
+        generator: the random source (a seeded ``torch.Generator`` for
+            reproducible copies).
+    """
+    result = copy.deepcopy(model)
+    with torch.no_grad():
+        for parameter in result.parameters():
+            if not parameter.is_floating_point() or parameter.numel() == 0:
+                continue
+            rms = float(parameter.detach().double().pow(2).mean().sqrt())
+            fan_in = parameter[0].numel() if parameter.dim() > 1 else 1
+            scale = rms if rms > 1e-3 else fan_in ** -0.5
+            noise = torch.randn(parameter.shape, generator=generator, dtype=torch.float64)
+            parameter.add_((noise * scale).to(parameter.dtype))
+    return result

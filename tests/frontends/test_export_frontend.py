@@ -160,3 +160,31 @@ def test_bad_frontend_arguments_are_named() -> None:
         tg.trace(model, x, frontend="jit")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="options of the fx frontend"):
         tg.trace(model, x, frontend="export", concrete_args={})
+
+
+class ElidedSlice(nn.Module):
+    """``x[:, :4]`` of a 4-unit layer: a no-op at the captured shapes, so torch.export leaves no node."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(3, 4)
+        self.b = nn.Linear(4, 2)
+        self.c = nn.Linear(3, 5)
+        self.d = nn.Linear(5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(x))[:, :4]) + self.d(torch.relu(self.c(x)))
+
+
+def test_a_group_whose_trial_clone_changes_the_function_is_refused_with_the_reason() -> None:
+    model = ElidedSlice()
+    x = torch.randn(6, 3)
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    graph = tg.trace(model, x, frontend="export")
+    assert set(graph.refused) == {"a"}
+    groups = {g.name: g for g in tg.analyze(graph).groups}
+    assert not groups["a"].legal and "trial clone" in groups["a"].reasons[-1]
+    assert groups["c"].legal
+    assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())
+    fx_groups = {g.name: g for g in tg.analyze(model, x).groups}  # fx sees the slice itself
+    assert not fx_groups["a"].legal and fx_groups["c"].legal and tg.trace(model, x).refused == {}

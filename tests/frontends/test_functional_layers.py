@@ -197,3 +197,47 @@ def test_a_constant_unit_read_by_a_functional_layer_is_kept_with_the_reason() ->
     assert kept[0].unit == "w1[1]" and "layers called as modules only" in kept[1]
     analysed = tg.analyze(model, x, data=[x], progress=False)  # the units are not measured, and that is no error
     assert analysed.measures == ()
+
+
+class BlurPool(nn.Module):
+    """timm's BlurPool2d: a fixed depthwise filter called with the channel count written as a number."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.channels = channels
+        self.register_buffer("filt", torch.ones(channels, 1, 3, 3) / 9, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(F.pad(x, (1, 1, 1, 1), mode="reflect"), self.filt, stride=2, groups=self.channels)
+
+
+class BlurNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.blur = BlurPool(8)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.c = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(self.dw(torch.relu(self.b(self.blur(torch.relu(self.a(x)))))))
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_a_functional_grouped_conv_with_a_written_count_blocks_and_a_module_conv_does_not(frontend: str) -> None:
+    """A clone cannot update ``groups=8`` written into forward: the group before it is blocked, named.
+
+    The module's own depthwise conv (``groups=self.groups``, which a torch.export capture also
+    writes as a function call) passes its channels, and its sites rewrite exactly.
+    """
+    model = BlurNet().double()
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    graph = tg.trace(model, x, frontend=frontend)
+    groups = {g.name: g for g in tg.analyze(graph, through=("depthwise",), progress=False).groups}
+    assert not groups["a"].legal
+    assert any("groups=8 written as a number in forward" in reason for reason in groups["a"].reasons)
+    assert groups["b"].legal and groups["b"].size == 8
+    opened = tg.rewrite(model, "b[3]", 0.3, example_inputs=x, through=("depthwise",))
+    assert opened.dw.groups == 9 and opened.dw.weight.shape == (9, 1, 3, 3)
+    assert tg.verify(model, opened, x).passed

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterable, Iterator, Literal
 
 from tunnelgraph.ir import IDENTITY, ChannelMap, Graph, Node, OpKind
@@ -221,7 +221,10 @@ def channel_groups(graph: Graph, through: Iterable[str] = ()) -> list[ChannelGro
         if derived or not producers:
             continue
         walker = _GroupWalker(graph, classes, members_of, chosen, param_users)
-        groups.append(walker.run(producers))
+        group = walker.run(producers)
+        if group.name in graph.refused:  # a trial rewrite after the capture failed (Graph.refused)
+            group = replace(group, reasons=group.reasons + (graph.refused[group.name],))
+        groups.append(group)
     return groups
 
 

@@ -480,11 +480,19 @@ class _Translator:
             if not isinstance(bias, torch.fx.Node) or bias.op != "get_attr":
                 return self._blocking(fx_node, f"function {name} with a computed bias")
             refs["bias"] = self._ref(str(bias.target))
-        weight_shape = refs["weight"].shape
         groups = bound.get("groups", 1)
         if not isinstance(groups, int):
             return self._blocking(fx_node, f"function {name} with a computed number of groups")
+        if groups != 1 and not self._own_groups(owner, refs, groups):
+            # the count is a number written into forward (timm's BlurPool2d: groups=self.channels):
+            # a clone adds a filter the number does not count, so the call would no longer run
+            return self._blocking(
+                fx_node,
+                f"function {name} with groups={groups} written as a number in forward, which a clone "
+                "cannot update (use an nn.Conv module, whose groups the rewrite updates)",
+            )
         attrs: dict[str, Any] = {"computed_weight": computed} if computed else {}  # what computes it
+        weight_shape = refs["weight"].shape
         if op == "linear":
             rank = len(_shape(fx_node) or (0, 0))
             node = self._node(fx_node, OpKind.PARAMETRIC, "linear", params=refs, channel_axis=rank - 1, in_axis=-1, **attrs)
@@ -498,6 +506,25 @@ class _Translator:
             )
         return dataclasses.replace(
             node, inputs=(source.name,), module=owner or None, attrs={**node.attrs, "functional": name}
+        )
+
+    def _own_groups(self, owner: str, refs: dict[str, ParamRef], groups: int) -> bool:
+        """Whether a grouped functional conv is its ``nn.Conv`` module's own call (``groups=self.groups``).
+
+        The rewrite updates a conv module's ``groups`` with its channels, so
+        the call follows when it reads the module's weight and its count (a
+        ``torch.export`` capture writes every module conv this way, and so do
+        subclasses such as timm's ``Conv2dSame``). Any other count is a number
+        written into forward that a clone cannot update.
+        """
+        try:
+            module = self.model.get_submodule(owner) if owner else None
+        except AttributeError:  # a bare parameter's qualified name: no module owns the call
+            return False
+        return (
+            isinstance(module, nn.modules.conv._ConvNd)
+            and module.groups == groups
+            and refs["weight"].name == f"{owner}.weight"
         )
 
     def _pad(self, fx_node: torch.fx.Node) -> Node:

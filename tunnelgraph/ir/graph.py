@@ -315,6 +315,15 @@ class Graph:
         """The frontend's own form of the model (e.g. a ``torch.fx.GraphModule``), opaque here."""
         self.frontend: str | None = None
         """Which capture made the graph ("fx", "export", "onnx"), where the frontend says."""
+        self.refused: dict[str, str] = {}
+        """Channel groups (by name) found not function-preserving after the capture, with the reason.
+
+        A capture that specialises to its example shapes (``torch.export``)
+        can elide an operation the rules would have blocked; the PyTorch
+        adapter confirms each legal group of such a capture by a trial
+        rewrite and records here the ones that fail. The rule engine adds
+        the reason to those groups.
+        """
         self._order: list[str] = []
         self._index: dict[str, int] = {}
 
