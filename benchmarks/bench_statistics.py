@@ -27,6 +27,7 @@ With a CUDA device, items 1 and 3 also run there (absolute times, GPU named).
 Times are the best of ``--repeats``. Usage::
 
     python benchmarks/bench_statistics.py [--samples 10000] [--conv-samples 2000] [--quick]
+        [--paper-cnn-only] [--threads N]
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ import torch
 import torch.nn as nn
 
 import tunnelgraph as tg
+import tunnelgraph.statistics.engine as tg_engine
 from tunnelgraph.models import paper_cnn
 from tunnelgraph.testing import naive_a_matrix
 
@@ -104,6 +106,15 @@ def bench_paper_cnn(samples: int, repeats: int, device: str, oracle_columns: int
     engine, stats = best_time(
         lambda: tg.a_statistics(model, sites, data, loss_fn, method="exact", progress=False), repeats, sync
     )
+    # the same pass with the contraction left out: the capture pass (forward, backward, hooks) and the rest
+    real_exact_a = tg_engine.exact_a
+    tg_engine.exact_a = lambda chain, capture, channels, budget, *, training, into=None, scale=1.0: into
+    try:
+        capture_time, _ = best_time(
+            lambda: tg.a_statistics(model, sites, data, loss_fn, method="exact", progress=False), repeats, sync
+        )
+    finally:
+        tg_engine.exact_a = real_exact_a
     macs = paper_cnn_macs()
     predicted = (macs["statistics_pass"] + macs["contraction"]) / macs["plain"]
     result: dict[str, Any] = {
@@ -114,6 +125,8 @@ def bench_paper_cnn(samples: int, repeats: int, device: str, oracle_columns: int
         "statistics_s": engine,
         "ratio": engine / plain,
         "ratio_predicted_by_macs": predicted,
+        "capture_pass_s": capture_time,
+        "contraction_s": max(engine - capture_time, 0.0),
         "methods": sorted({s.method for s in stats.values()}),
     }
 
@@ -127,11 +140,18 @@ def bench_paper_cnn(samples: int, repeats: int, device: str, oracle_columns: int
     bmm_rate = 2 * positions * rows * BATCH * width * chunks / bmm_time
     square = torch.randn(2048, 2048, device=device)
     peak_time, _ = best_time(lambda: square @ square, repeats, sync)
+    contraction_flops = 2 * samples * macs["contraction"]
     result.update(
         engine_gflops=flops / engine / 1e9,
         bmm_same_shapes_gflops=bmm_rate / 1e9,
         efficiency=(flops / engine) / bmm_rate,
         dense_matmul_gflops=2 * 2048**3 / peak_time / 1e9,
+        # the bound: the capture pass as measured, plus the contraction's FLOPs at torch.bmm's rate
+        contraction_gflop=contraction_flops / 1e9,
+        contraction_at_bmm_rate_s=contraction_flops / bmm_rate,
+        contraction_efficiency=(contraction_flops / max(engine - capture_time, 1e-9)) / bmm_rate,
+        ratio_bound=(capture_time + contraction_flops / bmm_rate) / plain,
+        ratio_bound_without_capture=contraction_flops / bmm_rate / plain,
     )
 
     # 4. the naive oracle, on the first columns of the first site (CPU only: it is slow anywhere)
@@ -275,6 +295,8 @@ def main() -> None:
     parser.add_argument("--oracle-columns", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
+    parser.add_argument("--paper-cnn-only", action="store_true", help="items 1, 2 and 4 only")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -284,14 +306,20 @@ def main() -> None:
     if args.quick:
         args.samples, args.conv_samples, args.exact_samples, args.oracle_columns, args.repeats = 512, 256, 16, 1, 1
     logging.basicConfig(level=logging.WARNING)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     results: dict[str, Any] = {"torch": torch.__version__, "threads": torch.get_num_threads()}
     if torch.cuda.is_available():
         results["gpu"] = torch.cuda.get_device_name()
     for device in devices:
         results[f"paper_cnn_{device}"] = bench_paper_cnn(args.samples, args.repeats, device, args.oracle_columns)
-        results[f"matrix_free_{device}"] = bench_matrix_free(args.conv_samples, args.exact_samples, args.repeats, device)
-    results["memory"] = bench_memory(args.samples)
+        if not args.paper_cnn_only:
+            results[f"matrix_free_{device}"] = bench_matrix_free(
+                args.conv_samples, args.exact_samples, args.repeats, device
+            )
+    if not args.paper_cnn_only:
+        results["memory"] = bench_memory(args.samples)
     print(json.dumps(results, indent=2))
     if args.json:
         with open(args.json, "w") as handle:

@@ -485,42 +485,76 @@ class GroupChain:
         return tuple(t[0] for t in self.jvp_rows(outputs, externals, producer, ones))
 
     def row_inputs(self, producer: int, layer_input: torch.Tensor) -> torch.Tensor:
-        """(positions, K_weight, N): what each inbound weight multiplies, per output position and sample.
+        """(positions, K_producer, N): what each inbound entry multiplies, per output position and sample.
 
         Laid out position-major and sample-minor, the operand layout of the
-        diagonal path's batched matrix product. The bias row (ones) is not
-        included.
+        diagonal path's batched matrix product; the bias row (ones), when the
+        producer has a bias, is the last row, so that the product handles it
+        like any other row. The tensor is scratch space of the chain, valid
+        until the next call for the same producer.
         """
         spec = self.producers[producer]
+        bias = spec.size > spec.weight_slice.channel_numel
         if spec.conv_dims:
-            return patches_by_position(spec.module, layer_input)
-        return layer_input.T.unsqueeze(0)
+            return patches_by_position(spec.module, layer_input, bias, self._scratch(f"rows{producer}"))
+        features, samples = layer_input.shape[-1], layer_input.shape[0]
+        rows = self._scratch(f"rows{producer}")((1, features + int(bias), samples), layer_input)
+        rows[0, :features] = layer_input.T
+        if bias:
+            rows[0, -1] = 1
+        return rows
+
+    def _scratch(self, name: str) -> Callable[[Sequence[int], torch.Tensor], torch.Tensor]:
+        """Makes tensors (shape, like a given tensor) that reuse the memory of the last one made under ``name``.
+
+        The exact path's large temporaries live here between batches: on the
+        CPU, fresh allocations of many megabytes cost a page fault per 4 KiB
+        on first touch, as much as the arithmetic done in them.
+        """
+        store: dict[str, torch.Tensor] = self.__dict__.setdefault("_scratch_tensors", {})
+
+        def make(shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
+            size = math.prod(shape)
+            held = store.get(name)
+            if held is None or held.numel() < size or held.dtype != like.dtype or held.device != like.device:
+                held = store[name] = like.new_empty(size)
+            return held[:size].view(tuple(shape))
+
+        return make
 
     def contract_diagonal(
         self,
         consumer: int,
         rows: torch.Tensor,
-        bias: bool,
         scale: torch.Tensor,
         error: torch.Tensor,
         channels: torch.Tensor,
-    ) -> torch.Tensor:
-        """A's entries at one consumer's columns when the chain is diagonal: (S, R, columns).
+        into: torch.Tensor,
+        alpha: float = 1.0,
+        slab: int = 2**19,
+    ) -> None:
+        """Adds ``alpha`` times A's entries at one consumer's columns, when the chain is diagonal, to ``into``.
 
-        ``rows`` is (positions, R, N) from :meth:`row_inputs` (R may be 0),
-        ``bias`` adds the bias row after them; ``scale`` is the chain's
-        Jacobian diagonal at the consumer's input.
+        ``rows`` is (positions, R, N), rows of :meth:`row_inputs` (the bias
+        row included, when wanted); ``scale`` is the chain's Jacobian diagonal
+        at the consumer's input; ``into`` is (S, R, columns of the consumer),
+        any dtype, with its last axis contiguous (a slice of a larger A).
+
+        For a linear consumer, with x the rows, d the scale and e the error,
+        A[s, r, v, p] = w[v, s, p] * sum_n x[p, r, n] d[n, s, p] e[n, v]: per
+        position p one matrix product over the samples, whose operands are x
+        and the element-wise product of d with e (or with x, whichever is
+        smaller). That product is made ``slab`` entries at a time, in a
+        buffer that stays in cache, and read by the matrix product at once;
+        the slab's entries are scaled by w and added to ``into`` while hot.
         """
         spec = self.consumers[consumer]
         module = spec.module
         weight_slice = spec.weight_slice
         weight = _pick(module.weight.detach(), 1, weight_slice, channels)  # (V, S*B, *k)
-        count, samples = channels.numel(), scale.shape[0]
+        count, samples, depth = channels.numel(), scale.shape[0], rows.shape[1]
         picked = _pick(scale, 1, weight_slice, channels)
         if spec.conv_dims:
-            if bias:
-                rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1, samples)], dim=1)
-            depth = rows.shape[1]
             picked = picked.reshape(samples, count, -1)  # (N, S, positions)
             inputs = rows.permute(2, 1, 0).unsqueeze(2) * picked.unsqueeze(1)  # (N, R, S, positions)
             inputs = inputs.reshape(samples, depth * count, *scale.shape[2:])
@@ -528,34 +562,56 @@ class GroupChain:
                 spec.conv_dims, module, inputs, (weight.shape[0], inputs.shape[1], *weight.shape[2:]), error
             ).reshape(weight.shape[0], depth, *weight.shape[1:])
             entries = grad * weight.unsqueeze(1)  # (V, R, S, *k)
-            return entries.movedim(2, 0).movedim(2, 1).reshape(count, depth, -1)
+            into.add_(entries.movedim(2, 0).movedim(2, 1).reshape(into.shape), alpha=alpha)
+            return
         block = weight_slice.block
         if rows.shape[0] != block:
             raise AssertionError("diagonal chain with mismatched positions")
-        picked = picked.reshape(samples, count, block).permute(2, 1, 0).contiguous()  # (B, S, N)
-        flat_error = error.reshape(samples, -1).T.contiguous()  # (V, N)
-        outputs = flat_error.shape[0]
-        weights_depth = rows.shape[1]
-        depth = weights_depth + int(bias)
-        sums = rows.new_empty(block, count * outputs, depth)  # (B, S*V, R)
-        weighted = sums[..., :weights_depth] if weights_depth else None
-        # positions in cache-sized slabs: the outer product is written and read while hot;
-        # samples innermost, so that the element-wise products run over long vectors
-        step = max(1, 2**20 // max(1, samples * count * outputs))
+        error = error.reshape(samples, -1)  # (N, V)
+        outputs = error.shape[1]
+        into = into.view(*into.shape[:-1], outputs, block)  # (S, R, V, B)
+        # the scale sample-minor, (S, B, N): one 2-D transpose, which torch copies in cache-sized tiles
+        scales = self._scratch("scales")((count * block, samples), scale)
+        scales.copy_(picked.reshape(samples, count * block).T)
+        scales = scales.view(count, block, samples)
+        weight = weight.reshape(outputs, count, block).permute(2, 1, 0)  # (B, S, V), a view
+        into_error = outputs <= depth  # fold the scale into the smaller operand
+        width = outputs if into_error else depth
+        step = max(1, slab // max(1, count * width * samples))  # positions per slab
+        channel_step = count if step > 1 else min(count, max(1, slab // max(1, width * samples)))
+        step = min(step, block)
+        buffer = self._scratch("products")((step, channel_step, width, samples), rows)
+        sums_buffer = self._scratch("sums")((step, depth * count * outputs), rows)
+        flat_error = error.T.contiguous() if into_error else error.contiguous()  # (V, N) or (N, V)
         for start in range(0, block, step):
             stop = min(start + step, block)
-            outer = picked[start:stop].unsqueeze(2) * flat_error[None, None]  # (b, S, V, N)
-            outer = outer.reshape(stop - start, count * outputs, samples)
-            if weighted is not None:
-                weighted[start:stop] = torch.bmm(outer, rows[start:stop].transpose(1, 2))
-            if bias:
-                sums[start:stop, :, weights_depth] = outer.sum(dim=2)
-        # (B, S, V, R) -> (S, R, V, B), times the outbound weights, written once in that order
-        sums = sums.reshape(block, count, outputs, depth).permute(1, 3, 2, 0)
-        weight = weight.reshape(weight.shape[0], count, block).transpose(0, 1).unsqueeze(1)
-        entries = rows.new_empty(count, depth, outputs, block)
-        torch.mul(sums, weight, out=entries)
-        return entries.reshape(count, depth, -1)
+            size = stop - start
+            # (b, R, S, V) when the scale goes into the error, else (b, S, R, V)
+            sums = sums_buffer[:size].view(size, *((depth, count) if into_error else (count, depth)), outputs)
+            for first in range(0, count, channel_step):
+                last = min(first + channel_step, count)
+                chunk = (slice(start, stop), slice(first, last))
+                products = buffer[:size, :last - first]
+                factor = scales[first:last, start:stop].transpose(0, 1).unsqueeze(2)  # (b, s, 1, N)
+                whole = last - first == count
+                if into_error:
+                    torch.mul(factor, flat_error, out=products)  # (b, s, V, N)
+                    target = sums.view(size, depth, count * outputs) if whole else None
+                    product = torch.bmm(
+                        rows[start:stop], products.view(size, -1, samples).transpose(1, 2), out=target
+                    ).view(size, depth, last - first, outputs)
+                    if not whole:
+                        sums[:, :, first:last] = product
+                    sums[:, :, first:last] *= weight[chunk].unsqueeze(1)
+                else:
+                    torch.mul(factor, rows[start:stop].unsqueeze(1), out=products)  # (b, s, R, N)
+                    target = sums.view(-1, outputs) if whole else None
+                    product = torch.mm(products.view(-1, samples), flat_error, out=target)
+                    if not whole:
+                        sums[:, first:last] = product.view(size, last - first, depth, outputs)
+                    sums[:, first:last] *= weight[chunk].unsqueeze(2)
+            hot = sums.permute(2, 1, 3, 0) if into_error else sums.permute(1, 2, 3, 0)  # (S, R, V, b)
+            into[..., start:stop].add_(hot, alpha=alpha)
 
     # -- sizes ------------------------------------------------------------------------
     def column_slices(self) -> list[slice]:
@@ -653,11 +709,18 @@ def conv_patches(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return F.conv3d(x, eye, None, module.stride, 0, module.dilation)
 
 
-def patches_by_position(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def patches_by_position(
+    module: nn.Module,
+    x: torch.Tensor,
+    ones: bool = False,
+    empty: Callable[[Sequence[int], torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
     """(output positions, C_in * prod(kernel), N): :func:`conv_patches`, laid out position-major.
 
     Built as a strided view of the sample-minor input and copied once, which
-    is much cheaper than transposing the patches afterwards.
+    is much cheaper than transposing the patches afterwards. With ``ones``, a
+    last row of ones follows (the bias row), written into the same tensor;
+    ``empty(shape, like)`` makes that tensor (default: a new one).
     """
     dims = next(dims for kind, dims in _CONV_DIMS.items() if isinstance(module, kind))
     padded = _prepad(module, x)
@@ -673,7 +736,13 @@ def patches_by_position(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         (*(module.stride[d] * step[d] for d in range(dims)), math.prod(spatial) * samples,
          *(module.dilation[d] * step[d] for d in range(dims)), 1),
     )
-    return view.reshape(math.prod(out), channels * math.prod(module.kernel_size), samples)
+    depth = channels * math.prod(module.kernel_size)
+    shape = (int(math.prod(out)), int(depth) + int(ones), int(samples))
+    patches = empty(shape, padded) if empty is not None else padded.new_empty(shape)
+    patches[:, :depth].view(view.shape).copy_(view)
+    if ones:
+        patches[:, depth] = 1
+    return patches
 
 
 def _native_padding(module: nn.Module) -> bool:

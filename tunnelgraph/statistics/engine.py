@@ -524,16 +524,13 @@ def exact_a(
             layer_input = part.inputs[spec.node]
             if diagonal:
                 scales = chain.diagonal_scales(outputs, part.externals, i)
-                inputs = chain.row_inputs(i, layer_input)
-                weight_rows = inputs.shape[1]
+                inputs = chain.row_inputs(i, layer_input)  # (positions, spec.size, N), bias row last
                 for row in range(0, spec.size, row_chunk):
                     stop = min(row + row_chunk, spec.size)
                     for j in diagonal:
                         error = part.errors[chain.consumers[j].node]
-                        block = chain.contract_diagonal(
-                            j, inputs[:, row:min(stop, weight_rows)], stop > weight_rows, scales[j], error, index
-                        )
-                        result[:, spec.offset + row:spec.offset + stop, columns[j]].add_(block, alpha=scale)
+                        target = result[:, spec.offset + row:spec.offset + stop, columns[j]]
+                        chain.contract_diagonal(j, inputs[:, row:stop], scales[j], error, index, target, scale)
             patches = conv_patches(spec.module, layer_input) if spec.conv_dims and general else None
             for row in range(0, spec.size, row_chunk) if general else ():
                 rows = range(row, min(row + row_chunk, spec.size))
