@@ -202,3 +202,19 @@ def test_scaling_by_a_shape_blocks_and_scaling_by_a_number_does_not() -> None:
     report = tg.analyze(_ShapeScaled(), torch.randn(3, 4))
     assert any("computed from shapes" in r for r in _group(report, "fc1").reasons)
     assert _group(report, "fc2").legal
+
+
+def test_a_group_coupled_to_the_model_input_gives_that_reason_alone() -> None:
+    """The input's channel axis is unknown: what reads it must not add "reads axis 1, not the channel axis -1"."""
+
+    class InputResidual(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Conv1d(3, 3, 1)
+            self.b = nn.Conv1d(3, 2, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(torch.relu(self.a(x) + x))
+
+    groups = {g.name: g for g in tg.analyze(InputResidual(), torch.randn(5, 3, 4)).groups}
+    assert groups["a"].reasons == ("coupled to the model input 'x', whose channels cannot be cloned",)

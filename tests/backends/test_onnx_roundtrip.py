@@ -7,8 +7,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+import torch
 
 import tunnelgraph as tg
+from tunnelgraph.models import paper_cnn
 from zoo import TRACEABLE, ZooEntry, example_input
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -90,3 +92,53 @@ def test_an_onnx_user_can_measure_statistics_and_train() -> None:
     loss.backward()
     optimizer.step()
     assert torch.nn.functional.cross_entropy(converted(x), data[0][1]) < loss
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_a_model_over_the_protobuf_limit_is_exported_with_external_data(
+    exporter: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past 2 GiB protobuf cannot serialise a model: it is checked and written with external data.
+
+    The limit is lowered so that a small model takes the path a 2.6 GB regnet_y_128gf takes.
+    """
+    from onnx import numpy_helper
+
+    from tunnelgraph.backends import onnx_export
+
+    monkeypatch.setattr(onnx_export, "PROTOBUF_LIMIT", 1024)
+    if exporter == "torchscript":
+        def refuse(*args: object, **kwargs: object) -> None:
+            raise RuntimeError("the dynamo exporter is switched off for this test")
+
+        monkeypatch.setattr(onnx_export, "_dynamo", refuse)
+    model = paper_cnn().eval()
+    x = torch.randn(2, 1, 28, 28)
+    path = tmp_path / "big.onnx"
+    proto = tg.export_onnx(model, x, path)
+    data = tmp_path / "big.onnx.data"
+    assert data.exists() and data.stat().st_size > path.stat().st_size
+    weights = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}  # the returned model keeps its data
+    assert sum(w.size for w in weights.values()) >= sum(p.numel() for p in model.parameters())
+    loaded = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
+    assert loaded.keys() == weights.keys() and all(np.array_equal(loaded[k], weights[k]) for k in weights)
+    assert [s.name for s in tg.find_sites(str(path))] == [s.name for s in tg.find_sites(model, x)]
+    tg.export_onnx(model, x, path)  # written again over itself: the data file is replaced, not appended to
+    assert data.stat().st_size < 2 * sum(w.nbytes for w in weights.values())
+
+
+def test_a_model_over_the_protobuf_limit_is_analysed_and_left_as_it_was(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Shape inference serialises the model: past 2 GiB its tensors' data is set aside meanwhile."""
+    from tunnelgraph.frontends import onnx as onnx_frontend
+
+    model = paper_cnn().eval()
+    x = torch.randn(2, 1, 28, 28)
+    proto = tg.export_onnx(model, x)
+    before = proto.SerializeToString()
+    expected = [(s.name, s.inbound_size, s.outbound_size) for s in tg.find_sites(proto)]
+    monkeypatch.setattr(onnx_frontend, "PROTOBUF_LIMIT", 1024)
+    graph = tg.load_onnx(proto)
+    assert [(s.name, s.inbound_size, s.outbound_size) for s in tg.find_sites(graph)] == expected
+    assert proto.SerializeToString() == before
+    rewritten = tg.rewrite(proto, expected[1][0], 0.3)
+    assert tg.verify(proto, rewritten, x).passed

@@ -140,3 +140,19 @@ def test_functional_batch_norm_on_computed_tensors_blocks_with_the_reason() -> N
 
     report = tg.analyze(Computed(), torch.randn(2, 1, 6, 6), through=("batchnorm",))
     assert "function batch_norm with a computed weight" in report.to_markdown()
+
+
+def test_a_one_channel_group_passes_flatten_into_a_linear_layer() -> None:
+    """``(N, 1, 4) -> (N, 4)`` fits merging ``N, 1`` and ``1, 4``: the flatten keeps the batch axis.
+
+    Found by the random-architecture test: the group was blocked as "interleaves the channels".
+    """
+    from tunnelgraph.frontends.shapes import merged_range
+
+    assert merged_range((5, 1, 4), (5, 4)) == (1, 2)
+    assert merged_range((5, 3, 1, 4), (5, 3, 4)) in ((1, 2), (2, 3))
+    model = nn.Sequential(nn.Conv1d(2, 1, 1), nn.ReLU(), nn.Flatten(1), nn.Linear(4, 3)).double()
+    x = torch.randn(5, 2, 4, dtype=torch.float64)
+    (site,) = tg.find_sites(model, x)
+    opened = tg.rewrite(model, site, 0.3)
+    assert opened[3].in_features == 8 and tg.verify(model, opened, x).passed

@@ -448,7 +448,7 @@ class _GroupWalker:
     def _users(
         self, node: Node, channel_map: ChannelMap, axis: int
     ) -> list[tuple[str, ChannelMap, Node | None, int]]:
-        queue = []
+        queue: list[tuple[str, ChannelMap, Node | None, int]] = []
         own = self.classes.find(node.name)
         for user in self.graph.users(node.name):
             if user.kind == OpKind.PARAMETRIC:
@@ -486,7 +486,10 @@ class _GroupWalker:
             return
         rank = len(node.shape or ())
         in_axis = user.attrs["in_axis"] % rank if rank else -1
-        if in_axis != axis:
+        # an input, stored tensor or blocking output has no known channel axis (-1), and the group
+        # is blocked by its coupling to it already: a mismatch there would only mislead
+        opaque = node.kind in (OpKind.INPUT, OpKind.CONSTANT, OpKind.BLOCKING) and axis == -1
+        if in_axis != axis and not opaque:
             self._reason(f"{user.describe()} reads axis {in_axis}, not the channel axis {axis}")
             return
         if user.attrs.get("groups", 1) != 1:

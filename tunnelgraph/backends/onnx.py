@@ -103,8 +103,12 @@ def edit_initializer(array: np.ndarray, tensor_edit: TensorEdit) -> np.ndarray:
     return edit_array(np.asarray(array, dtype=np.float64), tensor_edit, NUMPY_OPS)
 
 
-def run_onnx(model: onnx.ModelProto, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
-    """Run ``model`` in onnxruntime (CPU, or CUDA when available; graph optimisations off)."""
+def run_onnx(model: onnx.ModelProto | str, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Run ``model`` in onnxruntime (CPU, or CUDA when available; graph optimisations off).
+
+    ``model`` is a model, or the path of an ``.onnx`` file (whose external
+    data onnxruntime reads from its folder: the form for models over 2 GiB).
+    """
     try:
         import onnxruntime as ort
     except ImportError as error:  # pragma: no cover - the ort extra is part of the test install
@@ -112,7 +116,8 @@ def run_onnx(model: onnx.ModelProto, inputs: Sequence[np.ndarray]) -> list[np.nd
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+    source = model if isinstance(model, str) else model.SerializeToString()
+    session = ort.InferenceSession(source, options, providers=providers)
     names = [i.name for i in session.get_inputs()]
     if len(names) != len(inputs):
         raise ValueError(f"the ONNX model takes {len(names)} input(s) ({', '.join(names)}), got {len(inputs)}")

@@ -9,15 +9,24 @@ model. When the dynamo exporter fails, the TorchScript exporter runs
 instead (with a logged warning). Either way the exported model is compared
 with the PyTorch model in onnxruntime before it is written, and a mismatch
 raises.
+
+Protocol buffers cannot serialise a message over 2 GiB. A model whose
+tensors exceed :data:`PROTOBUF_LIMIT` (regnet_y_128gf, vit_h_14) is
+therefore checked and written with its tensors as ONNX external data: one
+file ``<name>.onnx.data`` beside ``<name>.onnx``, which
+:func:`tunnelgraph.load_onnx` and onnxruntime read back from that folder.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import math
 import os
+import tempfile
 import warnings
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator, Sequence, Union
 
 import numpy as np
@@ -32,11 +41,13 @@ try:
 except ImportError as error:  # the optional extra is not installed
     raise missing_onnx(error) from error
 
+from tunnelgraph.frontends.onnx import PROTOBUF_LIMIT  # noqa: E402 (after the onnx check)
 from tunnelgraph.runtime import preserved
 
 logger = logging.getLogger(__name__)
 
 ExampleInputs = Union[torch.Tensor, Sequence[torch.Tensor]]
+
 
 
 def export_onnx(
@@ -66,7 +77,7 @@ def export_onnx(
     """
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     names = [f"input_{i}" if len(inputs) > 1 else "input" for i in range(len(inputs))]
-    with preserved(model, train=False):
+    with preserved(model, train=False), tempfile.TemporaryDirectory(prefix="tunnelgraph-onnx-") as folder:
         try:
             proto = _dynamo(model, inputs, names, opset)
         except Exception as error:  # the exporter raises many kinds of errors
@@ -74,11 +85,48 @@ def export_onnx(
                 "the dynamo ONNX exporter failed (%s: %s); falling back to the TorchScript exporter",
                 type(error).__name__, str(error).splitlines()[0] if str(error) else "",
             )
-            proto = _torchscript(model, inputs, names, opset)
-        _check(model, proto, inputs, rtol, atol)
+            proto = _torchscript(model, inputs, names, opset, Path(folder))
+        if is_large(proto):  # checked and run from a file with external data: it cannot be serialised
+            logger.info("the ONNX model holds %.2f GiB of tensors: using external data", tensor_bytes(proto) / 2**30)
+            checked = Path(folder) / "checked.onnx"
+            save_onnx(proto, checked)
+            onnx.checker.check_model(os.fspath(checked))
+            _check(model, os.fspath(checked), inputs, rtol, atol)
+        else:
+            _check(model, proto, inputs, rtol, atol)
     if path is not None:
-        onnx.save(proto, os.fspath(path))
+        save_onnx(proto, path)
     return proto
+
+
+def tensor_bytes(proto: onnx.ModelProto) -> int:
+    """Bytes of the model's initializers (and of the constant tensors its nodes hold)."""
+    tensors = list(proto.graph.initializer) + [
+        attribute.t for node in proto.graph.node for attribute in node.attribute if attribute.HasField("t")
+    ]
+    return sum(math.prod(t.dims) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize for t in tensors)
+
+
+def is_large(proto: onnx.ModelProto) -> bool:
+    """Whether ``proto`` is too large to serialise as one protobuf message (:data:`PROTOBUF_LIMIT`)."""
+    return tensor_bytes(proto) > PROTOBUF_LIMIT
+
+
+def save_onnx(proto: onnx.ModelProto, path: str | os.PathLike[str]) -> None:
+    """Write ``proto`` to ``path``; a large model with its tensors in ``<file name>.data`` beside it.
+
+    ``proto`` itself is not changed (saving with external data empties the
+    tensors of what it writes, so a copy is written).
+    """
+    if not is_large(proto):
+        onnx.save(proto, os.fspath(path))
+        return
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    location = Path(path).name + ".data"
+    (Path(path).parent / location).unlink(missing_ok=True)  # external data is appended to an existing file
+    onnx.save_model(copy, os.fspath(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=location, size_threshold=1024)
 
 
 def _dynamo(model: nn.Module, inputs: tuple[torch.Tensor, ...], names: list[str], opset: int) -> onnx.ModelProto:
@@ -110,20 +158,26 @@ def _quiet(name: str) -> Iterator[None]:
         log.setLevel(level)
 
 
-def _torchscript(model: nn.Module, inputs: tuple[torch.Tensor, ...], names: list[str], opset: int) -> onnx.ModelProto:
-    buffer = io.BytesIO()
+def _torchscript(
+    model: nn.Module, inputs: tuple[torch.Tensor, ...], names: list[str], opset: int, folder: Path
+) -> onnx.ModelProto:
+    """The TorchScript exporter's model; written through a file in ``folder`` when the tensors are large."""
+    size = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    target: io.BytesIO | str = io.BytesIO() if size <= PROTOBUF_LIMIT else os.fspath(folder / "torchscript.onnx")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(
-                model, inputs, buffer, dynamo=False, input_names=names, opset_version=opset,
+                model, inputs, target, dynamo=False, input_names=names, opset_version=opset,
                 do_constant_folding=False, training=torch.onnx.TrainingMode.PRESERVE,
             )
     except Exception as error:
         raise RewriteError(
             f"neither ONNX exporter could export {type(model).__name__} ({type(error).__name__}: {error})"
         ) from error
-    return _tidy(onnx.load_from_string(buffer.getvalue()))
+    if isinstance(target, io.BytesIO):
+        return _tidy(onnx.load_from_string(target.getvalue()))
+    return _tidy(onnx.load(target))  # reads the external data the exporter wrote beside it
 
 
 def _tidy(proto: onnx.ModelProto) -> onnx.ModelProto:
@@ -146,18 +200,19 @@ def _tidy(proto: onnx.ModelProto) -> onnx.ModelProto:
             if not np.any(numpy_helper.to_array(initializers[node.input[2]])):
                 del node.input[2]
     used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
-    remaining = [t for t in graph.initializer if t.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(remaining)
+    for index in reversed(range(len(graph.initializer))):  # in place: copying a tensor over 2 GiB fails
+        if graph.initializer[index].name not in used:
+            del graph.initializer[index]
     inputs = [i for i in graph.input if i.name not in initializers or i.name in used]
     del graph.input[:]
     graph.input.extend(inputs)
-    onnx.checker.check_model(proto)
+    if not is_large(proto):  # a large model is checked from its file (export_onnx)
+        onnx.checker.check_model(proto)
     return proto
 
 
 def _check(
-    model: nn.Module, proto: onnx.ModelProto, inputs: tuple[torch.Tensor, ...], rtol: float, atol: float
+    model: nn.Module, proto: onnx.ModelProto | str, inputs: tuple[torch.Tensor, ...], rtol: float, atol: float
 ) -> None:
     from tunnelgraph.backends.onnx import run_onnx
 

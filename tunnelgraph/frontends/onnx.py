@@ -318,12 +318,52 @@ def load_onnx(source: OnnxSource) -> Graph:
     """
     model, _ = read_onnx(source)
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+        inferred = _infer_shapes(model)
     except Exception as error:
         raise TraceError(f"ONNX shape inference failed ({type(error).__name__}: {error})") from error
     graph = _Translator(inferred).run()
     graph.source = model
     return graph
+
+
+PROTOBUF_LIMIT = 2**31 - 2**26
+"""Bytes of tensors above which a model cannot be serialised as one protobuf message (2 GiB, less a margin)."""
+
+
+def _infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with its shapes inferred (ONNX shape inference with data propagation).
+
+    Shape inference serialises the model, which protobuf cannot do past 2 GiB
+    (regnet_y_128gf, vit_h_14). For such a model the data of every tensor over
+    1 KiB is set aside (marked as external data, which inference does not
+    read) during inference and put back into both models afterwards, so
+    ``model`` ends as it was.
+    """
+    sizes = {t.name: math.prod(t.dims) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+             for t in model.graph.initializer}
+    if sum(sizes.values()) <= PROTOBUF_LIMIT:
+        return onnx.shape_inference.infer_shapes(model, data_prop=True)
+    aside: dict[str, bytes] = {}
+    try:
+        for tensor in model.graph.initializer:
+            if sizes[tensor.name] > 2**10 and tensor.HasField("raw_data"):
+                aside[tensor.name] = tensor.raw_data
+                tensor.ClearField("raw_data")
+                tensor.data_location = onnx.TensorProto.EXTERNAL
+                tensor.external_data.add(key="location", value="set-aside-during-shape-inference")
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    finally:
+        _put_back(model, aside)
+    _put_back(inferred, aside)
+    return inferred
+
+
+def _put_back(model: onnx.ModelProto, aside: dict[str, bytes]) -> None:
+    for tensor in model.graph.initializer:
+        if tensor.name in aside:
+            tensor.ClearField("external_data")
+            tensor.ClearField("data_location")
+            tensor.raw_data = aside[tensor.name]
 
 
 class _Translator:

@@ -13,6 +13,9 @@ def merged_range(
 
     Sizes are compared with ``==``; ``product`` multiplies the merged ones
     (symbolic sizes need their own, see the ONNX frontend's ``flatten_range``).
+    Axes of size 1 can make several ranges fit (``(N, 1, 4) -> (N, 4)``
+    merges ``N, 1`` or ``1, 4``); the last one is taken, which keeps the
+    batch axis out of the merge, as ``flatten(1)`` does.
     """
     in_shape, out_shape = tuple(in_shape), tuple(out_shape)
     if in_shape == out_shape:
@@ -20,7 +23,7 @@ def merged_range(
     merged_count = len(in_shape) - len(out_shape) + 1
     if merged_count < 1:
         return None
-    for start in range(len(out_shape)):
+    for start in reversed(range(len(out_shape))):
         end = start + merged_count - 1
         if (
             in_shape[:start] == out_shape[:start]
