@@ -7,7 +7,12 @@
    predicts.
 2. The exact path's arithmetic rate: its floating-point operations per
    second over those of ``torch.bmm`` on the same operand shapes (target
-   >= 0.5), and the dense-matmul peak of the machine for context.
+   >= 0.5), and the dense-matmul peak of the machine for context. Also the
+   bound on item 1: the same pass with the contraction left out (the
+   capture pass), the contraction's FLOPs at ``torch.bmm``'s rate, their
+   sum over the plain pass (``ratio_bound``), the contraction's own rate
+   against ``torch.bmm``, and, on the CPU, every figure in process CPU time
+   (``cpu_time_*``: on a shared machine, less sensitive to other jobs).
 3. A 64-to-64 3x3 conv, ReLU, 64-to-64 3x3 conv on 16x16 maps
    (``--conv-samples`` samples): top singular triplets of all 64 sites by the
    matrix-free path over one forward-backward pass (target <= 5), with the
@@ -53,15 +58,25 @@ from tunnelgraph.testing import naive_a_matrix
 BATCH = 256
 
 
-def best_time(function: Callable[[], Any], repeats: int, sync: Callable[[], None] = lambda: None) -> tuple[float, Any]:
-    times, result = [], None
+CPU_TIMES: dict[str, float] = {}
+"""Least process CPU time of the runs timed under a name: on a shared machine, less sensitive than
+wall time to the other processes' load (with one thread, it is the time this process ran)."""
+
+
+def best_time(
+    function: Callable[[], Any], repeats: int, sync: Callable[[], None] = lambda: None, name: str | None = None
+) -> tuple[float, Any]:
+    times, cpu, result = [], [], None
     for _ in range(repeats):
         gc.collect()
         sync()
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         result = function()
         sync()
         times.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    if name:
+        CPU_TIMES[name] = min(cpu)
     return min(times), result
 
 
@@ -102,16 +117,17 @@ def bench_paper_cnn(samples: int, repeats: int, device: str, oracle_columns: int
     sites = tg.find_sites(model, data[0][0][:2])
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     plain_pass(model, data[:2], loss_fn)
-    plain, _ = best_time(lambda: plain_pass(model, data, loss_fn), repeats, sync)
+    plain, _ = best_time(lambda: plain_pass(model, data, loss_fn), repeats, sync, "plain")
     engine, stats = best_time(
-        lambda: tg.a_statistics(model, sites, data, loss_fn, method="exact", progress=False), repeats, sync
+        lambda: tg.a_statistics(model, sites, data, loss_fn, method="exact", progress=False), repeats, sync, "engine"
     )
     # the same pass with the contraction left out: the capture pass (forward, backward, hooks) and the rest
     real_exact_a = tg_engine.exact_a
     tg_engine.exact_a = lambda chain, capture, channels, budget, *, training, into=None, scale=1.0: into
     try:
         capture_time, _ = best_time(
-            lambda: tg.a_statistics(model, sites, data, loss_fn, method="exact", progress=False), repeats, sync
+            lambda: tg.a_statistics(model, sites, data, loss_fn, method="exact", progress=False), repeats, sync,
+            "capture",
         )
     finally:
         tg_engine.exact_a = real_exact_a
@@ -136,7 +152,7 @@ def bench_paper_cnn(samples: int, repeats: int, device: str, oracle_columns: int
     left = torch.randn(positions, rows, BATCH, device=device)
     right = torch.randn(positions, BATCH, width, device=device)
     chunks = -(-samples // BATCH)
-    bmm_time, _ = best_time(lambda: [torch.bmm(left, right) for _ in range(chunks)], repeats, sync)
+    bmm_time, _ = best_time(lambda: [torch.bmm(left, right) for _ in range(chunks)], repeats, sync, "bmm")
     bmm_rate = 2 * positions * rows * BATCH * width * chunks / bmm_time
     square = torch.randn(2048, 2048, device=device)
     peak_time, _ = best_time(lambda: square @ square, repeats, sync)
@@ -153,6 +169,18 @@ def bench_paper_cnn(samples: int, repeats: int, device: str, oracle_columns: int
         ratio_bound=(capture_time + contraction_flops / bmm_rate) / plain,
         ratio_bound_without_capture=contraction_flops / bmm_rate / plain,
     )
+    if device == "cpu":  # the same, in process CPU time
+        cpu = CPU_TIMES
+        bmm_cpu_rate = bmm_rate * bmm_time / cpu["bmm"]
+        result.update(
+            cpu_time_ratio=cpu["engine"] / cpu["plain"],
+            cpu_time_efficiency=(flops / cpu["engine"]) / bmm_cpu_rate,
+            cpu_time_contraction_efficiency=(
+                contraction_flops / max(cpu["engine"] - cpu["capture"], 1e-9) / bmm_cpu_rate
+            ),
+            cpu_time_ratio_bound=(cpu["capture"] + contraction_flops / bmm_cpu_rate) / cpu["plain"],
+            cpu_time_ratio_bound_without_capture=contraction_flops / bmm_cpu_rate / cpu["plain"],
+        )
 
     # 4. the naive oracle, on the first columns of the first site (CPU only: it is slow anywhere)
     if device == "cpu" and oracle_columns:
