@@ -84,3 +84,33 @@ def test_recompute_mode_matches_the_stored_mode() -> None:
         assert relative(again[site.name].gradient, stored[site.name].gradient) <= 1e-12
     with pytest.raises(tg.StatisticsError, match="re-iterable"):
         tg.a_statistics(model, sites, iter(data), squared_error, method="matrix_free", store=False)
+
+
+@pytest.mark.parametrize("name", ["paper_cnn", "resnet_stack", "inception_concat", "conv_bn_pool_avg", "mlp_tanh"])
+def test_products_on_a_subset_of_channels_are_those_rows_of_a(name: str) -> None:
+    """Per-channel stopping asks the operators for the running channels only: A_c v_c and A_c^T u_c exactly."""
+    from tunnelgraph.statistics.capture import Recorder
+    from tunnelgraph.statistics.chain import GroupChain
+    from tunnelgraph.statistics.engine import linear_operators, run_batch
+
+    entry = ZOO_BY_NAME[name]
+    model = entry.build().double().eval()
+    data = regression_data(model, entry, torch.float64, batch=5)
+    sites = tg.find_sites(model, data[0][0], through=tg.THROUGH_OPTIONS)
+    exact = tg.a_statistics(model, sites, data, squared_error, method="exact", progress=False)
+    graph = tg.trace(model, data[0][0])
+    groups = {}
+    for site in sites:
+        groups.setdefault(site.group.name, site.group)
+    generator = torch.Generator().manual_seed(0)
+    for group in groups.values():
+        chain = GroupChain(model, graph, group)
+        with Recorder(model, [chain]) as recorder:
+            captures = [run_batch(model, recorder, x, y, squared_error) for x, y in data]
+        product, transposed = linear_operators(chain, captures, sum(c.batch for c in captures))
+        channels = torch.arange(0, group.size, 2)  # every other channel
+        a = torch.stack([exact[f"{group.name}[{c}]"].a for c in channels.tolist()])  # (n, K, L)
+        v = torch.randn(channels.numel(), a.shape[2], generator=generator, dtype=torch.float64)
+        u = torch.randn(channels.numel(), a.shape[1], generator=generator, dtype=torch.float64)
+        assert relative(product(v, channels), torch.einsum("nkl,nl->nk", a, v)) <= 1e-10, group.name
+        assert relative(transposed(u, channels), torch.einsum("nkl,nk->nl", a, u)) <= 1e-10, group.name

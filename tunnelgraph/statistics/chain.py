@@ -374,25 +374,49 @@ class GroupChain:
             parts.append(torch.ones((1,) + tuple(output.shape), dtype=output.dtype, device=output.device))
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
-    def producer_tangent(self, producer: int, layer_input: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """The producer's output when its inbound weights are ``rows`` (channels x K_producer): A^T's input side."""
+    def producer_tangent(
+        self, producer: int, layer_input: torch.Tensor, rows: torch.Tensor, channels: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The producer's output when its inbound weights are ``rows``: A^T's input side.
+
+        ``rows`` is (channels x K_producer) for every channel of the group, or
+        for ``channels`` only (indices; the other channels' outputs are then
+        zero, and the layer runs on those channels alone).
+        """
         spec = self.producers[producer]
         module = spec.module
         weight_rows = spec.weight_slice.channel_numel
-        weight = rows[:, :weight_rows].reshape(module.weight.shape)
+        weight = rows[:, :weight_rows].reshape(rows.shape[0], *module.weight.shape[1:])
         bias = rows[:, weight_rows] if rows.shape[1] > weight_rows else None
         if spec.conv_dims:
             conv = (F.conv1d, F.conv2d, F.conv3d)[spec.conv_dims - 1]
             ready, padding = _conv_input(module, layer_input)
-            return conv(ready, weight, bias, module.stride, padding, module.dilation)
-        return F.linear(layer_input, weight, bias)
+            output = conv(ready, weight, bias, module.stride, padding, module.dilation)
+            axis = 1
+        else:
+            output = F.linear(layer_input, weight, bias)
+            axis = output.dim() - 1
+        if channels is None or channels.numel() == module.weight.shape[0]:
+            return output
+        shape = list(output.shape)
+        shape[axis] = module.weight.shape[0]
+        return output.new_zeros(shape).index_copy_(axis, channels, output)
 
-    def producer_gradient(self, producer: int, layer_input: torch.Tensor, error: torch.Tensor) -> torch.Tensor:
-        """Inbound-weight gradients (channels x K_producer) for an error at the producer's output."""
+    def producer_gradient(
+        self, producer: int, layer_input: torch.Tensor, error: torch.Tensor, channels: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Inbound-weight gradients (channels x K_producer) for an error at the producer's output.
+
+        For every channel of the group, or for ``channels`` only (indices),
+        computing those alone.
+        """
         spec = self.producers[producer]
         module = spec.module
+        if channels is not None and channels.numel() < module.weight.shape[0]:
+            error = error.index_select(1 if spec.conv_dims else error.dim() - 1, channels)
         if spec.conv_dims:
-            grad_weight = _conv_weight_grad(spec.conv_dims, module, layer_input, module.weight.shape, error)
+            shape = (error.shape[1], *module.weight.shape[1:])
+            grad_weight = _conv_weight_grad(spec.conv_dims, module, layer_input, shape, error)
             reduce = [0] + list(range(2, error.dim()))
         else:
             grad_weight = error.reshape(-1, error.shape[-1]).T @ layer_input.reshape(-1, layer_input.shape[-1])
@@ -442,38 +466,56 @@ class GroupChain:
         return entries.permute(1, 0, 3, 2).reshape(count, rows, -1)
 
     def consumer_error(
-        self, consumer: int, vectors: torch.Tensor, input_shape: Sequence[int], error: torch.Tensor
+        self,
+        consumer: int,
+        vectors: torch.Tensor,
+        input_shape: Sequence[int],
+        error: torch.Tensor,
+        channels: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Error at the consumer's input when each channel's outbound weights are scaled by its vector.
 
         ``vectors`` is (channels, columns of this consumer), for every channel
-        of the group: A's column side of a product A v.
+        of the group or for ``channels`` only (indices): A's column side of a
+        product A v. The layer runs on those channels' input columns alone;
+        the error at every other input channel is zero.
         """
         spec = self.consumers[consumer]
         module = spec.module
         weight_slice = spec.weight_slice
-        channels = torch.arange(self.group.size, device=vectors.device)
+        if channels is None:
+            channels = torch.arange(self.group.size, device=vectors.device)
         positions = _positions(weight_slice, channels, vectors.device)
         weight = module.weight.detach()
-        picked = weight.index_select(1, positions)  # (V, C*B, *k)
-        scaled = vectors.reshape(self.group.size, weight.shape[0], weight_slice.block, *weight.shape[2:])
+        picked = weight.index_select(1, positions)  # (V, S*B, *k)
+        scaled = vectors.reshape(channels.numel(), weight.shape[0], weight_slice.block, *weight.shape[2:])
         scaled = scaled.movedim(0, 1).reshape(picked.shape) * picked
-        full = torch.zeros_like(weight).index_copy(1, positions, scaled)
+        axis = 1 if spec.conv_dims else len(input_shape) - 1
+        shape = list(input_shape)
+        shape[axis] = positions.numel()
         if spec.conv_dims:
             if _native_padding(module):
-                return _conv_input_grad(
-                    spec.conv_dims, tuple(input_shape), full, error, module.stride, module.padding, module.dilation
+                part = _conv_input_grad(
+                    spec.conv_dims, tuple(shape), scaled, error, module.stride, module.padding, module.dilation
                 )
-            primal = error.new_zeros(tuple(input_shape))
-            padded = _prepad(module, primal)
-            grad = _conv_input_grad(spec.conv_dims, padded.shape, full, error, module.stride, 0, module.dilation)
-            _, pullback = torch.func.vjp(lambda x: _prepad(module, x), primal)
-            return pullback(grad)[0]
-        return torch.matmul(error, full)
+            else:
+                primal = error.new_zeros(tuple(shape))
+                padded = _prepad(module, primal)
+                grad = _conv_input_grad(spec.conv_dims, padded.shape, scaled, error, module.stride, 0, module.dilation)
+                _, pullback = torch.func.vjp(lambda x: _prepad(module, x), primal)
+                part = pullback(grad)[0]
+        else:
+            part = torch.matmul(error, scaled)
+        if positions.numel() == input_shape[axis]:  # the group is the whole input, in order
+            return part
+        return part.new_zeros(tuple(input_shape)).index_copy_(axis, positions, part)
 
-    def consumer_columns(self, consumer: int, tangent: torch.Tensor, error: torch.Tensor) -> torch.Tensor:
-        """(channels, columns) of A^T u for one consumer, every channel of the group."""
-        channels = torch.arange(self.group.size, device=tangent.device)
+    def consumer_columns(
+        self, consumer: int, tangent: torch.Tensor, error: torch.Tensor, channels: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(channels, columns) of A^T u for one consumer: every channel of the group, or ``channels`` only."""
+        if channels is None:
+            channels = torch.arange(self.group.size, device=tangent.device)
         return self.contract(consumer, tangent.unsqueeze(0), error, channels)[:, 0]
 
     # -- the diagonal fast path ------------------------------------------------------

@@ -45,7 +45,7 @@ from tunnelgraph.rewrite.plan import check_shapes
 from tunnelgraph.runtime import batch_parts, model_device, preserved, progress_bar, to_device, unwrap_model
 from tunnelgraph.statistics.capture import Capture, Recorder
 from tunnelgraph.statistics.chain import GroupChain, conv_patches
-from tunnelgraph.statistics.solve import Triplet, lanczos_top, top_singular
+from tunnelgraph.statistics.solve import Operator, Triplet, lanczos_top, top_singular
 
 logger = logging.getLogger(__name__)
 
@@ -594,7 +594,7 @@ def _matrix_free(
     triplet: Triplet = lanczos_top(product, transposed, start, max_steps=max_steps, tol=tol)
     gradient = _captured_gradient(chain, stored, samples)
     if gradient is None:
-        gradient = product(torch.ones_like(start))
+        gradient = product(torch.ones_like(start), torch.arange(start.shape[0], device=start.device))
     if bool((triplet.residual > tol * triplet.sigma).any()):
         logger.warning(
             "group %s: Lanczos stopped after %d steps with relative residual up to %.2g (tol %.2g)",
@@ -637,16 +637,18 @@ def _start_vectors(chain: GroupChain, device: torch.device) -> torch.Tensor:
 
 def linear_operators(
     chain: GroupChain, captures: Iterable[Capture], samples: int, *, cache: bool = True
-) -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]:
-    """``v -> A v`` and ``u -> A^T u`` for every channel of the group, summed over ``captures``.
+) -> tuple[Operator, Operator]:
+    """``(v, channels) -> A v`` and ``(u, channels) -> A^T u`` for the group's ``channels``, summed over ``captures``.
 
-    Vectors are float64 (channels x L, channels x K); each pass runs in the
-    model's dtype and accumulates in float64; sums are all-reduced when
+    Vectors are float64, one row per channel in ``channels`` (indices into
+    the group, ascending): (n x L) and (n x K). Each pass runs in the
+    model's dtype, on those channels alone where the layers allow it (the
+    producers' outputs and the consumers' input columns of the others are
+    left out), and accumulates in float64; sums are all-reduced when
     ``torch.distributed`` is initialised. ``cache`` keeps element-wise
     chains' Jacobian diagonals per capture (for stored captures).
     """
     rows, columns = chain.row_slices(), chain.column_slices()
-    count = chain.group.size
     producers, consumers = range(len(chain.producers)), range(len(chain.consumers))
     # an element-wise chain is a diagonal: keep it per capture instead of re-running the chain
     diagonal = all(chain.diagonal[i][j] or not chain.reach[i][j] for i in producers for j in consumers)
@@ -673,8 +675,9 @@ def linear_operators(
                        lambda: outputs[0].new_zeros(capture.shapes[chain.consumers[j].node])) for j in consumers]
 
     @torch.no_grad()
-    def summed(size: int, vectors: torch.Tensor, blocks: Callable[..., list[tuple[Any, torch.Tensor]]]) -> torch.Tensor:
-        """The mean over every sample of the blocks ``blocks`` gives per capture (columns, block), all-reduced."""
+    def summed(count: int, size: int, vectors: torch.Tensor,
+               blocks: Callable[..., list[tuple[Any, torch.Tensor]]]) -> torch.Tensor:
+        """The mean over every sample of the blocks ``blocks`` gives per capture (count x size), all-reduced."""
         result = torch.zeros(count, size, dtype=torch.float64, device=vectors.device)
         for index, capture in enumerate(captures):
             outputs = [capture.outputs[spec.node] for spec in chain.producers]
@@ -682,28 +685,28 @@ def linear_operators(
                 result[:, where].add_(block, alpha=capture.batch)
         return _all_reduce(result) / samples
 
-    def product(vectors: torch.Tensor) -> torch.Tensor:
+    def product(vectors: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
         def blocks(index: int, capture: Capture, outputs: list[torch.Tensor], dtype: torch.dtype) -> list:
             errors = [
                 chain.consumer_error(j, vectors[:, columns[j]].to(dtype), capture.shapes[spec.node],
-                                     capture.errors[spec.node])
+                                     capture.errors[spec.node], channels)
                 for j, spec in enumerate(chain.consumers)
             ]
             deltas = through(index, capture, outputs, errors, backward=True)
-            return [(rows[i], chain.producer_gradient(i, capture.inputs[spec.node], deltas[i]))
+            return [(rows[i], chain.producer_gradient(i, capture.inputs[spec.node], deltas[i], channels))
                     for i, spec in enumerate(chain.producers)]
 
-        return summed(chain.inbound_size, vectors, blocks)
+        return summed(channels.numel(), chain.inbound_size, vectors, blocks)
 
-    def transposed(vectors: torch.Tensor) -> torch.Tensor:
+    def transposed(vectors: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
         def blocks(index: int, capture: Capture, outputs: list[torch.Tensor], dtype: torch.dtype) -> list:
-            seeds = [chain.producer_tangent(i, capture.inputs[spec.node], vectors[:, rows[i]].to(dtype))
+            seeds = [chain.producer_tangent(i, capture.inputs[spec.node], vectors[:, rows[i]].to(dtype), channels)
                      for i, spec in enumerate(chain.producers)]
             tangents = through(index, capture, outputs, seeds, backward=False)
-            return [(columns[j], chain.consumer_columns(j, tangents[j], capture.errors[spec.node]))
+            return [(columns[j], chain.consumer_columns(j, tangents[j], capture.errors[spec.node], channels))
                     for j, spec in enumerate(chain.consumers)]
 
-        return summed(chain.outbound_size, vectors, blocks)
+        return summed(channels.numel(), chain.outbound_size, vectors, blocks)
 
     return product, transposed
 

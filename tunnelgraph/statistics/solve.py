@@ -47,9 +47,13 @@ def top_singular(a: torch.Tensor) -> Triplet:
     return Triplet(sigma, fix_sign(direction), 0, torch.zeros_like(sigma))
 
 
+Operator = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""``(vectors, channels) -> products``: rows of ``vectors`` belong to the matrices ``channels`` (indices)."""
+
+
 def lanczos_top(
-    product: Callable[[torch.Tensor], torch.Tensor],
-    transposed: Callable[[torch.Tensor], torch.Tensor],
+    product: Operator,
+    transposed: Operator,
     start: torch.Tensor,
     *,
     max_steps: int = 20,
@@ -58,40 +62,52 @@ def lanczos_top(
     """Top singular triplets by Golub-Kahan-Lanczos bidiagonalisation, batched over matrices.
 
     Args:
-        product: ``v (S, L) -> A v (S, K)`` for every matrix of the batch.
-        transposed: ``u (S, K) -> A^T u (S, L)``.
+        product: ``(v (n, L), channels (n,)) -> A v (n, K)`` for the matrices
+            ``channels`` of the batch (indices into it, ascending).
+        transposed: ``(u (n, K), channels) -> A^T u (n, L)``.
         start: starting right vectors (S, L), e.g. random or a previous answer.
         max_steps: most products with each of A and A^T.
-        tol: stop when every matrix has ``||A^T u - sigma v|| <= tol * sigma``
+        tol: a matrix is done when ``||A^T u - sigma v|| <= tol * sigma``
             (the residual of the Ritz pair; ``A v - sigma u`` is zero by
             construction).
 
-    Both bases are fully re-orthogonalised, so the Ritz values are reliable
-    after a handful of steps; the top one converges at a rate set by the gap
-    between the first two singular values.
+    Each matrix stops on its own: once its triplet has converged it leaves
+    the batch, and later products are asked only for the matrices still
+    running, so they cost in proportion to those (the engine restricts its
+    convolutions to their channels). Both bases are fully re-orthogonalised,
+    so the Ritz values are reliable after a handful of steps; the top one
+    converges at a rate set by the gap between the first two singular
+    values. ``steps`` of the result is the most any matrix used.
     """
+    count = start.shape[0]
     tiny = torch.finfo(start.dtype).tiny ** 0.5
+    sigma_out = torch.zeros(count, dtype=start.dtype, device=start.device)
+    residual_out = torch.zeros_like(sigma_out)
+    direction_out = torch.zeros_like(start)
+    active = torch.arange(count, device=start.device)  # the matrices still running
     v = start / start.norm(dim=1, keepdim=True).clamp_min(tiny)
     right: list[torch.Tensor] = [v]
     left: list[torch.Tensor] = []
     alphas: list[torch.Tensor] = []
     betas: list[torch.Tensor] = []
-    count = start.shape[0]
+    step = 0
     for step in range(1, max_steps + 1):
-        u = product(v)
+        u = product(v, active)
         if betas:
-            u = u - betas[-1].unsqueeze(1) * left[-1]
+            u.addcmul_(betas[-1].unsqueeze(1), left[-1], value=-1)
         u = _orthogonalise(u, left)
         alpha = u.norm(dim=1)
-        u = u / alpha.clamp_min(tiny).unsqueeze(1)
+        u.div_(alpha.clamp_min(tiny).unsqueeze(1))
         left.append(u)
         alphas.append(alpha)
-        w = transposed(u) - alpha.unsqueeze(1) * v
+        w = transposed(u, active)
+        w.addcmul_(alpha.unsqueeze(1), v, value=-1)
         w = _orthogonalise(w, right)
         beta = w.norm(dim=1)
         betas.append(beta)
 
-        bidiagonal = torch.zeros(count, step, step, dtype=start.dtype, device=start.device)
+        running = active.numel()
+        bidiagonal = torch.zeros(running, step, step, dtype=start.dtype, device=start.device)
         index = torch.arange(step, device=start.device)
         bidiagonal[:, index, index] = torch.stack(alphas, dim=1)
         if step > 1:
@@ -100,22 +116,53 @@ def lanczos_top(
         sigma = s[:, 0]
         residual = (beta * p[:, -1, 0]).abs()
         done = (residual <= tol * sigma) | (sigma <= tiny)
-        if bool(done.all()) or step == max_steps:
-            basis = torch.stack(right, dim=1)  # (S, step, L)
-            direction = torch.einsum("sj,sjl->sl", qh[:, 0, :], basis)
+        if step == max_steps:
+            done[:] = True
+        if bool(done.any()):
+            finished = done.nonzero().squeeze(1)
+            direction = torch.zeros(finished.numel(), start.shape[1], dtype=start.dtype, device=start.device)
+            for j, basis_vector in enumerate(right):  # the Ritz vectors, without stacking the basis
+                direction.addcmul_(qh[finished, 0, j].unsqueeze(1), basis_vector[finished])
             direction = direction / direction.norm(dim=1, keepdim=True).clamp_min(tiny)
-            direction = torch.where(sigma.unsqueeze(1) > tiny, direction, torch.zeros_like(direction))
-            return Triplet(sigma, fix_sign(direction), step, residual)
-        v = w / beta.clamp_min(tiny).unsqueeze(1)
+            converged = sigma[finished].unsqueeze(1) > tiny
+            direction = torch.where(converged, direction, torch.zeros_like(direction))
+            where = active[finished]
+            sigma_out[where] = sigma[finished]
+            residual_out[where] = residual[finished]
+            direction_out[where] = direction
+            keep = (~done).nonzero().squeeze(1)
+            if keep.numel() == 0:
+                break
+            # the running matrices' bases, compacted once per change of the batch
+            active = active[keep]
+            right = [vector[keep] for vector in right]
+            left = [vector[keep] for vector in left]
+            alphas = [value[keep] for value in alphas]
+            betas = [value[keep] for value in betas]
+            w, beta = w[keep], beta[keep]
+        v = w.div_(beta.clamp_min(tiny).unsqueeze(1))
         right.append(v)
-    raise AssertionError("unreachable")
+    return Triplet(sigma_out, fix_sign(direction_out), step, residual_out)
 
 
 def _orthogonalise(vectors: torch.Tensor, basis: list[torch.Tensor]) -> torch.Tensor:
-    """Remove the components along ``basis`` (twice, for numerical safety)."""
+    """Remove the components along ``basis``: modified Gram-Schmidt, repeated once where it cancelled much.
+
+    Each basis vector is read where it lies (no stacked copy) and the
+    vectors are updated in place: the basis is (matrices x length) per
+    vector, often tens of megabytes, so memory traffic is the cost. A
+    second pass runs when the first removed more than half a vector's norm
+    ("twice is enough"), the case where rounding leaves a component behind.
+    """
     if not basis:
         return vectors
-    stacked = torch.stack(basis, dim=1)  # (S, j, n)
-    for _ in range(2):
-        vectors = vectors - torch.einsum("sj,sjn->sn", torch.einsum("sjn,sn->sj", stacked, vectors), stacked)
+    before = vectors.norm(dim=1)
+    for sweep in range(2):
+        for vector in basis:
+            coefficient = torch.bmm(vector.unsqueeze(1), vectors.unsqueeze(2)).reshape(-1, 1)
+            vectors.addcmul_(coefficient, vector, value=-1)
+        after = vectors.norm(dim=1)
+        if sweep or bool((after >= 0.5 * before).all()):
+            break
+        before = after
     return vectors
