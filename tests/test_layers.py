@@ -183,3 +183,22 @@ def test_imports_are_read_inside_functions_relative_and_not_for_type_checking(tm
         (10, "tunnelgraph.statistics.engine"),
         (11, "tunnelgraph.reduction"),
     ]
+
+
+STATISTICS_FLOW = (
+    "tunnelgraph.statistics.capture",  # one pass over the data, recording
+    "tunnelgraph.statistics.chain",  # a group's linear operators on what was recorded
+    "tunnelgraph.statistics.solve",  # exact or Lanczos
+    "tunnelgraph.statistics.engine",  # orchestration
+)
+"""The statistics package flows one way: each stage imports only the stages before it."""
+
+
+def test_the_statistics_stages_import_only_the_stages_before_them() -> None:
+    wrong = [
+        f"{_where(MODULES[module], line)}: {module} imports {target}"
+        for position, module in enumerate(STATISTICS_FLOW)
+        for line, target in imports(module, MODULES[module])
+        if target in STATISTICS_FLOW and STATISTICS_FLOW.index(target) >= position
+    ]
+    assert not wrong, "\n".join(wrong)

@@ -105,7 +105,7 @@ def test_products_on_a_subset_of_channels_are_those_rows_of_a(name: str) -> None
     generator = torch.Generator().manual_seed(0)
     for group in groups.values():
         chain = GroupChain(model, graph, group)
-        with Recorder(model, [chain]) as recorder:
+        with Recorder(model, chain.source, [chain.tap()]) as recorder:
             captures = [run_batch(model, recorder, x, y, squared_error) for x, y in data]
         product, transposed = linear_operators(chain, captures, sum(c.batch for c in captures))
         channels = torch.arange(0, group.size, 2)  # every other channel

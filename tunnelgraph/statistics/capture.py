@@ -13,6 +13,12 @@ outputs and the model's inputs by replaying the traced graph.
 The same hooks serve a statistics pass over a data loader
 (:func:`tunnelgraph.a_statistics`) and a training loop
 (:class:`tunnelgraph.StatisticsTracker`).
+
+This is the first stage of the statistics package, which flows one way:
+capture (one pass over the data, recording) -> chain (a group's linear
+operators on what was recorded) -> solve (exact or Lanczos) -> engine
+(orchestration). It knows nothing of the later stages: what to record for
+a group comes as a :class:`Tap`, which :meth:`GroupChain.tap` writes.
 """
 
 from __future__ import annotations
@@ -26,7 +32,29 @@ import torch.nn as nn
 from torch.utils.hooks import RemovableHandle
 
 from tunnelgraph.errors import StatisticsError
-from tunnelgraph.statistics.chain import GroupChain, _fetch
+
+
+@dataclass(frozen=True)
+class Tap:
+    """What to record for one group.
+
+    Attributes:
+        producers: (fx node, module, whether the group owns the bias) per producing layer.
+        consumers: (fx node, module) per consuming layer.
+        externals: fx nodes outside the group whose values its chain reads.
+    """
+
+    producers: tuple[tuple[str, nn.Module, bool], ...]
+    consumers: tuple[tuple[str, nn.Module], ...]
+    externals: tuple[str, ...]
+
+
+def fetch(module: nn.Module, target: str) -> Any:
+    """The attribute ``target`` (dotted: ``layer1.0.weight``) of ``module``, as a ``get_attr`` node reads it."""
+    value: Any = module
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
 
 
 @dataclass
@@ -78,22 +106,22 @@ class Recorder:
     and clears it for the next pass.
     """
 
-    def __init__(self, model: nn.Module, chains: Sequence[GroupChain]) -> None:
+    def __init__(self, model: nn.Module, source: torch.fx.GraphModule | None, taps: Sequence[Tap]) -> None:
+        """Record ``taps`` on ``model``; ``source`` is the traced module their fx node names refer to."""
         self.model = model
-        self.chains = list(chains)
+        self.source = source
         self.handles: list[RemovableHandle] = []
         self.active = True  # when False, forwards are not recorded
-        source = self.chains[0].source if self.chains else None
         self.fx_nodes: dict[str, torch.fx.Node] = {n.name: n for n in source.graph.nodes} if source else {}
         self.placeholders = [n for n in self.fx_nodes.values() if n.op == "placeholder"]
-        self.producers = {spec.node: spec for chain in self.chains for spec in chain.producers}
-        self.consumers = {spec.node: spec for chain in self.chains for spec in chain.consumers}
+        self.producers = {node: (module, bias) for tap in taps for node, module, bias in tap.producers}
+        self.consumers = {node: module for tap in taps for node, module in tap.consumers}
+        self.externals = list(dict.fromkeys(name for tap in taps for name in tap.externals))
         # nodes to recompute (functions), and module calls to record, for the externals
         self.replay: dict[str, torch.fx.Node] = {}
         self.recorded_calls: dict[str, list[str]] = {}  # module name -> its fx nodes in call order
-        for chain in self.chains:
-            for name in chain.externals:
-                self._need(self.fx_nodes[name])
+        for name in self.externals:
+            self._need(self.fx_nodes[name])
         for node in self.fx_nodes.values():
             if node.op == "call_module" and str(node.target) in self.recorded_calls:
                 calls = self.recorded_calls[str(node.target)]
@@ -121,17 +149,17 @@ class Recorder:
     def producer_parameters(self) -> dict[str, list[torch.Tensor]]:
         """Producer fx node -> its inbound parameters (weight, then bias if the group owns one)."""
         return {
-            node: [spec.module.weight] + ([spec.module.bias] if len(spec.slices) > 1 else [])
-            for node, spec in self.producers.items()
+            node: [module.weight] + ([module.bias] if bias else [])
+            for node, (module, bias) in self.producers.items()
         }
 
     # -- hooks ---------------------------------------------------------------------
     def __enter__(self) -> "Recorder":
         self.handles.append(self.model.register_forward_pre_hook(self._on_model, with_kwargs=True))
-        for node, spec in self.producers.items():
-            self.handles.append(spec.module.register_forward_hook(self._producer_hook(node)))
-        for node, spec in self.consumers.items():
-            self.handles.append(spec.module.register_forward_hook(self._consumer_hook(node)))
+        for node, (module, _) in self.producers.items():
+            self.handles.append(module.register_forward_hook(self._producer_hook(node)))
+        for node, consumer in self.consumers.items():
+            self.handles.append(consumer.register_forward_hook(self._consumer_hook(node)))
         for name in self.recorded_calls:
             self.handles.append(self.model.get_submodule(name).register_forward_hook(self._module_hook(name)))
         return self
@@ -198,9 +226,8 @@ class Recorder:
                 capture.errors[node] = torch.zeros(shape, dtype=dtype, device=device)
         with torch.no_grad():
             values: dict[str, Any] = {}
-            for chain in self.chains:
-                for name in chain.externals:
-                    capture.externals[name] = self._value(self.fx_nodes[name], values)
+            for name in self.externals:
+                capture.externals[name] = self._value(self.fx_nodes[name], values)
         self._reset()
         return capture
 
@@ -215,7 +242,7 @@ class Recorder:
                 value = self.root_kwargs.get(str(node.target), node.args[0] if node.args else None)
             value = value.detach() if isinstance(value, torch.Tensor) else value
         elif node.op == "get_attr":
-            value = _fetch(self.chains[0].source, str(node.target))
+            value = fetch(self.source, str(node.target))
         elif node.op == "call_module":
             calls = self.recorded_calls[str(node.target)]
             outputs = self.module_outputs[str(node.target)]

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from tunnelgraph.analysis.groups import ChannelGroup, ParamSlice
 from tunnelgraph.errors import StatisticsError
 from tunnelgraph.ir import Graph, OpKind
+from tunnelgraph.statistics.capture import Tap, fetch
 
 with warnings.catch_warnings():
     # torch.func.jvp imports this lazily, and it scripts functions with the deprecated
@@ -163,6 +164,14 @@ class GroupChain:
         self.diagonal = self._diagonal(graph)
 
     # -- construction ----------------------------------------------------------------
+    def tap(self) -> Tap:
+        """What a :class:`~tunnelgraph.statistics.capture.Recorder` records for this group."""
+        return Tap(
+            producers=tuple((spec.node, spec.module, len(spec.slices) > 1) for spec in self.producers),
+            consumers=tuple((spec.node, spec.module) for spec in self.consumers),
+            externals=self.externals,
+        )
+
     def _layers(
         self, graph: Graph, group: ChannelGroup, role: str, belongs: Callable[[Any], bool]
     ) -> tuple[LayerSpec, ...]:
@@ -288,7 +297,7 @@ class GroupChain:
                 method = method[:-1]
             return lambda self_, *args, **kwargs: getattr(self_, method)(*args, **kwargs)
         if fx_node.op == "get_attr":
-            value = _fetch(self.source, str(fx_node.target))
+            value = fetch(self.source, str(fx_node.target))
             return lambda: value
         raise StatisticsError(f"node '{fx_node.name}' ({fx_node.op}) cannot be re-executed")
 
@@ -682,13 +691,6 @@ def _positions(weight_slice: ParamSlice, channels: torch.Tensor, device: torch.d
     block = torch.arange(weight_slice.block, device=device)
     starts = weight_slice.offset + channels.to(device) * weight_slice.block
     return (starts.unsqueeze(1) + block).reshape(-1)
-
-
-def _fetch(module: nn.Module, target: str) -> Any:
-    value: Any = module
-    for part in target.split("."):
-        value = getattr(value, part)
-    return value
 
 
 def _batchnorm(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -118,7 +118,8 @@ class StatisticsTracker:
         self._forwards = 0
         self._pending = False
         self._handle = self.model.register_forward_pre_hook(self._before_forward)
-        self.recorder = Recorder(self.model, [chain for chain, _ in self.groups]).__enter__()
+        source = self.groups[0][0].source if self.groups else None
+        self.recorder = Recorder(self.model, source, [chain.tap() for chain, _ in self.groups]).__enter__()
 
     # -- lifecycle -----------------------------------------------------------------
     def close(self) -> None:
