@@ -626,8 +626,10 @@ def _captured_gradient(chain: GroupChain, stored: Iterable[Capture], samples: in
     for capture in stored:
         if not all(spec.node in capture.gradients for spec in chain.producers):
             return None
-        rows = torch.cat([capture.gradients[spec.node] for spec in chain.producers], dim=1).double()
-        total = rows * capture.batch if total is None else total + rows * capture.batch
+        rows = torch.cat([capture.gradients[spec.node] for spec in chain.producers], dim=1)
+        if total is None:
+            total = torch.zeros(rows.shape, dtype=torch.float64, device=rows.device)
+        total.add_(rows, alpha=capture.batch)
     return _all_reduce(total) / samples
 
 
