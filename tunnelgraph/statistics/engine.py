@@ -593,7 +593,9 @@ def _matrix_free(
     chain = plan.chain
     product, transposed = linear_operators(chain, stored, samples, cache=isinstance(stored, list))
     start = _start_vectors(chain, device)
-    triplet: Triplet = lanczos_top(product, transposed, start, max_steps=max_steps, tol=tol)
+    # the bases in the products' own precision (at least float32): float64 bases add nothing to float32 products
+    dtype = torch.float64 if chain.producers[0].module.weight.dtype == torch.float64 else torch.float32
+    triplet: Triplet = lanczos_top(product, transposed, start, max_steps=max_steps, tol=tol, dtype=dtype)
     gradient = _captured_gradient(chain, stored, samples)
     if gradient is None:
         gradient = product(torch.ones_like(start), torch.arange(start.shape[0], device=start.device))

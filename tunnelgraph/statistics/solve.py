@@ -58,6 +58,7 @@ def lanczos_top(
     *,
     max_steps: int = 20,
     tol: float = 1e-4,
+    dtype: torch.dtype | None = None,
 ) -> Triplet:
     """Top singular triplets by Golub-Kahan-Lanczos bidiagonalisation, batched over matrices.
 
@@ -70,6 +71,10 @@ def lanczos_top(
         tol: a matrix is done when ``||A^T u - sigma v|| <= tol * sigma``
             (the residual of the Ritz pair; ``A v - sigma u`` is zero by
             construction).
+        dtype: the precision of the Lanczos vectors (default: ``start``'s).
+            The bases are most of the solver's memory; products computed in
+            float32 gain nothing from float64 bases. The small bidiagonal
+            problem, the Ritz vectors and the results are float64.
 
     Each matrix stops on its own: once its triplet has converged it leaves
     the batch, and later products are asked only for the matrices still
@@ -80,19 +85,21 @@ def lanczos_top(
     values. ``steps`` of the result is the most any matrix used.
     """
     count = start.shape[0]
-    tiny = torch.finfo(start.dtype).tiny ** 0.5
-    sigma_out = torch.zeros(count, dtype=start.dtype, device=start.device)
+    basis = dtype or start.dtype
+    tiny = torch.finfo(basis).tiny ** 0.5
+    sigma_out = torch.zeros(count, dtype=torch.float64, device=start.device)
     residual_out = torch.zeros_like(sigma_out)
-    direction_out = torch.zeros_like(start)
+    direction_out = torch.zeros(start.shape, dtype=torch.float64, device=start.device)
     active = torch.arange(count, device=start.device)  # the matrices still running
-    v = start / start.norm(dim=1, keepdim=True).clamp_min(tiny)
+    v = start.to(basis)
+    v = v / v.norm(dim=1, keepdim=True).clamp_min(tiny)
     right: list[torch.Tensor] = [v]
     left: list[torch.Tensor] = []
     alphas: list[torch.Tensor] = []
     betas: list[torch.Tensor] = []
     step = 0
     for step in range(1, max_steps + 1):
-        u = product(v, active)
+        u = product(v, active).to(basis)
         if betas:
             u.addcmul_(betas[-1].unsqueeze(1), left[-1], value=-1)
         u = _orthogonalise(u, left)
@@ -100,27 +107,27 @@ def lanczos_top(
         u.div_(alpha.clamp_min(tiny).unsqueeze(1))
         left.append(u)
         alphas.append(alpha)
-        w = transposed(u, active)
+        w = transposed(u, active).to(basis)
         w.addcmul_(alpha.unsqueeze(1), v, value=-1)
         w = _orthogonalise(w, right)
         beta = w.norm(dim=1)
         betas.append(beta)
 
         running = active.numel()
-        bidiagonal = torch.zeros(running, step, step, dtype=start.dtype, device=start.device)
+        bidiagonal = torch.zeros(running, step, step, dtype=torch.float64, device=start.device)
         index = torch.arange(step, device=start.device)
-        bidiagonal[:, index, index] = torch.stack(alphas, dim=1)
+        bidiagonal[:, index, index] = torch.stack(alphas, dim=1).double()
         if step > 1:
-            bidiagonal[:, index[:-1], index[1:]] = torch.stack(betas[:-1], dim=1)
+            bidiagonal[:, index[:-1], index[1:]] = torch.stack(betas[:-1], dim=1).double()
         p, s, qh = torch.linalg.svd(bidiagonal)
         sigma = s[:, 0]
-        residual = (beta * p[:, -1, 0]).abs()
+        residual = (beta.double() * p[:, -1, 0]).abs()
         done = (residual <= tol * sigma) | (sigma <= tiny)
         if step == max_steps:
             done[:] = True
         if bool(done.any()):
             finished = done.nonzero().squeeze(1)
-            direction = torch.zeros(finished.numel(), start.shape[1], dtype=start.dtype, device=start.device)
+            direction = torch.zeros(finished.numel(), start.shape[1], dtype=torch.float64, device=start.device)
             for j, basis_vector in enumerate(right):  # the Ritz vectors, without stacking the basis
                 direction.addcmul_(qh[finished, 0, j].unsqueeze(1), basis_vector[finished])
             direction = direction / direction.norm(dim=1, keepdim=True).clamp_min(tiny)
