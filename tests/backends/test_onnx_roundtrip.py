@@ -142,3 +142,27 @@ def test_a_model_over_the_protobuf_limit_is_analysed_and_left_as_it_was(monkeypa
     assert proto.SerializeToString() == before
     rewritten = tg.rewrite(proto, expected[1][0], 0.3)
     assert tg.verify(proto, rewritten, x).passed
+
+
+def test_a_model_over_the_protobuf_limit_runs_in_onnxruntime_from_a_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    """onnxruntime is given a file with external data when the model cannot be serialised (tg.verify on it)."""
+    import onnxruntime
+
+    from tunnelgraph.backends import onnx as onnx_backend
+
+    model = paper_cnn().eval()
+    x = torch.randn(2, 1, 28, 28)
+    proto = tg.export_onnx(model, x)
+    before = proto.SerializeToString()
+    monkeypatch.setattr(onnx_backend, "SERIALISABLE", 1024)
+    sources: list[object] = []
+    session = onnxruntime.InferenceSession
+
+    def recording(source: object, *args: object, **kwargs: object) -> object:
+        sources.append(source)
+        return session(source, *args, **kwargs)
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", recording)
+    assert tg.verify(model, proto, x).passed
+    assert sources and all(isinstance(source, str) and source.endswith(".onnx") for source in sources)
+    assert proto.SerializeToString() == before

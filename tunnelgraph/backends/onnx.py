@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
+import tempfile
 from typing import Any, Sequence
 
 import numpy as np
@@ -26,6 +28,7 @@ except ImportError as error:  # the optional extra is not installed
     raise missing_onnx(error) from error
 
 from tunnelgraph.analysis.groups import ChannelGroup
+from tunnelgraph.frontends.onnx import PROTOBUF_LIMIT as SERIALISABLE, tensor_bytes
 from tunnelgraph.rewrite.plan import NUMPY_OPS, RewritePlan, TensorEdit, check_shapes, edit_array
 
 logger = logging.getLogger(__name__)
@@ -116,6 +119,16 @@ def run_onnx(model: onnx.ModelProto | str, inputs: Sequence[np.ndarray]) -> list
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
+    if not isinstance(model, str) and tensor_bytes(model) > SERIALISABLE:
+        # past 2 GiB protobuf cannot serialise the model: onnxruntime reads it from a file with external data
+        with tempfile.TemporaryDirectory(prefix="tunnelgraph-onnx-") as folder:
+            path = os.path.join(folder, "model.onnx")
+            written = onnx.ModelProto()
+            written.CopyFrom(model)  # saving with external data empties the tensors it writes
+            onnx.save_model(written, path, save_as_external_data=True, all_tensors_to_one_file=True,
+                            location="model.onnx.data", size_threshold=1024)
+            del written
+            return run_onnx(path, inputs)
     source = model if isinstance(model, str) else model.SerializeToString()
     session = ort.InferenceSession(source, options, providers=providers)
     names = [i.name for i in session.get_inputs()]

@@ -41,7 +41,7 @@ try:
 except ImportError as error:  # the optional extra is not installed
     raise missing_onnx(error) from error
 
-from tunnelgraph.frontends.onnx import PROTOBUF_LIMIT  # noqa: E402 (after the onnx check)
+from tunnelgraph.frontends.onnx import PROTOBUF_LIMIT, tensor_bytes  # noqa: E402 (after the onnx check)
 from tunnelgraph.runtime import preserved
 
 logger = logging.getLogger(__name__)
@@ -97,14 +97,6 @@ def export_onnx(
     if path is not None:
         save_onnx(proto, path)
     return proto
-
-
-def tensor_bytes(proto: onnx.ModelProto) -> int:
-    """Bytes of the model's initializers (and of the constant tensors its nodes hold)."""
-    tensors = list(proto.graph.initializer) + [
-        attribute.t for node in proto.graph.node for attribute in node.attribute if attribute.HasField("t")
-    ]
-    return sum(math.prod(t.dims) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize for t in tensors)
 
 
 def is_large(proto: onnx.ModelProto) -> bool:

@@ -330,6 +330,14 @@ PROTOBUF_LIMIT = 2**31 - 2**26
 """Bytes of tensors above which a model cannot be serialised as one protobuf message (2 GiB, less a margin)."""
 
 
+def tensor_bytes(proto: onnx.ModelProto) -> int:
+    """Bytes of the model's initializers (and of the constant tensors its nodes hold), counted without serialising."""
+    tensors = list(proto.graph.initializer) + [
+        attribute.t for node in proto.graph.node for attribute in node.attribute if attribute.HasField("t")
+    ]
+    return sum(math.prod(t.dims) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize for t in tensors)
+
+
 def _infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     """``model`` with its shapes inferred (ONNX shape inference with data propagation).
 
