@@ -1058,6 +1058,25 @@ EXPORT_ELIDED_SLICE = RandomNet(
     (BATCH, 2), 6, export=True,
 )
 
+BATCH_FLATTEN_OF_ONE_CHANNEL = RandomNet(
+    # torch.flatten(v, 0, 1) of (N, 1, 8) has the shapes of flatten(v, 1): read off the shapes as the
+    # latter (the first fix of the one-channel flatten), the group was legal and a clone doubled N
+    """class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv3 = nn.Conv1d(1, 1, 1)
+        self.conv5 = nn.Conv1d(1, 1, 1, padding=2)
+        self.fc11 = nn.Linear(8, 1)
+        self.fc13 = nn.Linear(1, 1)
+
+    def forward(self, x):
+        v6 = self.conv5(self.conv3(x))
+        v9 = torch.nn.functional.celu(v6) + v6
+        return self.fc13(self.fc11(torch.flatten(v9, 0, 1)))
+""",
+    (3, 1, 4), 0, export=True,
+)
+
 PINNED = {
     "graph_module_keeps_unread_buffers": GRAPH_MODULE_KEEPS_UNREAD_BUFFERS,
     "functional_layers_of_one_module": FUNCTIONAL_LAYERS_OF_ONE_MODULE,
@@ -1065,6 +1084,7 @@ PINNED = {
     "export_adaptive_max_pool": EXPORT_ADAPTIVE_MAX_POOL,
     "export_hard_coded_width": EXPORT_HARD_CODED_WIDTH,
     "export_elided_slice": EXPORT_ELIDED_SLICE,
+    "batch_flatten_of_one_channel": BATCH_FLATTEN_OF_ONE_CHANNEL,
 }
 
 

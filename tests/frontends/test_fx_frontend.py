@@ -149,10 +149,31 @@ def test_a_one_channel_group_passes_flatten_into_a_linear_layer() -> None:
     """
     from tunnelgraph.frontends.shapes import merged_range
 
-    assert merged_range((5, 1, 4), (5, 4)) == (1, 2)
-    assert merged_range((5, 3, 1, 4), (5, 3, 4)) in ((1, 2), (2, 3))
+    assert merged_range((5, 1, 4), (5, 4)) == (0, 1)  # ambiguous shapes alone: read as the blocking one
     model = nn.Sequential(nn.Conv1d(2, 1, 1), nn.ReLU(), nn.Flatten(1), nn.Linear(4, 3)).double()
     x = torch.randn(5, 2, 4, dtype=torch.float64)
     (site,) = tg.find_sites(model, x)
     opened = tg.rewrite(model, site, 0.3)
     assert opened[3].in_features == 8 and tg.verify(model, opened, x).passed
+
+
+def test_a_flatten_of_the_batch_and_a_one_channel_axis_blocks_the_group() -> None:
+    """``torch.flatten(x, 0, 1)`` on ``(N, 1, 8)`` gives the shapes of ``flatten(x, 1)``; a clone would double N.
+
+    Found by the random-architecture test after the first fix read such shapes as ``flatten(x, 1)``.
+    """
+
+    class BatchFlatten(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv1d(2, 1, 1)
+            self.fc = nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(torch.flatten(torch.relu(self.conv(x)), 0, 1))
+
+    x = torch.randn(5, 2, 8)
+    for frontend in ("fx", "export"):
+        groups = {g.name: g for g in tg.analyze(tg.trace(BatchFlatten(), x, frontend=frontend)).groups}
+        assert not groups["conv"].legal, frontend
+        assert any("interleaves the channels" in reason for reason in groups["conv"].reasons), frontend

@@ -675,7 +675,7 @@ class _Translator:
         out_shape = _shape(fx_node)
         if in_shape is None or out_shape is None:
             return self._blocking(fx_node, "reshape of unknown shape")
-        merged = merged_range(in_shape, out_shape)
+        merged = _flatten_range(fx_node, self.module, len(in_shape), len(out_shape)) or merged_range(in_shape, out_shape)
         if merged is None:
             return self._node(
                 fx_node, OpKind.BLOCKING, "reshape",
@@ -769,6 +769,31 @@ def _acts_per_filter(
         and (moved[1:] - base[1:]).abs().max() <= 1e-9 * scale
         and (moved[0] - base[0]).abs().max() > 1e-9 * scale
     )
+
+
+def _flatten_range(fx_node: torch.fx.Node, root: nn.Module, rank: int, out_rank: int) -> tuple[int, int] | None:
+    """The axes ``start..end`` a flatten call names (``torch.flatten``, ``x.flatten``, ``nn.Flatten``), else None.
+
+    Its own range, not one read off the shapes: with axes of size 1 the
+    shapes fit several (``(N, 1, 4) -> (N, 4)`` is ``flatten(x, 1)`` or
+    ``flatten(x, 0, 1)``), and only the call says which.
+    """
+    if fx_node.op == "call_module":
+        sub = root.get_submodule(str(fx_node.target))
+        if not isinstance(sub, nn.Flatten):
+            return None
+        start, end = sub.start_dim, sub.end_dim
+    elif fx_node.target in (torch.flatten, "flatten"):
+        start = fx_node.args[1] if len(fx_node.args) > 1 else fx_node.kwargs.get("start_dim", 0)
+        end = fx_node.args[2] if len(fx_node.args) > 2 else fx_node.kwargs.get("end_dim", -1)
+    else:
+        return None
+    if not isinstance(start, int) or not isinstance(end, int) or not rank:
+        return None
+    start, end = start % rank, end % rank
+    if end < start or rank - (end - start) != out_rank:
+        return None
+    return start, end
 
 
 def _literal_widths(fx_node: torch.fx.Node, rank: int) -> dict[int, tuple[tuple[int, ...], int]]:

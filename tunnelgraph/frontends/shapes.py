@@ -14,8 +14,11 @@ def merged_range(
     Sizes are compared with ``==``; ``product`` multiplies the merged ones
     (symbolic sizes need their own, see the ONNX frontend's ``flatten_range``).
     Axes of size 1 can make several ranges fit (``(N, 1, 4) -> (N, 4)``
-    merges ``N, 1`` or ``1, 4``); the last one is taken, which keeps the
-    batch axis out of the merge, as ``flatten(1)`` does.
+    merges ``N, 1`` or ``1, 4``, and which one a reshape means depends on
+    what it does at other sizes); the first one is taken, so a channel axis
+    of size 1 reads as merged with the axis before it, which blocks its
+    group ("interleaves the channels") rather than pass it wrongly. A call
+    that names its range (``flatten(x, 1)``) is read by its range instead.
     """
     in_shape, out_shape = tuple(in_shape), tuple(out_shape)
     if in_shape == out_shape:
@@ -23,7 +26,7 @@ def merged_range(
     merged_count = len(in_shape) - len(out_shape) + 1
     if merged_count < 1:
         return None
-    for start in reversed(range(len(out_shape))):
+    for start in range(len(out_shape)):
         end = start + merged_count - 1
         if (
             in_shape[:start] == out_shape[:start]
