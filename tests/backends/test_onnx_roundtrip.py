@@ -104,9 +104,11 @@ def test_a_model_over_the_protobuf_limit_is_exported_with_external_data(
     """
     from onnx import numpy_helper
 
+    from tunnelgraph.backends import onnx as onnx_backend
     from tunnelgraph.backends import onnx_export
 
-    monkeypatch.setattr(onnx_export, "PROTOBUF_LIMIT", 1024)
+    monkeypatch.setattr(onnx_backend, "SERIALISABLE", 1024)  # what is_large and save_onnx read
+    monkeypatch.setattr(onnx_export, "PROTOBUF_LIMIT", 1024)  # the TorchScript exporter writes through a file
     if exporter == "torchscript":
         def refuse(*args: object, **kwargs: object) -> None:
             raise RuntimeError("the dynamo exporter is switched off for this test")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -18,7 +17,7 @@ import numpy as np
 from tunnelgraph.adapters import Adapter, Dims
 from tunnelgraph.analysis.groups import ChannelGroup, ParamSlice
 from tunnelgraph.analysis.reducibility import UnitMeasures
-from tunnelgraph.backends.onnx import PROTOBUF_LIMIT, apply_plan_onnx, initializer_arrays, random_inputs, run_onnx
+from tunnelgraph.backends.onnx import apply_plan_onnx, initializer_arrays, random_inputs, run_onnx, save_onnx
 from tunnelgraph.errors import RewriteError
 from tunnelgraph.frontends.onnx import OnnxSource, load_onnx, read_onnx, value_dims
 from tunnelgraph.ir import Graph
@@ -176,8 +175,4 @@ class OnnxAdapter(Adapter[onnx.ModelProto]):
     def save(self, path: str | os.PathLike[str], example_inputs: Any | None) -> None:
         if not str(path).endswith(".onnx"):
             raise ValueError("an ONNX model is written to an .onnx file: use a path ending in .onnx")
-        large = self.model.ByteSize() >= PROTOBUF_LIMIT
-        onnx.save(
-            self.model, os.fspath(path), save_as_external_data=large,
-            location=Path(path).name + ".data" if large else None,
-        )
+        save_onnx(self.model, path)

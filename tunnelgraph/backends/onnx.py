@@ -15,6 +15,7 @@ import copy
 import logging
 import os
 import tempfile
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -33,8 +34,6 @@ from tunnelgraph.rewrite.plan import NUMPY_OPS, RewritePlan, TensorEdit, check_s
 
 logger = logging.getLogger(__name__)
 
-PROTOBUF_LIMIT = 2**31 - 1
-"""Serialized protobuf messages cannot exceed 2 GB; larger models keep their tensors as external data."""
 
 
 def initializer_arrays(model: onnx.ModelProto) -> dict[str, np.ndarray]:
@@ -72,7 +71,7 @@ def apply_plan_onnx(model: onnx.ModelProto, plan: RewritePlan) -> onnx.ModelProt
     if plan.literals:
         _patch_reshapes(result, plan)
     del result.graph.value_info[:]
-    if result.ByteSize() >= PROTOBUF_LIMIT:
+    if is_large(result):
         logger.warning(
             "the rewritten model is over 2 GB, too large for the in-memory ONNX checker; save it with "
             "onnx.save(model, path, save_as_external_data=True) and check the file"
@@ -106,6 +105,28 @@ def edit_initializer(array: np.ndarray, tensor_edit: TensorEdit) -> np.ndarray:
     return edit_array(np.asarray(array, dtype=np.float64), tensor_edit, NUMPY_OPS)
 
 
+def is_large(proto: onnx.ModelProto) -> bool:
+    """Whether ``proto`` is too large to serialise as one protobuf message (:data:`tunnelgraph.frontends.onnx.PROTOBUF_LIMIT`, read here as ``SERIALISABLE``)."""
+    return tensor_bytes(proto) > SERIALISABLE
+
+
+def save_onnx(proto: onnx.ModelProto, path: str | os.PathLike[str]) -> None:
+    """Write ``proto`` to ``path``; a large model with its tensors in ``<file name>.data`` beside it.
+
+    ``proto`` itself is not changed (saving with external data empties the
+    tensors of what it writes, so a copy is written).
+    """
+    if not is_large(proto):
+        onnx.save(proto, os.fspath(path))
+        return
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    location = Path(path).name + ".data"
+    (Path(path).parent / location).unlink(missing_ok=True)  # external data is appended to an existing file
+    onnx.save_model(copy, os.fspath(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=location, size_threshold=1024)
+
+
 def run_onnx(model: onnx.ModelProto | str, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
     """Run ``model`` in onnxruntime (CPU, or CUDA when available; graph optimisations off).
 
@@ -119,15 +140,11 @@ def run_onnx(model: onnx.ModelProto | str, inputs: Sequence[np.ndarray]) -> list
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
-    if not isinstance(model, str) and tensor_bytes(model) > SERIALISABLE:
+    if not isinstance(model, str) and is_large(model):
         # past 2 GiB protobuf cannot serialise the model: onnxruntime reads it from a file with external data
         with tempfile.TemporaryDirectory(prefix="tunnelgraph-onnx-") as folder:
             path = os.path.join(folder, "model.onnx")
-            written = onnx.ModelProto()
-            written.CopyFrom(model)  # saving with external data empties the tensors it writes
-            onnx.save_model(written, path, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location="model.onnx.data", size_threshold=1024)
-            del written
+            save_onnx(model, path)
             return run_onnx(path, inputs)
     source = model if isinstance(model, str) else model.SerializeToString()
     session = ort.InferenceSession(source, options, providers=providers)

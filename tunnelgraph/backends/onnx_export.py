@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import io
 import logging
-import math
 import os
 import tempfile
 import warnings
@@ -41,7 +40,8 @@ try:
 except ImportError as error:  # the optional extra is not installed
     raise missing_onnx(error) from error
 
-from tunnelgraph.frontends.onnx import PROTOBUF_LIMIT, tensor_bytes  # noqa: E402 (after the onnx check)
+from tunnelgraph.backends.onnx import is_large, save_onnx  # noqa: E402 (after the onnx check)
+from tunnelgraph.frontends.onnx import PROTOBUF_LIMIT, tensor_bytes  # noqa: E402
 from tunnelgraph.runtime import preserved
 
 logger = logging.getLogger(__name__)
@@ -97,28 +97,6 @@ def export_onnx(
     if path is not None:
         save_onnx(proto, path)
     return proto
-
-
-def is_large(proto: onnx.ModelProto) -> bool:
-    """Whether ``proto`` is too large to serialise as one protobuf message (:data:`PROTOBUF_LIMIT`)."""
-    return tensor_bytes(proto) > PROTOBUF_LIMIT
-
-
-def save_onnx(proto: onnx.ModelProto, path: str | os.PathLike[str]) -> None:
-    """Write ``proto`` to ``path``; a large model with its tensors in ``<file name>.data`` beside it.
-
-    ``proto`` itself is not changed (saving with external data empties the
-    tensors of what it writes, so a copy is written).
-    """
-    if not is_large(proto):
-        onnx.save(proto, os.fspath(path))
-        return
-    copy = onnx.ModelProto()
-    copy.CopyFrom(proto)
-    location = Path(path).name + ".data"
-    (Path(path).parent / location).unlink(missing_ok=True)  # external data is appended to an existing file
-    onnx.save_model(copy, os.fspath(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=location, size_threshold=1024)
 
 
 def _dynamo(model: nn.Module, inputs: tuple[torch.Tensor, ...], names: list[str], opset: int) -> onnx.ModelProto:
