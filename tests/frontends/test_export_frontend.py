@@ -177,10 +177,11 @@ class ElidedSlice(nn.Module):
 
 
 def test_a_group_whose_trial_clone_changes_the_function_is_refused_with_the_reason() -> None:
-    model = ElidedSlice()
+    model = ElidedSlice().train()
     x = torch.randn(6, 3)
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     graph = tg.trace(model, x, frontend="export")
+    assert all(module.training for module in model.modules())  # the trial clones ran on a copy
     assert set(graph.refused) == {"a"}
     groups = {g.name: g for g in tg.analyze(graph).groups}
     assert not groups["a"].legal and "trial clone" in groups["a"].reasons[-1]
