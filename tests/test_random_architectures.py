@@ -47,6 +47,7 @@ from hypothesis import strategies as st
 
 import tunnelgraph as tg
 from tunnelgraph.frontends import fx as fx_frontend
+from tunnelgraph.ir import OpKind
 
 EXAMPLES_VARIABLE = "TUNNELGRAPH_RANDOM_EXAMPLES"
 CI_EXAMPLES = 100
@@ -879,6 +880,10 @@ def check_network(net: RandomNet) -> int:
             direct = tg.find_sites(model, x, through=options)
             assert [s.name for s in direct] == [s.name for s in reports[options].sites]
         baseline = reports[()].groups
+        # nothing is dropped silently: every layer with parameters is in some group, legal or not
+        layers = {node.module or node.name for node in traced if node.kind == OpKind.PARAMETRIC and node.params}
+        grouped = {name for group in baseline for name in group.producers}
+        assert layers <= grouped, f"{frontend}: layers in no group: {sorted(layers - grouped)}"
         for subset, report in reports.items():
             sites = report.sites
             where = f"{frontend}, through={subset}"

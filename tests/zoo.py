@@ -258,6 +258,42 @@ class TransformerMLP(nn.Module):
         return self.head(x)
 
 
+class PatchTransformer(nn.Module):
+    """ViT-shaped: patch embedding, class token, position embedding, pre-norm MLP blocks, head on the token.
+
+    The residual stream is made by the concat of the class token and the
+    patches, which no group reaches (the transpose blocks the patch
+    embedding): it is reported as a blocked group named by its first
+    producer, ``blocks.0.fc2``. The MLPs' hidden units are the sites.
+    """
+
+    def __init__(self, width: int = 8) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(3, width, 4, stride=4)
+        self.token = nn.Parameter(torch.randn(1, 1, width))
+        self.position = nn.Parameter(torch.randn(1, 5, width))
+        self.blocks = nn.Sequential(*(_PreNormMLP(width) for _ in range(2)))
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.proj(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.token.expand(x.shape[0], -1, -1), x], dim=1) + self.position
+        x = self.blocks(x)
+        return self.head(self.norm(x)[:, 0])
+
+
+class _PreNormMLP(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.fc1 = nn.Linear(width, 2 * width)
+        self.fc2 = nn.Linear(2 * width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(F.gelu(self.fc1(self.norm(x))))
+
+
 # ---------------------------------------------------------------------------
 # 11. functional_mix
 # ---------------------------------------------------------------------------
@@ -620,6 +656,7 @@ ZOO: list[ZooEntry] = [
     ZooEntry("resnet_stack", _builder(ResNetStack), (4, 3, 8, 8), has_batchnorm=True),
     ZooEntry("inception_concat", _builder(InceptionConcat), (4, 3, 6, 6), has_batchnorm=False),
     ZooEntry("transformer_mlp", _builder(TransformerMLP), (4, 5, 16), has_batchnorm=False),
+    ZooEntry("patch_transformer", _builder(PatchTransformer), (4, 3, 8, 8), has_batchnorm=False),
     ZooEntry("functional_mix", _builder(FunctionalMix), (4, 3, 8, 8), has_batchnorm=False),
     ZooEntry("hardcoded_view", _builder(HardcodedView), (4, 1, 8, 8), has_batchnorm=False),
     ZooEntry(

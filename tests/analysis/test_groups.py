@@ -65,6 +65,44 @@ def test_transformer_mlp_hidden_units_are_sites_and_the_stream_is_not() -> None:
     assert any("layer norm" in reason for reason in stream.reasons)
 
 
+def test_a_stream_made_by_a_concat_no_group_reaches_is_reported_blocked() -> None:
+    """ViT's residual stream: the class-token concat is not reached, yet its producers are reported."""
+    report = _report("patch_transformer", tg.THROUGH_OPTIONS)
+    stream = _group(report, "blocks.0.fc2")
+    assert set(stream.producers) == {"blocks.0.fc2", "blocks.1.fc2"}
+    assert not stream.legal
+    assert "coupled to the output of concat at node 'cat'" in stream.reasons[0]
+    assert any("layer norm" in reason for reason in stream.reasons)
+    assert not any("broadcasts" in reason for reason in stream.reasons)  # the axis is aligned at the entry
+    assert [s.name for s in report.sites] == [f"blocks.{b}.fc1[{c}]" for b in range(2) for c in range(16)]
+    producers = [p for group in report.groups for p in group.producers]
+    assert sorted(producers) == sorted(
+        name for name, module in report_modules("patch_transformer") if isinstance(module, (nn.Linear, nn.Conv2d))
+    )
+
+
+def test_a_flatten_no_group_reaches_blocks_the_layers_added_to_it() -> None:
+    class FlattenedSum(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 2, 1)
+            self.side = nn.Linear(5, 6)
+            self.head = nn.Linear(6, 2)
+
+        def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            z = self.conv(x).transpose(2, 3).flatten(1) + self.side(y)
+            return self.head(torch.relu(z))
+
+    report = tg.analyze(FlattenedSum(), (torch.randn(4, 3, 1, 3), torch.randn(4, 5)))
+    side = _group(report, "side")
+    assert not side.legal and "flatten at node" in side.reasons[0]
+    assert not report.sites or all(site.group_name != "side" for site in report.sites)
+
+
+def report_modules(name: str) -> list[tuple[str, nn.Module]]:
+    return list(ZOO_BY_NAME[name].build().named_modules())
+
+
 def test_concat_maps_channels_with_offsets() -> None:
     report = _report("inception_concat")
     b2 = _group(report, "b2_conv")

@@ -234,6 +234,14 @@ CASES: list[Case] = [
         node("Reshape", ["x", "target"])], X4, {"zero": np.array(0, np.int64), "axes": i64(0), "rest": i64(3, -1)}),
     Case("Reshape_target_input", [node("Reshape", ["x", "s"])], X4, feeds={"s": i64(2, 0, -1)}),
     Case("Shape", [node("Shape", ["x"], start=1, end=-1)], X4, output_type=INT),
+    Case("ConstantOfShape_Expand", [  # a target of ones the length of x's rank, as TorchScript's x.expand writes it
+        node("Shape", ["x"], "s"), node("Shape", ["s"], "rank"),
+        node("ConstantOfShape", ["rank"], "ones", value=helper.make_tensor("v", INT, [1], [1])),
+        node("Mul", ["ones", "scale"], "target"), node("Expand", ["x", "target"])], {"x": (1, 3, 4)},
+        {"scale": i64(2, 1, 1)}),
+    Case("Expand_broadcasts_both_ways", [node("Expand", ["x", "s"])], {"x": (3, 1)}, {"s": i64(2, 1, 4)}),
+    Case("ConstantOfShape_stored_shape", [node("ConstantOfShape", ["s"], "z"), node("Add", ["x", "z"])],
+         {"x": (2, 3)}, {"s": i64(2, 3)}),
     Case("Size", [node("Size", ["x"])], X4, output_type=INT),
     Case("Gather", [node("Gather", ["x", "i"], axis=1)], X4, {"i": i64(2, 0)}),
     Case("Gather_scalar", [node("Gather", ["x", "i"], axis=-1)], X4, {"i": np.array(-2, np.int64)}),
@@ -276,9 +284,9 @@ def test_every_operator_the_frontend_reads_has_a_case() -> None:
 
 
 def test_an_operator_without_translation_is_refused_by_name() -> None:
-    nodes = [node("Shape", ["x"], "s"), node("ConstantOfShape", ["s"], "z"), node("Add", ["x", "z"])]
+    nodes = [node("Trilu", ["x"], "z"), node("Add", ["x", "z"])]
     model = Case("refused", nodes, {"x": (2, 3)}).model()
-    with pytest.raises(tg.TraceError, match=r"no translation for ONNX operator ConstantOfShape \(node 'z'\)"):
+    with pytest.raises(tg.TraceError, match=r"no translation for ONNX operator Trilu \(node 'z'\)"):
         tg.to_torch(model)
     used_indices = Case("indices", [helper.make_node("MaxPool", ["x"], ["p", "i"], kernel_shape=[2]),
                                     node("Cast", ["i"], to=TensorProto.FLOAT)], {"x": (1, 2, 4)}).model()

@@ -204,24 +204,44 @@ def check_through(through: Iterable[str]) -> tuple[str, ...]:
 
 
 def channel_groups(graph: Graph, through: Iterable[str] = ()) -> list[ChannelGroup]:
-    """Every channel group of ``graph`` whose channels come from parametric layers.
+    """Every channel group of ``graph`` whose channels come from parametric layers, in graph order.
 
     Spaces that only exist through a concat or a flatten are not groups of
-    their own: they are reached from the groups that feed them.
+    their own: they are reached from the groups that feed them. When no
+    group reaches such a space (its inputs' channels are blocked before it,
+    as a ViT's patch embedding is by a transpose) but layers produce into it
+    (the residual stream's projections), it is still reported, as a blocked
+    group named by its first producer: nothing is dropped silently.
     """
     chosen = check_through(through)
     classes = _channel_classes(graph)
     param_users = graph.param_users()
-    groups = []
     members_of = classes.members()
-    for members in members_of.values():
+    walked: dict[str, ChannelGroup] = {}
+    derived: dict[str, list[Node]] = {}
+    reached: set[str] = set()
+    for root, members in members_of.items():
         nodes = [graph[name] for name in members]
-        derived = any(node.op in ("concat", "flatten") for node in nodes)
         producers = [node for node in nodes if node.kind == OpKind.PARAMETRIC]
-        if derived or not producers:
+        if not producers:
+            continue
+        if any(node.op in ("concat", "flatten") for node in nodes):
+            derived[root] = producers
             continue
         walker = _GroupWalker(graph, classes, members_of, chosen, param_users)
-        group = walker.run(producers)
+        walked[root] = walker.run(producers)
+        reached |= walker.visited
+    for root, producers in derived.items():
+        if root in reached:
+            continue
+        entry = next(graph[name] for name in members_of[root] if graph[name].op in ("concat", "flatten"))
+        walker = _GroupWalker(graph, classes, members_of, chosen, param_users)
+        walked[root] = walker.run(producers, unreached=entry)
+    groups = []
+    for root in members_of:
+        group = walked.get(root)
+        if group is None:
+            continue
         if group.name in graph.refused:  # a trial rewrite after the capture failed (Graph.refused)
             group = replace(group, reasons=group.reasons + (graph.refused[group.name],))
         groups.append(group)
@@ -302,12 +322,28 @@ class _GroupWalker:
         if text not in self.reasons:
             self.reasons.append(text)
 
-    def run(self, producers: list[Node]) -> ChannelGroup:
+    def run(self, producers: list[Node], unreached: Node | None = None) -> ChannelGroup:
+        """Walk the class of ``producers`` and the spaces its channels reach.
+
+        ``unreached``: the concat or flatten that makes the class's channels
+        when no group's walk reaches it; the walk enters there (its channel
+        axis aligned from the right with the first producer's) and the group
+        is blocked.
+        """
         first = producers[0]
         axis = first.channel_axis if first.channel_axis is not None else -1
         size = first.shape[axis] if first.shape is not None else 0
+        entry, entry_axis = None, axis
+        if unreached is not None:
+            self._reason(
+                f"coupled to the output of {unreached.op} at node '{unreached.name}', whose inputs' "
+                "channels tunnelgraph does not follow to it, so the channels it makes cannot be cloned"
+            )
+            entry, entry_axis = unreached, -1
+            if first.shape is not None and unreached.shape is not None:
+                entry_axis = len(unreached.shape) - (len(first.shape) - axis % len(first.shape))
         queue: list[tuple[str, ChannelMap, Node | None, int]] = [
-            (self.classes.find(first.name), IDENTITY, None, axis)
+            (self.classes.find(first.name), IDENTITY, entry, entry_axis)
         ]
         while queue:
             root, channel_map, entry, entry_axis = queue.pop(0)

@@ -124,6 +124,19 @@ def onnx_reshape(x: torch.Tensor, shape: torch.Tensor, allowzero: bool = False) 
     return torch.reshape(x, tuple(target))
 
 
+@_fx_leaf
+def onnx_constant_of_shape(shape: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """ONNX ``ConstantOfShape``: a tensor of the run-time ``shape`` filled with the one-element ``value``."""
+    return value.reshape(()).expand(tuple(int(v) for v in shape.reshape(-1).tolist())).clone()
+
+
+@_fx_leaf
+def onnx_expand(x: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
+    """ONNX ``Expand``: ``x`` broadcast with a run-time ``shape`` (either side may be 1, unlike ``Tensor.expand``)."""
+    target = torch.broadcast_shapes(tuple(x.shape), tuple(int(v) for v in shape.reshape(-1).tolist()))
+    return x.expand(target)
+
+
 def _divide(a: Any, b: Any) -> Any:
     """ONNX ``Div`` of integer tensors: truncated towards zero."""
     return torch.div(a, b, rounding_mode="trunc")
@@ -819,6 +832,19 @@ class _Builder:
                 onnx.helper.tensor_dtype_to_np_dtype(to))
             return None
         self._emit(node, torch.Tensor.type_as, self._input(node.input[0]), self._input(node.input[1]))
+
+    def _onnx_constantofshape(self, node: onnx.NodeProto, attrs: dict[str, Any]) -> None:
+        value = attrs.get("value")
+        fill = numpy_helper.to_array(value) if value is not None else np.zeros(1, np.float32)
+        if node.input[0] in self.arrays:
+            shape = [int(v) for v in np.asarray(self.arrays[node.input[0]]).reshape(-1)]
+            self.arrays[node.output[0]] = np.full(shape, fill.reshape(()), dtype=fill.dtype)
+            return None
+        self.arrays[f"{node.output[0]}::value"] = fill
+        self._emit(node, onnx_constant_of_shape, self._input(node.input[0]), self._input(f"{node.output[0]}::value"))
+
+    def _onnx_expand(self, node: onnx.NodeProto, attrs: dict[str, Any]) -> None:
+        self._emit(node, onnx_expand, self._input(node.input[0]), self._input(node.input[1]))
 
     def _onnx_dropout(self, node: onnx.NodeProto, attrs: dict[str, Any]) -> None:
         self._only_first_output(node, "the dropout mask")
