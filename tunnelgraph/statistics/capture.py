@@ -99,6 +99,74 @@ class Capture:
         )
 
 
+def merge(captures: list[Capture]) -> list[Capture]:
+    """The captures as one capture of all their samples, or as they are where that is not exact.
+
+    Sums over captures become sums over one larger batch: fewer and larger
+    convolutions for every product with A. Each capture's errors come from
+    its own batch-mean loss, so they are weighted by its share of the
+    samples (the products are linear in the errors), and the merged batch's
+    mean loss is the mean over every sample. Tensors led by their capture's
+    batch are concatenated along it; any other value must be the same
+    object in every capture (a stored tensor), else nothing is merged. The
+    list is emptied as its tensors are concatenated, so the memory held
+    grows by one value at a time, not by a second copy of everything.
+    """
+    if len(captures) < 2 or not _mergeable(captures):
+        return captures
+    total = sum(capture.batch for capture in captures)
+    merged = Capture(batch=total)
+    for key in ("inputs", "outputs", "errors", "externals"):
+        for name in list(getattr(captures[0], key)):
+            values = [getattr(capture, key).pop(name) for capture in captures]
+            if _shared(values):
+                getattr(merged, key)[name] = values[0]
+                continue
+            if key == "errors":
+                values = [value * (capture.batch / total) for value, capture in zip(values, captures)]
+            getattr(merged, key)[name] = torch.cat(values)
+            del values
+    for name, shape in captures[0].shapes.items():
+        merged.shapes[name] = (total, *shape[1:]) if shape and shape[0] == captures[0].batch else shape
+    if all(capture.gradients.keys() == captures[0].gradients.keys() for capture in captures):
+        for name in captures[0].gradients:
+            merged.gradients[name] = sum(
+                capture.gradients[name].double() * (capture.batch / total) for capture in captures
+            )  # type: ignore[assignment]  # float64: the mean of the captures' A 1
+    captures.clear()
+    return [merged]
+
+
+def _shared(values: list[Any]) -> bool:
+    """Whether the values are one value (a stored tensor read by every pass, an equal number)."""
+    first = values[0]
+    if isinstance(first, torch.Tensor):
+        return all(value is first for value in values)
+    return all(not isinstance(value, torch.Tensor) and value == first for value in values)
+
+
+def _led(value: Any, batch: int) -> bool:
+    return isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch
+
+
+def _mergeable(captures: list[Capture]) -> bool:
+    first = captures[0]
+    for capture in captures[1:]:
+        for key in ("inputs", "outputs", "errors", "externals", "shapes"):
+            if getattr(capture, key).keys() != getattr(first, key).keys():
+                return False
+        for key in ("inputs", "outputs", "errors", "externals"):
+            for name, value in getattr(first, key).items():
+                other = getattr(capture, key)[name]
+                if _shared([value, other]):
+                    continue
+                if not (_led(value, first.batch) and _led(other, capture.batch)):
+                    return False
+                if value.shape[1:] != other.shape[1:] or value.dtype != other.dtype or value.device != other.device:
+                    return False
+    return True
+
+
 class Recorder:
     """Installs the capture hooks of some groups on a model; use as a context manager.
 

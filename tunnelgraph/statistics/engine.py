@@ -43,7 +43,7 @@ from tunnelgraph.frontends.fx import trace
 from tunnelgraph.ir import Graph
 from tunnelgraph.rewrite.plan import check_shapes
 from tunnelgraph.runtime import batch_parts, model_device, preserved, progress_bar, to_device, unwrap_model
-from tunnelgraph.statistics.capture import Capture, Recorder
+from tunnelgraph.statistics.capture import Capture, Recorder, merge
 from tunnelgraph.statistics.chain import GroupChain, conv_patches
 from tunnelgraph.statistics.solve import Operator, Triplet, lanczos_top, top_singular
 
@@ -363,6 +363,7 @@ def _measure(
                         into=sums[id(plan)], scale=capture.batch)
             if free_plans and replay is None:
                 stored.append(capture)
+    stored = merge(stored)  # one batch of every sample: each product runs every layer once, not once per batch
     total = _all_reduce(torch.tensor(float(samples), dtype=torch.float64, device=model_device(model)))
     samples = int(total.item())
     if samples == 0:
