@@ -58,6 +58,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -120,10 +121,11 @@ def describe_group(group: Any, ops: dict[str, str]) -> dict[str, Any]:
 def analyse(graph: Any) -> dict[str, Any]:
     """The graph's groups under each rule set of ``RULES``, described, and the layers no group has.
 
-    A parametric layer outside every group's producers is listed in ``ungrouped``, with
-    ``derived`` true when its channel class holds a flatten or a concat: ``channel_groups``
-    skips such classes as spaces reached from the groups that feed them."""
-    from tunnelgraph.analysis.groups import _channel_classes, channel_groups
+    A parametric layer outside every group's producers is listed in ``ungrouped``. There
+    should be none: ``channel_groups`` reports a channel class made by a concat or flatten
+    that no group's walk reaches as a blocked group of its own; :func:`compare` counts any
+    such layer as an unexplained difference."""
+    from tunnelgraph.analysis.groups import channel_groups
     from tunnelgraph.ir import OpKind
 
     ops = {node.name: node.op for node in graph}
@@ -131,16 +133,9 @@ def analyse(graph: Any) -> dict[str, Any]:
     groups = {rule: [describe_group(g, ops) for g in channel_groups(graph, through)] for rule, through in RULES.items()}
     layers = [node for node in graph if node.kind == OpKind.PARAMETRIC]
     grouped = {p for g in groups["all"] for p in g["producers"]}
-    ungrouped = [node for node in layers if (node.module or node.name) not in grouped]
-    classes = _channel_classes(graph) if ungrouped else None
-    members = classes.members() if classes is not None else {}
-    found = []
-    for node in ungrouped:
-        assert classes is not None
-        derived = any(graph[m].op in ("concat", "flatten") for m in members[classes.find(node.name)])
-        found.append({"layer": node.module or node.name, "derived": derived})
+    ungrouped = [node.module or node.name for node in layers if (node.module or node.name) not in grouped]
     params = sorted({ref.name for node in graph for ref in node.params.values()})
-    return {"groups": groups, "layers": [node.module or node.name for node in layers], "ungrouped": found,
+    return {"groups": groups, "layers": [node.module or node.name for node in layers], "ungrouped": ungrouped,
             "params": params}
 
 
@@ -240,8 +235,6 @@ CAUSES = {
     "folded-away": ("exporter", "the exporter computed the layer away: it reads constants only (swin_v2's "
                     "cpb_mlp on its relative coordinates table), so the dynamo exporter's optimizer stored its "
                     "result, and neither the layer nor its parameters are in the file"),
-    "group-dropped": ("gap", "no group holds the layer: its channel class holds a flatten or concat, which "
-                      "channel_groups skips as a space reached from the groups feeding it, but none reaches it"),
 }
 """The known causes of differences: the exporter changed the graph (``exporter``), or one
 frontend fails closed where the other passes (``gap``, a limitation of tunnelgraph)."""
@@ -294,7 +287,9 @@ def compare(pt: dict[str, Any], ox: dict[str, Any], names: dict[str, str]) -> di
     """Every difference between the PyTorch and ONNX groups, with its cause where a known one accounts for it.
 
     Each PyTorch group, and each ONNX group without counterpart, gets a status: ``same``,
-    ``explained`` (by the exporter), ``gap`` (a frontend fails closed) or ``unexplained``."""
+    ``explained`` (by the exporter), ``gap`` (a frontend fails closed) or ``unexplained``; a
+    layer that no group holds, on either side (:func:`analyse`), is an unexplained difference
+    of its own (``ungrouped``)."""
     matched = match(pt["groups"]["all"], ox["groups"]["all"], names)
     pt_all = {g["name"]: g for g in pt["groups"]["all"]}
     ox_all = {g["name"]: g for g in ox["groups"]["all"]}
@@ -334,29 +329,27 @@ def compare(pt: dict[str, Any], ox: dict[str, Any], names: dict[str, str]) -> di
                       "onnx_legal": ox_all[b_name]["legal"], "cause": cause})
     for b_name, owner in matched["splits"]:
         note([owner], {"rule": "all", "kind": "split", "pytorch": owner, "onnx": b_name, "cause": None})
-    dropped = {entry["layer"] for entry in ox["ungrouped"] if entry["derived"]}
-    dropped_pt = {names.get(layer) for layer in dropped}
+    named = {names.get(layer) for layer in ox["layers"]}
     for name in matched["pt_only"]:
         g = pt_all[name]
-        cause = "group-dropped" if any(p in dropped_pt for p in g["producers"]) else None
-        named = {names.get(layer) for layer in ox["layers"]}
-        if cause is None and not any(p in named or any(q.startswith(p + ".") for q in ox["params"])
-                                     for p in g["producers"]):
+        cause = None
+        if not any(p in named or any(q.startswith(p + ".") for q in ox["params"]) for p in g["producers"]):
             cause = "folded-away"
         note([name], {"rule": "all", "kind": "pytorch only", "pytorch": name, "onnx": None,
                       "pytorch_legal": g["legal"], "cause": cause})
     pt_layers = set(pt["layers"])
-    pt_dropped = {entry["layer"] for entry in pt["ungrouped"] if entry["derived"]}
     for name in matched["onnx_only"]:
         g = ox_all[name]
         mapped = [names.get(p) for p in g["producers"]]
         cause = None
-        if mapped and all(m in pt_dropped for m in mapped):
-            cause = "group-dropped"  # in the PyTorch analysis
-        elif not g["legal"] and not any(m in pt_layers for m in mapped):
+        if not g["legal"] and not any(m in pt_layers for m in mapped):
             cause = "opaque-in-pytorch"
         note([f"onnx:{name}"], {"rule": "all", "kind": "onnx only", "pytorch": None, "onnx": name,
                                 "onnx_legal": g["legal"], "onnx_value": g["reasons"][:3], "cause": cause})
+    for side, found in (("pytorch", pt["ungrouped"]), ("onnx", ox["ungrouped"])):
+        for layer in found:  # channel_groups reports every layer: one in no group is not explained
+            where = {"pytorch": None, "onnx": None, side: layer}
+            note([f"{side} layer:{layer}"], {"rule": "all", "kind": "ungrouped", **where, "cause": None})
     tally = {"same": 0, "explained": 0, "gap": 0, "unexplained": 0}
     for causes in status.values():
         if not causes:
@@ -588,7 +581,12 @@ def child(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     started = time.perf_counter()
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
-        failure = None if done.returncode == 0 else f"child exited with {done.returncode}: {done.stderr[-600:]}"
+        failure = None
+        if done.returncode < 0:  # killed: SIGKILL is what the kernel sends when memory runs out
+            failure = (f"child killed by {signal.Signals(-done.returncode).name} (out of memory?): "
+                       f"{done.stderr[-600:]}")
+        elif done.returncode != 0:
+            failure = f"child exited with {done.returncode}: {done.stderr[-600:]}"
     except subprocess.TimeoutExpired:
         failure = f"child timed out after {args.timeout} s"
     try:
@@ -690,7 +688,7 @@ def details(rows: list[dict[str, Any]]) -> list[str]:
     for row in rows:
         for difference in row.get("differences", []):
             cause = difference["cause"]
-            if cause is None or cause.startswith("onnx-blocks") or cause == "group-dropped":
+            if cause is None or cause.startswith("onnx-blocks"):
                 values = ""
                 if "pytorch_value" in difference or "onnx_value" in difference:
                     values = f" ({difference.get('pytorch_value', '-')} / {difference.get('onnx_value', '-')})"
