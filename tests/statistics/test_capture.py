@@ -15,8 +15,12 @@ from zoo import ZOO_BY_NAME
 
 
 def _captures(model: nn.Module, chain: GroupChain, data: list) -> list[Capture]:
+    """The captures of ``data``'s batches, their inbound gradients dropped (the engine sums those as it goes)."""
     with Recorder(model, chain.source, [chain.tap()]) as recorder:
-        return [run_batch(model, recorder, x, y, squared_error) for x, y in data]
+        captures = [run_batch(model, recorder, x, y, squared_error) for x, y in data]
+    for capture in captures:
+        capture.gradients.clear()
+    return captures
 
 
 def _chains(model: nn.Module, x: torch.Tensor) -> list[GroupChain]:
@@ -43,9 +47,6 @@ def test_merged_captures_give_the_products_of_the_separate_ones(name: str) -> No
         products = [linear_operators(chain, captures, 11) for captures in (separate, one)]
         assert relative(products[1][0](v, channels), products[0][0](v, channels)) <= 1e-12, chain.group.name
         assert relative(products[1][1](u, channels), products[0][1](u, channels)) <= 1e-12, chain.group.name
-        for node, gradient in one[0].gradients.items():
-            mean = sum(c.gradients[node] * (c.batch / 11) for c in separate)
-            assert relative(gradient, mean) <= 1e-12
 
 
 def test_merging_empties_the_list_so_no_second_copy_is_held() -> None:
@@ -53,6 +54,9 @@ def test_merging_empties_the_list_so_no_second_copy_is_held() -> None:
     model = entry.build().double().eval()
     data = regression_data(model, entry, torch.float64, batches=3, batch=4)
     (chain,) = _chains(model, data[0][0])
+    with Recorder(model, chain.source, [chain.tap()]) as recorder:
+        with_gradients = [run_batch(model, recorder, x, y, squared_error) for x, y in data]
+    assert merge(with_gradients) is with_gradients  # inbound gradients are summed by the engine, not merged
     captures = _captures(model, chain, data)
     merged = merge(captures)
     assert captures == [] and merged[0].batch == 12

@@ -111,8 +111,10 @@ def merge(captures: list[Capture]) -> list[Capture]:
     object in every capture (a stored tensor), else nothing is merged. The
     list is emptied as its tensors are concatenated, so the memory held
     grows by one value at a time, not by a second copy of everything.
+    Inbound gradients are not merged (the engine sums them as the pass
+    goes): a capture that still holds some is left as it is.
     """
-    if len(captures) < 2 or not _mergeable(captures):
+    if len(captures) < 2 or any(capture.gradients for capture in captures) or not _mergeable(captures):
         return captures
     total = sum(capture.batch for capture in captures)
     merged = Capture(batch=total)
@@ -128,11 +130,6 @@ def merge(captures: list[Capture]) -> list[Capture]:
             del values
     for name, shape in captures[0].shapes.items():
         merged.shapes[name] = (total, *shape[1:]) if shape and shape[0] == captures[0].batch else shape
-    if all(capture.gradients.keys() == captures[0].gradients.keys() for capture in captures):
-        for name in captures[0].gradients:
-            merged.gradients[name] = sum(
-                capture.gradients[name].double() * (capture.batch / total) for capture in captures
-            )  # type: ignore[assignment]  # float64: the mean of the captures' A 1
     captures.clear()
     return [merged]
 

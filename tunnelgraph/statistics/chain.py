@@ -36,6 +36,7 @@ import torch
 import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd import forward_ad
 
 from tunnelgraph.analysis.groups import ChannelGroup, ParamSlice
 from tunnelgraph.errors import StatisticsError
@@ -337,14 +338,42 @@ class GroupChain:
         self, outputs: Sequence[torch.Tensor], externals: dict[str, Any], tangents: Sequence[torch.Tensor]
     ) -> tuple[torch.Tensor, ...]:
         """Tangents at the consumer inputs for one tangent per producer output."""
-        return torch.func.jvp(lambda *zs: self.run(zs, externals), tuple(outputs), tuple(tangents))[1]
+        return self._forward_mode(outputs, externals, dict(enumerate(tangents)))
+
+    def _forward_mode(
+        self, outputs: Sequence[torch.Tensor], externals: dict[str, Any], tangents: dict[int, torch.Tensor]
+    ) -> tuple[torch.Tensor, ...]:
+        """The chain's forward-mode derivative for tangents at some producers (the others held fixed).
+
+        Dual tensors of ``torch.autograd.forward_ad``, the machinery under
+        ``torch.func.jvp``, without the functional transform's overhead on
+        every call (a chain runs in every product with A).
+        """
+        with forward_ad.dual_level():
+            values = [
+                forward_ad.make_dual(value, tangents[index]) if index in tangents else value
+                for index, value in enumerate(outputs)
+            ]
+            results = self.run(values, externals)
+            unpacked = [forward_ad.unpack_dual(result) for result in results]
+            return tuple(
+                part.tangent if part.tangent is not None else torch.zeros_like(part.primal) for part in unpacked
+            )
 
     def vjp(
         self, outputs: Sequence[torch.Tensor], externals: dict[str, Any], cotangents: Sequence[torch.Tensor]
     ) -> tuple[torch.Tensor, ...]:
         """Errors at the producer outputs for errors at the consumer inputs, through the chain only."""
-        _, pullback = torch.func.vjp(lambda *zs: self.run(zs, externals), *outputs)
-        return pullback(tuple(cotangents))
+        with torch.enable_grad():
+            leaves = [value.detach().requires_grad_() for value in outputs]
+            results = self.run(leaves, externals)
+            pairs = [(result, cotangent) for result, cotangent in zip(results, cotangents) if result.requires_grad]
+            grads: Sequence[torch.Tensor | None] = [None] * len(leaves)
+            if pairs:
+                grads = torch.autograd.grad(
+                    [result for result, _ in pairs], leaves, [cotangent for _, cotangent in pairs], allow_unused=True
+                )
+        return tuple(grad if grad is not None else torch.zeros_like(value) for grad, value in zip(grads, outputs))
 
     # -- rows: inbound entries -------------------------------------------------------
     def row_tangents(
@@ -511,8 +540,9 @@ class GroupChain:
                 primal = error.new_zeros(tuple(shape))
                 padded = _prepad(module, primal)
                 grad = _conv_input_grad(spec.conv_dims, padded.shape, scaled, error, module.stride, 0, module.dilation)
-                _, pullback = torch.func.vjp(lambda x: _prepad(module, x), primal)
-                part = pullback(grad)[0]
+                with torch.enable_grad():
+                    leaf = primal.requires_grad_()
+                    (part,) = torch.autograd.grad(_prepad(module, leaf), leaf, grad)
         else:
             part = torch.matmul(error, scaled)
         if positions.numel() == input_shape[axis]:  # the group is the whole input, in order
@@ -532,8 +562,7 @@ class GroupChain:
         self, outputs: Sequence[torch.Tensor], externals: dict[str, Any], producer: int
     ) -> tuple[torch.Tensor, ...]:
         """The chain's Jacobian diagonal from producer ``producer`` to each consumer input."""
-        ones = torch.ones_like(outputs[producer]).unsqueeze(0)
-        return tuple(t[0] for t in self.jvp_rows(outputs, externals, producer, ones))
+        return self._forward_mode(outputs, externals, {producer: torch.ones_like(outputs[producer])})
 
     def row_inputs(self, producer: int, layer_input: torch.Tensor) -> torch.Tensor:
         """(positions, K_producer, N): what each inbound entry multiplies, per output position and sample.

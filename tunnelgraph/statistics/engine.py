@@ -149,7 +149,11 @@ def a_statistics(
         method: ``"exact"`` forms A; ``"matrix_free"`` finds the top triplet
             from products with A and A^T over stored activations (``a`` is
             then None); ``"auto"`` picks the cheaper per group.
-        memory_budget: bytes of working memory the exact path aims for.
+        memory_budget: bytes of working memory a group's solve aims for:
+            the chunks of samples and rows of A on the exact path; the
+            Lanczos vectors of a chunk of channels on the matrix-free path
+            (``max_steps`` vectors of K and of L entries per channel), whose
+            chunks cost together what one solve of every channel would.
         max_steps, tol: Lanczos limits on the matrix-free path: stop when
             every channel's ``||A^T u - sigma v|| <= tol * sigma`` (1e-4
             gives sigma to about 1e-8 relative and lambda* to a cosine
@@ -347,6 +351,7 @@ def _measure(
     free_plans = [plan for plan in plans if plan.method == "matrix_free"]
     sums = {id(plan): None for plan in exact_plans}
     stored: list[Capture] = []
+    gradients: dict[str, torch.Tensor] = {}  # producer node -> the sum of its inbound gradients times batch
     samples = 0
     with Recorder(model, plans[0].chain.source if plans else None, [plan.chain.tap() for plan in plans]) as recorder:
         for index, (inputs, targets) in enumerate(
@@ -354,6 +359,7 @@ def _measure(
         ):
             capture = run_batch(model, recorder, inputs, targets, loss_fn, index=index)
             samples += capture.batch
+            _add_gradients(gradients, capture)
             for plan in exact_plans:
                 if sums[id(plan)] is None:
                     shape = (len(plan.channels), plan.chain.inbound_size, plan.chain.outbound_size)
@@ -373,12 +379,33 @@ def _measure(
     for plan in exact_plans:
         a = _all_reduce(sums[id(plan)]) / samples
         results.update(statistics_from_a(plan.sites, a, samples))
+    _release(stored, gradients, free_plans)
     solves = progress_bar(free_plans, desc="A-statistics: top triplets (Lanczos)", enabled=progress if free_plans else False)
-    for plan in solves:
+    for index, plan in enumerate(solves):
         captures: Iterable[Capture] = stored if replay is None else _Replay(model, plan.chain, replay, loss_fn)
-        results.update(_matrix_free(plan, captures, samples, max_steps, tol, model_device(model)))
+        results.update(_matrix_free(plan, captures, gradients, samples, max_steps, tol, model_device(model), memory_budget))
+        _release(stored, gradients, free_plans[index + 1:])
     check_statistics(results.values())
     return {site.name: results[site.name] for plan in plans for site in plan.sites}
+
+
+def _release(stored: list[Capture], gradients: dict[str, torch.Tensor], plans: Sequence[_GroupPlan]) -> None:
+    """Drop the recorded values and gradient sums that none of ``plans`` (the solves still to come) reads.
+
+    The results grow as the groups are solved; what their solves read is
+    given back as they go.
+    """
+    taps = [plan.chain.tap() for plan in plans]
+    producers = {node for tap in taps for node, _, _ in tap.producers}
+    consumers = {node for tap in taps for node, _ in tap.consumers}
+    externals = {name for tap in taps for name in tap.externals}
+    for capture in stored:
+        for values, needed in ((capture.inputs, producers), (capture.outputs, producers),
+                               (capture.errors, consumers), (capture.externals, externals)):
+            for name in [name for name in values if name not in needed]:
+                del values[name]
+    for name in [name for name in gradients if name not in producers]:
+        del gradients[name]
 
 
 def check_statistics(results: Iterable[SiteStatistics]) -> None:
@@ -433,16 +460,17 @@ def run_batch(
                 "the loss does not depend on the model's parameters or inputs through autograd; "
                 "loss_fn must compute a differentiable loss from the model's output"
             )
-        grads = torch.autograd.grad(loss, wrt, allow_unused=True)
+        grads = list(torch.autograd.grad(loss, wrt, allow_unused=True))
     capture = recorder.take()
     position = 0
     for node, params in parameters.items():
         parts = []
         for param in params:
             grad = grads[position] if grads[position] is not None else torch.zeros_like(param)
+            grads[position] = None  # given up as it is used: a copy of one layer's gradient at a time
             parts.append(grad.detach().reshape(param.shape[0], -1))
             position += 1
-        capture.gradients[node] = torch.cat(parts, dim=1)
+        capture.gradients[node] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
     check_finite(capture, index)
     return capture
 
@@ -589,17 +617,46 @@ class _Replay:
 
 
 def _matrix_free(
-    plan: _GroupPlan, stored: Iterable[Capture], samples: int, max_steps: int, tol: float, device: torch.device
+    plan: _GroupPlan,
+    stored: Iterable[Capture],
+    gradients: dict[str, torch.Tensor],
+    samples: int,
+    max_steps: int,
+    tol: float,
+    device: torch.device,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
 ) -> dict[str, SiteStatistics]:
+    """Top triplets of the plan's channels by Lanczos, in chunks of channels whose bases fit ``memory_budget``.
+
+    Each chunk's products run on its channels alone, so the chunks together
+    cost what one solve of every channel would, while the Lanczos bases
+    (``max_steps`` vectors of K and of L entries per channel) and the
+    float64 sums held at once are those of one chunk.
+    """
     chain = plan.chain
     product, transposed = linear_operators(chain, stored, samples, cache=isinstance(stored, list))
-    start = _start_vectors(chain, device)
+    start = _start_vectors(chain, device)  # drawn for every channel: a channel's start does not depend on chunking
     # the bases in the products' own precision (at least float32): float64 bases add nothing to float32 products
     dtype = torch.float64 if chain.producers[0].module.weight.dtype == torch.float64 else torch.float32
-    triplet: Triplet = lanczos_top(product, transposed, start, max_steps=max_steps, tol=tol, dtype=dtype)
-    gradient = _captured_gradient(chain, stored, samples)
+    wanted = torch.tensor(sorted(set(plan.channels)), dtype=torch.long, device=device)
+    row = {channel: index for index, channel in enumerate(wanted.tolist())}
+    size = lanczos_chunk(chain, max_steps, dtype, memory_budget)
+    triplets: list[Triplet] = []
+    for part in wanted.split(size):
+        triplets.append(lanczos_top(
+            lambda v, running, part=part: product(v, part[running]),
+            lambda u, running, part=part: transposed(u, part[running]),
+            start[part], max_steps=max_steps, tol=tol, dtype=dtype,
+        ))
+    triplet = Triplet(
+        torch.cat([t.sigma for t in triplets]), torch.cat([t.direction for t in triplets]),
+        max(t.steps for t in triplets), torch.cat([t.residual for t in triplets]),
+    )
+    gradient = _captured_gradient(chain, gradients, samples)
     if gradient is None:
-        gradient = product(torch.ones_like(start), torch.arange(start.shape[0], device=start.device))
+        gradient = product(torch.ones(wanted.numel(), chain.outbound_size, dtype=torch.float64, device=device), wanted)
+    else:
+        gradient = gradient[wanted]
     if bool((triplet.residual > tol * triplet.sigma).any()):
         logger.warning(
             "group %s: Lanczos stopped after %d steps with relative residual up to %.2g (tol %.2g)",
@@ -607,7 +664,7 @@ def _matrix_free(
         )
     results = {}
     for site in plan.sites:
-        c = site.channel
+        c = row[site.channel]
         sigma = float(triplet.sigma[c])
         results[site.name] = SiteStatistics(
             site=site,
@@ -623,24 +680,46 @@ def _matrix_free(
     return results
 
 
-def _captured_gradient(chain: GroupChain, stored: Iterable[Capture], samples: int) -> torch.Tensor | None:
-    """``A 1`` of every channel from the gradients the capture passes computed anyway."""
-    total = None
-    for capture in stored:
-        if not all(spec.node in capture.gradients for spec in chain.producers):
-            return None
-        rows = torch.cat([capture.gradients[spec.node] for spec in chain.producers], dim=1)
-        if total is None:
-            total = torch.zeros(rows.shape, dtype=torch.float64, device=rows.device)
-        total.add_(rows, alpha=capture.batch)
-    return _all_reduce(total) / samples
+def lanczos_chunk(chain: GroupChain, max_steps: int, dtype: torch.dtype, memory_budget: int) -> int:
+    """How many channels one Lanczos solve takes at once so that its vectors fit ``memory_budget`` bytes.
+
+    Per channel: ``max_steps`` basis vectors of each side (K and L entries,
+    in ``dtype``), and the float64 sums, Ritz vector and work vectors of a
+    step (a few of each length). At least one channel.
+    """
+    lengths = chain.inbound_size + chain.outbound_size
+    per_channel = max_steps * lengths * torch.finfo(dtype).bits // 8 + 4 * lengths * 8
+    return max(1, memory_budget // per_channel)
+
+
+def _add_gradients(sums: dict[str, torch.Tensor], capture: Capture) -> None:
+    """Add a capture's inbound gradients (times its batch) to the running sums, and drop them from the capture.
+
+    The sums are kept in the model's precision: one copy of the producers'
+    weights, however many batches, where float64 would double it; the
+    gradient of each batch is itself a float32 sum for a float32 model.
+    """
+    for node in list(capture.gradients):
+        gradient = capture.gradients.pop(node)
+        if node in sums:
+            sums[node].add_(gradient, alpha=capture.batch)
+        else:  # the pass's own gradient tensor, which nothing else holds: scaled in place
+            sums[node] = gradient.mul_(capture.batch) if gradient.is_contiguous() else gradient.mul(capture.batch)
+
+
+def _captured_gradient(chain: GroupChain, sums: dict[str, torch.Tensor], samples: int) -> torch.Tensor | None:
+    """``A 1`` of every channel (float64) from the gradients the pass over the data computed anyway."""
+    if not all(spec.node in sums for spec in chain.producers):
+        return None
+    rows = torch.cat([sums[spec.node].double() for spec in chain.producers], dim=1)
+    return _all_reduce(rows) / samples
 
 
 def _start_vectors(chain: GroupChain, device: torch.device) -> torch.Tensor:
     generator = torch.Generator().manual_seed(0)  # the same on every rank
-    # drawn in float32 (a third of the time in float64): any generic start serves
-    start = torch.randn(chain.group.size, chain.outbound_size, generator=generator).double()
-    return start.to(device)
+    # drawn and kept in float32 (a third of the time, half the memory of float64): any generic start serves
+    start = torch.randn(chain.group.size, chain.outbound_size, generator=generator)
+    return start.to(device)  # float32: Lanczos converts each chunk's rows to its bases' precision
 
 
 def linear_operators(
