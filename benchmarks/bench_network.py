@@ -152,16 +152,26 @@ def probe(kind: str, args: argparse.Namespace) -> None:
                                             method="matrix_free", store=False),
     }
     base = _rss()
-    calls[kind]()
+    result = calls[kind]()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-    print(json.dumps({"growth": peak - base}))
+    print(json.dumps({"growth": peak - base, "result": result_bytes(result)}))
 
 
-def peak_growth(kind: str, args: argparse.Namespace) -> int:
+def result_bytes(result: Any) -> int:
+    """Bytes of the tensors a call returned (a_statistics: each site's float64 lambda* and gradient)."""
+    if not isinstance(result, dict):
+        return 0
+    return sum(t.numel() * t.element_size() for entry in result.values()
+               for t in (entry.direction, entry.gradient, entry.a) if t is not None)
+
+
+def peak_growth(kind: str, args: argparse.Namespace) -> tuple[int, int]:
+    """(peak resident memory growth, bytes of the returned result) of one call in a fresh process."""
     command = [sys.executable, __file__, "--probe", kind, "--batches", str(args.batches), "--batch",
                str(args.batch), "--size", str(args.size)]
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-    return int(json.loads(output.strip().splitlines()[-1])["growth"])
+    figures = json.loads(output.strip().splitlines()[-1])
+    return int(figures["growth"]), int(figures["result"])
 
 
 def _data(args: argparse.Namespace) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -200,11 +210,13 @@ def statistics_figures(name: str, model: nn.Module, data: list[Any], args: argpa
     if args.reference:
         compare_reference(Path(args.reference), name, stats, top)
     if name == "resnet18_like":
-        plain, stored, streamed = (peak_growth(kind, args) for kind in ("fb", "stored", "streamed"))
-        figures.update(peak_fb=plain, peak_stored=stored, peak_streamed=streamed)
+        (plain, _), (stored, held), (streamed, _) = (peak_growth(kind, args) for kind in ("fb", "stored", "streamed"))
+        figures.update(peak_fb=plain, peak_stored=stored, peak_streamed=streamed, result_bytes=held)
         print(f"{name}: peak resident memory growth (fresh processes): forward-backward {plain / 2**20:.0f} MiB; "
               f"matrix-free {stored / 2**20:.0f} MiB ({stored / plain:.1f}x) [target <= 3x]; with store=False "
-              f"{streamed / 2**20:.0f} MiB ({streamed / plain:.1f}x) [target <= 1.5x]")
+              f"{streamed / 2**20:.0f} MiB ({streamed / plain:.1f}x) [target <= 1.5x]; of each, the returned "
+              f"statistics hold {held / 2**20:.0f} MiB (float64 lambda* and gradient of every site), leaving "
+              f"{(stored - held) / plain:.1f}x and {(streamed - held) / plain:.1f}x of working memory")
     return figures
 
 

@@ -113,18 +113,62 @@ def is_large(proto: onnx.ModelProto) -> bool:
 def save_onnx(proto: onnx.ModelProto, path: str | os.PathLike[str]) -> None:
     """Write ``proto`` to ``path``; a large model with its tensors in ``<file name>.data`` beside it.
 
-    ``proto`` itself is not changed (saving with external data empties the
-    tensors of what it writes, so a copy is written).
+    ``proto`` itself is not changed. A large model is written one
+    initializer at a time: its tensors' bytes go straight to the data file,
+    and only a shell of the model (its graph, with initializers that say
+    where their data lies) is built and saved, so writing costs the memory
+    of one tensor, not of a second copy of the model.
     """
     if not is_large(proto):
         onnx.save(proto, os.fspath(path))
         return
-    copy = onnx.ModelProto()
-    copy.CopyFrom(proto)
     location = Path(path).name + ".data"
-    (Path(path).parent / location).unlink(missing_ok=True)  # external data is appended to an existing file
-    onnx.save_model(copy, os.fspath(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=location, size_threshold=1024)
+    shell = onnx.ModelProto()
+    _copy_fields(proto, shell, skip="graph")
+    _copy_fields(proto.graph, shell.graph, skip="initializer")
+    with open(Path(path).parent / location, "wb") as data:  # replaced, never appended to
+        for tensor in proto.graph.initializer:
+            entry = shell.graph.initializer.add()
+            if tensor.data_type == onnx.TensorProto.STRING or _tensor_size(tensor) < _EXTERNAL_THRESHOLD:
+                entry.CopyFrom(tensor)
+                continue
+            entry.name, entry.data_type = tensor.name, tensor.data_type
+            entry.dims.extend(tensor.dims)
+            payload = tensor.raw_data if tensor.HasField("raw_data") else numpy_helper.to_array(tensor).tobytes()
+            data.seek(-data.tell() % _ALIGNMENT, os.SEEK_CUR)  # aligned, as onnx writes it
+            offset = data.tell()
+            data.write(payload)
+            entry.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", location), ("offset", str(offset)), ("length", str(len(payload)))):
+                entry.external_data.add(key=key, value=value)
+    onnx.save(shell, os.fspath(path))
+
+
+def _copy_fields(source: Any, target: Any, skip: str) -> None:
+    """Copy every field of protobuf message ``source`` into ``target`` but ``skip``."""
+    for descriptor, value in source.ListFields():
+        if descriptor.name == skip:
+            continue
+        repeated = descriptor.is_repeated if hasattr(descriptor, "is_repeated") else (
+            descriptor.label == descriptor.LABEL_REPEATED)  # protobuf before 5 has only the label
+        if repeated:
+            getattr(target, descriptor.name).extend(value)
+        elif descriptor.message_type is not None:
+            getattr(target, descriptor.name).CopyFrom(value)
+        else:
+            setattr(target, descriptor.name, value)
+
+
+_EXTERNAL_THRESHOLD = 1024
+"""Tensors smaller than this many bytes stay in the model file (as ``onnx.save_model``'s ``size_threshold``)."""
+_ALIGNMENT = 4096
+
+
+def _tensor_size(tensor: onnx.TensorProto) -> int:
+    if tensor.HasField("raw_data"):
+        return len(tensor.raw_data)
+    itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+    return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
 
 
 def run_onnx(model: onnx.ModelProto | str, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
