@@ -242,13 +242,14 @@ def _candidate_partners(rows: np.ndarray, tol: float) -> dict[int, list[int]]:
     size, width = rows.shape
     if size < 2:
         return {}
-    scales = np.abs(rows).max(axis=1, initial=0.0)
+    scales = np.maximum(rows.max(axis=1, initial=0.0), -rows.min(axis=1, initial=0.0))
     live = np.flatnonzero(scales > 0)  # a zero row relates to nothing (_relation returns None)
     if live.size < 2:
         return {}
     direction = np.random.default_rng(0).uniform(-1.0, 1.0, width)
     reach = float(np.abs(direction).sum())
-    keys = np.abs((rows[live] / scales[live, None]) @ direction)
+    # each row's projection divided by its scale: the projection of the scaled row, to rounding
+    keys = np.abs((rows if live.size == size else rows[live]) @ direction) / scales[live]
     rounding = 4 * (width + 2) * np.finfo(np.float64).eps * reach
     windows = 4 * tol * reach * float(scales.max()) / scales[live] + rounding
     order = np.argsort(keys, kind="stable")
@@ -270,11 +271,24 @@ def _zero_channels(weights: Weights, slices: Sequence[ParamSlice], size: int, to
         return [False] * size
     flags = np.ones(size, dtype=bool)
     for param_slice in slices:
-        array = np.asarray(weights[param_slice.param], dtype=np.float64)
-        scale = float(np.abs(array).max()) if array.size else 0.0
-        rows = channel_rows(weights, [param_slice], size)
-        flags &= np.abs(rows).max(axis=1, initial=0.0) <= tol * scale
+        channel, scale = _largest_entries(np.asarray(weights[param_slice.param]), param_slice, size)
+        flags &= channel <= tol * scale
     return [bool(flag) for flag in flags]
+
+
+def _largest_entries(array: np.ndarray, param_slice: ParamSlice, size: int) -> tuple[np.ndarray, float]:
+    """(each channel's largest ``|entry|`` in ``param_slice``, the whole parameter's largest ``|entry|``).
+
+    Reduced over the other axes where the array lies (no moved or absolute
+    copy of a consumer's weight): the largest magnitude along an index is
+    the larger of its maximum and minus its minimum.
+    """
+    if array.size == 0:
+        return np.zeros(size), 0.0
+    others = tuple(axis for axis in range(array.ndim) if axis != param_slice.axis)
+    per_index = np.maximum(array.max(axis=others), -array.min(axis=others)) if others else np.abs(array)
+    cut = per_index[param_slice.offset:param_slice.offset + size * param_slice.block]
+    return cut.reshape(size, -1).max(axis=1, initial=0.0), float(per_index.max())
 
 
 def _zero_batchnorm(
@@ -286,11 +300,9 @@ def _zero_batchnorm(
     batchnorms = {node.module for node in graph if node.op == "batchnorm" and node.name in group.nodes}
     for param_slice in channelwise:
         if param_slice.module in batchnorms and param_slice.part == "weight":
-            rows = channel_rows(weights, [param_slice], group.size)
-            scale = float(np.abs(np.asarray(weights[param_slice.param])).max())
-            for c in range(group.size):
-                if np.abs(rows[c]).max() <= tol * scale:
-                    result[c] = param_slice.module
+            channel, scale = _largest_entries(np.asarray(weights[param_slice.param]), param_slice, group.size)
+            for c in np.flatnonzero(channel <= tol * scale).tolist():
+                result[c] = param_slice.module
     return result
 
 

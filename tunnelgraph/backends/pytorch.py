@@ -278,8 +278,21 @@ def _write(args: Any, path: tuple[int, ...], value: int) -> Any:
 
 
 def weights_of(model: nn.Module) -> dict[str, Any]:
-    """Every parameter and buffer of ``model`` as a float64 numpy array, by name (for the analysis)."""
-    return {name: tensor.detach().cpu().double().numpy() for name, tensor in _tensors(model).items()}
+    """Every parameter and buffer of ``model`` as a read-only numpy array, by name (for the analysis).
+
+    float32 and float64 tensors on the CPU are read where they lie (no
+    copy of the model's weights); other types and devices are copied, as
+    float64. The analysis converts what it compares to float64 itself.
+    """
+    arrays = {}
+    for name, tensor in _tensors(model).items():
+        tensor = tensor.detach()
+        if tensor.device.type != "cpu" or tensor.dtype not in (torch.float32, torch.float64):
+            tensor = tensor.cpu().double()
+        array = tensor.numpy()
+        array.setflags(write=False)
+        arrays[name] = array
+    return arrays
 
 
 def consumer_inputs(
