@@ -29,7 +29,7 @@ except ImportError as error:  # the optional extra is not installed
     raise missing_onnx(error) from error
 
 from tunnelgraph.analysis.groups import ChannelGroup
-from tunnelgraph.frontends.onnx import PROTOBUF_LIMIT as SERIALISABLE, tensor_bytes
+from tunnelgraph.frontends.onnx import PROTOBUF_LIMIT as SERIALISABLE, tensor_bytes, tensor_size
 from tunnelgraph.rewrite.plan import NUMPY_OPS, RewritePlan, TensorEdit, check_shapes, edit_array
 
 logger = logging.getLogger(__name__)
@@ -129,7 +129,7 @@ def save_onnx(proto: onnx.ModelProto, path: str | os.PathLike[str]) -> None:
     with open(Path(path).parent / location, "wb") as data:  # replaced, never appended to
         for tensor in proto.graph.initializer:
             entry = shell.graph.initializer.add()
-            if tensor.data_type == onnx.TensorProto.STRING or _tensor_size(tensor) < _EXTERNAL_THRESHOLD:
+            if tensor.data_type == onnx.TensorProto.STRING or tensor_size(tensor) < _EXTERNAL_THRESHOLD:
                 entry.CopyFrom(tensor)
                 continue
             entry.name, entry.data_type = tensor.name, tensor.data_type
@@ -162,13 +162,6 @@ def _copy_fields(source: Any, target: Any, skip: str) -> None:
 _EXTERNAL_THRESHOLD = 1024
 """Tensors smaller than this many bytes stay in the model file (as ``onnx.save_model``'s ``size_threshold``)."""
 _ALIGNMENT = 4096
-
-
-def _tensor_size(tensor: onnx.TensorProto) -> int:
-    if tensor.HasField("raw_data"):
-        return len(tensor.raw_data)
-    itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
-    return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
 
 
 def run_onnx(model: onnx.ModelProto | str, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:

@@ -330,12 +330,17 @@ PROTOBUF_LIMIT = 2**31 - 2**26
 """Bytes of tensors above which a model cannot be serialised as one protobuf message (2 GiB, less a margin)."""
 
 
+def tensor_size(tensor: onnx.TensorProto) -> int:
+    """Bytes of one tensor's values, from its shape and type (without serialising it)."""
+    return math.prod(tensor.dims) * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+
+
 def tensor_bytes(proto: onnx.ModelProto) -> int:
     """Bytes of the model's initializers (and of the constant tensors its nodes hold), counted without serialising."""
     tensors = list(proto.graph.initializer) + [
         attribute.t for node in proto.graph.node for attribute in node.attribute if attribute.HasField("t")
     ]
-    return sum(math.prod(t.dims) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize for t in tensors)
+    return sum(tensor_size(t) for t in tensors)
 
 
 def _infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -347,8 +352,7 @@ def _infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     read) during inference and put back into both models afterwards, so
     ``model`` ends as it was.
     """
-    sizes = {t.name: math.prod(t.dims) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-             for t in model.graph.initializer}
+    sizes = {t.name: tensor_size(t) for t in model.graph.initializer}
     if sum(sizes.values()) <= PROTOBUF_LIMIT:
         return onnx.shape_inference.infer_shapes(model, data_prop=True)
     aside: dict[str, bytes] = {}

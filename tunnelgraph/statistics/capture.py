@@ -85,9 +85,7 @@ class Capture:
         """The part of the capture for samples ``start:stop`` (tensors led by the batch axis)."""
 
         def cut(value: Any) -> Any:
-            if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == self.batch:
-                return value[start:stop]
-            return value
+            return value[start:stop] if _led(value, self.batch) else value
 
         return Capture(
             {k: cut(v) for k, v in self.inputs.items()},
