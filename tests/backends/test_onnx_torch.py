@@ -245,6 +245,13 @@ CASES: list[Case] = [
     Case("Size", [node("Size", ["x"])], X4, output_type=INT),
     Case("Gather", [node("Gather", ["x", "i"], axis=1)], X4, {"i": i64(2, 0)}),
     Case("Gather_scalar", [node("Gather", ["x", "i"], axis=-1)], X4, {"i": np.array(-2, np.int64)}),
+    Case("GatherND", [node("GatherND", ["x", "i"])], X4, {"i": np.array([[[1, -1], [0, 2]], [[1, 0], [0, 0]]])}),
+    Case("GatherND_adaptive_pooling", [  # as the dynamo exporter writes adaptive average pooling
+        node("Transpose", ["x"], "t", perm=[2, 3, 0, 1]), node("GatherND", ["t", "i"], "g"),
+        node("Transpose", ["g"], "u", perm=[4, 5, 0, 1, 2, 3]), node("ReduceMean", ["u", "a"], keepdims=0)], X4,
+         {"i": np.indices((2, 2, 2, 2)).transpose(1, 2, 3, 4, 0)[..., [0, 2]] * 2, "a": i64(-3, -1)}),
+    Case("Transpose", [node("Transpose", ["x"], perm=[0, 2, 3, 1])], X4),
+    Case("Transpose_reversed", [node("Transpose", ["x"])], X4),
     Case("Unsqueeze", [node("Unsqueeze", ["x", "a"])], {"x": (2, 3)}, {"a": i64(-1, 0)}),
     Case("Unsqueeze_opset11_attribute", [node("Unsqueeze", ["x"], axes=[1])], {"x": (2, 3)}, opset=11),
     Case("Squeeze", [node("Squeeze", ["x", "a"])], {"x": (2, 1, 3, 1)}, {"a": i64(1, -1)}),

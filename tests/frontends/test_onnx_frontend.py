@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -349,8 +350,9 @@ def test_activation_and_pooling_names_are_framework_neutral() -> None:
     torch_spellings += [f.__name__ for f in fx._ACTIVATION_FUNCTIONS] + sorted(fx._ACTIVATION_METHODS)
     assert {activation_function(s) for s in torch_spellings} <= ACTIVATION_FUNCTIONS
     pools = [m.__name__ for m in fx._POOLING_MODULES] + [f.__name__ for f in fx._POOLING_FUNCTIONS]
-    assert {fx._pooling_kind(p) for p in pools} == POOLING_FUNCTIONS - {"mean"}
-    assert set(_POOLING.values()) == POOLING_FUNCTIONS - {"mean"}
+    # "mean" comes from reductions, "gather" from ONNX Gather and GatherND (adaptive pooling as dynamo writes it)
+    assert {fx._pooling_kind(p) for p in pools} == POOLING_FUNCTIONS - {"mean", "gather"}
+    assert set(_POOLING.values()) == POOLING_FUNCTIONS - {"mean", "gather"}
 
     # an ONNX chain of every activation the frontend reads, and the PyTorch spellings of the same
     ops = sorted(_ACTIVATIONS)
@@ -420,3 +422,178 @@ def test_initializers_read_by_several_layers_get_a_copy_each_and_every_layer_get
         names = [t.name for t in rewritten.graph.initializer]
         assert len(names) == len(set(names)) and {"zeros__1", "w__1"} <= set(names)
     assert model.SerializeToString() == original  # the given model is never modified
+
+
+class _AdaptivePoolNet(torch.nn.Module):
+    """conv -> relu -> AdaptiveAvgPool2d(out) -> flatten -> linear, as alexnet's and the VGGs' classifier entry."""
+
+    def __init__(self, out: int) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(2, 4, 3, padding=1)
+        self.pool = torch.nn.AdaptiveAvgPool2d(out)
+        self.fc = torch.nn.Linear(4 * out * out, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.pool(self.conv(x).relu()), 1))
+
+
+def _dynamo_adaptive_pool(model: _AdaptivePoolNet, batch: int, side: int) -> onnx.ModelProto:
+    """``model`` on a ``batch x 2 x side x side`` input as the dynamo exporter writes it (alexnet, VGG at 64x64).
+
+    The pooling: ``Transpose`` (spatial axes first), ``GatherND`` of every
+    window's positions, ``Transpose`` back (``N, C, out, K, out, K``), then
+    a ``ReduceMean`` over the windows when all have ``K`` positions, else
+    ``Where`` with stored masks zeroing the shorter windows' padding, a sum
+    of ``Gather`` selections and a ``Div`` by the stored window sizes.
+    """
+    out = model.pool.output_size
+    starts = [i * side // out for i in range(out)]
+    sizes = [-(-(i + 1) * side // out) - start for i, start in enumerate(starts)]
+    k = max(sizes)
+    rows = np.array([[min(start + j, side - 1) for j in range(k)] for start in starts])  # (out, K)
+    indices = np.stack(np.broadcast_arrays(rows[:, :, None, None], rows[None, None]), axis=-1)
+    padding = np.array([[j >= size for j in range(k)] for size in sizes])
+    node = helper.make_node
+    nodes = [
+        node("Conv", ["x", "conv.weight", "conv.bias"], ["h"], pads=[1, 1, 1, 1]),
+        node("Relu", ["h"], ["r"]),
+        node("Transpose", ["r"], ["t"], perm=[2, 3, 0, 1]),
+        node("GatherND", ["t", "windows"], ["g"]),
+        node("Transpose", ["g"], ["u"], perm=[4, 5, 0, 1, 2, 3]),
+    ]
+    arrays: dict[str, np.ndarray] = {"windows": indices.astype(np.int64)}
+    if len(set(sizes)) == 1:
+        nodes.append(node("ReduceMean", ["u", "window_axes"], ["pooled"], keepdims=0))
+        arrays["window_axes"] = np.array([-3, -1], np.int64)
+    else:
+        nodes += [node("Where", ["row_padding", "zero", "u"], ["m1"]),
+                  node("Where", ["column_padding", "zero", "m1"], ["m2"])]
+        arrays.update(row_padding=padding[:, :, None, None], column_padding=padding, zero=np.array(0, np.float32),
+                      counts=np.outer(sizes, sizes).astype(np.float32))
+        terms = []
+        for i in range(k):
+            arrays[f"i{i}"] = np.array(i, np.int64)
+            nodes.append(node("Gather", ["m2", f"i{i}"], [f"row{i}"], axis=3))
+            for j in range(k):
+                nodes.append(node("Gather", [f"row{i}", f"i{j}"], [f"s{i}{j}"], axis=4))
+                terms.append(f"s{i}{j}")
+        for index, term in enumerate(terms[1:], start=1):
+            nodes.append(node("Add", [terms[0] if index == 1 else f"a{index - 1}", term], [f"a{index}"]))
+        nodes.append(node("Div", [f"a{len(terms) - 1}", "counts"], ["pooled"]))
+    arrays["target"] = np.array([batch, 4 * out * out], np.int64)
+    nodes += [node("Reshape", ["pooled", "target"], ["f"], allowzero=1),
+              node("Gemm", ["f", "fc.weight", "fc.bias"], ["y"], transB=1)]
+    arrays.update({name: p.detach().numpy() for name, p in model.named_parameters()})
+    graph = helper.make_graph(
+        nodes, "adaptive", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 2, side, side])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 3])],
+        [numpy_helper.from_array(a, name) for name, a in arrays.items()],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    onnx.checker.check_model(proto, full_check=True)
+    return proto
+
+
+@pytest.mark.parametrize("side, out", [(1, 3), (2, 3)], ids=["uniform_windows_ReduceMean", "masked_windows_Div"])
+def test_adaptive_pooling_as_the_dynamo_exporter_writes_it_has_the_pytorch_groups(side: int, out: int) -> None:
+    from tunnelgraph.backends.onnx import run_onnx
+
+    model = _AdaptivePoolNet(out).eval()
+    x = torch.randn(2, 2, side, side)
+    proto = _dynamo_adaptive_pool(model, 2, side)
+    with torch.no_grad():
+        expected = model(x).numpy()
+    np.testing.assert_allclose(run_onnx(proto, [x.numpy()])[0], expected, rtol=1e-5, atol=1e-6)
+    for through in ((), ("pooling",)):
+        (ours,) = [g for g in tg.analyze(proto, through=through).groups if g.name == "conv"]
+        (theirs,) = [g for g in tg.analyze(model, x, through=through).groups if g.name == "conv"]
+        assert (ours.legal, ours.size, ours.inbound_size, ours.outbound_size) == (
+            theirs.legal, theirs.size, theirs.inbound_size, theirs.outbound_size)
+        assert ours.legal == bool(through), ours.reasons
+        if not through:  # the gather of the windows is the pooling, as nn.AdaptiveAvgPool2d is in PyTorch
+            assert ours.reasons[0] == 'feeds pooling \'g\' (pass through=("pooling",) to clone through it)'
+    sites = [s for s in tg.find_sites(proto, through=("pooling",)) if s.group_name == "conv"]
+    assert sites[0].outbound_size == 3 * out * out
+    rewritten = proto
+    for site in (sites[1], sites[3]):  # one after the other: the second reads the first's widths
+        site = next(s for s in tg.find_sites(rewritten, through=("pooling",)) if s.name == site.name)
+        rewritten = tg.rewrite(rewritten, site, RNG.uniform(-1, 2, site.outbound_size), through=("pooling",))
+    onnx.checker.check_model(rewritten, full_check=True)
+    assert tg.verify(proto, rewritten, x, rtol=1e-5, atol=1e-6).passed
+    widths = {t.name: tuple(t.dims) for t in rewritten.graph.initializer}
+    assert widths["conv.weight"][0] == 6 and widths["fc.weight"] == (3, 6 * out * out)
+    target = next(t for t in rewritten.graph.initializer if t.name == "target")
+    assert numpy_helper.to_array(target).tolist() == [2, 6 * out * out]
+    converted = tg.to_torch(rewritten)  # the ONNX -> PyTorch converter reads the pattern too
+    with torch.no_grad():
+        np.testing.assert_allclose(converted(x).numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
+def _layout_model(nodes: list[onnx.NodeProto], arrays: dict[str, np.ndarray], out: list[int]) -> onnx.ModelProto:
+    """conv ``c`` (2 -> 4 channels, 3x3 map) -> ``nodes`` -> ``y`` of shape ``out``."""
+    head = [helper.make_node("Conv", ["x", "c.weight", "c.bias"], ["h"], pads=[1, 1, 1, 1])]
+    arrays = {"c.weight": RNG.standard_normal((4, 2, 3, 3)).astype(np.float32),
+              "c.bias": RNG.standard_normal(4).astype(np.float32), **arrays}
+    graph = helper.make_graph(
+        head + nodes, "layout", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 2, 3, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, out)],
+        [numpy_helper.from_array(a, name) for name, a in arrays.items()],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def _f32(*shape: int) -> np.ndarray:
+    return RNG.standard_normal(shape).astype(np.float32)
+
+
+LAYOUTS = [  # (name, nodes after the conv 'c' (output 'h', 2x4x3x3), stored arrays, output shape, reason)
+    ("channels_last_then_flatten", [  # NHWC flattened: channel c lands at every 4th feature
+        helper.make_node("Transpose", ["h"], ["t"], perm=[0, 2, 3, 1]), helper.make_node("Flatten", ["t"], ["f"]),
+        helper.make_node("Gemm", ["f", "g.weight"], ["y"], transB=1)],
+     {"g.weight": _f32(5, 36)}, [2, 5], r"flatten at node 'f' interleaves the channels \(channel axis 3"),
+    ("channels_moved_before_a_conv", [  # the second conv reads axis 1, which now holds the rows
+        helper.make_node("Transpose", ["h"], ["t"], perm=[0, 2, 1, 3]),
+        helper.make_node("Conv", ["t", "d.weight"], ["y"])],
+     {"d.weight": _f32(2, 3, 1, 1)}, [2, 2, 4, 3], r"conv 'd' reads axis 1, not the channel axis 2"),
+    ("gather_of_channels", [  # GatherND indexes the axis that holds the channels
+        helper.make_node("Transpose", ["h"], ["t"], perm=[1, 0, 2, 3]),
+        helper.make_node("GatherND", ["t", "pick"], ["g"]),
+        helper.make_node("Transpose", ["g"], ["u"], perm=[1, 0, 2, 3]), helper.make_node("Flatten", ["u"], ["f"]),
+        helper.make_node("Gemm", ["f", "g.weight"], ["y"], transB=1)],
+     {"pick": np.array([[0], [2], [2]], np.int64), "g.weight": _f32(5, 27)}, [2, 5],
+     r"pooling 'g' at node 'g' gathers along the channel axis 0"),
+    ("division_by_a_per_channel_tensor", [
+        helper.make_node("Div", ["h", "scale"], ["s"]), helper.make_node("Flatten", ["s"], ["f"]),
+        helper.make_node("Gemm", ["f", "g.weight"], ["y"], transB=1)],
+     {"scale": np.abs(_f32(4, 1, 3)) + 1, "g.weight": _f32(5, 36)}, [2, 5],
+     r"scale 's' at node 's' applies a stored tensor of shape \(4, 1, 3\) that varies along the channel axis 1"),
+]
+
+
+@pytest.mark.parametrize("name, nodes, arrays, out, reason", LAYOUTS, ids=[case[0] for case in LAYOUTS])
+def test_a_transpose_or_gather_the_channels_cannot_follow_blocks_with_the_reason(
+    name: str, nodes: list[onnx.NodeProto], arrays: dict[str, np.ndarray], out: list[int], reason: str
+) -> None:
+    model = _layout_model(nodes, arrays, out)
+    onnx.checker.check_model(model, full_check=True)
+    for through in ((), ("pooling",)):
+        (group,) = [g for g in tg.analyze(model, through=through).groups if g.name == "c"]
+        assert not group.legal and any(re.search(reason, r) for r in group.reasons), group.reasons
+    assert "c" not in {s.group_name for s in tg.find_sites(model, through=("pooling",))}
+    tg.to_torch(model)  # translated all the same
+
+
+def test_a_transpose_the_channels_follow_keeps_the_group_legal() -> None:
+    """Channels last, a per-position divisor, channels first again: the conv 'c' stays one legal group."""
+    nodes = [
+        helper.make_node("Transpose", ["h"], ["t"], perm=[0, 2, 3, 1]),
+        helper.make_node("Div", ["t", "scale"], ["s"]),  # varies along the rows and columns only
+        helper.make_node("Transpose", ["s"], ["u"], perm=[0, 3, 1, 2]),
+        helper.make_node("Conv", ["u", "d.weight"], ["y"]),
+    ]
+    model = _layout_model(nodes, {"scale": np.abs(_f32(3, 3, 1)) + 1, "d.weight": _f32(2, 4, 1, 1)}, [2, 2, 3, 3])
+    onnx.checker.check_model(model, full_check=True)
+    sites = [s for s in tg.find_sites(model) if s.group_name == "c"]
+    assert len(sites) == 4 and sites[0].outbound_size == 2
+    rewritten = tg.rewrite(model, sites[2], RNG.uniform(-1, 2, 2))
+    assert tg.verify(model, rewritten, torch.randn(2, 2, 3, 3), rtol=1e-5, atol=1e-6).passed

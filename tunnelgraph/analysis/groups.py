@@ -422,6 +422,10 @@ class _GroupWalker:
                     self._reason(f"{node.describe()} at node '{node.name}' reduces over the channel axis")
                 elif not node.attrs["keepdim"]:
                     axis -= sum(1 for dim in node.attrs["reduces"] if dim < axis)
+            elif node.kind == OpKind.CHANNELWISE and "axis_map" in node.attrs and axis >= 0:
+                axis = self._moved(node, axis)
+            elif node.kind == OpKind.CHANNELWISE and "constant_shapes" in node.attrs and axis >= 0:
+                axis = self._broadcast(node, source, axis)
             elif node.kind == OpKind.COUPLING:
                 # an input, stored tensor or blocking output in the class has its own reason already
                 opaque = (OpKind.INPUT, OpKind.CONSTANT, OpKind.BLOCKING)
@@ -444,6 +448,35 @@ class _GroupWalker:
                         f"{node.op} at node '{node.name}' broadcasts along the channel axis"
                     )
         return self._store(node, axis)
+
+    def _moved(self, node: Node, axis: int) -> int:
+        """Where a transpose or gather puts the channel axis (``attrs["axis_map"]``); a gathered channel axis blocks."""
+        axis_map = node.attrs["axis_map"]
+        moved = axis_map[axis] if axis < len(axis_map) else None
+        if moved is None:
+            self._reason(f"{node.describe()} at node '{node.name}' gathers along the channel axis {axis}")
+            return axis
+        return int(moved)
+
+    def _broadcast(self, node: Node, source: Node, axis: int) -> int:
+        """The channel axis after a per-channel operation with stored operands (``attrs["constant_shapes"]``).
+
+        Shapes align from the right, as broadcasting does; a stored operand
+        that varies along the channel axis would treat channels differently,
+        so a clone would not be exact there: it blocks.
+        """
+        if source.shape is None or node.shape is None:
+            self._reason(f"{node.describe()} at node '{node.name}' broadcasts tensors of unknown shape")
+            return axis
+        axis = len(node.shape) - (len(source.shape) - axis)
+        for shape in node.attrs["constant_shapes"]:
+            position = axis - (len(node.shape) - len(shape))
+            if position >= 0 and shape[position] != 1:
+                self._reason(
+                    f"{node.describe()} at node '{node.name}' applies a stored tensor of shape {tuple(shape)} "
+                    f"that varies along the channel axis {axis}"
+                )
+        return axis
 
     def _store(self, node: Node, axis: int | None) -> int:
         axis = -1 if axis is None else axis

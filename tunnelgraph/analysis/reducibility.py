@@ -48,7 +48,7 @@ CONDITIONS = ("inconsequential", "constant", "redundant", "negated", "sigmoid_co
 # same findings whether it comes as PyTorch or as ONNX.
 _ODD_ACTIVATIONS = {"tanh", "softsign", "tanhshrink", "neg"}
 _HOMOGENEOUS_ACTIVATIONS = {"relu", "leaky_relu", "prelu", "abs", "neg"}
-_LINEAR_POOLING = {"avg", "mean"}
+_LINEAR_POOLING = {"avg", "mean", "gather"}
 _HOMOGENEOUS_POOLING = {"max", "lp"}
 _PLAIN = {"dropout", "identity", "flatten", "concat"}
 

@@ -761,6 +761,20 @@ class _Builder:
         index = (slice(None),) * axis + (indices,)
         self._emit(node, operator.getitem, self._input(node.input[0]), index)
 
+    def _onnx_gathernd(self, node: onnx.NodeProto, attrs: dict[str, Any]) -> None:
+        """``x[indices[..., 0], ..., indices[..., m - 1]]``: the index tensors' shape, then ``x``'s axes after ``m``."""
+        batch_dims = int(attrs.get("batch_dims", 0))
+        if batch_dims:
+            raise self._refuse(node, f"has batch_dims={batch_dims}; only batch_dims=0 has a translation")
+        dims = self.dims.get(node.input[1])
+        if not dims or not isinstance(dims[-1], int):
+            raise self._refuse(node, "takes indices whose last size is unknown")
+        indices = self._input(node.input[1])
+        leading = (slice(None),) * (len(dims) - 1)
+        get = self.graph.call_function
+        columns = tuple(get(operator.getitem, (indices, leading + (i,))) for i in range(dims[-1]))
+        self._emit(node, operator.getitem, self._input(node.input[0]), columns)
+
     def _onnx_unsqueeze(self, node: onnx.NodeProto, attrs: dict[str, Any]) -> None:
         axes = self._ints(node, attrs, "axes", 1)
         if not axes:

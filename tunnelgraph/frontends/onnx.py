@@ -16,6 +16,15 @@ the sites around the layer, with that reason. Activations and pooling get the
 IR's framework-neutral names (``LeakyRelu`` -> ``leaky_relu``,
 ``AveragePool`` -> ``avg``), as the torch.fx frontend writes them.
 
+``Transpose`` moves the channel axis, and ``Gather`` and ``GatherND`` with
+stored indices pick positions of every channel (pooling ``gather``): their
+nodes say where each axis goes (``attrs["axis_map"]``) and the analysis
+follows the channels or blocks where they are gathered. Arithmetic with a
+stored tensor and ``Where`` with a stored mask and fill are per-channel
+where the stored tensors do not vary along the channel axis, which the
+analysis checks (``attrs["constant_shapes"]``). This is how the dynamo
+exporter writes adaptive average pooling (alexnet, the VGGs).
+
 This module does not import torch. It needs the optional ``onnx`` extra;
 without it, importing it raises :class:`~tunnelgraph.errors.MissingExtraError`
 saying how to install it.
@@ -73,7 +82,7 @@ _BLOCKING_DETAIL = {
 }
 TRANSLATED_OPERATORS = frozenset(
     {"Conv", "Gemm", "MatMul", "PRelu", "Where", "BatchNormalization", "Dropout", "Identity",
-     "Concat", "Flatten", "Reshape", "Constant", "Cast", "CastLike"}
+     "Concat", "Flatten", "Reshape", "Constant", "Cast", "CastLike", "Transpose", "GatherND"}
     | set(_REDUCTIONS) | _ACTIVATIONS | set(_COMPARISONS) | set(_POOLING) | set(_ELEMENTWISE) | _METADATA_OPS
     | _SHAPE_FOLLOWERS | set(_BLOCKING_DETAIL)
 )
@@ -527,6 +536,10 @@ class _Translator:
             return self._concat(node, attrs)
         if op in ("Flatten", "Reshape"):
             return self._reshape(node, attrs)
+        if op == "Transpose":
+            return self._transpose(node, attrs)
+        if op in ("Gather", "GatherND"):
+            return self._gather(node, attrs)
         if op in _METADATA_OPS:
             return self._finish(node, self._node(node, OpKind.METADATA, "metadata"))
         if op in _BLOCKING_DETAIL:
@@ -644,7 +657,85 @@ class _Translator:
                 data = [t for t in node.input if t != constant[0]]
                 kind = "scale" if op in _ELEMENTWISE.values() else "activation"
                 return self._finish(node, self._node(node, OpKind.CHANNELWISE, kind, inputs=data, function=op))
+            # x + c, c * x, x / c with a stored tensor c: the same operation on every channel when c does
+            # not vary along the channel axis, which the analysis checks (attrs["constant_shapes"])
+            commutes = op in ("add", "mul")
+            if op in _ELEMENTWISE.values() and (commutes or constant[0] == node.input[1]):
+                shape = self.shapes.get(constant[0])
+                data = [t for t in node.input if t != constant[0]]
+                if shape is not None and self.shapes.get(node.output[0]) is not None:
+                    return self._finish(node, self._node(node, OpKind.CHANNELWISE, "scale", inputs=data,
+                                                         function=op, constant_shapes=(shape,)))
+        if op == "where" and len(node.input) == 3 and node.input[0] in constant and len(constant) == 2:
+            return self._masked_fill(node, constant)
         return self._blocking(node, f"element-wise {op} with a constant tensor")
+
+    def _masked_fill(self, node: onnx.NodeProto, constant: list[str]) -> None:
+        """``Where(mask, fill, x)`` (or ``Where(mask, x, fill)``) with a stored mask and fill: a masked fill.
+
+        The dynamo exporter writes adaptive pooling with windows of unequal
+        sizes this way (the padding of the shorter windows set to zero). It
+        is the same operation on every channel when neither the mask nor the
+        fill varies along the channel axis, which the analysis checks
+        (``attrs["constant_shapes"]``).
+        """
+        data = [t for t in node.input[1:] if t not in constant]
+        shapes = tuple(self.shapes.get(t) for t in constant)
+        if any(shape is None for shape in shapes) or self.shapes.get(node.output[0]) is None:
+            return self._blocking(node, "Where with a stored mask of unknown shape", "where")
+        self._finish(node, self._node(node, OpKind.CHANNELWISE, "masked_fill", inputs=data, constant_shapes=shapes))
+
+    def _transpose(self, node: onnx.NodeProto, attrs: dict[str, Any]) -> None:
+        """Transpose: the channels move to the axis the permutation sends theirs to (``attrs["axis_map"]``).
+
+        Whether the consumers read them there (a conv reads axis 1, a flatten
+        must merge them first) is the analysis's check, as for any channel axis.
+        """
+        shape = self.shapes.get(node.input[0])
+        if shape is None:
+            return self._blocking(node, "Transpose of an input of unknown rank", "transpose")
+        perm = [int(p) for p in attrs.get("perm", reversed(range(len(shape))))]
+        if sorted(perm) != list(range(len(shape))):
+            return self._blocking(node, f"Transpose with perm {perm} of a rank-{len(shape)} input", "transpose")
+        axis_map = tuple(perm.index(axis) for axis in range(len(shape)))
+        self._finish(node, self._node(node, OpKind.CHANNELWISE, "transpose", inputs=[node.input[0]],
+                                      axis_map=axis_map, perm=tuple(perm)))
+
+    def _gather(self, node: onnx.NodeProto, attrs: dict[str, Any]) -> None:
+        """Gather and GatherND with stored indices: positions picked (and repeated) along other axes than the channels'.
+
+        As the dynamo exporter writes adaptive average pooling (``Transpose``,
+        ``GatherND`` of the windows' positions, ``Transpose``, then a mean or
+        a masked sum over the windows), this is pooling: it passes with
+        ``through=("pooling",)``, as ``nn.AdaptiveAvgPool2d`` does in PyTorch.
+        Every channel is gathered at the same positions; the channels move
+        by ``attrs["axis_map"]``, where the indexed axes map to None (the
+        analysis blocks a group whose channels are gathered).
+        """
+        data, indices = node.input[0], node.input[1]
+        shape, index = self.shapes.get(data), self._value(indices)
+        if data in self.initializers or data in self.constants:
+            return self._blocking(node, f"{node.op_type} from a stored tensor (a lookup table)", "gather")
+        if index is None:
+            return self._blocking(node, f"{node.op_type} with indices computed at run time", "gather")
+        if shape is None or self.shapes.get(node.output[0]) is None:
+            return self._blocking(node, f"{node.op_type} of unknown shape", "gather")
+        index_rank = np.asarray(index).ndim
+        if node.op_type == "Gather":
+            axis = int(attrs.get("axis", 0)) % len(shape)
+            axis_map = tuple(None if i == axis else i if i < axis else i - 1 + index_rank for i in range(len(shape)))
+            indexed: tuple[int, ...] = (axis,)
+        else:
+            batch_dims = int(attrs.get("batch_dims", 0))
+            if batch_dims != 0:
+                return self._blocking(node, f"GatherND with batch_dims={batch_dims}", "gather")
+            depth = np.asarray(index).shape[-1] if index_rank else 0
+            if index_rank == 0 or depth > len(shape):
+                return self._blocking(node, f"GatherND with indices of shape {np.asarray(index).shape}", "gather")
+            axis_map = tuple(None if i < depth else i - depth + index_rank - 1 for i in range(len(shape)))
+            indexed = tuple(range(depth))
+        self._finish(node, self._node(node, OpKind.CHANNELWISE, "pooling", inputs=[data], function="gather",
+                                      axis_map=axis_map, indexes=indexed))
 
     def _reduce(self, node: onnx.NodeProto, attrs: dict[str, Any], function: str) -> None:
         """ReduceMean and ReduceMax over given axes: pooling over whole axes (``global`` pooling when spatial)."""

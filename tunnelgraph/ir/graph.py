@@ -104,12 +104,21 @@ functions too; ``clamp`` is clipping to constant bounds (``torch.clamp``, ONNX
 ``Clip``, which is also how exporters write ``relu6``).
 """
 
-POOLING_FUNCTIONS = frozenset({"avg", "max", "lp", "mean"})
+POOLING_FUNCTIONS = frozenset({"avg", "max", "lp", "mean", "gather"})
 """The names a ``pooling`` node's ``attrs["function"]`` takes: ``avg`` (average
 pooling over windows, adaptive or global included), ``max`` (max pooling, idem),
-``lp`` (power-average pooling) and ``mean`` (a mean over whole axes). A pooling
-over whole axes (``mean``, or ``max`` from ONNX ``ReduceMax``) lists them in
-``attrs["reduces"]`` and says in ``attrs["keepdim"]`` whether they stay."""
+``lp`` (power-average pooling), ``mean`` (a mean over whole axes) and ``gather``
+(positions picked and repeated along other axes than the channels', as ONNX
+exporters write adaptive pooling with ``GatherND``). A pooling over whole axes
+(``mean``, or ``max`` from ONNX ``ReduceMax``) lists them in ``attrs["reduces"]``
+and says in ``attrs["keepdim"]`` whether they stay.
+
+Channel-wise nodes that move the channel axis say where each input axis goes
+in ``attrs["axis_map"]`` (a transpose's inverse permutation; None for an axis
+a gather indexes, where channels cannot be); those with stored operands that
+broadcast (ONNX ``Div`` by a stored tensor, ``Where`` with a stored mask) give
+the operands' shapes in ``attrs["constant_shapes"]``: the analysis blocks the
+channels where one varies along their axis."""
 
 _ACTIVATION_KEYS = {name.replace("_", ""): name for name in ACTIVATION_FUNCTIONS}
 
