@@ -38,7 +38,9 @@ size of its default weights, else 224, else 299):
    groups as ``same/explained/gap/unexplained`` (a gap: a frontend fails
    closed where the other passes) with the differences counted by cause,
    sites rewritten, max relative error, ok, seconds), then the gaps and
-   unexplained differences in full; ``--json`` writes every row, with each
+   unexplained differences in full, and each row's peak resident memory
+   (the stage where it peaked; ``memory_gib`` in the rows: the peak of every
+   stage, :class:`PeakMemory`); ``--json`` writes every row, with each
    group difference, after every model, ``--markdown`` the table.
 
 Each model runs in a child process (``--timeout`` seconds), so a crash or
@@ -377,12 +379,14 @@ def export(model: Any, x: Any, exporter: str, path: Path) -> None:
         program.save(str(path))
 
 
-def rounding_floor(model: Any, x: Any, draws: int = 2) -> float:
+def rounding_floor(path: Path, x: Any, draws: int = 2) -> float:
     """How far the file's output moves (max relative error) when every float initializer moves one ulp.
 
     Each of ``draws`` copies moves every value one representable number up or down at random
     and runs in onnxruntime like the rewrite's check: the error that rounding alone causes in
-    a model that amplifies it, the least a rewrite (which changes the order of sums) can show."""
+    a model that amplifies it, the least a rewrite (which changes the order of sums) can show.
+    Each copy is read without its external data and takes its tensors one at a time, moved:
+    it holds the model once."""
     import numpy as np
     import onnx
     from onnx import numpy_helper
@@ -392,70 +396,126 @@ def rounding_floor(model: Any, x: Any, draws: int = 2) -> float:
     worst = 0.0
     for draw in range(draws):
         generator = np.random.default_rng(draw)
-        moved = onnx.ModelProto()
-        moved.CopyFrom(model)
-        for index, tensor in enumerate(moved.graph.initializer):
-            array = numpy_helper.to_array(tensor)
+        moved = onnx.load(str(path), load_external_data=False)
+        for tensor in moved.graph.initializer:
+            array = numpy_helper.to_array(tensor, base_dir=str(path.parent))
             if array.dtype in (np.float32, np.float64) and array.size:
                 direction = np.where(generator.random(array.shape) < 0.5, np.inf, -np.inf).astype(array.dtype)
-                moved.graph.initializer[index].CopyFrom(numpy_helper.from_array(np.nextafter(array, direction),
-                                                                                tensor.name))
-        worst = max(worst, tg.verify(model, moved, x).max_rel)
+                array = np.nextafter(array, direction)
+            tensor.CopyFrom(numpy_helper.from_array(array, tensor.name))
+            del array
+        worst = max(worst, tg.verify(str(path), moved, x).max_rel)
+        del moved
     return worst
 
 
 def rewrite_and_verify(path: Path, x: Any, legal: list[str], args: argparse.Namespace,
-                       rng: random.Random, row: dict[str, Any]) -> None:
-    """Rewrite one random channel of up to ``args.cap`` legal groups of ``path``, one after the other; verify."""
+                       rng: random.Random, row: dict[str, Any], memory: "PeakMemory") -> None:
+    """Rewrite one random channel of up to ``args.cap`` legal groups of ``path``, one after the other; verify.
+
+    The model is read once and rewritten in place (``inplace=True``: only the edited
+    initializers are replaced), and the file is the reference onnxruntime reads, so a
+    model is in memory once however many groups are rewritten."""
     import numpy as np
-    import onnx
 
     import tunnelgraph as tg
+    from tunnelgraph.frontends.onnx import read_onnx
 
     through = RULES["all"]
     chosen = sorted(rng.sample(range(len(legal)), min(args.cap, len(legal))))
-    original = onnx.load(str(path))
+    memory.stage(row, "read")
+    current = read_onnx(path)[0]  # the form tg.rewrite edits in place (constants as initializers)
     generator = np.random.default_rng(rng.randrange(2**32))
     steps: list[dict[str, Any]] = []
-    current = original
     for index in chosen:
-        row["stage"] = f"rewrite {legal[index]}"
+        memory.stage(row, f"rewrite {legal[index]}")
         sites = {s.name: s for s in tg.find_sites(current, through=through)}
         group = [s for s in sites.values() if s.group_name == legal[index]]
         site = group[rng.randrange(len(group))]
         lam = generator.uniform(-0.5, 1.5, site.outbound_size)
-        current = tg.rewrite(current, site, lam, through=through)
+        current = tg.rewrite(current, site, lam, through=through, inplace=True)
         steps.append({"site": site.name, "outbound": site.outbound_size, "seed_lam": lam[:3].tolist()})
     row["rewritten"] = len(steps)
     row["sites_rewritten"] = [s["site"] for s in steps]
     if not steps:
         row.update(max_rel=0.0, ok=True)
         return
-    row["stage"] = "verify"
-    report = tg.verify(original, current, x)
+    memory.stage(row, "verify")
+    report = tg.verify(str(path), current, x)
+    del current
     row.update(max_rel=report.max_rel, max_abs=report.max_abs, passed=report.passed, ok=report.max_rel <= REL32)
     if row["ok"]:
         return
-    row["stage"] = "rounding floor"
-    row["floor32"] = rounding_floor(original, x)
+    memory.stage(row, "rounding floor")
+    row["floor32"] = rounding_floor(path, x)
     limit = max(REL32, FLOOR_FACTOR * row["floor32"])
     row["ok"] = report.max_rel <= limit
     if row["ok"]:
         return
     # one by one from the original, to name the site(s) that break
-    row["stage"] = "bisect"
+    memory.stage(row, "bisect")
     broken = []
-    in_original = {s.name: s for s in tg.find_sites(original, through=through)}
+    in_original = {s.name: s for s in tg.find_sites(str(path), through=through)}
     for step in steps:
         name = step["site"]
         if name not in in_original:  # a clone made by an earlier step: not in the original
             continue
         alone = in_original[name]
         lam = generator.uniform(-0.5, 1.5, alone.outbound_size)
-        single = tg.verify(original, tg.rewrite(original, alone, lam, through=through), x)
-        if single.max_rel > limit:
-            broken.append({"site": name, "max_rel": single.max_rel})
+        single = tg.rewrite(read_onnx(path)[0], alone, lam, through=through, inplace=True)
+        report = tg.verify(str(path), single, x)
+        del single
+        if report.max_rel > limit:
+            broken.append({"site": name, "max_rel": report.max_rel})
     row["broken"] = broken
+
+
+class PeakMemory:
+    """The child's peak resident memory per stage (VmHWM, reset at each stage through
+    ``/proc/self/clear_refs``), in GiB: ``row["memory_gib"]`` by stage, the resident memory
+    when each stage began (``row["memory_held_gib"]``: freed memory that the allocator keeps
+    counts as held) and ``row["peak_rss_gib"]``.
+
+    Linux only; elsewhere nothing is recorded."""
+
+    def __init__(self) -> None:
+        self.current: str | None = None
+        self.peaks: dict[str, float] = {}
+        self.held: dict[str, float] = {}
+
+    @staticmethod
+    def _status(key: str) -> float | None:
+        try:
+            with open("/proc/self/status") as status:
+                for line in status:
+                    if line.startswith(key + ":"):
+                        return int(line.split()[1]) / 2**20
+        except OSError:
+            pass
+        return None
+
+    def stage(self, row: dict[str, Any], name: str | None) -> None:
+        """End the stage running (its peak goes into ``row``) and start ``name`` (None: the end)."""
+        if name is not None:
+            row["stage"] = name
+        peak = self._status("VmHWM")
+        if peak is None:
+            return
+        if self.current is not None:
+            self.peaks[self.current] = max(self.peaks.get(self.current, 0.0), peak)
+            row["memory_gib"] = {stage: round(value, 2) for stage, value in self.peaks.items()}
+            row["memory_held_gib"] = {stage: round(value, 2) for stage, value in self.held.items()}
+            row["peak_rss_gib"] = round(max(self.peaks.values()), 2)
+        gc.collect()
+        try:
+            with open("/proc/self/clear_refs", "w") as clear:
+                clear.write("5")  # VmHWM := VmRSS
+        except OSError:
+            pass
+        held = self._status("VmRSS")
+        if name is not None and held is not None:
+            self.held.setdefault(name, held)
+        self.current = name
 
 
 def calibrate(model: Any, size: int, seed: int, batches: int = 4) -> None:
@@ -521,6 +581,7 @@ def run_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     folder = Path(tempfile.mkdtemp(prefix="onnx_exporters_"))
     for exporter in args.exporters.split(","):
         row: dict[str, Any] = {"model": name, "exporter": exporter, "params": params, "weights": weights}
+        memory = PeakMemory()
         begun = time.perf_counter()
         rng = random.Random(f"{args.seed}/{name}/{exporter}")
         (folder / exporter).mkdir(exist_ok=True)
@@ -528,11 +589,11 @@ def run_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
         sizes = [first] + ([s for s in SIZES if s > first] if args.size == "auto" else [])
         try:
             for size in sizes:
-                row["stage"] = "pytorch"
+                memory.stage(row, "pytorch")
                 x, pt, modules, seconds = reference(size)
                 row.update(size=size, pytorch=counts(pt["groups"]), pytorch_seconds=seconds)
                 try:
-                    row["stage"] = "export"
+                    memory.stage(row, "export")
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore")
                         export(model, x, exporter, path)
@@ -542,21 +603,23 @@ def run_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
                     row["export_error"] = f"{type(error).__name__}: {str(error)[:500]}"
                     row.setdefault("export_error_at", {})[size] = row["export_error"][:200]
             if "export_error" not in row:
-                row["stage"] = "export check"
+                memory.stage(row, "export check")
                 row["export_rel"] = tg.verify(model, str(path), x).max_rel
-                row["stage"] = "load_onnx"
+                memory.stage(row, "load_onnx")
                 onnx_graph = tg.load_onnx(str(path))
                 names = pytorch_names(onnx_graph.source, [n.module or n.name for n in onnx_graph], modules)
-                row["stage"] = "analyse"
+                memory.stage(row, "analyse")
                 ox = analyse(onnx_graph)
                 del onnx_graph
                 row["onnx"] = counts(ox["groups"])
-                row["stage"] = "compare"
+                memory.stage(row, "compare")
                 row.update(compare(pt, ox, names))
                 legal = [g["name"] for g in ox["groups"]["all"] if g["legal"]]
-                rewrite_and_verify(path, x, legal, args, rng, row)
+                rewrite_and_verify(path, x, legal, args, rng, row, memory)
+            memory.stage(row, None)
             row.pop("stage", None)
         except Exception as error:
+            memory.stage(row, row.get("stage"))
             row["error"] = f"{type(error).__name__}: {str(error)[:500]}"
             row["traceback"] = traceback.format_exc()[-3000:]
         row["seconds"] = time.perf_counter() - begun
@@ -749,6 +812,11 @@ def main(argv: list[str] | None = None) -> int:
                                         for key, value in entry.items()))
     lines = details(rows)
     print("\n".join([""] + lines))
+    for row in rows:
+        if "memory_gib" in row:
+            stage = max(row["memory_gib"], key=row["memory_gib"].get)
+            print(f"- memory {row['model']} {row['exporter']}: peak {row['peak_rss_gib']:.2f} GiB resident "
+                  f"({stage}; {row['params'] * 4 / 2**30:.2f} GiB of float32 parameters)")
     if args.markdown:
         text = markdown_table(rows) + "\n" + "\n".join(
             f"- {exporter}: " + ", ".join(f"{k} {v:.1e}" if isinstance(v, float) else f"{k} {v}" for k, v in e.items())

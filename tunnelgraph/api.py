@@ -138,7 +138,8 @@ def rewrite(
         lam: a number, or a vector of ``site.outbound_size`` numbers in the
             order documented on :class:`Site` (consumer by consumer,
             row-major over each consumer's weight columns of the channel).
-        inplace: edit a PyTorch ``model`` itself instead of a copy.
+        inplace: edit ``model`` itself instead of a copy (an ``onnx.ModelProto``:
+            only the edited initializers are replaced, no copy of the model).
 
     Returns:
         The rewritten model (a module for a module, a ``ModelProto`` for an

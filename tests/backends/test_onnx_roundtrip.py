@@ -62,8 +62,67 @@ def test_merge_and_reorganize_in_onnx() -> None:
     assert [tuple(t.dims) for t in same.graph.initializer] == [tuple(t.dims) for t in proto.graph.initializer]
     reference = tg.reorganize(model, merge=(tg.find_sites(model, x)[1], 0), clone=2, lam=0.5)
     assert tg.verify(reference, same, x, rtol=1e-5, atol=1e-6).passed
-    with pytest.raises(ValueError, match="inplace"):
-        tg.rewrite(proto, site, 0.5, inplace=True)
+
+
+def _copy(proto: onnx.ModelProto) -> onnx.ModelProto:
+    result = onnx.ModelProto()
+    result.CopyFrom(proto)
+    return result
+
+
+@pytest.mark.parametrize("name", ["paper_cnn", "inverted_residual", "hardcoded_view"])
+def test_an_inplace_rewrite_edits_the_given_model_as_a_copy_would_and_a_failing_one_leaves_it(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One site per group (depthwise ``group`` attributes and hard-coded reshape widths included)."""
+    entry = next(e for e in TRACEABLE if e.name == name)
+    x = example_input(entry)
+    proto = tg.export_onnx(entry.build(), x)
+    before = proto.SerializeToString()
+    sites = {s.group_name: s for s in reversed(tg.find_sites(proto, through=tg.THROUGH_OPTIONS))}
+    assert sites
+    for site in sites.values():
+        expected = tg.rewrite(proto, site, 0.3)
+        assert proto.SerializeToString() == before
+        target = _copy(proto)
+        assert tg.rewrite(target, site, 0.3, inplace=True) is target
+        assert target.SerializeToString() == expected.SerializeToString()
+        assert tg.verify(proto, target, x, rtol=1e-5, atol=1e-6).passed
+        target = _copy(proto)
+        with pytest.raises(ValueError, match="lam must be"):
+            tg.rewrite(target, site, np.ones(site.outbound_size + 1), inplace=True)
+        assert target.SerializeToString() == before
+
+    def reject(model: onnx.ModelProto, full_check: bool = False) -> None:
+        raise onnx.checker.ValidationError("rejected by the test")
+
+    monkeypatch.setattr(onnx.checker, "check_model", reject)
+    for site in sites.values():  # the checker rejects the edited model: the edit is undone
+        target = _copy(proto)
+        with pytest.raises(tg.RewriteError, match="rejected by the test"):
+            tg.rewrite(target, site, 0.3, inplace=True)
+        assert target.SerializeToString() == before
+
+
+def test_an_inplace_rewrite_of_a_model_read_as_converted_edits_the_given_model() -> None:
+    """A weight computed by a ``Constant`` node is read as an initializer; the given model takes the result."""
+    model = paper_cnn().eval()
+    x = torch.randn(2, 1, 28, 28)
+    proto = tg.export_onnx(model, x)
+    weight = next(t for t in proto.graph.initializer if len(t.dims) == 2)
+    constant = onnx.helper.make_node("Constant", [], [weight.name], value=weight)
+    kept = [t for t in proto.graph.initializer if t.name != weight.name]
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(kept)
+    proto.graph.node.insert(0, constant)
+    original = _copy(proto)
+    site = tg.find_sites(proto)[-1]
+    expected = tg.rewrite(proto, site, 0.3)
+    assert proto.SerializeToString() == original.SerializeToString()
+    assert tg.rewrite(proto, site, 0.3, inplace=True) is proto
+    assert proto.SerializeToString() == expected.SerializeToString()
+    assert not any(node.op_type == "Constant" for node in proto.graph.node)
+    assert tg.verify(original, proto, x).passed
 
 
 @pytest.mark.parametrize("entry", TRACEABLE, ids=[e.name for e in TRACEABLE])
@@ -168,3 +227,33 @@ def test_a_model_over_the_protobuf_limit_runs_in_onnxruntime_from_a_file(monkeyp
     assert tg.verify(model, proto, x).passed
     assert sources and all(isinstance(source, str) and source.endswith(".onnx") for source in sources)
     assert proto.SerializeToString() == before
+
+
+def test_a_rewrite_over_the_protobuf_limit_is_exact_and_leaves_the_input_untouched(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The limit lowered: analysis, a rewrite into a copy and successive in-place rewrites of a large model."""
+    from tunnelgraph.backends import onnx as onnx_backend
+    from tunnelgraph.frontends import onnx as onnx_frontend
+
+    model = paper_cnn().eval()
+    x = torch.randn(2, 1, 28, 28)
+    proto = tg.export_onnx(model, x)
+    before = proto.SerializeToString()
+    monkeypatch.setattr(onnx_backend, "SERIALISABLE", 1024)
+    monkeypatch.setattr(onnx_frontend, "PROTOBUF_LIMIT", 1024)
+    sites = tg.find_sites(proto)
+    lam = np.random.default_rng(0).uniform(-0.5, 1.5, sites[1].outbound_size)
+    rewritten = tg.rewrite(proto, sites[1], lam)
+    assert proto.SerializeToString() == before
+    assert tg.verify(proto, rewritten, x).passed
+    assert tg.verify(model, rewritten, x).passed
+    current, copied = _copy(proto), proto
+    for index in (1, 4, 1):  # each site found on the model as it is now
+        site = tg.find_sites(current)[index]
+        copied = tg.rewrite(copied, site, 0.3)
+        assert tg.rewrite(current, site, 0.3, inplace=True) is current
+    assert proto.SerializeToString() == before
+    assert current.SerializeToString() == copied.SerializeToString()
+    assert len(tg.rewrite_records(current)) == 3
+    assert tg.verify(proto, current, x).passed

@@ -41,17 +41,24 @@ def _stored_records(model: onnx.ModelProto) -> list[dict[str, Any]]:
 
 
 class OnnxAdapter(Adapter[onnx.ModelProto]):
-    """An ONNX model. Rewrites return new ``ModelProto``s; ``inplace`` is refused."""
+    """An ONNX model. Rewrites return new ``ModelProto``s, or edit the given one with ``inplace=True``."""
 
-    def __init__(self, model: onnx.ModelProto) -> None:
+    def __init__(self, model: onnx.ModelProto, given: onnx.ModelProto | None = None) -> None:
+        """``model`` in the form :func:`~tunnelgraph.frontends.onnx.read_onnx` returns; ``given``: the
+        ``ModelProto`` it was read from, when that is another object (an in-place rewrite edits ``given``)."""
         super().__init__(model)
+        self._given = given if given is not model else None
+        self._file: str | None = None  # the .onnx file the model was read from, while it is unchanged
         self._graph: Graph | None = None
         self._view: Any = None
 
     @classmethod
     def read(cls, source: OnnxSource) -> "OnnxAdapter":
         """The adapter of a ``ModelProto``, or of an ``.onnx`` file (path or bytes) read safely once."""
-        return cls(read_onnx(source)[0])
+        adapter = cls(read_onnx(source)[0], source if isinstance(source, onnx.ModelProto) else None)
+        if isinstance(source, (str, os.PathLike)):
+            adapter._file = str(source)
+        return adapter
 
     @property
     def name(self) -> str:
@@ -77,9 +84,23 @@ class OnnxAdapter(Adapter[onnx.ModelProto]):
         return result
 
     def apply(self, plan: RewritePlan, *, inplace: bool = False) -> onnx.ModelProto:
-        if inplace:
-            raise ValueError("ONNX models are rewritten into a new ModelProto; inplace=True is for PyTorch modules")
-        return apply_plan_onnx(self.model, plan)
+        """The rewritten model; with ``inplace`` the given ``ModelProto`` itself, edited.
+
+        In place, only the edited initializers are replaced (no copy of the
+        model: the form for successive rewrites of a model over 2 GiB). A
+        given model that :func:`~tunnelgraph.frontends.onnx.read_onnx` had to
+        convert (constants computed by nodes, initializers read twice) takes
+        the converted, rewritten model's content once. A model read from a
+        path or bytes is rewritten as loaded; the file is not written.
+        """
+        result = apply_plan_onnx(self.model, plan, inplace=inplace)
+        if not inplace:
+            return result
+        if self._given is not None:
+            self._given.CopyFrom(result)
+            self.model, self._given = self._given, None
+        self._graph = self._view = self._file = None  # of the model before the rewrite
+        return self.model
 
     def parameter_count(self) -> int:
         return sum(math.prod(t.dims) for t in self.model.graph.initializer)
@@ -163,7 +184,8 @@ class OnnxAdapter(Adapter[onnx.ModelProto]):
     def run(self, inputs: Sequence[Any]) -> Any:
         import torch
 
-        outputs = run_onnx(self.model, [a.detach().cpu().numpy() for a in inputs])
+        # a model read from a file runs from it: one over 2 GiB is not written to a temporary file again
+        outputs = run_onnx(self._file or self.model, [a.detach().cpu().numpy() for a in inputs])
         return [torch.from_numpy(output) for output in outputs]
 
     def declared_inputs(self) -> list[tuple[str, Dims | None]] | None:

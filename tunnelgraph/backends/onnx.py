@@ -5,8 +5,9 @@ torch backend uses too, :func:`~tunnelgraph.rewrite.plan.edit_array`), update
 the ``group`` attribute of depthwise convolutions and the shape tensors of
 reshapes that hard-code a width, drop inferred intermediate shapes (they
 are stale), and check the result with
-``onnx.checker.check_model(full_check=True)``. The input model is never
-modified. This module does not import torch.
+``onnx.checker.check_model(full_check=True)``. The input model is modified
+only by an in-place rewrite (``inplace=True``), and never by a failing one.
+This module does not import torch.
 """
 
 from __future__ import annotations
@@ -46,30 +47,35 @@ def check_fits(model: onnx.ModelProto, group: ChannelGroup) -> None:
     check_shapes(group, {t.name: tuple(t.dims) for t in model.graph.initializer})
 
 
-def apply_plan_onnx(model: onnx.ModelProto, plan: RewritePlan) -> onnx.ModelProto:
-    """The rewritten copy of ``model`` (see the module docstring)."""
+def apply_plan_onnx(model: onnx.ModelProto, plan: RewritePlan, *, inplace: bool = False) -> onnx.ModelProto:
+    """The rewritten copy of ``model``, or ``model`` itself rewritten when ``inplace`` (see the module docstring).
+
+    Memory: the edited initializers are computed one at a time before
+    anything changes; a copy then takes every other initializer over once
+    (never a copy of the whole model followed by edits), and an in-place
+    rewrite replaces only the edited ones. Either way a failing call leaves
+    ``model`` as it was: an in-place rewrite that the checker rejects is
+    undone.
+    """
     check_fits(model, plan.group)
-    arrays = {t.name: t for t in model.graph.initializer}
-    new_arrays: dict[str, np.ndarray] = {}
-    for tensor_edit in plan.tensors:
-        name = tensor_edit.slice.param
-        new_arrays[name] = edit_initializer(
-            new_arrays[name] if name in new_arrays else numpy_helper.to_array(arrays[name]), tensor_edit
-        )
-    result = copy.deepcopy(model)
-    for tensor in result.graph.initializer:
-        if tensor.name in new_arrays:
-            tensor.CopyFrom(numpy_helper.from_array(new_arrays[tensor.name].astype(
-                numpy_helper.to_array(arrays[tensor.name]).dtype), tensor.name))
+    replaced = _edited_tensors(model, plan)
+    if plan.literals:
+        replaced.update(_patched_reshapes(model, plan))
     size = plan.result.size
     depthwise = {s.param for s in plan.result.slices if s.role == "channelwise"}
+    if inplace:
+        result, undo = model, _Undo(model, replaced)
+        for tensor in result.graph.initializer:
+            if tensor.name in replaced:
+                tensor.CopyFrom(replaced.pop(tensor.name))
+    else:
+        result, undo = _copy_replacing(model, replaced), None
+    del replaced
     for node in result.graph.node:
         if node.op_type == "Conv" and len(node.input) > 1 and node.input[1] in depthwise:
             for attribute in node.attribute:
                 if attribute.name == "group":
                     attribute.i = size
-    if plan.literals:
-        _patch_reshapes(result, plan)
     del result.graph.value_info[:]
     if is_large(result):
         logger.warning(
@@ -80,24 +86,86 @@ def apply_plan_onnx(model: onnx.ModelProto, plan: RewritePlan) -> onnx.ModelProt
     try:
         onnx.checker.check_model(result, full_check=True)
     except Exception as error:
+        if undo is not None:
+            undo.restore()
         raise RewriteError(f"the rewritten ONNX model does not check: {error}") from error
     return result
 
 
-def _patch_reshapes(model: onnx.ModelProto, plan: RewritePlan) -> None:
+def _edited_tensors(model: onnx.ModelProto, plan: RewritePlan) -> dict[str, onnx.TensorProto]:
+    """The new initializers of the tensors ``plan`` edits, by name, each back in its own dtype.
+
+    One tensor at a time: its float64 working copies are released before the next is edited.
+    """
+    initializers = {t.name: t for t in model.graph.initializer}
+    edits: dict[str, list[TensorEdit]] = {}
+    for tensor_edit in plan.tensors:  # a tensor's edits in plan order; different tensors are independent
+        edits.setdefault(tensor_edit.slice.param, []).append(tensor_edit)
+    replaced = {}
+    for name, tensor_edits in edits.items():
+        original = numpy_helper.to_array(initializers[name])
+        array = np.asarray(original, dtype=np.float64)
+        dtype = original.dtype
+        del original
+        for tensor_edit in tensor_edits:
+            array = edit_initializer(array, tensor_edit)
+        replaced[name] = numpy_helper.from_array(array.astype(dtype), name)
+        del array
+    return replaced
+
+
+def _copy_replacing(model: onnx.ModelProto, replaced: dict[str, onnx.TensorProto]) -> onnx.ModelProto:
+    """A copy of ``model`` whose initializers named in ``replaced`` are those (taken out of ``replaced``)."""
+    result = onnx.ModelProto()
+    _copy_fields(model, result, skip="graph")
+    _copy_fields(model.graph, result.graph, skip="initializer")
+    for tensor in model.graph.initializer:
+        result.graph.initializer.append(replaced.pop(tensor.name) if tensor.name in replaced else tensor)
+    return result
+
+
+class _Undo:
+    """What an in-place rewrite changes in ``model`` (the replaced initializers, the depthwise
+    groups, the inferred shapes), saved before it changes, to put back when the result does not check."""
+
+    def __init__(self, model: onnx.ModelProto, replaced: dict[str, onnx.TensorProto]) -> None:
+        self.model = model
+        self.tensors = {}
+        for tensor in model.graph.initializer:
+            if tensor.name in replaced:
+                self.tensors[tensor.name] = saved = onnx.TensorProto()
+                saved.CopyFrom(tensor)
+        self.groups = [(attribute, attribute.i) for node in model.graph.node if node.op_type == "Conv"
+                       for attribute in node.attribute if attribute.name == "group"]
+        self.value_info = [copy.deepcopy(value) for value in model.graph.value_info]
+
+    def restore(self) -> None:
+        for tensor in self.model.graph.initializer:
+            if tensor.name in self.tensors:
+                tensor.CopyFrom(self.tensors[tensor.name])
+        for attribute, value in self.groups:
+            attribute.i = value
+        del self.model.graph.value_info[:]
+        self.model.graph.value_info.extend(self.value_info)
+
+
+def _patched_reshapes(model: onnx.ModelProto, plan: RewritePlan) -> dict[str, onnx.TensorProto]:
+    """The new shape tensors of the reshapes that hard-code the group's width, by name (``model`` unchanged)."""
     by_output = {node.output[0]: node for node in model.graph.node}
     initializers = {t.name: t for t in model.graph.initializer}
+    patched: dict[str, np.ndarray] = {}
     for old, new in zip(plan.group.literals, plan.literals):
         node = by_output.get(new.node)
         if node is None or node.op_type != "Reshape" or node.input[1] not in initializers:
             raise RewriteError(f"cannot find the shape tensor of reshape '{new.node}' to update its width")
-        tensor = initializers[node.input[1]]
-        values = numpy_helper.to_array(tensor).copy()
+        name = node.input[1]
+        values = patched[name] if name in patched else numpy_helper.to_array(initializers[name]).copy()
         index = new.path[-1]
         if int(values[index]) != old.value:
             raise RewriteError(f"reshape '{new.node}' has width {int(values[index])}, expected {old.value}")
         values[index] = new.value
-        tensor.CopyFrom(numpy_helper.from_array(values, tensor.name))
+        patched[name] = values
+    return {name: numpy_helper.from_array(values, name) for name, values in patched.items()}
 
 
 def edit_initializer(array: np.ndarray, tensor_edit: TensorEdit) -> np.ndarray:
@@ -185,6 +253,7 @@ def run_onnx(model: onnx.ModelProto | str, inputs: Sequence[np.ndarray]) -> list
             return run_onnx(path, inputs)
     source = model if isinstance(model, str) else model.SerializeToString()
     session = ort.InferenceSession(source, options, providers=providers)
+    del source  # onnxruntime holds its own copy of the weights: the serialised bytes can go before it runs
     names = [i.name for i in session.get_inputs()]
     if len(names) != len(inputs):
         raise ValueError(f"the ONNX model takes {len(names)} input(s) ({', '.join(names)}), got {len(inputs)}")

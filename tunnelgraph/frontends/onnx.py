@@ -330,7 +330,7 @@ def load_onnx(source: OnnxSource) -> Graph:
         inferred = _infer_shapes(model)
     except Exception as error:
         raise TraceError(f"ONNX shape inference failed ({type(error).__name__}: {error})") from error
-    graph = _Translator(inferred).run()
+    graph = _Translator(inferred, model).run()
     graph.source = model
     return graph
 
@@ -356,43 +356,36 @@ def _infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     """``model`` with its shapes inferred (ONNX shape inference with data propagation).
 
     Shape inference serialises the model, which protobuf cannot do past 2 GiB
-    (regnet_y_128gf, vit_h_14). For such a model the data of every tensor over
-    1 KiB is set aside (marked as external data, which inference does not
-    read) during inference and put back into both models afterwards, so
-    ``model`` ends as it was.
+    (regnet_y_128gf, vit_h_14). For such a model it runs on a copy of the
+    graph whose tensors over 1 KiB have no data (marked as external data,
+    which inference does not read): ``model`` is not touched, and the
+    inferred model holds no copy of the weights (the translator reads
+    tensor values from ``model``).
     """
     sizes = {t.name: tensor_size(t) for t in model.graph.initializer}
     if sum(sizes.values()) <= PROTOBUF_LIMIT:
         return onnx.shape_inference.infer_shapes(model, data_prop=True)
-    aside: dict[str, bytes] = {}
-    try:
-        for tensor in model.graph.initializer:
-            if sizes[tensor.name] > 2**10 and tensor.HasField("raw_data"):
-                aside[tensor.name] = tensor.raw_data
-                tensor.ClearField("raw_data")
-                tensor.data_location = onnx.TensorProto.EXTERNAL
-                tensor.external_data.add(key="location", value="set-aside-during-shape-inference")
-        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
-    finally:
-        _put_back(model, aside)
-    _put_back(inferred, aside)
-    return inferred
-
-
-def _put_back(model: onnx.ModelProto, aside: dict[str, bytes]) -> None:
-    for tensor in model.graph.initializer:
-        if tensor.name in aside:
-            tensor.ClearField("external_data")
-            tensor.ClearField("data_location")
-            tensor.raw_data = aside[tensor.name]
+    graph, tensors = model.graph, []
+    for tensor in graph.initializer:
+        if sizes[tensor.name] > 2**10:
+            tensor = onnx.TensorProto(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims,
+                                      data_location=onnx.TensorProto.EXTERNAL)
+            tensor.external_data.add(key="location", value="not-read-by-shape-inference")
+        tensors.append(tensor)
+    shell = onnx.helper.make_model(
+        onnx.helper.make_graph(graph.node, graph.name, graph.input, graph.output, tensors, value_info=graph.value_info,
+                               sparse_initializer=graph.sparse_initializer),
+        ir_version=model.ir_version, opset_imports=model.opset_import, functions=model.functions)
+    return onnx.shape_inference.infer_shapes(shell, data_prop=True)
 
 
 class _Translator:
-    def __init__(self, model: onnx.ModelProto) -> None:
+    def __init__(self, model: onnx.ModelProto, values: onnx.ModelProto) -> None:
+        """``model``: with shapes inferred; ``values``: the same model with every tensor's data."""
         self.model = model
         name = model.graph.name or "onnx"
         self.graph = Graph(name)
-        self.initializers = {t.name: t for t in model.graph.initializer}
+        self.initializers = {t.name: t for t in values.graph.initializer}
         self.constants: dict[str, np.ndarray] = {}
         self.shapes: dict[str, tuple[int, ...] | None] = {}
         self.dims: dict[str, Dims | None] = {}  # with symbolic and unknown dimensions kept
