@@ -48,7 +48,8 @@ def test_matrix_free_in_float32_reaches_the_float64_answer() -> None:
     exact = tg.a_statistics(model.double(), sites, data64, squared_error, method="exact", progress=False)
     for site in sites:
         assert free[site.name].sigma == pytest.approx(exact[site.name].sigma, rel=1e-3)
-        assert abs(float(free[site.name].direction @ exact[site.name].direction)) >= 0.999
+        assert free[site.name].direction.dtype == torch.float32  # the precision the products ran in
+        assert abs(float(free[site.name].direction.double() @ exact[site.name].direction)) >= 0.999
 
 
 def test_auto_picks_the_cheaper_path() -> None:
@@ -68,6 +69,25 @@ def test_auto_picks_the_cheaper_path() -> None:
     sites = tg.find_sites(model, x)
     stats = tg.a_statistics(model, sites[:2], data, squared_error, progress=False)
     assert {s.method for s in stats.values()} == {"matrix_free"}
+
+
+@pytest.mark.parametrize("method", ["exact", "matrix_free"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_statistics_come_in_the_models_precision_one_tensor_per_group(method: str, dtype: torch.dtype) -> None:
+    """lambda* and A 1 in the precision the products ran in; a group's sites are rows of one tensor each."""
+    entry = ZOO_BY_NAME["resnet_stack"]
+    model = entry.build().to(dtype)
+    data = regression_data(model, entry, dtype, batches=2, batch=3)
+    sites = tg.find_sites(model, data[0][0], through=tg.THROUGH_OPTIONS)
+    stats = tg.a_statistics(model, sites, data, squared_error, method=method, progress=False)
+    storages: dict[str, set[tuple[int, int]]] = {}
+    for entry_ in stats.values():
+        assert entry_.direction.dtype == entry_.gradient.dtype == dtype, entry_.name
+        assert entry_.direction.device.type == entry_.gradient.device.type == "cpu"
+        storages.setdefault(entry_.site.group_name, set()).add(
+            (entry_.direction.untyped_storage().data_ptr(), entry_.gradient.untyped_storage().data_ptr())
+        )
+    assert len(storages) > 1 and all(len(pairs) == 1 for pairs in storages.values())
 
 
 def test_recompute_mode_matches_the_stored_mode() -> None:

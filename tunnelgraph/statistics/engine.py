@@ -42,7 +42,15 @@ from tunnelgraph.errors import StatisticsError
 from tunnelgraph.frontends.fx import trace
 from tunnelgraph.ir import Graph
 from tunnelgraph.rewrite.plan import check_shapes
-from tunnelgraph.runtime import batch_parts, model_device, preserved, progress_bar, to_device, unwrap_model
+from tunnelgraph.runtime import (
+    batch_parts,
+    model_device,
+    preserved,
+    progress_bar,
+    return_freed_memory,
+    to_device,
+    unwrap_model,
+)
 from tunnelgraph.statistics.capture import Capture, Recorder, merge
 from tunnelgraph.statistics.chain import GroupChain, conv_patches
 from tunnelgraph.statistics.solve import Operator, Triplet, lanczos_top, top_singular
@@ -71,9 +79,13 @@ class SiteStatistics:
         sigma: the top singular value of A; sites rank by it.
         direction: lambda*, the top right singular vector (length L, unit
             norm), its sign fixed so that its largest-magnitude entry is
-            positive.
+            positive; on the CPU, in the statistics' precision (float64 for
+            a float64 model, else float32: the precision the products with
+            A ran in).
         gradient: ``A @ 1`` (length K), the current gradient of the channel's
-            inbound weights.
+            inbound weights; on the CPU, in the statistics' precision. The
+            sites of a group share one tensor: each site's ``direction`` and
+            ``gradient`` are rows (views) of it.
         samples: how many samples the sums ran over.
         method: ``"exact"`` or ``"matrix_free"``.
         steps: Lanczos steps (products with A and with A^T) on the
@@ -216,6 +228,7 @@ class _GroupPlan:
     chain: GroupChain
     sites: list[Site]
     method: str
+    positions: int = 1  # per channel and sample, summed over the values of the group's chain (its working set)
 
     @property
     def channels(self) -> list[int]:
@@ -240,7 +253,8 @@ def _plans(model: nn.Module, graph: Graph, sites: Sequence[Site], method: Method
             exact, free = estimate_cost(chain, graph, max_steps=min(max_steps, 8))
             chosen = "exact" if exact <= free else "matrix_free"
             logger.debug("group %s: exact %.3g MAC/sample, matrix-free %.3g -> %s", group.name, exact, free, chosen)
-        plans.append(_GroupPlan(chain, members, chosen))
+        positions = sum(_positions_per_sample(graph, node) for node in (*chain.nodes, *(s.node for s in chain.producers)))
+        plans.append(_GroupPlan(chain, members, chosen, positions))
     return plans
 
 
@@ -351,7 +365,7 @@ def _measure(
     free_plans = [plan for plan in plans if plan.method == "matrix_free"]
     sums = {id(plan): None for plan in exact_plans}
     stored: list[Capture] = []
-    gradients: dict[str, torch.Tensor] = {}  # producer node -> the sum of its inbound gradients times batch
+    gradients = InboundGradients([plan.chain for plan in free_plans], model_device(model))
     samples = 0
     with Recorder(model, plans[0].chain.source if plans else None, [plan.chain.tap() for plan in plans]) as recorder:
         for index, (inputs, targets) in enumerate(
@@ -359,7 +373,7 @@ def _measure(
         ):
             capture = run_batch(model, recorder, inputs, targets, loss_fn, index=index)
             samples += capture.batch
-            _add_gradients(gradients, capture)
+            gradients.add(capture)
             for plan in exact_plans:
                 if sums[id(plan)] is None:
                     shape = (len(plan.channels), plan.chain.inbound_size, plan.chain.outbound_size)
@@ -378,19 +392,21 @@ def _measure(
     results: dict[str, SiteStatistics] = {}
     for plan in exact_plans:
         a = _all_reduce(sums[id(plan)]) / samples
-        results.update(statistics_from_a(plan.sites, a, samples))
-    _release(stored, gradients, free_plans)
+        results.update(statistics_from_a(plan.sites, a, samples, statistics_dtype(plan.chain)))
+    _release(stored, free_plans)
+    return_freed_memory()  # the pass's autograd temporaries, and the captures merge replaced
     solves = progress_bar(free_plans, desc="A-statistics: top triplets (Lanczos)", enabled=progress if free_plans else False)
     for index, plan in enumerate(solves):
         captures: Iterable[Capture] = stored if replay is None else _Replay(model, plan.chain, replay, loss_fn)
         results.update(_matrix_free(plan, captures, gradients, samples, max_steps, tol, model_device(model), memory_budget))
-        _release(stored, gradients, free_plans[index + 1:])
+        _release(stored, free_plans[index + 1:])
+        return_freed_memory()  # the solve's temporaries: the next group's do not stack on them
     check_statistics(results.values())
     return {site.name: results[site.name] for plan in plans for site in plan.sites}
 
 
-def _release(stored: list[Capture], gradients: dict[str, torch.Tensor], plans: Sequence[_GroupPlan]) -> None:
-    """Drop the recorded values and gradient sums that none of ``plans`` (the solves still to come) reads.
+def _release(stored: list[Capture], plans: Sequence[_GroupPlan]) -> None:
+    """Drop the recorded values that none of ``plans`` (the solves still to come) reads.
 
     The results grow as the groups are solved; what their solves read is
     given back as they go.
@@ -404,12 +420,18 @@ def _release(stored: list[Capture], gradients: dict[str, torch.Tensor], plans: S
                                (capture.errors, consumers), (capture.externals, externals)):
             for name in [name for name in values if name not in needed]:
                 del values[name]
-    for name in [name for name in gradients if name not in producers]:
-        del gradients[name]
 
 
 def check_statistics(results: Iterable[SiteStatistics]) -> None:
     """Raise :class:`StatisticsError` if a site's sigma, lambda* or gradient is NaN or infinite."""
+    results = list(results)
+    # a group's sites are rows of one tensor: check each tensor once, and site by site only to name one
+    whole = {id(base): base for entry in results for tensor in (entry.direction, entry.gradient)
+             for base in [tensor if tensor._base is None else tensor._base]}
+    if all(math.isfinite(entry.sigma) for entry in results) and all(
+        bool(torch.isfinite(tensor).all()) for tensor in whole.values()
+    ):
+        return
     for entry in results:
         if not (
             math.isfinite(entry.sigma) and bool(torch.isfinite(entry.direction).all())
@@ -422,9 +444,22 @@ def check_statistics(results: Iterable[SiteStatistics]) -> None:
 
 
 def run_batch(
-    model: nn.Module, recorder: Recorder, inputs: Any, targets: Any, loss_fn: LossFn, *, index: int | None = None
+    model: nn.Module,
+    recorder: Recorder,
+    inputs: Any,
+    targets: Any,
+    loss_fn: LossFn,
+    *,
+    index: int | None = None,
+    inbound_gradients: bool = True,
 ) -> Capture:
     """One forward and backward pass under the recorder's hooks; parameters' ``.grad`` untouched.
+
+    With ``inbound_gradients`` the capture holds the producers' weight
+    gradients (``A 1``, see :class:`InboundGradients`); without, the
+    backward pass computes no weight gradient at all where the inputs are
+    floating point (it differentiates for them instead), only the errors
+    the recorder keeps.
 
     Raises:
         StatisticsError: the loss, or a gradient that A is made of, is not
@@ -452,9 +487,10 @@ def run_batch(
         # what comes out is A 1 of every channel
         parameters = recorder.producer_parameters()
         wrt = [p for params in parameters.values() for p in params]
-        if not all(p.requires_grad for p in wrt):
+        inputs_wrt = [x for x in leaves if isinstance(x, torch.Tensor) and x.requires_grad]
+        if not all(p.requires_grad for p in wrt) or (inputs_wrt and not inbound_gradients):
             parameters = {}
-            wrt = [x for x in leaves if isinstance(x, torch.Tensor) and x.requires_grad]
+            wrt = inputs_wrt
         if not loss.requires_grad:
             raise StatisticsError(
                 "the loss does not depend on the model's parameters or inputs through autograd; "
@@ -497,18 +533,30 @@ def _batch_name(index: int | None) -> str:
     return f"batch {index}" if index is not None else "the batch"
 
 
-def statistics_from_a(sites: Sequence[Site], a: torch.Tensor, samples: int) -> dict[str, SiteStatistics]:
-    """SiteStatistics of ``sites`` (one group, in the order of ``a``'s first axis) from their A matrices."""
+def statistics_dtype(chain: GroupChain) -> torch.dtype:
+    """The precision of a group's returned lambda* and gradient: float64 for a float64 model, else float32."""
+    return torch.float64 if chain.producers[0].module.weight.dtype == torch.float64 else torch.float32
+
+
+def statistics_from_a(
+    sites: Sequence[Site], a: torch.Tensor, samples: int, dtype: torch.dtype = torch.float64
+) -> dict[str, SiteStatistics]:
+    """SiteStatistics of ``sites`` (one group, in the order of ``a``'s first axis) from their A matrices.
+
+    lambda* and the gradient are returned in ``dtype`` (see :func:`statistics_dtype`); A in float64.
+    """
     triplet = top_singular(a)
+    a = a.cpu()
+    directions = triplet.direction.to(device="cpu", dtype=dtype)
+    gradients = a.sum(dim=2).to(dtype)
     results = {}
     for index, site in enumerate(sites):
-        matrix = a[index].cpu()
         results[site.name] = SiteStatistics(
             site=site,
-            a=matrix,
+            a=a[index],
             sigma=float(triplet.sigma[index]),
-            direction=triplet.direction[index].cpu(),
-            gradient=matrix.sum(dim=1),
+            direction=directions[index],
+            gradient=gradients[index],
             samples=samples,
             method="exact",
         )
@@ -613,7 +661,9 @@ class _Replay:
     def __iter__(self) -> Iterator[Capture]:
         with Recorder(self.model, self.chain.source, [self.chain.tap()]) as recorder:
             for index, (inputs, targets) in enumerate(self.batches()):
-                yield run_batch(self.model, recorder, inputs, targets, self.loss_fn, index=index)
+                # the inbound gradients were summed by the first pass: none is computed again
+                yield run_batch(self.model, recorder, inputs, targets, self.loss_fn, index=index,
+                                inbound_gradients=False)
 
 
 def _matrix_free(
@@ -635,28 +685,35 @@ def _matrix_free(
     """
     chain = plan.chain
     product, transposed = linear_operators(chain, stored, samples, cache=isinstance(stored, list))
-    start = _start_vectors(chain, device)  # drawn for every channel: a channel's start does not depend on chunking
     # the bases in the products' own precision (at least float32): float64 bases add nothing to float32 products
-    dtype = torch.float64 if chain.producers[0].module.weight.dtype == torch.float64 else torch.float32
+    dtype = statistics_dtype(chain)
     wanted = torch.tensor(sorted(set(plan.channels)), dtype=torch.long, device=device)
     row = {channel: index for index, channel in enumerate(wanted.tolist())}
-    size = lanczos_chunk(chain, max_steps, dtype, memory_budget)
-    triplets: list[Triplet] = []
-    for part in wanted.split(size):
-        triplets.append(lanczos_top(
+    # the results are allocated before the solve's temporaries, which then come and go above them in memory
+    direction = torch.empty(wanted.numel(), chain.outbound_size, dtype=dtype, device=device)
+    start = _start_vectors(chain, device)  # drawn for every channel: a channel's start does not depend on chunking
+    batch = max(capture.batch for capture in stored) if isinstance(stored, list) else samples
+    size = lanczos_chunk(chain, max_steps, dtype, memory_budget, work=plan.positions * batch)
+    sigmas, residuals, steps = [], [], 0
+    for offset, part in zip(itertools.count(0, size), wanted.split(size)):
+        solved = lanczos_top(
             lambda v, running, part=part: product(v, part[running]),
             lambda u, running, part=part: transposed(u, part[running]),
             start[part], max_steps=max_steps, tol=tol, dtype=dtype,
-        ))
-    triplet = Triplet(
-        torch.cat([t.sigma for t in triplets]), torch.cat([t.direction for t in triplets]),
-        max(t.steps for t in triplets), torch.cat([t.residual for t in triplets]),
-    )
-    gradient = _captured_gradient(chain, gradients, samples)
+        )
+        direction[offset:offset + part.numel()] = solved.direction
+        sigmas.append(solved.sigma)
+        residuals.append(solved.residual)
+        steps = max(steps, solved.steps)
+    del start
+    triplet = Triplet(torch.cat(sigmas), direction, steps, torch.cat(residuals))
+    gradient = gradients.mean(chain, samples)
     if gradient is None:
-        gradient = product(torch.ones(wanted.numel(), chain.outbound_size, dtype=torch.float64, device=device), wanted)
-    else:
+        ones = torch.ones(wanted.numel(), chain.outbound_size, dtype=torch.float64, device=device)
+        gradient = product(ones, wanted).to(dtype)
+    elif wanted.numel() < chain.group.size:
         gradient = gradient[wanted]
+    direction, gradient = direction.cpu(), gradient.cpu()
     if bool((triplet.residual > tol * triplet.sigma).any()):
         logger.warning(
             "group %s: Lanczos stopped after %d steps with relative residual up to %.2g (tol %.2g)",
@@ -670,8 +727,8 @@ def _matrix_free(
             site=site,
             a=None,
             sigma=sigma,
-            direction=triplet.direction[c].cpu(),
-            gradient=gradient[c].cpu(),
+            direction=direction[c],
+            gradient=gradient[c],
             samples=samples,
             method="matrix_free",
             steps=triplet.steps,
@@ -680,39 +737,66 @@ def _matrix_free(
     return results
 
 
-def lanczos_chunk(chain: GroupChain, max_steps: int, dtype: torch.dtype, memory_budget: int) -> int:
-    """How many channels one Lanczos solve takes at once so that its vectors fit ``memory_budget`` bytes.
+PRODUCT_COPIES = 4
+"""Copies of each value of a group's chain a product holds at once, per channel (values, tangents, saved for backward)."""
+
+
+def lanczos_chunk(chain: GroupChain, max_steps: int, dtype: torch.dtype, memory_budget: int, work: int = 0) -> int:
+    """How many channels one Lanczos solve takes at once so that it fits ``memory_budget`` bytes.
 
     Per channel: ``max_steps`` basis vectors of each side (K and L entries,
-    in ``dtype``), and the float64 sums, Ritz vector and work vectors of a
-    step (a few of each length). At least one channel.
+    in ``dtype``); the float64 sums, Ritz vector and work vectors of a step
+    (a few of each length); and the products' passes, which hold
+    :data:`PRODUCT_COPIES` copies of ``work`` entries (the chain's values
+    per channel, times the samples of a pass). At least one channel.
     """
     lengths = chain.inbound_size + chain.outbound_size
-    per_channel = max_steps * lengths * torch.finfo(dtype).bits // 8 + 4 * lengths * 8
+    itemsize = torch.finfo(dtype).bits // 8
+    per_channel = max_steps * lengths * itemsize + 4 * lengths * 8 + PRODUCT_COPIES * work * itemsize
     return max(1, memory_budget // per_channel)
 
 
-def _add_gradients(sums: dict[str, torch.Tensor], capture: Capture) -> None:
-    """Add a capture's inbound gradients (times its batch) to the running sums, and drop them from the capture.
+class InboundGradients:
+    """``A 1`` of every channel of the matrix-free groups, summed from the gradients the pass computes anyway.
 
-    The sums are kept in the model's precision: one copy of the producers'
-    weights, however many batches, where float64 would double it; the
-    gradient of each batch is itself a float32 sum for a float32 model.
+    Each group has one (channels x K) running sum of its producers' weight
+    gradients times the batch, in the statistics' precision
+    (:func:`statistics_dtype`), allocated before the pass: the producers'
+    sums are its column blocks (no concatenation afterwards), and once
+    divided by the samples it *is* the group's returned gradient, not a
+    copy of it. A producer whose gradient the pass did not compute (frozen
+    weights) leaves its group's sum unusable: :meth:`mean` then says None.
     """
-    for node in list(capture.gradients):
-        gradient = capture.gradients.pop(node)
-        if node in sums:
-            sums[node].add_(gradient, alpha=capture.batch)
-        else:  # the pass's own gradient tensor, which nothing else holds: scaled in place
-            sums[node] = gradient.mul_(capture.batch) if gradient.is_contiguous() else gradient.mul(capture.batch)
 
+    def __init__(self, chains: Sequence[GroupChain], device: torch.device) -> None:
+        self.sums: dict[str, torch.Tensor] = {}  # group name -> (channels, K)
+        self.blocks: dict[str, torch.Tensor] = {}  # producer node -> its columns of the group's sum
+        self.added: set[str] = set()  # producer nodes with at least one gradient added
+        for chain in chains:
+            total = torch.zeros(chain.group.size, chain.inbound_size, dtype=statistics_dtype(chain), device=device)
+            self.sums[chain.group.name] = total
+            for spec, rows in zip(chain.producers, chain.row_slices()):
+                self.blocks[spec.node] = total[:, rows]
 
-def _captured_gradient(chain: GroupChain, sums: dict[str, torch.Tensor], samples: int) -> torch.Tensor | None:
-    """``A 1`` of every channel (float64) from the gradients the pass over the data computed anyway."""
-    if not all(spec.node in sums for spec in chain.producers):
-        return None
-    rows = torch.cat([sums[spec.node].double() for spec in chain.producers], dim=1)
-    return _all_reduce(rows) / samples
+    def add(self, capture: Capture) -> None:
+        """Add a capture's inbound gradients (times its batch) to the sums, and drop them from the capture."""
+        for node in list(capture.gradients):
+            gradient = capture.gradients.pop(node)  # given up as it is added: one layer's gradient at a time
+            if node in self.blocks:
+                self.blocks[node].add_(gradient.reshape(self.blocks[node].shape), alpha=capture.batch)
+                self.added.add(node)
+
+    def mean(self, chain: GroupChain, samples: int) -> torch.Tensor | None:
+        """The group's ``A 1`` (channels x K) over ``samples`` (all-reduced), or None where it was not captured.
+
+        Divides the sum in place: call once per group.
+        """
+        if not all(spec.node in self.added for spec in chain.producers):
+            return None
+        total = self.sums.pop(chain.group.name)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        return total.div_(samples)
 
 
 def _start_vectors(chain: GroupChain, device: torch.device) -> torch.Tensor:

@@ -32,6 +32,7 @@ from tunnelgraph.statistics.engine import (
     check_sites_fit,
     check_statistics,
     exact_a,
+    statistics_dtype,
     statistics_from_a,
     unwrap_model,
 )
@@ -182,6 +183,6 @@ class StatisticsTracker:
         results: dict[str, SiteStatistics] = {}
         for chain, members in self.groups:
             a = self.averages[chain.group.name] / correction
-            results.update(statistics_from_a(members, a, self.samples))
+            results.update(statistics_from_a(members, a, self.samples, statistics_dtype(chain)))
         check_statistics(results.values())
         return results
