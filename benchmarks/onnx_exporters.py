@@ -234,6 +234,10 @@ CAUSES = {
                           "layers in the file, their groups blocked there too"),
     "onnx-blocks": ("gap", "the ONNX frontend fails closed on the operators an exporter wrote for an op the "
                     "PyTorch frontend passes (the operator is named)"),
+    "pytorch-blocks": ("gap", "the PyTorch frontend fails closed at torch.permute, where the ONNX frontend follows "
+                       "the Transpose the exporter writes for it: groups PyTorch keeps apart (ConvNeXt's last "
+                       "linear layer of each block, behind its permute) are one group of the residual stream in "
+                       "the file, blocked in both"),
     "folded-away": ("exporter", "the exporter computed the layer away: it reads constants only (swin_v2's "
                     "cpb_mlp on its relative coordinates table), so the dynamo exporter's optimizer stored its "
                     "result, and neither the layer nor its parameters are in the file"),
@@ -327,6 +331,11 @@ def compare(pt: dict[str, Any], ox: dict[str, Any], names: dict[str, str]) -> di
     for b_name, owners in matched["spans"]:
         blocked = [name for name in owners if any("stochastic_depth" in r for r in pt_all[name]["reasons"])]
         cause = "stochastic-depth-removed" if len(blocked) >= len(owners) - 1 else None
+        if cause is None and not ox_all[b_name]["legal"] and all(
+            not pt_all[name]["legal"] and any("function permute" in r for r in pt_all[name]["reasons"])
+            for name in owners
+        ):
+            cause = "pytorch-blocks"
         note(owners, {"rule": "all", "kind": "spans", "pytorch": owners, "onnx": b_name,
                       "onnx_legal": ox_all[b_name]["legal"], "cause": cause})
     for b_name, owner in matched["splits"]:
