@@ -12,6 +12,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 import tunnelgraph as tg
+from tunnelgraph.frontends.onnx import read_onnx
 
 RNG = np.random.default_rng(0)
 
@@ -597,3 +598,30 @@ def test_a_transpose_the_channels_follow_keeps_the_group_legal() -> None:
     assert len(sites) == 4 and sites[0].outbound_size == 2
     rewritten = tg.rewrite(model, sites[2], RNG.uniform(-1, 2, 2))
     assert tg.verify(model, rewritten, torch.randn(2, 2, 3, 3), rtol=1e-5, atol=1e-6).passed
+
+
+@pytest.mark.parametrize("build", ["constants_and_identities", "shared_initializers"])
+def test_a_file_bytes_and_a_model_are_prepared_alike_and_the_given_model_is_untouched(
+    build: str, tmp_path: Path
+) -> None:
+    """A file or bytes tunnelgraph parses are converted in place (no copy of their weights); a given model is copied."""
+    if build == "shared_initializers":
+        model = _shared_bias_model()
+    else:
+        variance = numpy_helper.from_array((np.abs(RNG.standard_normal(4)) + 0.5).astype(np.float32), "v")
+        model = _conv_bn_conv([
+            helper.make_node("Constant", [], ["bn.weight"], value=numpy_helper.from_array(
+                RNG.standard_normal(4).astype(np.float32) + 2, "w")),
+            helper.make_node("Constant", [], ["bn.running_var"], value=variance),
+            helper.make_node("Identity", ["shared"], ["bn.bias"]),
+            helper.make_node("Identity", ["shared"], ["bn.running_mean"]),
+        ], [], [_init("shared", 4)])
+    original = model.SerializeToString()
+    path = tmp_path / "model.onnx"
+    path.write_bytes(original)
+    from_model, _ = read_onnx(model)
+    assert model.SerializeToString() == original
+    prepared = from_model.SerializeToString()
+    assert prepared != original  # something was converted
+    assert read_onnx(original)[0].SerializeToString() == prepared
+    assert read_onnx(path)[0].SerializeToString() == prepared

@@ -107,9 +107,9 @@ def read_onnx(source: OnnxSource) -> tuple[onnx.ModelProto, Path | None]:
             external-data location points outside the model's folder.
     """
     if isinstance(source, onnx.ModelProto):
-        return _prepared(source), None
+        return _prepared(source, inplace=False), None
     if isinstance(source, bytes):
-        return _prepared(_parse(source, "the given bytes")), None
+        return _prepared(_parse(source, "the given bytes"), inplace=True), None
     path = Path(source)
     if not path.is_file():
         raise TraceError(f"no ONNX file at '{path}'")
@@ -128,15 +128,21 @@ def read_onnx(source: OnnxSource) -> tuple[onnx.ModelProto, Path | None]:
             raise TraceError(f"initializer '{tensor.name}' keeps its data in '{location}', which is missing")
     if external:
         onnx.external_data_helper.load_external_data_for_model(model, str(folder))
-    return _prepared(model), folder
+    return _prepared(model, inplace=True), folder
 
 
-def _prepared(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The form every ONNX path reads: constants as initializers, no initializer read by two inputs."""
-    return split_shared_initializers(constants_as_initializers(model))
+def _prepared(model: onnx.ModelProto, *, inplace: bool) -> onnx.ModelProto:
+    """The form every ONNX path reads: constants as initializers, no initializer read by two inputs.
+
+    ``inplace`` for a model tunnelgraph parsed itself (no copy of a file's
+    weights is made); a user's ``ModelProto`` is copied once at most.
+    """
+    converted = constants_as_initializers(model, inplace=inplace)
+    # a copy made by the first step is tunnelgraph's own: the second changes it in place
+    return split_shared_initializers(converted, inplace=inplace or converted is not model)
 
 
-def split_shared_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+def split_shared_initializers(model: onnx.ModelProto, *, inplace: bool = False) -> onnx.ModelProto:
     """``model`` with every initializer that several node inputs read copied, one copy per input.
 
     Exporters store parameters of equal value once (the TorchScript
@@ -154,7 +160,8 @@ def split_shared_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
     version is below 4 or no initializer is read twice.
 
     Returns:
-        ``model`` itself when nothing is shared, else a changed copy.
+        ``model`` itself when nothing is shared or with ``inplace`` (then
+        changed), else a changed copy.
     """
     graph = model.graph
     if model.ir_version and model.ir_version < 4:
@@ -169,7 +176,7 @@ def split_shared_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
     shared = {name for name, count in reads.items() if count > 1}
     if not shared:
         return model
-    result = copy.deepcopy(model)
+    result = model if inplace else copy.deepcopy(model)
     by_name = {t.name: t for t in result.graph.initializer}
     taken = set(by_name) | {out for node in result.graph.node for out in node.output}
     taken |= {value.name for value in list(result.graph.input) + list(result.graph.output)}
@@ -198,7 +205,7 @@ def split_shared_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
     return result
 
 
-def constants_as_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+def constants_as_initializers(model: onnx.ModelProto, *, inplace: bool = False) -> onnx.ModelProto:
     """``model`` with the constant tensors that nodes compute stored as initializers.
 
     A ``Constant`` node (of a tensor, a number or a list of numbers) and an
@@ -220,7 +227,8 @@ def constants_as_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
     graph inputs there) or for a tensor that is a graph output.
 
     Returns:
-        ``model`` itself when it has no such node, else a changed copy.
+        ``model`` itself when it has no such node or with ``inplace`` (then
+        changed), else a changed copy.
     """
     graph = model.graph
     if model.ir_version and model.ir_version < 4:
@@ -262,7 +270,7 @@ def constants_as_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
     if not arrays:
         return model
     logger.debug("reading %d tensor(s) computed from constants as initializers", len(arrays))
-    result = copy.deepcopy(model)
+    result = model if inplace else copy.deepcopy(model)
     kept = [node for node in result.graph.node if not (len(node.output) == 1 and node.output[0] in arrays)]
     graph_types = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
     subgraphs = any(attribute.type in graph_types for node in kept for attribute in node.attribute)
