@@ -116,9 +116,7 @@ def _edited_tensors(model: onnx.ModelProto, plan: RewritePlan) -> dict[str, onnx
 
 def _copy_replacing(model: onnx.ModelProto, replaced: dict[str, onnx.TensorProto]) -> onnx.ModelProto:
     """A copy of ``model`` whose initializers named in ``replaced`` are those (taken out of ``replaced``)."""
-    result = onnx.ModelProto()
-    _copy_fields(model, result, skip="graph")
-    _copy_fields(model.graph, result.graph, skip="initializer")
+    result = _shell(model)
     for tensor in model.graph.initializer:
         result.graph.initializer.append(replaced.pop(tensor.name) if tensor.name in replaced else tensor)
     return result
@@ -191,9 +189,7 @@ def save_onnx(proto: onnx.ModelProto, path: str | os.PathLike[str]) -> None:
         onnx.save(proto, os.fspath(path))
         return
     location = Path(path).name + ".data"
-    shell = onnx.ModelProto()
-    _copy_fields(proto, shell, skip="graph")
-    _copy_fields(proto.graph, shell.graph, skip="initializer")
+    shell = _shell(proto)
     with open(Path(path).parent / location, "wb") as data:  # replaced, never appended to
         for tensor in proto.graph.initializer:
             entry = shell.graph.initializer.add()
@@ -210,6 +206,14 @@ def save_onnx(proto: onnx.ModelProto, path: str | os.PathLike[str]) -> None:
             for key, value in (("location", location), ("offset", str(offset)), ("length", str(len(payload)))):
                 entry.external_data.add(key=key, value=value)
     onnx.save(shell, os.fspath(path))
+
+
+def _shell(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A new ``ModelProto`` with every field of ``model`` but the graph's initializers (no tensor data copied)."""
+    shell = onnx.ModelProto()
+    _copy_fields(model, shell, skip="graph")
+    _copy_fields(model.graph, shell.graph, skip="initializer")
+    return shell
 
 
 def _copy_fields(source: Any, target: Any, skip: str) -> None:

@@ -53,7 +53,7 @@ from tunnelgraph.runtime import (
 )
 from tunnelgraph.statistics.capture import Capture, Recorder, merge
 from tunnelgraph.statistics.chain import GroupChain, conv_patches
-from tunnelgraph.statistics.solve import Operator, Triplet, lanczos_top, top_singular
+from tunnelgraph.statistics.solve import Operator, lanczos_top, top_singular
 
 logger = logging.getLogger(__name__)
 
@@ -366,13 +366,14 @@ def _measure(
     sums = {id(plan): None for plan in exact_plans}
     stored: list[Capture] = []
     gradients = InboundGradients([plan.chain for plan in free_plans], model_device(model))
-    samples = 0
+    samples = largest = 0
     with Recorder(model, plans[0].chain.source if plans else None, [plan.chain.tap() for plan in plans]) as recorder:
         for index, (inputs, targets) in enumerate(
             progress_bar(batches_iter, total=batches, desc="A-statistics: pass over the data", enabled=progress)
         ):
             capture = run_batch(model, recorder, inputs, targets, loss_fn, index=index)
             samples += capture.batch
+            largest = max(largest, capture.batch)
             gradients.add(capture)
             for plan in exact_plans:
                 if sums[id(plan)] is None:
@@ -395,10 +396,12 @@ def _measure(
         results.update(statistics_from_a(plan.sites, a, samples, statistics_dtype(plan.chain)))
     _release(stored, free_plans)
     return_freed_memory()  # the pass's autograd temporaries, and the captures merge replaced
+    batch = max((capture.batch for capture in stored), default=largest)  # replayed passes run batch by batch
     solves = progress_bar(free_plans, desc="A-statistics: top triplets (Lanczos)", enabled=progress if free_plans else False)
     for index, plan in enumerate(solves):
         captures: Iterable[Capture] = stored if replay is None else _Replay(model, plan.chain, replay, loss_fn)
-        results.update(_matrix_free(plan, captures, gradients, samples, max_steps, tol, model_device(model), memory_budget))
+        results.update(_matrix_free(plan, captures, gradients, samples, max_steps, tol, model_device(model),
+                                    memory_budget, batch))
         _release(stored, free_plans[index + 1:])
         return_freed_memory()  # the solve's temporaries: the next group's do not stack on them
     check_statistics(results.values())
@@ -539,7 +542,7 @@ def statistics_dtype(chain: GroupChain) -> torch.dtype:
 
 
 def statistics_from_a(
-    sites: Sequence[Site], a: torch.Tensor, samples: int, dtype: torch.dtype = torch.float64
+    sites: Sequence[Site], a: torch.Tensor, samples: int, dtype: torch.dtype
 ) -> dict[str, SiteStatistics]:
     """SiteStatistics of ``sites`` (one group, in the order of ``a``'s first axis) from their A matrices.
 
@@ -669,14 +672,18 @@ class _Replay:
 def _matrix_free(
     plan: _GroupPlan,
     stored: Iterable[Capture],
-    gradients: dict[str, torch.Tensor],
+    gradients: InboundGradients,
     samples: int,
     max_steps: int,
     tol: float,
     device: torch.device,
-    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    memory_budget: int,
+    batch: int,
 ) -> dict[str, SiteStatistics]:
-    """Top triplets of the plan's channels by Lanczos, in chunks of channels whose bases fit ``memory_budget``.
+    """Top triplets of the plan's channels by Lanczos, in chunks of channels that fit ``memory_budget``.
+
+    ``batch``: the most samples one pass of a product runs over (the joined
+    batch of stored captures, or the data's largest batch when replayed).
 
     Each chunk's products run on its channels alone, so the chunks together
     cost what one solve of every channel would, while the Lanczos bases
@@ -692,9 +699,8 @@ def _matrix_free(
     # the results are allocated before the solve's temporaries, which then come and go above them in memory
     direction = torch.empty(wanted.numel(), chain.outbound_size, dtype=dtype, device=device)
     start = _start_vectors(chain, device)  # drawn for every channel: a channel's start does not depend on chunking
-    batch = max(capture.batch for capture in stored) if isinstance(stored, list) else samples
     size = lanczos_chunk(chain, max_steps, dtype, memory_budget, work=plan.positions * batch)
-    sigmas, residuals, steps = [], [], 0
+    sigmas, residuals, steps = [], [], 0  # lambda* goes straight into ``direction``
     for offset, part in zip(itertools.count(0, size), wanted.split(size)):
         solved = lanczos_top(
             lambda v, running, part=part: product(v, part[running]),
@@ -706,7 +712,7 @@ def _matrix_free(
         residuals.append(solved.residual)
         steps = max(steps, solved.steps)
     del start
-    triplet = Triplet(torch.cat(sigmas), direction, steps, torch.cat(residuals))
+    sigma, residual = torch.cat(sigmas), torch.cat(residuals)
     gradient = gradients.mean(chain, samples)
     if gradient is None:
         ones = torch.ones(wanted.numel(), chain.outbound_size, dtype=torch.float64, device=device)
@@ -714,25 +720,25 @@ def _matrix_free(
     elif wanted.numel() < chain.group.size:
         gradient = gradient[wanted]
     direction, gradient = direction.cpu(), gradient.cpu()
-    if bool((triplet.residual > tol * triplet.sigma).any()):
+    if bool((residual > tol * sigma).any()):
         logger.warning(
             "group %s: Lanczos stopped after %d steps with relative residual up to %.2g (tol %.2g)",
-            chain.group.name, triplet.steps, float((triplet.residual / triplet.sigma.clamp_min(1e-300)).max()), tol,
+            chain.group.name, steps, float((residual / sigma.clamp_min(1e-300)).max()), tol,
         )
     results = {}
     for site in plan.sites:
         c = row[site.channel]
-        sigma = float(triplet.sigma[c])
+        value = float(sigma[c])
         results[site.name] = SiteStatistics(
             site=site,
             a=None,
-            sigma=sigma,
+            sigma=value,
             direction=direction[c],
             gradient=gradient[c],
             samples=samples,
             method="matrix_free",
-            steps=triplet.steps,
-            residual=float(triplet.residual[c]) / sigma if sigma > 0 else 0.0,
+            steps=steps,
+            residual=float(residual[c]) / value if value > 0 else 0.0,
         )
     return results
 
@@ -789,14 +795,11 @@ class InboundGradients:
     def mean(self, chain: GroupChain, samples: int) -> torch.Tensor | None:
         """The group's ``A 1`` (channels x K) over ``samples`` (all-reduced), or None where it was not captured.
 
-        Divides the sum in place: call once per group.
+        Divides the sum in place (a reduced copy under ``torch.distributed``): call once per group.
         """
         if not all(spec.node in self.added for spec in chain.producers):
             return None
-        total = self.sums.pop(chain.group.name)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(total, op=dist.ReduceOp.SUM)
-        return total.div_(samples)
+        return _all_reduce(self.sums.pop(chain.group.name)).div_(samples)
 
 
 def _start_vectors(chain: GroupChain, device: torch.device) -> torch.Tensor:
