@@ -90,12 +90,15 @@ def test_a_flatten_no_group_reaches_blocks_the_layers_added_to_it() -> None:
             self.head = nn.Linear(6, 2)
 
         def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            z = self.conv(x).transpose(2, 3).flatten(1) + self.side(y)
+            # the channels land on axis 2, inside the flatten's merged axes 1..3: no group reaches it
+            z = self.conv(x).transpose(1, 2).flatten(1) + self.side(y)
             return self.head(torch.relu(z))
 
     report = tg.analyze(FlattenedSum(), (torch.randn(4, 3, 1, 3), torch.randn(4, 5)))
     side = _group(report, "side")
     assert not side.legal and "flatten at node" in side.reasons[0]
+    conv = _group(report, "conv")
+    assert any("interleaves the channels (channel axis 2" in reason for reason in conv.reasons), conv.reasons
     assert not report.sites or all(site.group_name != "side" for site in report.sites)
 
 

@@ -77,6 +77,14 @@ def _dropout(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Callable[..
     return F.dropout, (bound["input"],), {"p": bound.get("p", 0.5), "training": bool(bound.get("train", False))}
 
 
+def _numpy_t(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]:
+    """``aten.numpy_T(x)`` (``x.T``): every axis reversed, a permute once the capture's rank is known."""
+    value = args[0].meta.get("val") if isinstance(args[0], torch.fx.Node) else None
+    if kwargs or len(args) != 1 or not isinstance(value, torch.Tensor):
+        raise LookupError
+    return torch.permute, (args[0], tuple(reversed(range(value.dim())))), {}
+
+
 _Converter = Callable[[tuple[Any, ...], dict[str, Any]], tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]]
 
 
@@ -127,6 +135,13 @@ def _table() -> dict[str, _Converter]:
     for name, function in (("gt", torch.gt), ("lt", torch.lt), ("ge", torch.ge), ("le", torch.le)):
         add([name], _same(function))
     add(["where"], _same(torch.where))
+    # transposes, by overload: the in-place forms (transpose_) and named dims (transpose.Dimname) stay
+    add(["permute.default"], _same(torch.permute))
+    add(["transpose.int", "swapaxes.default", "swapdims.default"], _same(torch.transpose))
+    add(["movedim.int", "movedim.intlist", "moveaxis.int", "moveaxis.intlist"], _same(torch.movedim))
+    add(["t.default"], _same(torch.t))
+    add(["mT.default"], lambda args, kwargs: (torch.transpose, (*args, -2, -1), kwargs))
+    add(["numpy_T.default"], _numpy_t)
     return table
 
 

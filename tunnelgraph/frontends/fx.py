@@ -21,7 +21,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from tunnelgraph.errors import TraceError
 from tunnelgraph.frontends.export import exported_module
-from tunnelgraph.frontends.shapes import merged_range
+from tunnelgraph.frontends.shapes import merged_range, permutation_axis_map
 from tunnelgraph.ir import ChannelMap, Graph, Node, OpKind, ParamRef, activation_function
 from tunnelgraph.runtime import preserved
 
@@ -82,6 +82,22 @@ _LAYER_FUNCTIONS: dict[Callable[..., Any], tuple[str, int]] = {
 _CONCAT_FUNCTIONS: set[Callable[..., Any]] = {torch.cat, torch.concat, torch.concatenate}
 _RESHAPE_FUNCTIONS: set[Callable[..., Any]] = {torch.flatten, torch.reshape}
 _RESHAPE_METHODS = {"view", "reshape", "flatten"}
+# the spellings of a transpose, by how their arguments say where the axes go; in-place forms
+# (x.transpose_) change the tensor other nodes read, so they are not here and block
+_TRANSPOSE_FUNCTIONS: dict[Callable[..., Any], str] = {
+    torch.permute: "permute", torch.transpose: "transpose", torch.swapaxes: "transpose",
+    torch.swapdims: "transpose", torch.movedim: "movedim", torch.moveaxis: "movedim", torch.t: "t",
+}
+_TRANSPOSE_METHODS = {
+    "permute": "permute", "transpose": "transpose", "swapaxes": "transpose", "swapdims": "transpose",
+    "movedim": "movedim", "moveaxis": "movedim", "t": "t",
+}
+_TRANSPOSE_ATTRIBUTES = {"T": "T", "mT": "mT"}
+# argument names after the tensor, by spelling (torch's own keyword names, swapaxes' included)
+_TRANSPOSE_KEYWORDS = {
+    "permute": (("dims",),), "transpose": (("dim0", "axis0"), ("dim1", "axis1")),
+    "movedim": (("source",), ("destination",)), "t": (), "T": (), "mT": (),
+}
 _METADATA_METHODS = {"size", "dim", "numel"}
 _METADATA_ATTRIBUTES = {"shape", "dtype", "device", "ndim"}
 
@@ -410,6 +426,13 @@ class _Translator:
             return self._reshape(fx_node)
         if target is torch.mean:
             return self._mean(fx_node)
+        if target in _TRANSPOSE_FUNCTIONS:
+            return self._transpose(fx_node, _TRANSPOSE_FUNCTIONS[target], f"function {target.__name__}")
+        if target is getattr and fx_node.args[1] in _TRANSPOSE_ATTRIBUTES and self._tensor_inputs(fx_node) and (
+            self._kind(self._tensor_inputs(fx_node)[0]) != OpKind.METADATA
+        ):
+            attribute = str(fx_node.args[1])
+            return self._transpose(fx_node, _TRANSPOSE_ATTRIBUTES[attribute], f"attribute .{attribute}")
         if target is operator.getitem or target is getattr:
             return self._metadata_or_blocking(fx_node, "indexing")
         if _shape(fx_node) is None and all(
@@ -602,7 +625,42 @@ class _Translator:
             return self._mean(fx_node)
         if method == "contiguous":
             return self._node(fx_node, OpKind.CHANNELWISE, "identity")
+        if method in _TRANSPOSE_METHODS:
+            return self._transpose(fx_node, _TRANSPOSE_METHODS[method], f"method .{method}()")
         return self._blocking(fx_node, f"method .{method}()")
+
+    def _transpose(self, fx_node: torch.fx.Node, spelling: str, what: str) -> Node:
+        """permute, transpose, movedim and their kin with dims written as numbers: the channels move.
+
+        The node says where each input axis goes (``attrs["axis_map"]``) and
+        which input axis each output axis is (``attrs["perm"]``), as the ONNX
+        frontend writes ``Transpose``; whether the consumers read the
+        channels where they land (a conv reads axis 1, a linear layer the
+        last) is the analysis's check. Dims computed at run time (from
+        ``x.dim()``, say) would move with the shapes: such a call blocks.
+        """
+        source = fx_node.args[0] if fx_node.args else None
+        in_shape = _shape(source) if isinstance(source, torch.fx.Node) else None
+        out_shape = _shape(fx_node)
+        if in_shape is None or out_shape is None:
+            return self._blocking(fx_node, f"{what} of a tensor of unknown shape")
+        rank = len(in_shape)
+        arguments = _transpose_arguments(fx_node, spelling)
+        if arguments is None:
+            return self._blocking(fx_node, f"{what} with arguments {fx_node.args[1:]} {dict(fx_node.kwargs)}")
+        if any(isinstance(node, torch.fx.Node) for node in _flat(arguments)):
+            return self._blocking(
+                fx_node,
+                f"{what} with dims computed at run time (tunnelgraph follows a transpose whose dims are "
+                "written as numbers)",
+            )
+        perm = _permutation(spelling, arguments, rank)
+        axis_map = permutation_axis_map(perm, rank) if perm is not None else None
+        if perm is None or axis_map is None or tuple(in_shape[axis % rank] for axis in perm) != out_shape:
+            return self._blocking(fx_node, f"{what} with dims {arguments} of a rank-{rank} tensor")
+        perm = tuple(axis % rank for axis in perm)
+        node = self._node(fx_node, OpKind.CHANNELWISE, "transpose", axis_map=axis_map, perm=perm)
+        return dataclasses.replace(node, inputs=(source.name,))
 
     def _metadata_or_blocking(self, fx_node: torch.fx.Node, what: str) -> Node:
         sources = self._tensor_inputs(fx_node)
@@ -692,6 +750,68 @@ class _Translator:
             fx_node, OpKind.RESHAPE, "flatten", input_maps={0: block}, start=start, end=end,
             literal_widths=literals, **frozen,
         )
+
+
+def _transpose_arguments(fx_node: torch.fx.Node, spelling: str) -> tuple[Any, ...] | None:
+    """The arguments after the tensor of a transpose call, in torch's order; None when they do not bind."""
+    keywords = _TRANSPOSE_KEYWORDS[spelling]
+    if fx_node.op == "call_function" and fx_node.target is getattr:
+        return ()
+    given = list(fx_node.args[1:])
+    if spelling == "permute" and fx_node.op == "call_method" and given and not isinstance(given[0], (tuple, list)):
+        given = [tuple(given)]  # x.permute(0, 2, 3, 1): the dims as separate arguments
+    if len(given) > len(keywords):
+        return None
+    bound = list(given)
+    remaining = dict(fx_node.kwargs)
+    for names in keywords[len(given):]:
+        name = next((name for name in names if name in remaining), None)
+        if name is None:
+            return None
+        bound.append(remaining.pop(name))
+    return None if remaining else tuple(bound)
+
+
+def _flat(value: Any) -> list[Any]:
+    """The items of nested tuples and lists, in order."""
+    if isinstance(value, (tuple, list)):
+        return [item for part in value for item in _flat(part)]
+    return [value]
+
+
+def _permutation(spelling: str, arguments: tuple[Any, ...], rank: int) -> tuple[int, ...] | None:
+    """Which input axis each output axis is (axes may be negative), for a transpose spelled ``spelling``.
+
+    None when the dims do not say (out of range, repeated, not numbers);
+    the caller then blocks.
+    """
+    if not all(isinstance(dim, int) and not isinstance(dim, bool) for dim in _flat(arguments)):
+        return None
+    if any(not -rank <= dim < rank for dim in _flat(arguments)):
+        return None
+    if spelling == "permute":
+        (dims,) = arguments
+        return tuple(dims)
+    if spelling in ("transpose", "mT", "t", "T"):
+        if spelling == "T" or (spelling == "t" and rank < 2):
+            return tuple(reversed(range(rank)))
+        if spelling == "mT" and rank < 2:
+            return None
+        first, second = arguments if spelling == "transpose" else (rank - 2, rank - 1)
+        perm = list(range(rank))
+        perm[first], perm[second] = perm[second], perm[first]
+        return tuple(perm)
+    source, destination = arguments  # movedim: numpy's moveaxis
+    sources = [source] if isinstance(source, int) else list(source)
+    destinations = [destination] if isinstance(destination, int) else list(destination)
+    sources, destinations = [s % rank for s in sources], [d % rank for d in destinations]
+    if len(sources) != len(destinations) or len(set(sources)) != len(sources) or len(set(destinations)) != len(destinations):
+        return None
+    moved: list[int | None] = [None] * rank
+    for s, d in zip(sources, destinations):
+        moved[d] = s
+    rest = iter(axis for axis in range(rank) if axis not in sources)
+    return tuple(axis if axis is not None else next(rest) for axis in moved)
 
 
 def _layer_name(weight: str) -> str:

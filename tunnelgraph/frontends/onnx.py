@@ -50,7 +50,7 @@ try:
 except ImportError as error:  # the optional extra is not installed
     raise missing_onnx(error) from error
 
-from tunnelgraph.frontends.shapes import merged_range
+from tunnelgraph.frontends.shapes import merged_range, permutation_axis_map
 from tunnelgraph.ir import ChannelMap, Graph, Node, OpKind, ParamRef, activation_function
 
 logger = logging.getLogger(__name__)
@@ -696,9 +696,9 @@ class _Translator:
         if shape is None:
             return self._blocking(node, "Transpose of an input of unknown rank", "transpose")
         perm = [int(p) for p in attrs.get("perm", reversed(range(len(shape))))]
-        if sorted(perm) != list(range(len(shape))):
+        axis_map = permutation_axis_map(perm, len(shape))
+        if axis_map is None or min(perm, default=0) < 0:
             return self._blocking(node, f"Transpose with perm {perm} of a rank-{len(shape)} input", "transpose")
-        axis_map = tuple(perm.index(axis) for axis in range(len(shape)))
         self._finish(node, self._node(node, OpKind.CHANNELWISE, "transpose", inputs=[node.input[0]],
                                       axis_map=axis_map, perm=tuple(perm)))
 

@@ -35,3 +35,20 @@ def merged_range(
         ):
             return (start, end)
     return None
+
+
+def permutation_axis_map(perm: Sequence[int], rank: int) -> tuple[int, ...] | None:
+    """Where each input axis goes under a transpose whose output axis ``i`` is input axis ``perm[i]``.
+
+    The inverse permutation, as a transpose node's ``attrs["axis_map"]``
+    gives it (:mod:`tunnelgraph.ir.graph`): ``(0, 2, 3, 1)`` (channels
+    last) sends axis 1 to axis 3, so its map is ``(0, 3, 1, 2)``. Negative
+    axes count from the end. None when ``perm`` is not a permutation of
+    ``range(rank)``.
+    """
+    if len(perm) != rank or not all(isinstance(axis, int) and -rank <= axis < rank for axis in perm):
+        return None
+    normalised = [axis % rank for axis in perm]
+    if sorted(normalised) != list(range(rank)):
+        return None
+    return tuple(normalised.index(axis) for axis in range(rank))
