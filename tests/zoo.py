@@ -624,6 +624,37 @@ class WeightStandardized(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
+class ChannelsLastBlocks(nn.Module):
+    """ConvNeXt-shaped, without its layer norm and layer scale: a stem conv, two blocks of depthwise conv
+    -> channels last -> linear -> GELU -> linear -> channels first -> residual add, then a 1x1 conv head.
+
+    The blocks spell the moves differently (``x.permute(0, 2, 3, 1)`` and ``permute(0, 3, 1, 2)``;
+    ``torch.movedim(x, 1, -1)`` and two ``transpose`` calls). The residual stream is one group: the stem
+    and both blocks' second linear layers (their units on the last axis, moved back to axis 1) make it,
+    the blocks' first linear layers (reading the last axis) and the head conv read it, and it passes the
+    depthwise convs (``through=("depthwise",)``). Each block's hidden units are sites.
+    """
+
+    def __init__(self, width: int = 6) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, width, 2, stride=2)
+        self.dw0 = nn.Conv2d(width, width, 3, padding=1, groups=width)
+        self.fc0a = nn.Linear(width, 2 * width)
+        self.fc0b = nn.Linear(2 * width, width)
+        self.dw1 = nn.Conv2d(width, width, 3, padding=1, groups=width)
+        self.fc1a = nn.Linear(width, 2 * width)
+        self.fc1b = nn.Linear(2 * width, width)
+        self.head = nn.Conv2d(width, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        h = self.dw0(x).permute(0, 2, 3, 1)
+        x = x + self.fc0b(F.gelu(self.fc0a(h))).permute(0, 3, 1, 2)
+        h = torch.movedim(self.dw1(x), 1, -1)
+        x = x + self.fc1b(F.gelu(self.fc1a(h))).transpose(1, 3).transpose(2, 3)
+        return self.head(x).mean((2, 3))
+
+
 def _builder(cls: Callable[..., nn.Module], **kwargs: int) -> Callable[[], nn.Module]:
     def build() -> nn.Module:
         return _finish(cls(**kwargs))
@@ -680,6 +711,7 @@ ZOO: list[ZooEntry] = [
         (4, 3, 8, 8),
         has_batchnorm=True,
     ),
+    ZooEntry("channels_last_blocks", _builder(ChannelsLastBlocks), (4, 3, 8, 12), has_batchnorm=False),
 ]
 
 TRACEABLE: list[ZooEntry] = [e for e in ZOO if e.traceable]

@@ -49,6 +49,33 @@ class Residual(nn.Module):
         return self.fc(h.flatten(1))
 
 
+class ChannelsLast(nn.Module):
+    """conv (8 filters) -> relu -> channels last -> linear over the filters -> tanh -> channels first -> head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.fc = nn.Linear(8, 5)
+        self.head = nn.Linear(5 * 4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv(x)).permute(0, 2, 3, 1)
+        return self.head(torch.tanh(self.fc(h)).permute(0, 3, 1, 2).flatten(1))
+
+
+def planted_channels_last() -> tuple[nn.Module, set[tuple[str, str]]]:
+    """The relations hold through the transposes: they move entries and change none."""
+    model = ChannelsLast().double()
+    with torch.no_grad():
+        model.fc.weight[:, 2] = 0
+        model.conv.weight[6], model.conv.bias[6] = model.conv.weight[1], model.conv.bias[1]
+        model.conv.weight[7], model.conv.bias[7] = 2.5 * model.conv.weight[3], 2.5 * model.conv.bias[3]
+        model.fc.weight[4], model.fc.bias[4] = -model.fc.weight[0], -model.fc.bias[0]
+    planted = {("conv[2]", "inconsequential"), ("conv[6]", "redundant"), ("conv[7]", "relu_scaled"),
+               ("fc[4]", "negated")}
+    return model, planted
+
+
 def planted_mlp(kind: str) -> tuple[nn.Module, set[tuple[str, str]]]:
     activation = {"negated": nn.Tanh(), "sigmoid_complement": nn.Sigmoid(), "relu_scaled": nn.ReLU()}[kind]
     model = MLP(activation).double()
@@ -90,6 +117,7 @@ def planted_residual() -> tuple[nn.Module, set[tuple[str, str]]]:
 # The parameter count of each network without its planted units, layer by layer.
 _MLP_WITHOUT = (6 * 6 + 6) + (3 * 6 + 3)  # 10 -> 6 hidden units
 _CONV_WITHOUT = (4 * 3 * 9 + 4) + (5 * 4 * 9 + 5) + (2 * 5 * 16 + 2)  # conv1 8 -> 4, conv2 6 -> 5
+_CHANNELS_LAST_WITHOUT = (5 * 3 * 9 + 5) + (4 * 5 + 4) + (2 * 4 * 4 + 2)  # conv 8 -> 5, fc 5 -> 4
 _RESIDUAL_WITHOUT = (4 * 3 * 9 + 4) + (5 * 4 * 9 + 5) + (4 * 5 * 9 + 4) + (2 * 4 * 16 + 2)  # stream 6 -> 4
 
 PLANTED = {
@@ -98,6 +126,7 @@ PLANTED = {
     "mlp_relu_scaled": (lambda: planted_mlp("relu_scaled"), (4, 6), _MLP_WITHOUT),
     "conv": (planted_conv, (4, 3, 8, 8), _CONV_WITHOUT),
     "residual": (planted_residual, (4, 3, 4, 4), _RESIDUAL_WITHOUT),
+    "channels_last": (planted_channels_last, (4, 3, 4, 4), _CHANNELS_LAST_WITHOUT),
 }
 
 

@@ -50,7 +50,7 @@ _ODD_ACTIVATIONS = {"tanh", "softsign", "tanhshrink", "neg"}
 _HOMOGENEOUS_ACTIVATIONS = {"relu", "leaky_relu", "prelu", "abs", "neg"}
 _LINEAR_POOLING = {"avg", "mean", "gather"}
 _HOMOGENEOUS_POOLING = {"max", "lp"}
-_PLAIN = {"dropout", "identity", "flatten", "concat"}
+_PLAIN = {"dropout", "identity", "flatten", "concat", "transpose"}  # each moves entries, no more
 
 
 @dataclass(frozen=True)
