@@ -234,16 +234,19 @@ CAUSES = {
                           "layers in the file, their groups blocked there too"),
     "onnx-blocks": ("gap", "the ONNX frontend fails closed on the operators an exporter wrote for an op the "
                     "PyTorch frontend passes (the operator is named)"),
-    "pytorch-blocks": ("gap", "the PyTorch frontend fails closed at torch.permute, where the ONNX frontend follows "
-                       "the Transpose the exporter writes for it: groups PyTorch keeps apart (ConvNeXt's last "
-                       "linear layer of each block, behind its permute) are one group of the residual stream in "
-                       "the file, blocked in both"),
+    "pytorch-blocks": ("gap", "the PyTorch frontend fails closed at a permute or transpose whose dims it cannot "
+                       "read (computed at run time), where the ONNX frontend follows the Transpose the exporter "
+                       "writes for it: groups PyTorch keeps apart are one group in the file, blocked in both "
+                       "(until 2026-12-02 every torch.permute: ConvNeXt's last linear layer of each block)"),
     "folded-away": ("exporter", "the exporter computed the layer away: it reads constants only (swin_v2's "
                     "cpb_mlp on its relative coordinates table), so the dynamo exporter's optimizer stored its "
                     "result, and neither the layer nor its parameters are in the file"),
 }
 """The known causes of differences: the exporter changed the graph (``exporter``), or one
 frontend fails closed where the other passes (``gap``, a limitation of tunnelgraph)."""
+
+# a transpose the PyTorch frontend blocks: dims computed at run time, or an in-place form
+_PERMUTE_BLOCKS = re.compile(r"(function |method \.)(permute|transpose|movedim|moveaxis|swapaxes|swapdims)")
 
 _REMOVED = {"feeds batch norm": "bn-fused", "feeds dropout": "dropout-removed",
             "stochastic_depth": "stochastic-depth-removed"}
@@ -332,7 +335,7 @@ def compare(pt: dict[str, Any], ox: dict[str, Any], names: dict[str, str]) -> di
         blocked = [name for name in owners if any("stochastic_depth" in r for r in pt_all[name]["reasons"])]
         cause = "stochastic-depth-removed" if len(blocked) >= len(owners) - 1 else None
         if cause is None and not ox_all[b_name]["legal"] and all(
-            not pt_all[name]["legal"] and any("function permute" in r for r in pt_all[name]["reasons"])
+            not pt_all[name]["legal"] and any(_PERMUTE_BLOCKS.search(r) for r in pt_all[name]["reasons"])
             for name in owners
         ):
             cause = "pytorch-blocks"

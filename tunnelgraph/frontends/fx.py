@@ -642,7 +642,7 @@ class _Translator:
         source = fx_node.args[0] if fx_node.args else None
         in_shape = _shape(source) if isinstance(source, torch.fx.Node) else None
         out_shape = _shape(fx_node)
-        if in_shape is None or out_shape is None:
+        if not isinstance(source, torch.fx.Node) or in_shape is None or out_shape is None:
             return self._blocking(fx_node, f"{what} of a tensor of unknown shape")
         rank = len(in_shape)
         arguments = _transpose_arguments(fx_node, spelling)

@@ -115,7 +115,10 @@ and says in ``attrs["keepdim"]`` whether they stay.
 
 Channel-wise nodes that move the channel axis say where each input axis goes
 in ``attrs["axis_map"]`` (a transpose's inverse permutation; None for an axis
-a gather indexes, where channels cannot be); those with stored operands that
+a gather indexes, where channels cannot be). A ``transpose`` node (ONNX
+``Transpose``; torch's ``permute``, ``transpose``, ``movedim`` and their kin)
+also gives the permutation itself in ``attrs["perm"]``: output axis ``i`` is
+input axis ``perm[i]``. Those with stored operands that
 broadcast (ONNX ``Div`` by a stored tensor, ``Where`` with a stored mask) give
 the operands' shapes in ``attrs["constant_shapes"]``: the analysis blocks the
 channels where one varies along their axis."""
