@@ -154,6 +154,23 @@ def test_operators_without_a_counterpart_stay_and_block_by_name() -> None:
     assert "cumsum" in group.reasons[0]
 
 
+def test_aten_transposes_become_the_torch_functions_the_translator_reads() -> None:
+    """permute, transpose, movedim, swapaxes, t, mT and numpy_T (``x.T``): none stays an ATen operator."""
+
+    class Moves(nn.Module):
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            m = x[0, 0]
+            return (x.permute(0, 2, 3, 1), x.transpose(1, -1), x.movedim((1, 2), (3, 0)), torch.moveaxis(x, 1, 3),
+                    x.swapaxes(1, 2), torch.swapdims(x, 2, 3), x.mT, m.T, m.t())
+
+    module = exported_module(Moves().eval(), (torch.randn(2, 3, 4, 5),))
+    targets = [node.target for node in module.graph.nodes if node.op == "call_function"]
+    assert [str(t) for t in targets if isinstance(t, torch._ops.OpOverload)] == ["aten.select.int"] * 2  # m = x[0, 0]
+    assert {torch.permute, torch.transpose, torch.movedim, torch.t} <= set(targets)
+    expected = Moves()(x := torch.randn(2, 3, 4, 5))
+    assert all(torch.equal(a, b) for a, b in zip(module(x), expected))
+
+
 def test_bad_frontend_arguments_are_named() -> None:
     model, x = _same_net()
     with pytest.raises(ValueError, match="frontend must be"):
