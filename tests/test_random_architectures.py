@@ -4,9 +4,11 @@ Hypothesis writes small random DAG networks as the source of an ``nn.Module``
 class (convolutions of random widths, kernels, strides, padding, dilation and
 groups, depthwise included; linear layers; every activation the fx frontend
 knows; batch norm; pooling; dropout; residual adds, subtractions and gates;
-concatenation; flatten and view into linear layers; and operations tunnelgraph
-does not know, such as cumsum, softmax, split and channel slicing, which must
-block sites, never break them). For every ``through=`` subset of
+concatenation; flatten and view into linear layers; transposes (permute,
+transpose, movedim, swapaxes, ``.mT``), often around a linear layer over the
+channels moved last; and operations tunnelgraph does not know, such as cumsum,
+softmax, split, channel slicing and a permute with dims
+computed from ``x.dim()``, which must block sites, never break them). For every ``through=`` subset of
 ``tg.THROUGH_OPTIONS`` it finds every site, opens a tunnel at each with a random
 lambda on a ``tg.perturbed`` float64 copy in eval mode, and checks that
 
@@ -174,6 +176,7 @@ class _Builder:
         self.body: list[str] = []
         self.values: dict[str, torch.Tensor] = {"x": x}
         self.input_storage = x.untyped_storage().data_ptr()
+        self.split_storages: set[int] = set()  # storage of split / chunk outputs (views of one call's outputs)
         self.count = 0
         self.used: set[str] = set()
         self.calls: list[tuple[str, str, tuple[int, ...]]] = []  # (module, constructor, input shape)
@@ -205,8 +208,15 @@ class _Builder:
         return f"{prefix}{self.count}"
 
     def mutable(self, name: str) -> bool:
-        """Whether an in-place op may change ``name``; seldom the caller's input tensor (a forward may)."""
-        return self.values[name].untyped_storage().data_ptr() != self.input_storage or self.pick([False] * 3 + [True])
+        """Whether an in-place op may change ``name``; seldom the caller's input tensor (a forward may).
+
+        Never a view of split / chunk outputs: torch.export refuses to modify such views in place
+        ("Output 0 of Split is a view and is being modified inplace"), and every network must export.
+        """
+        storage = self.values[name].untyped_storage().data_ptr()
+        if storage in self.split_storages:
+            return False
+        return storage != self.input_storage or self.pick([False] * 3 + [True])
 
     # -- emitting ------------------------------------------------------------------------------
     def emit(self, expression: str, modules: dict[str, str] | None = None, targets: int = 1,
@@ -486,15 +496,37 @@ def _linear_last(b: _Builder, v: str) -> list[str] | None:
     return b.call(f"nn.Linear({t.shape[-1]}, {b.integer(1, 6)}, bias={b.flag()})", v, "fc")
 
 
+def _move_axis(b: _Builder, v: str) -> list[str] | None:
+    """A transpose with dims written as numbers, in one of its spellings; often a linear layer over the
+    channels moved last, then the move back (ConvNeXt's block). Later steps see the moved axes: a conv,
+    batch norm or pooling there must block the channels' group, a linear layer over them reads them."""
+    t = b.values[v]
+    last = t.dim() - 1
+    forms = [f"{v}.transpose(1, {last})", f"torch.swapaxes({v}, 1, -1)", f"{v}.mT"]
+    forms += [f"{v}.permute(0, 2, 1)"] if t.dim() == 3 else [f"{v}.permute(0, 1, 3, 2)", f"torch.swapdims({v}, 2, 3)"]
+    if t.dim() == 4 and b.flag():
+        to_last, back = b.pick([
+            ("{v}.permute(0, 2, 3, 1)", "{v}.permute(0, 3, 1, 2)"), ("torch.movedim({v}, 1, -1)", "{v}.movedim(-1, 1)"),
+            ("torch.permute({v}, (0, -2, -1, 1))", "torch.moveaxis({v}, 3, 1)"),
+        ])
+        moved = b.emit(to_last.format(v=v))
+        if not moved:
+            return None
+        hidden = b.call(f"nn.Linear({t.shape[1]}, {b.integer(1, 6)}, bias={b.flag()})", moved[0], "fc")
+        return b.emit(back.format(v=hidden[0])) if hidden else moved
+    return b.emit(b.pick(forms))
+
+
 def _unknown(b: _Builder, v: str) -> list[str] | None:
     t = b.values[v]
     channels = t.shape[1]
     forms = [
         "torch.cumsum({v}, 1)", "torch.cumsum({v}, dim=-1)", "F.softmax({v}, dim=1)", "torch.log_softmax({v}, 1)",
         "{v}.sum(1, keepdim=True)", "{v}.sum(-1, keepdim=True)", "torch.roll({v}, 1, 1)", "{v}.flip(1)",
-        "{v}.transpose(1, 2)", "F.normalize({v}, dim=1)", "torch.sort({v}, 1)[0]",
+        "F.normalize({v}, dim=1)", "torch.sort({v}, 1)[0]",
         "{v}.max(1, keepdim=True)[0]", "{v}[:, :1]", "{v}[:, 1:]", "{v}.unsqueeze(-1).squeeze(-1)",
-        "torch.stack([{v}, {v}], 1).sum(1)", "{v} / {v}.size(1)", "{v} * {v}.shape[-1]", "{v}.permute(0, 2, 1)" if t.dim() == 3 else "{v}.permute(0, 1, 3, 2)",
+        "torch.stack([{v}, {v}], 1).sum(1)", "{v} / {v}.size(1)", "{v} * {v}.shape[-1]",
+        "{v}.permute(0, {v}.dim() - 1, 1)" if t.dim() == 3 else "{v}.permute(0, 1, {v}.dim() - 1, 2)",
     ]
     modules = [
         f"nn.ConvTranspose{max(1, t.dim() - 2)}d({channels}, 2, 2)", "nn.Softmax(dim=1)", f"nn.LayerNorm({t.shape[-1]})", "nn.Threshold(0.1, 0.0)", f"nn.PReLU({channels})",
@@ -517,6 +549,7 @@ def _split(b: _Builder, v: str) -> list[str] | None:
         "{v}.chunk(2, dim=1)", "torch.split({v}, 2, -1)",
     ])
     expression = form.format(v=v, a=first, rest=channels - first)
+    b.split_storages.add(t.untyped_storage().data_ptr())
     if b.flag():
         return b.emit(f"{expression}[{b.pick([0, -1])}]")
     try:
@@ -758,7 +791,7 @@ SPATIAL_OPS: list[Callable[..., list[str] | None]] = (
     [_conv] * 6 + [_residual] * 3 + [_activation_module] * 3 + [_activation_function] * 3 + [_activation_method]
     + [_select, _scale, _identity, _linear_last, _split, _reuse, _broadcast, _squeeze_excite, _inception]
     + [_layer_scale, _functional_layer] + [_classifier] * 2
-    + [_batchnorm] * 3 + [_pool] * 3 + [_dropout] * 2 + [_mean] * 2 + [_flatten] * 3 + [_unknown] * 2
+    + [_batchnorm] * 3 + [_pool] * 3 + [_dropout] * 2 + [_mean] * 2 + [_flatten] * 3 + [_unknown] * 2 + [_move_axis] * 2
     + [_binary] * 3 + [_cat] * 3
 )
 FLAT_OPS: list[Callable[..., list[str] | None]] = (
