@@ -413,13 +413,21 @@ class GroupChain:
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def producer_tangent(
-        self, producer: int, layer_input: torch.Tensor, rows: torch.Tensor, channels: torch.Tensor | None = None
+        self,
+        producer: int,
+        layer_input: torch.Tensor,
+        rows: torch.Tensor,
+        channels: torch.Tensor | None = None,
+        *,
+        restricted: bool = False,
     ) -> torch.Tensor:
         """The producer's output when its inbound weights are ``rows``: A^T's input side.
 
         ``rows`` is (channels x K_producer) for every channel of the group, or
-        for ``channels`` only (indices; the other channels' outputs are then
-        zero, and the layer runs on those channels alone).
+        for ``channels`` only (indices; the layer runs on those channels
+        alone). The output has every channel, the others zero, or with
+        ``restricted`` only those channels along its channel axis, in the
+        order of ``channels`` (see :meth:`restricted_shape`).
         """
         spec = self.producers[producer]
         module = spec.module
@@ -434,23 +442,30 @@ class GroupChain:
         else:
             output = F.linear(layer_input, weight, bias)
             axis = output.dim() - 1
-        if channels is None or channels.numel() == module.weight.shape[0]:
+        if restricted or channels is None or channels.numel() == module.weight.shape[0]:
             return output
         shape = list(output.shape)
         shape[axis] = module.weight.shape[0]
         return output.new_zeros(shape).index_copy_(axis, channels, output)
 
     def producer_gradient(
-        self, producer: int, layer_input: torch.Tensor, error: torch.Tensor, channels: torch.Tensor | None = None
+        self,
+        producer: int,
+        layer_input: torch.Tensor,
+        error: torch.Tensor,
+        channels: torch.Tensor | None = None,
+        *,
+        restricted: bool = False,
     ) -> torch.Tensor:
         """Inbound-weight gradients (channels x K_producer) for an error at the producer's output.
 
         For every channel of the group, or for ``channels`` only (indices),
-        computing those alone.
+        computing those alone; with ``restricted`` the error holds those
+        channels only already (:meth:`restricted_shape`).
         """
         spec = self.producers[producer]
         module = spec.module
-        if channels is not None and channels.numel() < module.weight.shape[0]:
+        if not restricted and channels is not None and channels.numel() < module.weight.shape[0]:
             error = error.index_select(1 if spec.conv_dims else error.dim() - 1, channels)
         if spec.conv_dims:
             shape = (error.shape[1], *module.weight.shape[1:])
@@ -466,12 +481,15 @@ class GroupChain:
 
     # -- columns: outbound entries ---------------------------------------------------
     def contract(
-        self, consumer: int, tangent: torch.Tensor, error: torch.Tensor, channels: torch.Tensor
+        self, consumer: int, tangent: torch.Tensor, error: torch.Tensor, channels: torch.Tensor,
+        *, restricted: bool = False,
     ) -> torch.Tensor:
         """A's entries at one consumer's columns for a batch of row tangents.
 
         Args:
-            tangent: (R, *input shape) tangents at the consumer's input.
+            tangent: (R, *input shape) tangents at the consumer's input, or
+                with ``restricted`` at its positions of ``channels`` only
+                (:meth:`restricted_shape`).
             error: the loss gradient at the consumer's output (pre-activation).
             channels: the group channels wanted (S of them).
 
@@ -487,7 +505,7 @@ class GroupChain:
         rows = tangent.shape[0]
         count = channels.numel()
         if spec.conv_dims:
-            picked = _pick(tangent, 2, weight_slice, channels)  # (R, N, S*B, *spatial)
+            picked = tangent if restricted else _pick(tangent, 2, weight_slice, channels)  # (R, N, S*B, *spatial)
             inputs = picked.transpose(0, 1).reshape(picked.shape[1], -1, *picked.shape[3:])
             grad = _conv_weight_grad(
                 spec.conv_dims, module, inputs, (weight.shape[0], inputs.shape[1], *weight.shape[2:]), error
@@ -496,7 +514,7 @@ class GroupChain:
             entries = grad * weight.unsqueeze(1)  # (V, R, S*B, *k)
             entries = entries.reshape(weight.shape[0], rows, count, -1, *weight.shape[2:])
             return entries.movedim(2, 0).movedim(2, 1).reshape(count, rows, -1)
-        picked = _pick(tangent, tangent.dim() - 1, weight_slice, channels)  # (R, ..., S*B)
+        picked = tangent if restricted else _pick(tangent, tangent.dim() - 1, weight_slice, channels)  # (R, ..., S*B)
         picked = picked.reshape(rows, -1, picked.shape[-1])  # (R, M, S*B)
         grad = torch.matmul(picked.transpose(1, 2), error.reshape(-1, error.shape[-1]))  # (R, S*B, V)
         entries = grad * weight.T.unsqueeze(0)  # (R, S*B, V)
@@ -510,13 +528,16 @@ class GroupChain:
         input_shape: Sequence[int],
         error: torch.Tensor,
         channels: torch.Tensor | None = None,
+        *,
+        restricted: bool = False,
     ) -> torch.Tensor:
         """Error at the consumer's input when each channel's outbound weights are scaled by its vector.
 
         ``vectors`` is (channels, columns of this consumer), for every channel
         of the group or for ``channels`` only (indices): A's column side of a
         product A v. The layer runs on those channels' input columns alone;
-        the error at every other input channel is zero.
+        the error at every other input channel is zero, and left out with
+        ``restricted`` (:meth:`restricted_shape`).
         """
         spec = self.consumers[consumer]
         module = spec.module
@@ -545,17 +566,42 @@ class GroupChain:
                     (part,) = torch.autograd.grad(_prepad(module, leaf), leaf, grad)
         else:
             part = torch.matmul(error, scaled)
-        if positions.numel() == input_shape[axis]:  # the group is the whole input, in order
+        if restricted or positions.numel() == input_shape[axis]:  # the group is the whole input, in order
             return part
         return part.new_zeros(tuple(input_shape)).index_copy_(axis, positions, part)
 
     def consumer_columns(
-        self, consumer: int, tangent: torch.Tensor, error: torch.Tensor, channels: torch.Tensor | None = None
+        self, consumer: int, tangent: torch.Tensor, error: torch.Tensor, channels: torch.Tensor | None = None,
+        *, restricted: bool = False,
     ) -> torch.Tensor:
         """(channels, columns) of A^T u for one consumer: every channel of the group, or ``channels`` only."""
         if channels is None:
             channels = torch.arange(self.group.size, device=tangent.device)
-        return self.contract(consumer, tangent.unsqueeze(0), error, channels)[:, 0]
+        return self.contract(consumer, tangent.unsqueeze(0), error, channels, restricted=restricted)[:, 0]
+
+    def restricted_shape(self, shape: Sequence[int], role: str, index: int, count: int) -> tuple[int, ...]:
+        """A producer's output (``role="producer"``) or a consumer's input shape cut to ``count`` channels.
+
+        The *restricted* layout of the ``restricted=`` arguments: along the
+        layer's channel axis (1 for a convolution, the last for a linear
+        layer) only the positions of the channels asked for, channel-major
+        (a consumer behind a flatten reads each channel as a block of
+        features). Where the chain is diagonal it maps a producer's
+        restricted values to a consumer's entry by entry, so that products
+        for a few channels cost in proportion to them.
+        """
+        spec = (self.producers if role == "producer" else self.consumers)[index]
+        axis = 1 if spec.conv_dims else len(shape) - 1
+        block = 1 if role == "producer" else spec.weight_slice.block
+        cut = list(shape)
+        cut[axis] = count * block
+        return tuple(cut)
+
+    def restrict(self, value: torch.Tensor, consumer: int, channels: torch.Tensor) -> torch.Tensor:
+        """A value at consumer ``consumer``'s input cut to the positions of ``channels`` (a view where they are contiguous)."""
+        spec = self.consumers[consumer]
+        axis = 1 if spec.conv_dims else value.dim() - 1
+        return _pick(value, axis, spec.weight_slice, channels)
 
     # -- the diagonal fast path ------------------------------------------------------
     def diagonal_scales(

@@ -814,19 +814,25 @@ def linear_operators(
 ) -> tuple[Operator, Operator]:
     """``(v, channels) -> A v`` and ``(u, channels) -> A^T u`` for the group's ``channels``, summed over ``captures``.
 
-    Vectors are float64, one row per channel in ``channels`` (indices into
-    the group, ascending): (n x L) and (n x K). Each pass runs in the
-    model's dtype, on those channels alone where the layers allow it (the
+    Vectors have one row per channel in ``channels`` (indices into the
+    group, ascending): (n x L) and (n x K). Each pass runs in the model's
+    dtype, on those channels alone where the layers allow it (the
     producers' outputs and the consumers' input columns of the others are
-    left out), and accumulates in float64; sums are all-reduced when
-    ``torch.distributed`` is initialised. ``cache`` keeps element-wise
+    left out); passes over several captures accumulate in float64, and
+    sums are all-reduced when ``torch.distributed`` is initialised. The
+    products come back in float64, or in the model's dtype from a single
+    capture. ``cache`` keeps element-wise
     chains' Jacobian diagonals per capture (for stored captures).
     """
     rows, columns = chain.row_slices(), chain.column_slices()
     producers, consumers = range(len(chain.producers)), range(len(chain.consumers))
-    # an element-wise chain is a diagonal: keep it per capture instead of re-running the chain
+    # an element-wise chain is a diagonal: keep it per capture instead of re-running the chain, and
+    # run every pass on the channels asked for alone (the restricted layout of GroupChain.restricted_shape)
     diagonal = all(chain.diagonal[i][j] or not chain.reach[i][j] for i in producers for j in consumers)
     scales: dict[int, list[tuple[torch.Tensor, ...]]] = {}
+    cut: dict[Any, Any] = {}  # the scales at the last channels' positions: capture index -> restricted scales
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    single = isinstance(captures, list) and len(captures) == 1 and not distributed
 
     def chain_scales(index: int, capture: Capture, outputs: list[torch.Tensor]) -> list[tuple[torch.Tensor, ...]]:
         if not cache:
@@ -835,23 +841,58 @@ def linear_operators(
             scales[index] = [chain.diagonal_scales(outputs, capture.externals, i) for i in producers]
         return scales[index]
 
-    def through(index: int, capture: Capture, outputs: list[torch.Tensor], values: list[torch.Tensor], *,
-                backward: bool) -> list[torch.Tensor]:
+    def restricted_scales(index: int, capture: Capture, outputs: list[torch.Tensor],
+                          channels: torch.Tensor) -> list[list[torch.Tensor | None]]:
+        """The chain's diagonal at the consumers' positions of ``channels`` (kept while they stay the same)."""
+        key = tuple(channels.tolist())
+        if cut.get("channels") != key:
+            cut.clear()  # one set at a time: the channels change only when a chunk starts or a channel finishes
+            cut["channels"] = key
+        if index not in cut or not cache:
+            full = chain_scales(index, capture, outputs)
+            cut[index] = [[chain.restrict(full[i][j], j, channels) if chain.reach[i][j] else None
+                           for j in consumers] for i in producers]
+        return cut[index]  # type: ignore[no-any-return]
+
+    def through(index: int, capture: Capture, outputs: list[torch.Tensor], values: list[torch.Tensor],
+                channels: torch.Tensor, *, backward: bool) -> list[torch.Tensor]:
         """Through the chain: errors at the consumers' inputs to errors at the producers' outputs
-        (``backward``), or tangents at the producers' outputs to tangents at the consumers' inputs."""
+        (``backward``), or tangents at the producers' outputs to tangents at the consumers' inputs;
+        restricted to ``channels`` where the chain is diagonal."""
         if not diagonal:
             return list((chain.vjp if backward else chain.jvp)(outputs, capture.externals, values))
-        scale = chain_scales(index, capture, outputs)
+        scale = restricted_scales(index, capture, outputs, channels)
+        count = channels.numel()
         if backward:
-            return [_total([(values[j] * scale[i][j]).reshape(outputs[i].shape) for j in consumers
-                            if chain.reach[i][j]], lambda: torch.zeros_like(outputs[i])) for i in producers]
-        return [_total([values[i].reshape(scale[i][j].shape) * scale[i][j] for i in producers if chain.reach[i][j]],
-                       lambda: outputs[0].new_zeros(capture.shapes[chain.consumers[j].node])) for j in consumers]
+            return [_total([(values[j] * scale[i][j]).reshape(chain.restricted_shape(outputs[i].shape, "producer",
+                                                                                     i, count))
+                            for j in consumers if scale[i][j] is not None],
+                           lambda i=i: outputs[i].new_zeros(chain.restricted_shape(outputs[i].shape, "producer",
+                                                                                   i, count)))
+                    for i in producers]
+        return [_total([values[i].reshape(scale[i][j].shape) * scale[i][j] for i in producers
+                        if scale[i][j] is not None],
+                       lambda j=j: outputs[0].new_zeros(chain.restricted_shape(
+                           capture.shapes[chain.consumers[j].node], "consumer", j, count)))
+                for j in consumers]
 
     @torch.no_grad()
     def summed(count: int, size: int, vectors: torch.Tensor,
                blocks: Callable[..., list[tuple[Any, torch.Tensor]]]) -> torch.Tensor:
-        """The mean over every sample of the blocks ``blocks`` gives per capture (count x size), all-reduced."""
+        """The mean over every sample of the blocks ``blocks`` gives per capture (count x size), all-reduced.
+
+        Summed in float64 over several captures or processes; one capture's
+        blocks (stored captures are merged into one) are scaled into a
+        tensor of their own precision, which is all they have.
+        """
+        if single:
+            capture = captures[0]  # type: ignore[index]
+            outputs = [capture.outputs[spec.node] for spec in chain.producers]
+            parts = blocks(0, capture, outputs, outputs[0].dtype)
+            result = parts[0][1].new_empty(count, size)
+            for where, block in parts:
+                torch.mul(block, capture.batch / samples, out=result[:, where])
+            return result
         result = torch.zeros(count, size, dtype=torch.float64, device=vectors.device)
         for index, capture in enumerate(captures):
             outputs = [capture.outputs[spec.node] for spec in chain.producers]
@@ -863,21 +904,24 @@ def linear_operators(
         def blocks(index: int, capture: Capture, outputs: list[torch.Tensor], dtype: torch.dtype) -> list:
             errors = [
                 chain.consumer_error(j, vectors[:, columns[j]].to(dtype), capture.shapes[spec.node],
-                                     capture.errors[spec.node], channels)
+                                     capture.errors[spec.node], channels, restricted=diagonal)
                 for j, spec in enumerate(chain.consumers)
             ]
-            deltas = through(index, capture, outputs, errors, backward=True)
-            return [(rows[i], chain.producer_gradient(i, capture.inputs[spec.node], deltas[i], channels))
+            deltas = through(index, capture, outputs, errors, channels, backward=True)
+            return [(rows[i], chain.producer_gradient(i, capture.inputs[spec.node], deltas[i], channels,
+                                                      restricted=diagonal))
                     for i, spec in enumerate(chain.producers)]
 
         return summed(channels.numel(), chain.inbound_size, vectors, blocks)
 
     def transposed(vectors: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
         def blocks(index: int, capture: Capture, outputs: list[torch.Tensor], dtype: torch.dtype) -> list:
-            seeds = [chain.producer_tangent(i, capture.inputs[spec.node], vectors[:, rows[i]].to(dtype), channels)
+            seeds = [chain.producer_tangent(i, capture.inputs[spec.node], vectors[:, rows[i]].to(dtype), channels,
+                                            restricted=diagonal)
                      for i, spec in enumerate(chain.producers)]
-            tangents = through(index, capture, outputs, seeds, backward=False)
-            return [(columns[j], chain.consumer_columns(j, tangents[j], capture.errors[spec.node], channels))
+            tangents = through(index, capture, outputs, seeds, channels, backward=False)
+            return [(columns[j], chain.consumer_columns(j, tangents[j], capture.errors[spec.node], channels,
+                                                        restricted=diagonal))
                     for j, spec in enumerate(chain.consumers)]
 
         return summed(channels.numel(), chain.outbound_size, vectors, blocks)

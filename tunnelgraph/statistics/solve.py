@@ -93,23 +93,26 @@ def lanczos_top(
     active = torch.arange(count, device=start.device)  # the matrices still running
     v = start.to(basis)
     v = v / v.norm(dim=1, keepdim=True).clamp_min(tiny)
-    right: list[torch.Tensor] = [v]
-    left: list[torch.Tensor] = []
+    right = _Basis(count, start.shape[1], basis, max_steps + 1, start.device)
+    right.append(v)
+    left: _Basis | None = None
     alphas: list[torch.Tensor] = []
     betas: list[torch.Tensor] = []
     step = 0
     for step in range(1, max_steps + 1):
         u = product(v, active).to(basis)
+        if left is None:
+            left = _Basis(count, u.shape[1], basis, max_steps, start.device)
         if betas:
-            u.addcmul_(betas[-1].unsqueeze(1), left[-1], value=-1)
-        u = _orthogonalise(u, left)
+            u.addcmul_(betas[-1].unsqueeze(1), left.last(), value=-1)
+        u = left.orthogonalise(u)
         alpha = u.norm(dim=1)
         u.div_(alpha.clamp_min(tiny).unsqueeze(1))
         left.append(u)
         alphas.append(alpha)
         w = transposed(u, active).to(basis)
         w.addcmul_(alpha.unsqueeze(1), v, value=-1)
-        w = _orthogonalise(w, right)
+        w = right.orthogonalise(w)
         beta = w.norm(dim=1)
         betas.append(beta)
 
@@ -127,9 +130,7 @@ def lanczos_top(
             done[:] = True
         if bool(done.any()):
             finished = done.nonzero().squeeze(1)
-            direction = torch.zeros(finished.numel(), start.shape[1], dtype=torch.float64, device=start.device)
-            for j, basis_vector in enumerate(right):  # the Ritz vectors, without stacking the basis
-                direction.addcmul_(qh[finished, 0, j].unsqueeze(1), basis_vector[finished])
+            direction = right.combine(qh[finished, 0, :], finished).double()  # the Ritz vectors
             direction = direction / direction.norm(dim=1, keepdim=True).clamp_min(tiny)
             converged = sigma[finished].unsqueeze(1) > tiny
             direction = torch.where(converged, direction, torch.zeros_like(direction))
@@ -142,8 +143,8 @@ def lanczos_top(
                 break
             # the running matrices' bases, compacted once per change of the batch
             active = active[keep]
-            right = [vector[keep] for vector in right]
-            left = [vector[keep] for vector in left]
+            right.keep(keep)
+            left.keep(keep)
             alphas = [value[keep] for value in alphas]
             betas = [value[keep] for value in betas]
             w, beta = w[keep], beta[keep]
@@ -152,24 +153,70 @@ def lanczos_top(
     return Triplet(sigma_out, fix_sign(direction_out), step, residual_out)
 
 
-def _orthogonalise(vectors: torch.Tensor, basis: list[torch.Tensor]) -> torch.Tensor:
-    """Remove the components along ``basis``: modified Gram-Schmidt, repeated once where it cancelled much.
+class _Basis:
+    """Lanczos vectors of a batch of matrices: one (matrices, vectors, length) tensor, grown in blocks.
 
-    Each basis vector is read where it lies (no stacked copy) and the
-    vectors are updated in place: the basis is (matrices x length) per
-    vector, often tens of megabytes, so memory traffic is the cost. A
-    second pass runs when the first removed more than half a vector's norm
-    ("twice is enough"), the case where rounding leaves a component behind.
+    Held as one tensor, the basis is read by one batched matrix product per
+    re-orthogonalisation sweep (classical Gram-Schmidt) rather than one
+    small product per vector. It starts with room for at most
+    :attr:`BLOCK` vectors and grows by as many when full, so a solve that
+    converges in a few steps holds about those, not ``max_steps``.
     """
-    if not basis:
+
+    BLOCK = 8
+
+    def __init__(self, count: int, length: int, dtype: torch.dtype, most: int, device: torch.device) -> None:
+        self.most = most
+        self.data = torch.empty(count, min(most, self.BLOCK), length, dtype=dtype, device=device)
+        self.size = 0
+
+    def append(self, vectors: torch.Tensor) -> None:
+        if self.size == self.data.shape[1]:
+            room = min(self.most, self.size + self.BLOCK)
+            grown = self.data.new_empty(self.data.shape[0], room, self.data.shape[2])
+            grown[:, :self.size] = self.data[:, :self.size]
+            self.data = grown
+        self.data[:, self.size] = vectors
+        self.size += 1
+
+    def last(self) -> torch.Tensor:
+        return self.data[:, self.size - 1]
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep the matrices ``rows`` (ascending indices) only, moved down in place.
+
+        No second copy of the basis is made (the bases are most of a
+        solve's memory): each kept row moves to its new place, which never
+        lies after it, so no row is overwritten before it has moved.
+        """
+        for place, row in enumerate(rows.tolist()):
+            if place != row:
+                self.data[place, :self.size] = self.data[row, :self.size]
+        self.data = self.data[:rows.numel()]
+
+    def combine(self, coefficients: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """sum_j coefficients[:, j] * vector j, for the matrices ``rows``: (len(rows), length)."""
+        vectors = self.data[rows, :self.size]
+        weights = coefficients[:, :self.size].to(vectors.dtype).unsqueeze(1)
+        return torch.bmm(weights, vectors).squeeze(1)
+
+    def orthogonalise(self, vectors: torch.Tensor) -> torch.Tensor:
+        """Remove the components along the basis, in place: classical Gram-Schmidt, repeated where it cancelled.
+
+        A second sweep runs when the first removed more than a fraction
+        1 - 1/sqrt(2) of a vector's norm (the criterion of Daniel, Gragg,
+        Kaufman and Stewart: "twice is enough"), the case where rounding
+        leaves a component behind.
+        """
+        if self.size == 0:
+            return vectors
+        basis = self.data[:, :self.size]  # (n, k, length), a view
+        before = vectors.norm(dim=1)
+        for sweep in range(2):
+            coefficients = torch.bmm(basis, vectors.unsqueeze(2))  # (n, k, 1)
+            vectors.unsqueeze(1).baddbmm_(coefficients.transpose(1, 2), basis, alpha=-1)
+            after = vectors.norm(dim=1)
+            if sweep or bool((after >= 0.7071 * before).all()):
+                break
+            before = after
         return vectors
-    before = vectors.norm(dim=1)
-    for sweep in range(2):
-        for vector in basis:
-            coefficient = torch.bmm(vector.unsqueeze(1), vectors.unsqueeze(2)).reshape(-1, 1)
-            vectors.addcmul_(coefficient, vector, value=-1)
-        after = vectors.norm(dim=1)
-        if sweep or bool((after >= 0.5 * before).all()):
-            break
-        before = after
-    return vectors
