@@ -1,0 +1,68 @@
+"""The batched Lanczos solver against a dense SVD: channels that stop early, late, or never converge."""
+
+from __future__ import annotations
+
+import torch
+
+from tunnelgraph.statistics.solve import _Basis, fix_sign, lanczos_top
+
+
+def _matrices(count: int, rows: int, columns: int, gaps: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """(count, rows, columns) float64 matrices whose top two singular values are 1 and 1 - gap."""
+    size = min(rows, columns)
+    left, _ = torch.linalg.qr(torch.randn(count, rows, size, generator=generator, dtype=torch.float64))
+    right, _ = torch.linalg.qr(torch.randn(count, columns, size, generator=generator, dtype=torch.float64))
+    values = torch.linspace(1, 0.05, size, dtype=torch.float64).repeat(count, 1)
+    values[:, 1] = 1 - gaps
+    values[:, 2:] = values[:, 2:] * (1 - gaps).unsqueeze(1)
+    return left @ torch.diag_embed(values) @ right.transpose(1, 2)
+
+
+def test_lanczos_finds_each_matrix_top_triplet_whether_it_stops_early_late_or_at_the_limit() -> None:
+    """Fast and slow channels in one batch: the bases grow past one block and are compacted as channels stop.
+
+    Each matrix must get its own top pair (a row mixed up with another in a
+    compaction would give another matrix's vector); the products are asked
+    for the running channels only, and the most steps used is reported.
+    """
+    generator = torch.Generator().manual_seed(0)
+    gaps = torch.tensor([0.5, 0.3, 0.02, 0.5, 0.005, 0.2, 0.01, 0.4], dtype=torch.float64)
+    a = _matrices(gaps.numel(), 40, 60, gaps, generator)
+    asked: list[int] = []
+
+    def product(v: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
+        asked.append(channels.numel())
+        return torch.einsum("nkl,nl->nk", a[channels], v.double())
+
+    def transposed(u: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("nkl,nk->nl", a[channels], u.double())
+
+    start = torch.randn(gaps.numel(), 60, generator=generator, dtype=torch.float64)
+    solved = lanczos_top(product, transposed, start, max_steps=30, tol=1e-10)
+    _, s, vh = torch.linalg.svd(a)
+    assert torch.allclose(solved.sigma, s[:, 0], rtol=1e-12, atol=0)
+    assert torch.allclose(solved.direction, fix_sign(vh[:, 0]), atol=1e-7)  # angle <= tol * sigma^2 / gap: 1e-8 at the smallest gap
+    assert solved.steps > _Basis.BLOCK  # the slow channels grew their bases past one block
+    assert asked[0] == gaps.numel() and asked[-1] < gaps.numel()  # finished channels left the batch
+    assert bool((solved.residual <= 1e-10 * solved.sigma).all())
+
+    limited = lanczos_top(product, transposed, start, max_steps=3, tol=1e-10)
+    assert limited.steps == 3
+    assert bool((limited.sigma <= s[:, 0] * (1 + 1e-12)).all())  # Ritz values never exceed the true one
+    assert bool((limited.residual > 0).all())
+
+
+def test_a_basis_orthogonalises_and_keeps_rows_in_place() -> None:
+    generator = torch.Generator().manual_seed(1)
+    basis = _Basis(5, 30, torch.float64, most=12, device=torch.device("cpu"))
+    for _ in range(10):  # past one block: the basis grows
+        vector = basis.orthogonalise(torch.randn(5, 30, generator=generator, dtype=torch.float64))
+        basis.append(vector / vector.norm(dim=1, keepdim=True))
+    gram = basis.data[:, :basis.size] @ basis.data[:, :basis.size].transpose(1, 2)
+    assert torch.allclose(gram, torch.eye(10, dtype=torch.float64).expand(5, 10, 10), atol=1e-12)
+    before = basis.data[:, :basis.size].clone()
+    basis.keep(torch.tensor([1, 3, 4]))
+    assert torch.equal(basis.data[:, :basis.size], before[[1, 3, 4]])
+    coefficients = torch.randn(2, 10, generator=generator, dtype=torch.float64)
+    combined = basis.combine(coefficients, torch.tensor([0, 2]))
+    assert torch.allclose(combined, torch.einsum("nj,njl->nl", coefficients, before[[1, 4]]), atol=1e-12)
