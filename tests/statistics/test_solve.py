@@ -41,7 +41,8 @@ def test_lanczos_finds_each_matrix_top_triplet_whether_it_stops_early_late_or_at
     solved = lanczos_top(product, transposed, start, max_steps=30, tol=1e-10)
     _, s, vh = torch.linalg.svd(a)
     assert torch.allclose(solved.sigma, s[:, 0], rtol=1e-12, atol=0)
-    assert torch.allclose(solved.direction, fix_sign(vh[:, 0]), atol=1e-7)  # angle <= tol * sigma^2 / gap: 1e-8 at the smallest gap
+    # the angle to the true vector is at most tol * sigma^2 / gap: 1e-8 at the smallest gap
+    assert torch.allclose(solved.direction, fix_sign(vh[:, 0]), atol=1e-7)
     assert solved.steps > _Basis.BLOCK  # the slow channels grew their bases past one block
     assert asked[0] == gaps.numel() and asked[-1] < gaps.numel()  # finished channels left the batch
     assert bool((solved.residual <= 1e-10 * solved.sigma).all())

@@ -505,7 +505,8 @@ class GroupChain:
         rows = tangent.shape[0]
         count = channels.numel()
         if spec.conv_dims:
-            picked = tangent if restricted else _pick(tangent, 2, weight_slice, channels)  # (R, N, S*B, *spatial)
+            # (R, N, S*B, *spatial)
+            picked = tangent if restricted else _pick(tangent, 2, weight_slice, channels)
             inputs = picked.transpose(0, 1).reshape(picked.shape[1], -1, *picked.shape[3:])
             grad = _conv_weight_grad(
                 spec.conv_dims, module, inputs, (weight.shape[0], inputs.shape[1], *weight.shape[2:]), error
