@@ -599,7 +599,10 @@ class GroupChain:
         return tuple(cut)
 
     def restrict(self, value: torch.Tensor, consumer: int, channels: torch.Tensor) -> torch.Tensor:
-        """A value at consumer ``consumer``'s input cut to the positions of ``channels`` (a view where they are contiguous)."""
+        """A value at consumer ``consumer``'s input cut to the positions of ``channels``.
+
+        A view where the channels are contiguous, else a copy.
+        """
         spec = self.consumers[consumer]
         axis = 1 if spec.conv_dims else value.dim() - 1
         return _pick(value, axis, spec.weight_slice, channels)
