@@ -703,8 +703,8 @@ def _matrix_free(
     sigmas, residuals, steps = [], [], 0  # lambda* goes straight into ``direction``
     for offset, part in zip(itertools.count(0, size), wanted.split(size)):
         solved = lanczos_top(
-            lambda v, running, part=part: product(v, part[running]),
-            lambda u, running, part=part: transposed(u, part[running]),
+            lambda v, running, out, part=part: product(v, part[running], out),
+            lambda u, running, out, part=part: transposed(u, part[running], out),
             start[part], max_steps=max_steps, tol=tol, dtype=dtype,
         )
         direction[offset:offset + part.numel()] = solved.direction
@@ -878,18 +878,19 @@ def linear_operators(
 
     @torch.no_grad()
     def summed(count: int, size: int, vectors: torch.Tensor,
-               blocks: Callable[..., list[tuple[Any, torch.Tensor]]]) -> torch.Tensor:
+               blocks: Callable[..., list[tuple[Any, torch.Tensor]]], out: torch.Tensor | None) -> torch.Tensor:
         """The mean over every sample of the blocks ``blocks`` gives per capture (count x size), all-reduced.
 
         Summed in float64 over several captures or processes; one capture's
         blocks (stored captures are merged into one) are scaled into a
-        tensor of their own precision, which is all they have.
+        tensor of their own precision, which is all they have. Written into
+        ``out`` when given.
         """
         if single:
             capture = captures[0]  # type: ignore[index]
             outputs = [capture.outputs[spec.node] for spec in chain.producers]
             parts = blocks(0, capture, outputs, outputs[0].dtype)
-            result = parts[0][1].new_empty(count, size)
+            result = parts[0][1].new_empty(count, size) if out is None else out
             for where, block in parts:
                 torch.mul(block, capture.batch / samples, out=result[:, where])
             return result
@@ -898,9 +899,10 @@ def linear_operators(
             outputs = [capture.outputs[spec.node] for spec in chain.producers]
             for where, block in blocks(index, capture, outputs, outputs[0].dtype):
                 result[:, where].add_(block, alpha=capture.batch)
-        return _all_reduce(result) / samples
+        result = _all_reduce(result).div_(samples)
+        return result if out is None else out.copy_(result)
 
-    def product(vectors: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
+    def product(vectors: torch.Tensor, channels: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         def blocks(index: int, capture: Capture, outputs: list[torch.Tensor], dtype: torch.dtype) -> list:
             errors = [
                 chain.consumer_error(j, vectors[:, columns[j]].to(dtype), capture.shapes[spec.node],
@@ -912,9 +914,9 @@ def linear_operators(
                                                       restricted=diagonal))
                     for i, spec in enumerate(chain.producers)]
 
-        return summed(channels.numel(), chain.inbound_size, vectors, blocks)
+        return summed(channels.numel(), chain.inbound_size, vectors, blocks, out)
 
-    def transposed(vectors: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
+    def transposed(vectors: torch.Tensor, channels: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         def blocks(index: int, capture: Capture, outputs: list[torch.Tensor], dtype: torch.dtype) -> list:
             seeds = [chain.producer_tangent(i, capture.inputs[spec.node], vectors[:, rows[i]].to(dtype), channels,
                                             restricted=diagonal)
@@ -924,7 +926,7 @@ def linear_operators(
                                                         restricted=diagonal))
                     for j, spec in enumerate(chain.consumers)]
 
-        return summed(channels.numel(), chain.outbound_size, vectors, blocks)
+        return summed(channels.numel(), chain.outbound_size, vectors, blocks, out)
 
     return product, transposed
 

@@ -24,11 +24,10 @@ class Triplet:
 
 
 def fix_sign(vectors: torch.Tensor) -> torch.Tensor:
-    """Flip each row so that its largest-magnitude entry is positive (ties: the first one)."""
+    """Flip each row so that its largest-magnitude entry is positive (ties: the first one); a new tensor."""
     index = vectors.abs().argmax(dim=-1, keepdim=True)
-    sign = torch.sign(vectors.gather(-1, index))
-    sign[sign == 0] = 1
-    return vectors * sign
+    negative = vectors.gather(-1, index) < 0
+    return torch.where(negative, -vectors, vectors)
 
 
 def top_singular(a: torch.Tensor) -> Triplet:
@@ -47,8 +46,13 @@ def top_singular(a: torch.Tensor) -> Triplet:
     return Triplet(sigma, fix_sign(direction), 0, torch.zeros_like(sigma))
 
 
-Operator = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-"""``(vectors, channels) -> products``: rows of ``vectors`` belong to the matrices ``channels`` (indices)."""
+Operator = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+"""``(vectors, channels, out) -> products``: rows of ``vectors`` belong to the matrices ``channels`` (indices).
+
+The products are written into ``out`` when it is given (a view of the
+solver's basis, in its precision) and ``out`` is returned; an operator may
+also return a new tensor, which is then copied there.
+"""
 
 
 def lanczos_top(
@@ -63,142 +67,176 @@ def lanczos_top(
     """Top singular triplets by Golub-Kahan-Lanczos bidiagonalisation, batched over matrices.
 
     Args:
-        product: ``(v (n, L), channels (n,)) -> A v (n, K)`` for the matrices
-            ``channels`` of the batch (indices into it, ascending).
-        transposed: ``(u (n, K), channels) -> A^T u (n, L)``.
+        product: ``(v (n, L), channels (n,), out) -> A v (n, K)`` for the
+            matrices ``channels`` of the batch (indices into it, ascending);
+            see :data:`Operator`.
+        transposed: ``(u (n, K), channels, out) -> A^T u (n, L)``.
         start: starting right vectors (S, L), e.g. random or a previous answer.
         max_steps: most products with each of A and A^T.
         tol: a matrix is done when ``||A^T u - sigma v|| <= tol * sigma``
             (the residual of the Ritz pair; ``A v - sigma u`` is zero by
             construction).
-        dtype: the precision of the Lanczos vectors (default: ``start``'s).
-            The bases are most of the solver's memory; products computed in
-            float32 gain nothing from float64 bases. The small bidiagonal
-            problem, the Ritz vectors and the results are float64.
+        dtype: the precision of the Lanczos vectors and of the returned
+            directions (default: ``start``'s). The bases are most of the
+            solver's memory; products computed in float32 gain nothing from
+            float64 bases. The small bidiagonal problem, sigma and the
+            residuals are float64.
 
-    Each matrix stops on its own: once its triplet has converged it leaves
-    the batch, and later products are asked only for the matrices still
-    running, so they cost in proportion to those (the engine restricts its
-    convolutions to their channels). Both bases are fully re-orthogonalised,
-    so the Ritz values are reliable after a handful of steps; the top one
-    converges at a rate set by the gap between the first two singular
-    values. ``steps`` of the result is the most any matrix used.
+    Each matrix stops on its own: once its triplet has converged its result
+    is kept, and the matrix leaves the batch when a quarter of the batch
+    has finished (compacting the bases costs a copy of them, so it is not
+    done for every straggler); later products are asked only for the
+    matrices still in the batch, so they cost in proportion to those (the
+    engine restricts its convolutions to their channels). The products are
+    written straight into the bases. Both bases are fully
+    re-orthogonalised, so the Ritz values are reliable after a handful of
+    steps; the top one converges at a rate set by the gap between the
+    first two singular values. ``steps`` of the result is the most any
+    matrix used.
     """
-    count = start.shape[0]
+    count, device = start.shape[0], start.device
     basis = dtype or start.dtype
     tiny = torch.finfo(basis).tiny ** 0.5
-    sigma_out = torch.zeros(count, dtype=torch.float64, device=start.device)
+    sigma_out = torch.zeros(count, dtype=torch.float64, device=device)
     residual_out = torch.zeros_like(sigma_out)
-    direction_out = torch.zeros(start.shape, dtype=torch.float64, device=start.device)
-    active = torch.arange(count, device=start.device)  # the matrices still running
-    v = start.to(basis)
-    v = v / v.norm(dim=1, keepdim=True).clamp_min(tiny)
-    right = _Basis(count, start.shape[1], basis, max_steps + 1, start.device)
-    right.append(v)
+    # the Ritz vectors in the bases' precision: each is a combination of basis vectors, no more precise than they
+    direction_out = torch.zeros(start.shape, dtype=basis, device=device)
+    batch = torch.arange(count, device=device)  # the matrix of each row of the bases
+    retired = torch.zeros(count, dtype=torch.bool, device=device)  # rows whose result is kept, still in the bases
+    right = _Basis(count, start.shape[1], basis, max_steps + 1, device)
+    v = right.slot().copy_(start)
+    v.div_(v.norm(dim=1, keepdim=True).clamp_min(tiny))
+    right.commit()
     left: _Basis | None = None
-    alphas: list[torch.Tensor] = []
-    betas: list[torch.Tensor] = []
+    alphas = torch.zeros(count, max_steps, dtype=torch.float64, device=device)  # each row's bidiagonal
+    betas = torch.zeros_like(alphas)
     step = 0
     for step in range(1, max_steps + 1):
-        u = product(v, active).to(basis)
         if left is None:
-            left = _Basis(count, u.shape[1], basis, max_steps, start.device)
-        if betas:
-            u.addcmul_(betas[-1].unsqueeze(1), left.last(), value=-1)
-        u = left.orthogonalise(u)
+            first = product(v, batch, None)
+            left = _Basis(count, first.shape[1], basis, max_steps, device)
+            u = left.slot().copy_(first)
+            del first
+        else:
+            u = _apply(product, v, batch, left.slot())
+            u.addcmul_(betas[:, step - 2].to(basis).unsqueeze(1), left.last(), value=-1)
+        left.orthogonalise(u)
         alpha = u.norm(dim=1)
         u.div_(alpha.clamp_min(tiny).unsqueeze(1))
-        left.append(u)
-        alphas.append(alpha)
-        w = transposed(u, active).to(basis)
+        left.commit()
+        alphas[:, step - 1] = alpha
+        w = _apply(transposed, u, batch, right.slot())
         w.addcmul_(alpha.unsqueeze(1), v, value=-1)
-        w = right.orthogonalise(w)
+        right.orthogonalise(w)
         beta = w.norm(dim=1)
-        betas.append(beta)
+        betas[:, step - 1] = beta
 
-        running = active.numel()
-        bidiagonal = torch.zeros(running, step, step, dtype=torch.float64, device=start.device)
-        index = torch.arange(step, device=start.device)
-        bidiagonal[:, index, index] = torch.stack(alphas, dim=1).double()
-        if step > 1:
-            bidiagonal[:, index[:-1], index[1:]] = torch.stack(betas[:-1], dim=1).double()
+        bidiagonal = torch.zeros(batch.numel(), step, step, dtype=torch.float64, device=device)
+        index = torch.arange(step, device=device)
+        bidiagonal[:, index, index] = alphas[:, :step]
+        bidiagonal[:, index[:-1], index[1:]] = betas[:, :step - 1]
         p, s, qh = torch.linalg.svd(bidiagonal)
         sigma = s[:, 0]
-        residual = (beta.double() * p[:, -1, 0]).abs()
-        done = (residual <= tol * sigma) | (sigma <= tiny)
-        if step == max_steps:
-            done[:] = True
-        if bool(done.any()):
-            finished = done.nonzero().squeeze(1)
-            direction = right.combine(qh[finished, 0, :], finished).double()  # the Ritz vectors
-            direction = direction / direction.norm(dim=1, keepdim=True).clamp_min(tiny)
-            converged = sigma[finished].unsqueeze(1) > tiny
-            direction = torch.where(converged, direction, torch.zeros_like(direction))
-            where = active[finished]
+        residual = (betas[:, step - 1] * p[:, -1, 0]).abs()
+        done = (residual <= tol * sigma) | (sigma <= tiny) | (step == max_steps)
+        new = done & ~retired
+        if bool(new.any()):
+            finished = new.nonzero().squeeze(1)
+            direction = right.combine(qh[finished, 0, :], finished)  # the Ritz vectors
+            direction.div_(direction.norm(dim=1, keepdim=True).clamp_min(tiny))
+            direction.mul_((sigma[finished] > tiny).to(basis).unsqueeze(1))  # zero where A is (numerically) zero
+            where = batch[finished]
             sigma_out[where] = sigma[finished]
             residual_out[where] = residual[finished]
-            direction_out[where] = direction
-            keep = (~done).nonzero().squeeze(1)
-            if keep.numel() == 0:
+            direction_out[where] = fix_sign(direction)
+            retired |= new
+            if bool(retired.all()):
                 break
-            # the running matrices' bases, compacted once per change of the batch
-            active = active[keep]
-            right.keep(keep)
-            left.keep(keep)
-            alphas = [value[keep] for value in alphas]
-            betas = [value[keep] for value in betas]
-            w, beta = w[keep], beta[keep]
-        v = w.div_(beta.clamp_min(tiny).unsqueeze(1))
-        right.append(v)
-    return Triplet(sigma_out, fix_sign(direction_out), step, residual_out)
+            if 4 * int(retired.sum()) >= retired.numel():
+                # the running matrices' bases (and the pending vector w), compacted once for many finished
+                keep = (~retired).nonzero().squeeze(1)
+                batch, retired = batch[keep], retired[keep]
+                right.keep(keep, pending=True)
+                left.keep(keep)
+                alphas, betas, beta = alphas[keep], betas[keep], beta[keep]
+                w = right.slot()
+        w.div_(beta.clamp_min(tiny).to(basis).unsqueeze(1))
+        right.commit()
+        v = right.last()
+    return Triplet(sigma_out, direction_out, step, residual_out)
+
+
+def _apply(operator: Operator, vectors: torch.Tensor, channels: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``operator``'s products written into ``out``."""
+    result = operator(vectors, channels, out)
+    if result is not out:
+        out.copy_(result)
+    return out
 
 
 class _Basis:
-    """Lanczos vectors of a batch of matrices: one (matrices, vectors, length) tensor, grown in blocks.
+    """Lanczos vectors of a batch of matrices: one (vectors, matrices, length) tensor, grown in blocks.
 
     Held as one tensor, the basis is read by one batched matrix product per
     re-orthogonalisation sweep (classical Gram-Schmidt) rather than one
-    small product per vector. It starts with room for at most
-    :attr:`BLOCK` vectors and grows by as many when full, so a solve that
-    converges in a few steps holds about those, not ``max_steps``.
+    small product per vector. Vector-major, each new vector is one
+    contiguous block (:meth:`slot`, then :meth:`commit`), where the
+    products write it. It starts with room for at most :attr:`BLOCK`
+    vectors and grows by as many when full, so a solve that converges in a
+    few steps holds about those, not ``max_steps``.
     """
 
     BLOCK = 8
 
     def __init__(self, count: int, length: int, dtype: torch.dtype, most: int, device: torch.device) -> None:
         self.most = most
-        self.data = torch.empty(count, min(most, self.BLOCK), length, dtype=dtype, device=device)
+        self.data = torch.empty(min(most, self.BLOCK), count, length, dtype=dtype, device=device)
         self.size = 0
 
-    def append(self, vectors: torch.Tensor) -> None:
-        if self.size == self.data.shape[1]:
+    def slot(self) -> torch.Tensor:
+        """Where the next vector goes, (matrices, length), contiguous; counted once :meth:`commit` is called."""
+        if self.size == self.data.shape[0]:
             room = min(self.most, self.size + self.BLOCK)
-            grown = self.data.new_empty(self.data.shape[0], room, self.data.shape[2])
-            grown[:, :self.size] = self.data[:, :self.size]
+            grown = self.data.new_empty(room, *self.data.shape[1:])
+            grown[:self.size] = self.data[:self.size]
             self.data = grown
-        self.data[:, self.size] = vectors
+        return self.data[self.size]
+
+    def commit(self) -> None:
         self.size += 1
 
-    def last(self) -> torch.Tensor:
-        return self.data[:, self.size - 1]
+    def append(self, vectors: torch.Tensor) -> None:
+        self.slot().copy_(vectors)
+        self.commit()
 
-    def keep(self, rows: torch.Tensor) -> None:
+    def last(self) -> torch.Tensor:
+        return self.data[self.size - 1]
+
+    def vectors(self) -> torch.Tensor:
+        """(matrices, vectors, length): the basis of each matrix, a view."""
+        return self.data[:self.size].transpose(0, 1)
+
+    def keep(self, rows: torch.Tensor, pending: bool = False) -> None:
         """Keep the matrices ``rows`` (ascending indices) only, moved down in place.
 
-        No second copy of the basis is made (the bases are most of a
-        solve's memory): each kept row moves to its new place, which never
-        lies after it, so no row is overwritten before it has moved.
+        With ``pending`` the vector in :meth:`slot` moves too. No second copy
+        of the basis is made (the bases are most of a solve's memory): one
+        vector's rows at a time are gathered, then written to their places.
         """
-        for place, row in enumerate(rows.tolist()):
-            if place != row:
-                self.data[place, :self.size] = self.data[row, :self.size]
-        self.data = self.data[:rows.numel()]
+        kept = rows.numel()
+        moved = rows != torch.arange(kept, device=rows.device)
+        if bool(moved.any()):
+            first = int(moved.int().argmax())  # rows before it stay where they are
+            for vector in self.data[:self.size + int(pending)]:
+                vector[first:kept] = vector[rows[first:]]
+        self.data = self.data[:, :kept]
 
     def combine(self, coefficients: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """sum_j coefficients[:, j] * vector j, for the matrices ``rows``: (len(rows), length)."""
-        vectors = self.data[rows, :self.size]
+        every = rows.numel() == self.data.shape[1]  # ascending and unique: all of them, in order
+        vectors = self.data[:self.size] if every else self.data[:self.size, rows]  # (k, n, length)
         weights = coefficients[:, :self.size].to(vectors.dtype).unsqueeze(1)
-        return torch.bmm(weights, vectors).squeeze(1)
+        return torch.bmm(weights, vectors.transpose(0, 1)).squeeze(1)
 
     def orthogonalise(self, vectors: torch.Tensor) -> torch.Tensor:
         """Remove the components along the basis, in place: classical Gram-Schmidt, repeated where it cancelled.
@@ -206,15 +244,17 @@ class _Basis:
         A second sweep runs when the first removed more than a fraction
         1 - 1/sqrt(2) of a vector's norm (the criterion of Daniel, Gragg,
         Kaufman and Stewart: "twice is enough"), the case where rounding
-        leaves a component behind.
+        leaves a component behind. Both products put the long axis last
+        (row vector times matrix), the fast form of a batched product with
+        one vector per matrix.
         """
         if self.size == 0:
             return vectors
-        basis = self.data[:, :self.size]  # (n, k, length), a view
+        basis = self.vectors()  # (n, k, length), a view
         before = vectors.norm(dim=1)
         for sweep in range(2):
-            coefficients = torch.bmm(basis, vectors.unsqueeze(2))  # (n, k, 1)
-            vectors.unsqueeze(1).baddbmm_(coefficients.transpose(1, 2), basis, alpha=-1)
+            coefficients = torch.bmm(vectors.unsqueeze(1), basis.transpose(1, 2))  # (n, 1, k)
+            vectors.unsqueeze(1).baddbmm_(coefficients, basis, alpha=-1)
             after = vectors.norm(dim=1)
             if sweep or bool((after >= 0.7071 * before).all()):
                 break
