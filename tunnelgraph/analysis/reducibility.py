@@ -137,15 +137,70 @@ class UnitMeasures:
 
 def channel_rows(weights: Weights, slices: Sequence[ParamSlice], size: int) -> np.ndarray:
     """(channels, entries): each channel's entries of ``slices``, concatenated in slice order."""
-    parts = []
-    for param_slice in slices:
-        array = np.asarray(weights[param_slice.param], dtype=np.float64)
-        moved = np.moveaxis(array, param_slice.axis, 0)
-        cut = moved[param_slice.offset:param_slice.offset + size * param_slice.block]
-        parts.append(cut.reshape(size, -1))
-    if not parts:
-        return np.zeros((size, 0))
-    return np.concatenate(parts, axis=1)
+    return ChannelRows(weights, slices, size).whole()
+
+
+class ChannelRows:
+    """Each channel's entries of some parameter slices, as one (channels, entries) array per slice.
+
+    The arrays are views of the weights where the slice lies along the
+    parameter's first axis (a producer's rows), so nothing of the size of the
+    weights is copied or converted: a channel's concatenated float64 row is
+    made when asked for (:meth:`row`), and the measures over all channels
+    (:meth:`largest`, :meth:`project`) are computed slice by slice.
+    """
+
+    BLOCK = 2**16
+    """Entries converted to float64 at once by :meth:`project` (a cache-sized buffer)."""
+
+    def __init__(self, weights: Weights, slices: Sequence[ParamSlice], size: int) -> None:
+        self.size = size
+        self.parts: list[np.ndarray] = []
+        for param_slice in slices:
+            array = np.asarray(weights[param_slice.param])
+            moved = np.moveaxis(array, param_slice.axis, 0)
+            cut = moved[param_slice.offset:param_slice.offset + size * param_slice.block]
+            self.parts.append(cut.reshape(size, -1))
+        self.width = sum(part.shape[1] for part in self.parts)
+        self._largest: list[np.ndarray] | None = None
+
+    def whole(self) -> np.ndarray:
+        """(channels, entries) in float64, one copy."""
+        if not self.parts:
+            return np.zeros((self.size, 0))
+        return np.concatenate([part.astype(np.float64, copy=False) for part in self.parts], axis=1)
+
+    def row(self, channel: int) -> np.ndarray:
+        """Channel ``channel``'s entries, float64."""
+        if not self.parts:
+            return np.zeros(0)
+        return np.concatenate([part[channel].astype(np.float64) for part in self.parts])
+
+    def largest_by_part(self) -> list[np.ndarray]:
+        """Per slice, each channel's largest ``|entry|`` (float64), computed once."""
+        if self._largest is None:
+            self._largest = [
+                np.maximum(part.max(axis=1, initial=0.0), -part.min(axis=1, initial=0.0)).astype(np.float64)
+                for part in self.parts
+            ]
+        return self._largest
+
+    def largest(self) -> np.ndarray:
+        """Each channel's largest ``|entry|`` over all slices (float64)."""
+        return np.max(self.largest_by_part(), axis=0, initial=0.0) if self.parts else np.zeros(self.size)
+
+    def project(self, direction: np.ndarray) -> np.ndarray:
+        """Each channel's row times ``direction`` (entries long), in float64, a few channels at a time."""
+        keys = np.zeros(self.size)
+        column = 0
+        for part in self.parts:
+            width = part.shape[1]
+            piece = direction[column:column + width]
+            step = max(1, self.BLOCK // max(1, width))
+            for start in range(0, self.size, step):
+                keys[start:start + step] += part[start:start + step].astype(np.float64) @ piece
+            column += width
+        return keys
 
 
 def parametric_findings(
@@ -171,11 +226,10 @@ def _group_findings(graph: Graph, group: ChannelGroup, weights: Weights, tol: fl
     inbound = [s for s in group.slices if s.role == "inbound"]
     outbound = [s for s in group.slices if s.role == "outbound"]
     channelwise = [s for s in group.slices if s.role == "channelwise"]
-    weight_slices = [s for s in inbound if s.part != "bias"]
+    rows = ChannelRows(weights, inbound, size)
     zero_out = _zero_channels(weights, outbound, size, tol)
-    zero_in = _zero_channels(weights, weight_slices, size, tol)
+    zero_in = _zero_inbound(weights, inbound, rows, tol)
     zero_bn = _zero_batchnorm(graph, group, weights, channelwise, tol)
-    rows = channel_rows(weights, inbound, size)
     extras = channel_rows(weights, channelwise, size)
     chain = _chain_kinds(graph, group)
     if any(graph[name].attrs.get("computed_weight") for name in group.nodes):
@@ -214,7 +268,7 @@ def _group_findings(graph: Graph, group: ChannelGroup, weights: Weights, tol: fl
         for p in partners.get(c, ()):
             if p in reduced:
                 continue
-            relation = _relation(rows[p], rows[c], extras[p], extras[c], chain, tol)
+            relation = _relation(rows.row(p), rows.row(c), extras[p], extras[c], chain, tol)
             if relation is not None:
                 condition, factor, offset, evidence = relation
                 findings.append(Finding(unit(c), group.name, c, condition, evidence, p, factor, offset))
@@ -223,7 +277,7 @@ def _group_findings(graph: Graph, group: ChannelGroup, weights: Weights, tol: fl
     return sorted(findings, key=lambda f: f.channel)
 
 
-def _candidate_partners(rows: np.ndarray, tol: float) -> dict[int, list[int]]:
+def _candidate_partners(rows: np.ndarray | ChannelRows, tol: float) -> dict[int, list[int]]:
     """Channel c -> the earlier channels p (ascending) whose rows may be related to c's; a superset.
 
     Every relation :func:`_relation` accepts (equal, negated or positively
@@ -239,17 +293,19 @@ def _candidate_partners(rows: np.ndarray, tol: float) -> dict[int, list[int]]:
     comparisons; each candidate is then checked by :func:`_relation` as
     before, so the findings are the same.
     """
-    size, width = rows.shape
+    if isinstance(rows, np.ndarray):
+        rows = ChannelRows({"rows": rows}, [ParamSlice("rows", "", "inbound", rows.shape, 0)], rows.shape[0])
+    size, width = rows.size, rows.width
     if size < 2:
         return {}
-    scales = np.maximum(rows.max(axis=1, initial=0.0), -rows.min(axis=1, initial=0.0))
+    scales = rows.largest()
     live = np.flatnonzero(scales > 0)  # a zero row relates to nothing (_relation returns None)
     if live.size < 2:
         return {}
     direction = np.random.default_rng(0).uniform(-1.0, 1.0, width)
     reach = float(np.abs(direction).sum())
     # each row's projection divided by its scale: the projection of the scaled row, to rounding
-    keys = np.abs((rows if live.size == size else rows[live]) @ direction) / scales[live]
+    keys = np.abs(rows.project(direction)[live]) / scales[live]
     rounding = 4 * (width + 2) * np.finfo(np.float64).eps * reach
     windows = 4 * tol * reach * float(scales.max()) / scales[live] + rounding
     order = np.argsort(keys, kind="stable")
@@ -272,6 +328,27 @@ def _zero_channels(weights: Weights, slices: Sequence[ParamSlice], size: int, to
     flags = np.ones(size, dtype=bool)
     for param_slice in slices:
         channel, scale = _largest_entries(np.asarray(weights[param_slice.param]), param_slice, size)
+        flags &= channel <= tol * scale
+    return [bool(flag) for flag in flags]
+
+
+def _zero_inbound(weights: Weights, inbound: Sequence[ParamSlice], rows: ChannelRows, tol: float) -> list[bool]:
+    """Channels whose inbound weights (biases excepted) are all zero: ``|w| <= tol * max|W|`` per parameter.
+
+    Each channel's largest entry comes from ``rows`` (computed once for the
+    partner search too); a parameter's largest entry is its channels' where
+    the group holds the whole parameter.
+    """
+    parts = [(s, largest) for s, largest in zip(inbound, rows.largest_by_part()) if s.part != "bias"]
+    if not parts:
+        return [False] * rows.size
+    flags = np.ones(rows.size, dtype=bool)
+    for param_slice, channel in parts:
+        whole = param_slice.offset == 0 and rows.size * param_slice.block == param_slice.shape[param_slice.axis]
+        if whole:
+            scale = float(channel.max(initial=0.0))
+        else:
+            _, scale = _largest_entries(np.asarray(weights[param_slice.param]), param_slice, rows.size)
         flags &= channel <= tol * scale
     return [bool(flag) for flag in flags]
 
