@@ -71,6 +71,18 @@ def return_freed_memory() -> None:
         trim(0)
 
 
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether every entry of ``tensor`` is finite, read in one pass with no tensor of flags made.
+
+    NaN propagates through a minimum and a maximum, and an infinity is one
+    of them: both are finite exactly when every entry is.
+    """
+    if tensor.numel() == 0 or not tensor.is_floating_point():
+        return True
+    low, high = torch.aminmax(tensor.detach())
+    return bool(torch.isfinite(low) & torch.isfinite(high))
+
+
 @contextlib.contextmanager
 def preserved(model: nn.Module, *, train: bool | None = None) -> Iterator[nn.Module]:
     """Run ``model`` inside the block and get its state back afterwards.

@@ -375,6 +375,10 @@ class GroupChain:
                 )
         return tuple(grad if grad is not None else torch.zeros_like(value) for grad, value in zip(grads, outputs))
 
+    def linearise(self, outputs: Sequence[torch.Tensor], externals: dict[str, Any]) -> LinearisedChain:
+        """The chain's Jacobian at these values, for many products in both directions (see :class:`LinearisedChain`)."""
+        return LinearisedChain(self, outputs, externals)
+
     # -- rows: inbound entries -------------------------------------------------------
     def row_tangents(
         self,
@@ -756,6 +760,64 @@ class GroupChain:
         return [slice(spec.offset, spec.offset + spec.size) for spec in self.producers]
 
 
+class LinearisedChain:
+    """A chain's Jacobian ``J`` at one capture's values, for many products ``J^T e`` and ``J t``.
+
+    The chain runs once, and its autograd graph is kept: a product ``J^T e``
+    (:meth:`vjp`) is one backward pass through it, with no forward pass.
+    For ``J t`` (:meth:`jvp`) the backward pass is itself recorded once, for
+    a placeholder error ``c``: ``g(c) = J^T c`` is linear in ``c``, so the
+    gradient of ``<g(c), t>`` with respect to ``c`` is ``J t``, one backward
+    pass through that second graph. Both directions are native backward
+    kernels of PyTorch (its forward-mode rules for products and pooling are
+    Python decompositions, many times slower), and they are exact transposes
+    of each other, subgradients included (a ReLU at 0, ties in a max pool),
+    which the Lanczos iteration assumes.
+
+    Holds the chain's saved values and those of its backward pass: made
+    per stored capture for the products of one group's solve.
+    """
+
+    def __init__(self, chain: GroupChain, outputs: Sequence[torch.Tensor], externals: dict[str, Any]) -> None:
+        self.outputs = list(outputs)
+        with torch.enable_grad():
+            self.leaves = [value.detach().requires_grad_() for value in outputs]
+            results = chain.run(self.leaves, externals)
+            self.shapes = [(result.shape, result.dtype, result.device) for result in results]
+            self.live = [index for index, result in enumerate(results) if result.requires_grad]
+            self.results = [results[index] for index in self.live]
+            self.errors = [torch.zeros_like(result, requires_grad=True) for result in self.results]
+            grads: Sequence[torch.Tensor | None] = [None] * len(self.leaves)
+            if self.results:
+                grads = torch.autograd.grad(self.results, self.leaves, self.errors, create_graph=True,
+                                            allow_unused=True)
+            # J_i^T c for each producer i whose output reaches a consumer (a function of c, recorded)
+            self.transposed = {index: grad for index, grad in enumerate(grads)
+                               if grad is not None and grad.requires_grad}
+
+    def vjp(self, cotangents: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """Errors at the producer outputs for errors at the consumer inputs: ``J^T e``."""
+        grads: Sequence[torch.Tensor | None] = [None] * len(self.leaves)
+        if self.results:
+            grads = torch.autograd.grad(self.results, self.leaves, [cotangents[index] for index in self.live],
+                                        retain_graph=True, allow_unused=True)
+        return tuple(grad if grad is not None else torch.zeros_like(value) for grad, value in zip(grads, self.outputs))
+
+    def jvp(self, tangents: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """Tangents at the consumer inputs for one tangent per producer output: ``J t``."""
+        found: Sequence[torch.Tensor | None] = [None] * len(self.errors)
+        if self.transposed:
+            found = torch.autograd.grad(list(self.transposed.values()), self.errors,
+                                        [tangents[index] for index in self.transposed], retain_graph=True,
+                                        allow_unused=True)
+        result: list[torch.Tensor] = [torch.zeros(shape, dtype=dtype, device=device)
+                                      for shape, dtype, device in self.shapes]
+        for place, value in zip(self.live, found):
+            if value is not None:
+                result[place] = value
+        return tuple(result)
+
+
 def _pick(tensor: torch.Tensor, axis: int, weight_slice: ParamSlice, channels: torch.Tensor) -> torch.Tensor:
     """The entries of ``channels`` along ``axis`` (a view when they are contiguous)."""
     count = channels.numel()
@@ -777,11 +839,35 @@ def _batchnorm(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
         if module.training or module.running_mean is None:
             # batch statistics, as the training forward used; running averages untouched
             return F.batch_norm(x, None, None, module.weight, module.bias, True, 0.0, module.eps)
-        return F.batch_norm(
-            x, module.running_mean, module.running_var, module.weight, module.bias, False, 0.0, module.eps
-        )
+        return _affine_batchnorm(x, module.running_mean, module.running_var, module.weight, module.bias, module.eps)
 
     return call
+
+
+def _affine_batchnorm(
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+) -> torch.Tensor:
+    """Batch norm on running statistics as the per-channel affine map it is: ``x * scale + shift``.
+
+    The same function as ``F.batch_norm`` in eval mode (to rounding), in
+    element-wise operations whose forward-mode derivatives PyTorch runs
+    natively; its forward-mode rule for batch norm is a Python
+    decomposition, about a millisecond of overhead on every pass of a
+    chain.
+    """
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = scale * weight
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + bias
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    return x * scale.view(shape) + shift.view(shape)  # (addcmul has no native forward-mode rule either)
 
 
 def _functional_batchnorm(*args: Any, **kwargs: Any) -> torch.Tensor:
@@ -791,6 +877,9 @@ def _functional_batchnorm(*args: Any, **kwargs: Any) -> torch.Tensor:
     bound = dict(zip(roles, args))
     bound.update(kwargs)
     bound["momentum"] = 0.0
+    if not bound.get("training") and bound.get("running_mean") is not None and bound.get("running_var") is not None:
+        return _affine_batchnorm(bound["input"], bound["running_mean"], bound["running_var"], bound.get("weight"),
+                                 bound.get("bias"), bound.get("eps", 1e-5))
     return F.batch_norm(**bound)
 
 

@@ -47,12 +47,13 @@ from tunnelgraph.runtime import (
     model_device,
     preserved,
     progress_bar,
+    all_finite,
     return_freed_memory,
     to_device,
     unwrap_model,
 )
 from tunnelgraph.statistics.capture import Capture, Recorder, merge
-from tunnelgraph.statistics.chain import GroupChain, conv_patches
+from tunnelgraph.statistics.chain import GroupChain, LinearisedChain, conv_patches
 from tunnelgraph.statistics.solve import Operator, lanczos_top, top_singular
 
 logger = logging.getLogger(__name__)
@@ -403,7 +404,8 @@ def _measure(
         results.update(_matrix_free(plan, captures, gradients, samples, max_steps, tol, model_device(model),
                                     memory_budget, batch))
         _release(stored, free_plans[index + 1:])
-        return_freed_memory()  # the solve's temporaries: the next group's do not stack on them
+        if solve_bytes(plan, max_steps, memory_budget, batch) >= TRIM_AFTER:
+            return_freed_memory()  # the solve's temporaries: the next group's do not stack on them
     check_statistics(results.values())
     return {site.name: results[site.name] for plan in plans for site in plan.sites}
 
@@ -432,13 +434,12 @@ def check_statistics(results: Iterable[SiteStatistics]) -> None:
     whole = {id(base): base for entry in results for tensor in (entry.direction, entry.gradient)
              for base in [tensor if tensor._base is None else tensor._base]}
     if all(math.isfinite(entry.sigma) for entry in results) and all(
-        bool(torch.isfinite(tensor).all()) for tensor in whole.values()
+        all_finite(tensor) for tensor in whole.values()
     ):
         return
     for entry in results:
         if not (
-            math.isfinite(entry.sigma) and bool(torch.isfinite(entry.direction).all())
-            and bool(torch.isfinite(entry.gradient).all())
+            math.isfinite(entry.sigma) and all_finite(entry.direction) and all_finite(entry.gradient)
         ):
             raise StatisticsError(
                 f"site {entry.name}: the statistics are not finite (sigma {entry.sigma}); the sums over "
@@ -698,7 +699,7 @@ def _matrix_free(
     row = {channel: index for index, channel in enumerate(wanted.tolist())}
     # the results are allocated before the solve's temporaries, which then come and go above them in memory
     direction = torch.empty(wanted.numel(), chain.outbound_size, dtype=dtype, device=device)
-    start = _start_vectors(chain, device)  # drawn for every channel: a channel's start does not depend on chunking
+    start = _start_vectors(chain, device)
     size = lanczos_chunk(chain, max_steps, dtype, memory_budget, work=plan.positions * batch)
     sigmas, residuals, steps = [], [], 0  # lambda* goes straight into ``direction``
     for offset, part in zip(itertools.count(0, size), wanted.split(size)):
@@ -756,10 +757,28 @@ def lanczos_chunk(chain: GroupChain, max_steps: int, dtype: torch.dtype, memory_
     :data:`PRODUCT_COPIES` copies of ``work`` entries (the chain's values
     per channel, times the samples of a pass). At least one channel.
     """
+    return max(1, memory_budget // _channel_bytes(chain, max_steps, dtype, work))
+
+
+def _channel_bytes(chain: GroupChain, max_steps: int, dtype: torch.dtype, work: int) -> int:
     lengths = chain.inbound_size + chain.outbound_size
     itemsize = torch.finfo(dtype).bits // 8
-    per_channel = max_steps * lengths * itemsize + 4 * lengths * 8 + PRODUCT_COPIES * work * itemsize
-    return max(1, memory_budget // per_channel)
+    return max_steps * lengths * itemsize + 4 * lengths * 8 + PRODUCT_COPIES * work * itemsize
+
+
+TRIM_AFTER = 32 * 2**20
+"""Free heap pages are handed back after a solve estimated to need at least this many bytes (see
+:func:`tunnelgraph.runtime.return_freed_memory`); after smaller ones the next solve reuses them, and the
+trim (a walk of the heap) would cost more than it saves."""
+
+
+def solve_bytes(plan: _GroupPlan, max_steps: int, memory_budget: int, batch: int) -> int:
+    """The working memory a group's matrix-free solve is estimated to hold at once (one chunk of channels)."""
+    dtype = statistics_dtype(plan.chain)
+    per_channel = _channel_bytes(plan.chain, max_steps, dtype, plan.positions * batch)
+    channels = min(len(set(plan.channels)), lanczos_chunk(plan.chain, max_steps, dtype, memory_budget,
+                                                          plan.positions * batch))
+    return channels * per_channel
 
 
 class InboundGradients:
@@ -803,10 +822,16 @@ class InboundGradients:
 
 
 def _start_vectors(chain: GroupChain, device: torch.device) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(0)  # the same on every rank
-    # drawn and kept in float32 (a third of the time, half the memory of float64): any generic start serves
-    start = torch.randn(chain.group.size, chain.outbound_size, generator=generator)
-    return start.to(device)  # float32: Lanczos converts each chunk's rows to its bases' precision
+    """The Lanczos start of every channel: one seeded Gaussian vector of L entries, shared (an expanded view).
+
+    Each channel's A is a matrix of its own; a generic vector (one drawn at
+    random) has a component along every channel's top right singular
+    vector, so one draw serves them all, whatever the chunking, and the
+    same on every rank.
+    """
+    generator = torch.Generator().manual_seed(0)
+    start = torch.randn(chain.outbound_size, generator=generator)
+    return start.to(device).expand(chain.group.size, -1)  # float32: Lanczos copies rows into its bases' precision
 
 
 def linear_operators(
@@ -831,6 +856,7 @@ def linear_operators(
     diagonal = all(chain.diagonal[i][j] or not chain.reach[i][j] for i in producers for j in consumers)
     scales: dict[int, list[tuple[torch.Tensor, ...]]] = {}
     cut: dict[Any, Any] = {}  # the scales at the last channels' positions: capture index -> restricted scales
+    linearised: dict[int, LinearisedChain] = {}  # a general chain's Jacobian, per capture
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     single = isinstance(captures, list) and len(captures) == 1 and not distributed
 
@@ -860,7 +886,11 @@ def linear_operators(
         (``backward``), or tangents at the producers' outputs to tangents at the consumers' inputs;
         restricted to ``channels`` where the chain is diagonal."""
         if not diagonal:
-            return list((chain.vjp if backward else chain.jvp)(outputs, capture.externals, values))
+            if not cache:  # a replayed capture serves one product: running the chain once is all it needs
+                return list((chain.vjp if backward else chain.jvp)(outputs, capture.externals, values))
+            if index not in linearised:
+                linearised[index] = chain.linearise(outputs, capture.externals)
+            return list((linearised[index].vjp if backward else linearised[index].jvp)(values))
         scale = restricted_scales(index, capture, outputs, channels)
         count = channels.numel()
         if backward:
