@@ -549,14 +549,17 @@ class GroupChain:
         weight_slice = spec.weight_slice
         if channels is None:
             channels = torch.arange(self.group.size, device=vectors.device)
-        positions = _positions(weight_slice, channels, vectors.device)
         weight = module.weight.detach()
-        picked = weight.index_select(1, positions)  # (V, S*B, *k)
-        scaled = vectors.reshape(channels.numel(), weight.shape[0], weight_slice.block, *weight.shape[2:])
-        scaled = scaled.movedim(0, 1).reshape(picked.shape) * picked
+        picked = _pick(weight, 1, weight_slice, channels)  # (V, S*B, *k), a view where the channels are contiguous
+        count, outputs, block = channels.numel(), weight.shape[0], weight_slice.block
+        # the weights scaled entry by entry, written once in the layout the layer reads
+        scaled = weight.new_empty(picked.shape)
+        torch.mul(vectors.reshape(count, outputs, block, *weight.shape[2:]).movedim(0, 1),
+                  picked.view(outputs, count, block, *weight.shape[2:]),
+                  out=scaled.view(outputs, count, block, *weight.shape[2:]))
         axis = 1 if spec.conv_dims else len(input_shape) - 1
         shape = list(input_shape)
-        shape[axis] = positions.numel()
+        shape[axis] = count * block
         if spec.conv_dims:
             if _native_padding(module):
                 part = _conv_input_grad(
@@ -571,8 +574,9 @@ class GroupChain:
                     (part,) = torch.autograd.grad(_prepad(module, leaf), leaf, grad)
         else:
             part = torch.matmul(error, scaled)
-        if restricted or positions.numel() == input_shape[axis]:  # the group is the whole input, in order
+        if restricted or count * block == input_shape[axis]:  # the group is the whole input, in order
             return part
+        positions = _positions(weight_slice, channels, vectors.device)
         return part.new_zeros(tuple(input_shape)).index_copy_(axis, positions, part)
 
     def consumer_columns(
