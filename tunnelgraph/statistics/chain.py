@@ -460,12 +460,14 @@ class GroupChain:
         channels: torch.Tensor | None = None,
         *,
         restricted: bool = False,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Inbound-weight gradients (channels x K_producer) for an error at the producer's output.
 
         For every channel of the group, or for ``channels`` only (indices),
         computing those alone; with ``restricted`` the error holds those
-        channels only already (:meth:`restricted_shape`).
+        channels only already (:meth:`restricted_shape`). Written into
+        ``out`` when given.
         """
         spec = self.producers[producer]
         module = spec.module
@@ -481,12 +483,14 @@ class GroupChain:
         parts = [grad_weight.reshape(grad_weight.shape[0], -1)]
         if len(spec.slices) > 1:
             parts.append(error.sum(reduce).unsqueeze(1))
-        return torch.cat(parts, dim=1)
+        if out is None:
+            return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+        return torch.cat(parts, dim=1, out=out)
 
     # -- columns: outbound entries ---------------------------------------------------
     def contract(
         self, consumer: int, tangent: torch.Tensor, error: torch.Tensor, channels: torch.Tensor,
-        *, restricted: bool = False,
+        *, restricted: bool = False, out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """A's entries at one consumer's columns for a batch of row tangents.
 
@@ -500,7 +504,9 @@ class GroupChain:
         Returns:
             (S, R, columns of this consumer): the consumer's weight gradient
             for each tangent as input, times the outbound weight, in lambda's
-            order (row-major over the weight's per-channel slice).
+            order (row-major over the weight's per-channel slice); ``out``
+            when given (any strides), written by one product of the gradient
+            and the weight.
         """
         spec = self.consumers[consumer]
         module = spec.module
@@ -515,16 +521,22 @@ class GroupChain:
             grad = _conv_weight_grad(
                 spec.conv_dims, module, inputs, (weight.shape[0], inputs.shape[1], *weight.shape[2:]), error
             )  # (V, R*S*B, *k)
-            grad = grad.reshape(weight.shape[0], rows, *weight.shape[1:])
-            entries = grad * weight.unsqueeze(1)  # (V, R, S*B, *k)
-            entries = entries.reshape(weight.shape[0], rows, count, -1, *weight.shape[2:])
-            return entries.movedim(2, 0).movedim(2, 1).reshape(count, rows, -1)
-        picked = tangent if restricted else _pick(tangent, tangent.dim() - 1, weight_slice, channels)  # (R, ..., S*B)
-        picked = picked.reshape(rows, -1, picked.shape[-1])  # (R, M, S*B)
-        grad = torch.matmul(picked.transpose(1, 2), error.reshape(-1, error.shape[-1]))  # (R, S*B, V)
-        entries = grad * weight.T.unsqueeze(0)  # (R, S*B, V)
-        entries = entries.reshape(rows, count, -1, weight.shape[0])  # (R, S, B, V)
-        return entries.permute(1, 0, 3, 2).reshape(count, rows, -1)
+            outputs, block, kernel = weight.shape[0], weight_slice.block, tuple(weight.shape[2:])
+            # (V, R, S, B, *k) -> (S, R, V, B, *k): lambda's order, multiplied and laid out in one pass
+            grad = grad.reshape(outputs, rows, count, block, *kernel).permute(2, 1, 0, 3, *range(4, 4 + len(kernel)))
+            scale = weight.reshape(outputs, 1, count, block, *kernel).permute(2, 1, 0, 3, *range(4, 4 + len(kernel)))
+        else:
+            picked = tangent if restricted else _pick(tangent, tangent.dim() - 1, weight_slice, channels)
+            picked = picked.reshape(rows, -1, picked.shape[-1])  # (R, M, S*B)
+            grad = torch.matmul(picked.transpose(1, 2), error.reshape(-1, error.shape[-1]))  # (R, S*B, V)
+            outputs, block = weight.shape[0], weight_slice.block
+            # (R, S, B, V) -> (S, R, V, B)
+            grad = grad.reshape(rows, count, block, outputs).permute(1, 0, 3, 2)
+            scale = weight.T.reshape(1, count, block, outputs).permute(1, 0, 3, 2)
+        if out is None:
+            out = grad.new_empty(count, rows, grad[0, 0].numel())
+        torch.mul(grad, scale, out=out.view(grad.shape))
+        return out
 
     def consumer_error(
         self,
@@ -581,12 +593,15 @@ class GroupChain:
 
     def consumer_columns(
         self, consumer: int, tangent: torch.Tensor, error: torch.Tensor, channels: torch.Tensor | None = None,
-        *, restricted: bool = False,
+        *, restricted: bool = False, out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """(channels, columns) of A^T u for one consumer: every channel of the group, or ``channels`` only."""
+        """(channels, columns) of A^T u for one consumer: every channel of the group, or ``channels`` only.
+
+        Written into ``out`` when given."""
         if channels is None:
             channels = torch.arange(self.group.size, device=tangent.device)
-        return self.contract(consumer, tangent.unsqueeze(0), error, channels, restricted=restricted)[:, 0]
+        into = None if out is None else out.unsqueeze(1)
+        return self.contract(consumer, tangent.unsqueeze(0), error, channels, restricted=restricted, out=into)[:, 0]
 
     def restricted_shape(self, shape: Sequence[int], role: str, index: int, count: int) -> tuple[int, ...]:
         """A producer's output (``role="producer"``) or a consumer's input shape cut to ``count`` channels.

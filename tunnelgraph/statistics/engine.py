@@ -915,28 +915,29 @@ def linear_operators(
         """The mean over every sample of the blocks ``blocks`` gives per capture (count x size), all-reduced.
 
         Summed in float64 over several captures or processes; one capture's
-        blocks (stored captures are merged into one) are scaled into a
-        tensor of their own precision, which is all they have. Written into
-        ``out`` when given.
+        blocks (stored captures are merged into one) are written straight
+        into a tensor of their own precision (``out`` when given), which is
+        all they have.
         """
         if single:
             capture = captures[0]  # type: ignore[index]
             outputs = [capture.outputs[spec.node] for spec in chain.producers]
-            parts = blocks(0, capture, outputs, outputs[0].dtype)
-            result = parts[0][1].new_empty(count, size) if out is None else out
-            for where, block in parts:
-                torch.mul(block, capture.batch / samples, out=result[:, where])
+            result = out if out is not None else outputs[0].new_empty(count, size)
+            blocks(0, capture, outputs, outputs[0].dtype, result)  # each layer's block written in its place
+            if capture.batch != samples:
+                result.mul_(capture.batch / samples)
             return result
         result = torch.zeros(count, size, dtype=torch.float64, device=vectors.device)
         for index, capture in enumerate(captures):
             outputs = [capture.outputs[spec.node] for spec in chain.producers]
-            for where, block in blocks(index, capture, outputs, outputs[0].dtype):
+            for where, block in blocks(index, capture, outputs, outputs[0].dtype, None):
                 result[:, where].add_(block, alpha=capture.batch)
         result = _all_reduce(result).div_(samples)
         return result if out is None else out.copy_(result)
 
     def product(vectors: torch.Tensor, channels: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        def blocks(index: int, capture: Capture, outputs: list[torch.Tensor], dtype: torch.dtype) -> list:
+        def blocks(index: int, capture: Capture, outputs: list[torch.Tensor], dtype: torch.dtype,
+                   into: torch.Tensor | None) -> list:
             errors = [
                 chain.consumer_error(j, vectors[:, columns[j]].to(dtype), capture.shapes[spec.node],
                                      capture.errors[spec.node], channels, restricted=diagonal)
@@ -944,19 +945,22 @@ def linear_operators(
             ]
             deltas = through(index, capture, outputs, errors, channels, backward=True)
             return [(rows[i], chain.producer_gradient(i, capture.inputs[spec.node], deltas[i], channels,
-                                                      restricted=diagonal))
+                                                      restricted=diagonal,
+                                                      out=None if into is None else into[:, rows[i]]))
                     for i, spec in enumerate(chain.producers)]
 
         return summed(channels.numel(), chain.inbound_size, vectors, blocks, out)
 
     def transposed(vectors: torch.Tensor, channels: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        def blocks(index: int, capture: Capture, outputs: list[torch.Tensor], dtype: torch.dtype) -> list:
+        def blocks(index: int, capture: Capture, outputs: list[torch.Tensor], dtype: torch.dtype,
+                   into: torch.Tensor | None) -> list:
             seeds = [chain.producer_tangent(i, capture.inputs[spec.node], vectors[:, rows[i]].to(dtype), channels,
                                             restricted=diagonal)
                      for i, spec in enumerate(chain.producers)]
             tangents = through(index, capture, outputs, seeds, channels, backward=False)
             return [(columns[j], chain.consumer_columns(j, tangents[j], capture.errors[spec.node], channels,
-                                                        restricted=diagonal))
+                                                        restricted=diagonal,
+                                                        out=None if into is None else into[:, columns[j]]))
                     for j, spec in enumerate(chain.consumers)]
 
         return summed(channels.numel(), chain.outbound_size, vectors, blocks, out)
