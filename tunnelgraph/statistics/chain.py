@@ -632,10 +632,36 @@ class GroupChain:
 
     # -- the diagonal fast path ------------------------------------------------------
     def diagonal_scales(
-        self, outputs: Sequence[torch.Tensor], externals: dict[str, Any], producer: int
-    ) -> tuple[torch.Tensor, ...]:
-        """The chain's Jacobian diagonal from producer ``producer`` to each consumer input."""
-        return self._forward_mode(outputs, externals, {producer: torch.ones_like(outputs[producer])})
+        self, outputs: Sequence[torch.Tensor], externals: dict[str, Any]
+    ) -> list[list[torch.Tensor | None]]:
+        """The chain's Jacobian diagonal from each producer ``i`` to each consumer input ``j``: ``[i][j]``.
+
+        Defined where the pair is diagonal (:attr:`diagonal`), None
+        elsewhere. Read in reverse mode: a map that is diagonal entry by
+        entry is its own transpose, so ``J^T 1`` (one backward pass per
+        consumer, with the chain run once) is the same diagonal as ``J 1``,
+        in the producer's layout, which a flatten only reshapes. (PyTorch's
+        forward-mode rules for products and affine maps are Python
+        decompositions, many times slower.)
+        """
+        scales: list[list[torch.Tensor | None]] = [[None] * len(self.consumers) for _ in self.producers]
+        wanted = [[i for i in range(len(self.producers)) if self.diagonal[i][j]] for j in range(len(self.consumers))]
+        if not any(wanted):
+            return scales
+        with torch.enable_grad():
+            leaves = [value.detach().requires_grad_() for value in outputs]
+            results = self.run(leaves, externals)
+            last = max(j for j, producers in enumerate(wanted) if producers)
+            for j, result in enumerate(results):
+                if not wanted[j]:
+                    continue
+                found: Sequence[torch.Tensor | None] = [None] * len(wanted[j])
+                if result.requires_grad:
+                    found = torch.autograd.grad(result, [leaves[i] for i in wanted[j]], torch.ones_like(result),
+                                                retain_graph=j < last, allow_unused=True)
+                for i, grad in zip(wanted[j], found):
+                    scales[i][j] = (grad if grad is not None else torch.zeros_like(outputs[i])).reshape(result.shape)
+        return scales
 
     def row_inputs(self, producer: int, layer_input: torch.Tensor) -> torch.Tensor:
         """(positions, K_producer, N): what each inbound entry multiplies, per output position and sample.

@@ -600,20 +600,21 @@ def exact_a(
         part = capture if chunk >= capture.batch else capture.samples(start, min(start + chunk, capture.batch))
         outputs = [part.outputs[spec.node] for spec in chain.producers]
         row_chunk = max(1, memory_budget // max(1, per_row * part.batch))
+        diagonals = chain.diagonal_scales(outputs, part.externals) if not training else []
         for i, spec in enumerate(chain.producers):
             reachable = [j for j, reach in enumerate(chain.reach[i]) if reach]
             diagonal = [j for j in reachable if chain.diagonal[i][j] and not training]
             general = [j for j in reachable if j not in diagonal]
             layer_input = part.inputs[spec.node]
             if diagonal:
-                scales = chain.diagonal_scales(outputs, part.externals, i)
+                scales = [value for value in diagonals[i] if value is not None]  # the diagonal pairs' own
                 inputs = chain.row_inputs(i, layer_input)  # (positions, spec.size, N), bias row last
                 for row in range(0, spec.size, row_chunk):
                     stop = min(row + row_chunk, spec.size)
-                    for j in diagonal:
+                    for j, diagonal_scale in zip(diagonal, scales):
                         error = part.errors[chain.consumers[j].node]
                         target = result[:, spec.offset + row:spec.offset + stop, columns[j]]
-                        chain.contract_diagonal(j, inputs[:, row:stop], scales[j], error, index, target, scale)
+                        chain.contract_diagonal(j, inputs[:, row:stop], diagonal_scale, error, index, target, scale)
             patches = conv_patches(spec.module, layer_input) if spec.conv_dims and general else None
             for row in range(0, spec.size, row_chunk) if general else ():
                 rows = range(row, min(row + row_chunk, spec.size))
@@ -857,17 +858,17 @@ def linear_operators(
     # an element-wise chain is a diagonal: keep it per capture instead of re-running the chain, and
     # run every pass on the channels asked for alone (the restricted layout of GroupChain.restricted_shape)
     diagonal = all(chain.diagonal[i][j] or not chain.reach[i][j] for i in producers for j in consumers)
-    scales: dict[int, list[tuple[torch.Tensor, ...]]] = {}
+    scales: dict[int, list[list[torch.Tensor | None]]] = {}
     cut: dict[Any, Any] = {}  # the scales at the last channels' positions: capture index -> restricted scales
     linearised: dict[int, LinearisedChain] = {}  # a general chain's Jacobian, per capture
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     single = isinstance(captures, list) and len(captures) == 1 and not distributed
 
-    def chain_scales(index: int, capture: Capture, outputs: list[torch.Tensor]) -> list[tuple[torch.Tensor, ...]]:
+    def chain_scales(index: int, capture: Capture, outputs: list[torch.Tensor]) -> list[list[torch.Tensor | None]]:
         if not cache:
-            return [chain.diagonal_scales(outputs, capture.externals, i) for i in producers]
+            return chain.diagonal_scales(outputs, capture.externals)
         if index not in scales:
-            scales[index] = [chain.diagonal_scales(outputs, capture.externals, i) for i in producers]
+            scales[index] = chain.diagonal_scales(outputs, capture.externals)
         return scales[index]
 
     def restricted_scales(index: int, capture: Capture, outputs: list[torch.Tensor],
