@@ -292,3 +292,28 @@ def test_candidate_partners_hold_every_related_pair(tol: float) -> None:
     assert len(related) >= 6
     assert related <= {(p, c) for c, found in candidates.items() for p in found}
     assert all(p < c for c, found in candidates.items() for p in found)
+
+
+def test_channel_rows_are_views_whose_measures_match_the_float64_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows of a float32 producer (a slice of a larger weight) and its bias: each measure read slice by slice,
+    a block of channels at a time, equals the one of the concatenated float64 rows."""
+    import numpy as np
+
+    from tunnelgraph.analysis.groups import ParamSlice
+    from tunnelgraph.analysis.reducibility import ChannelRows, channel_rows
+
+    generator = np.random.default_rng(3)
+    weight = generator.normal(size=(40, 6, 3, 3)).astype(np.float32)
+    bias = generator.normal(size=40).astype(np.float32)
+    weights = {"w": weight, "b": bias}
+    slices = [ParamSlice("w", "conv", "inbound", weight.shape, 0, offset=8, part="weight"),
+              ParamSlice("b", "conv", "inbound", bias.shape, 0, offset=8, part="bias")]
+    monkeypatch.setattr(ChannelRows, "BLOCK", 100)  # several blocks of channels
+    rows = ChannelRows(weights, slices, 24)
+    direction = generator.uniform(-1, 1, rows.width)
+    dense = channel_rows(weights, slices, 24)
+    assert dense.shape == (24, 55) and dense.dtype == np.float64
+    assert np.shares_memory(rows.parts[0], weight)  # a view, no copy of the weights
+    np.testing.assert_allclose(rows.project(direction), dense @ direction, rtol=1e-13, atol=1e-12)
+    np.testing.assert_array_equal(rows.largest(), np.abs(dense).max(axis=1))
+    np.testing.assert_array_equal(rows.row(5), dense[5])

@@ -219,3 +219,26 @@ def test_a_graph_of_another_model_is_refused() -> None:
     sites = tg.find_sites(graph)
     with pytest.raises(tg.StatisticsError, match="not traced from this model"):
         tg.a_statistics(copy.deepcopy(model), sites, data, squared_error, progress=False, graph=graph)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("part", ["direction", "gradient"])
+def test_statistics_that_are_not_finite_are_refused_naming_the_site(bad: float, part: str) -> None:
+    """The check reads each group's tensor once (by its minimum and maximum); one bad entry names its site."""
+    import dataclasses
+    import re
+
+    from tunnelgraph.statistics.engine import check_statistics
+
+    entry = ZOO_BY_NAME["paper_cnn"]
+    model = entry.build().double()
+    data = regression_data(model, entry, torch.float64)
+    sites = tg.find_sites(model, data[0][0])
+    results = tg.a_statistics(model, sites, data, squared_error, method="matrix_free", progress=False)
+    check_statistics(results.values())  # the real ones pass
+    victim = sites[-1].name
+    spoiled = getattr(results[victim], part).clone()
+    spoiled[len(spoiled) // 2] = bad
+    results[victim] = dataclasses.replace(results[victim], **{part: spoiled})
+    with pytest.raises(tg.StatisticsError, match=re.escape(f"site {victim}: the statistics are not finite")):
+        check_statistics(results.values())

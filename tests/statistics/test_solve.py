@@ -67,3 +67,47 @@ def test_a_basis_orthogonalises_and_keeps_rows_in_place() -> None:
     coefficients = torch.randn(2, 10, generator=generator, dtype=torch.float64)
     combined = basis.combine(coefficients, torch.tensor([0, 2]))
     assert torch.allclose(combined, torch.einsum("nj,njl->nl", coefficients, before[[1, 4]]), atol=1e-12)
+
+
+def test_a_zero_matrix_finishes_at_once_and_rides_along_until_a_quarter_of_the_batch_is_done() -> None:
+    """A finished matrix keeps its result; it stays in the bases (its products are zero) until compaction pays."""
+    generator = torch.Generator().manual_seed(2)
+    gaps = torch.tensor([0.5, 0.3, 0.5, 0.05, 0.2, 0.02], dtype=torch.float64)
+    a = _matrices(gaps.numel(), 20, 30, gaps, generator)
+    a[2] = 0
+    asked: list[int] = []
+
+    def product(v: torch.Tensor, channels: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+        asked.append(channels.numel())
+        return torch.einsum("nkl,nl->nk", a[channels], v)
+
+    def transposed(u: torch.Tensor, channels: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+        result = torch.einsum("nkl,nk->nl", a[channels], u)
+        if out is None:
+            return result
+        out.copy_(result)  # an operator may write into the basis itself
+        return out
+
+    start = torch.randn(gaps.numel(), 30, generator=generator, dtype=torch.float64)
+    solved = lanczos_top(product, transposed, start, max_steps=30, tol=1e-10)
+    _, s, vh = torch.linalg.svd(a)
+    assert solved.sigma[2] == 0 and bool((solved.direction[2] == 0).all()) and solved.residual[2] == 0
+    live = [0, 1, 3, 4, 5]
+    assert torch.allclose(solved.sigma[live], s[live, 0], rtol=1e-12, atol=0)
+    assert torch.allclose(solved.direction[live], fix_sign(vh[live, 0]), atol=1e-7)
+    assert asked[:2] == [6, 6]  # one of six done after the first step: not worth a compaction
+    assert asked[-1] < 6
+
+
+def test_a_basis_keeps_the_pending_vector_when_compacted() -> None:
+    generator = torch.Generator().manual_seed(3)
+    basis = _Basis(6, 10, torch.float64, most=4, device=torch.device("cpu"))
+    for _ in range(3):
+        basis.append(torch.randn(6, 10, generator=generator, dtype=torch.float64))
+    basis.slot().copy_(torch.randn(6, 10, generator=generator, dtype=torch.float64))
+    before, pending = basis.vectors().clone(), basis.slot().clone()
+    rows = torch.tensor([0, 2, 5])
+    basis.keep(rows, pending=True)
+    assert torch.equal(basis.vectors(), before[rows]) and torch.equal(basis.slot(), pending[rows])
+    basis.commit()
+    assert basis.size == 4 and torch.equal(basis.last(), pending[rows])

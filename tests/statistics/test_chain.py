@@ -1,0 +1,77 @@
+"""The chain as a linear map: its linearisation and its diagonal against the forward-mode derivative."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import tunnelgraph as tg
+from conftest import regression_data, relative, squared_error
+from tunnelgraph.statistics.capture import Recorder
+from tunnelgraph.statistics.chain import GroupChain
+from tunnelgraph.statistics.engine import run_batch
+from zoo import ZOO_BY_NAME
+
+
+def _chains_and_captures(name: str) -> list[tuple[GroupChain, list[torch.Tensor], dict]]:
+    entry = ZOO_BY_NAME[name]
+    model = entry.build().double().eval()
+    data = regression_data(model, entry, torch.float64, batches=1, batch=5)
+    graph = tg.trace(model, data[0][0])
+    groups = {site.group.name: site.group for site in tg.find_sites(graph, through=tg.THROUGH_OPTIONS)}
+    found = []
+    for group in groups.values():
+        chain = GroupChain(model, graph, group)
+        with Recorder(model, chain.source, [chain.tap()]) as recorder:
+            capture = run_batch(model, recorder, *data[0], squared_error)
+        outputs = [capture.outputs[spec.node] for spec in chain.producers]
+        found.append((chain, outputs, capture.externals))
+    return found
+
+
+# pooling (average and max), batch norm, residual adds, concats, a broadcast gate, flattens
+@pytest.mark.parametrize("name", ["conv_bn_pool_avg", "resnet_stack", "inception_concat", "squeeze_excite",
+                                  "global_mean_pool", "paper_cnn"])
+def test_the_linearised_chain_gives_the_forward_and_reverse_mode_products(name: str) -> None:
+    """J t and J^T e of the kept graphs equal a fresh forward-mode and reverse-mode pass, call after call,
+    and are transposes of each other: <J t, e> = <t, J^T e>."""
+    generator = torch.Generator().manual_seed(0)
+    for chain, outputs, externals in _chains_and_captures(name):
+        linear = chain.linearise(outputs, externals)
+        consumers = [value.shape for value in chain.run(outputs, externals)]
+        for _ in range(2):  # the graphs are kept: a second product is as exact as the first
+            tangents = [torch.randn(value.shape, generator=generator, dtype=value.dtype) for value in outputs]
+            errors = [torch.randn(shape, generator=generator, dtype=torch.float64) for shape in consumers]
+            forward, reverse = linear.jvp(tangents), linear.vjp(errors)
+            with torch.no_grad():  # as the engine runs them (the layers' parameters require gradients)
+                expected_forward = chain.jvp(outputs, externals, tangents)
+                expected_reverse = chain.vjp(outputs, externals, errors)
+            for got, want in zip(forward, expected_forward):
+                assert got.shape == want.shape and relative(got, want) <= 1e-12, chain.group.name
+            for got, want in zip(reverse, expected_reverse):
+                assert got.shape == want.shape and relative(got, want) <= 1e-12, chain.group.name
+            left = sum(float((f * e).sum()) for f, e in zip(forward, errors))
+            right = sum(float((t * r).sum()) for t, r in zip(tangents, reverse))
+            assert left == pytest.approx(right, rel=1e-10, abs=1e-12), chain.group.name
+
+
+@pytest.mark.parametrize("name", ["resnet_stack", "paper_cnn", "dense_block", "mlp_tanh", "residual_net_3"])
+def test_the_diagonal_read_in_reverse_mode_is_the_forward_mode_diagonal(name: str) -> None:
+    """J^T 1 of an entry-by-entry chain (batch norm, activations, residual adds, a flatten) is J 1, pair by pair;
+    pairs that are not diagonal get none."""
+    checked = 0
+    for chain, outputs, externals in _chains_and_captures(name):
+        scales = chain.diagonal_scales(outputs, externals)
+        for i in range(len(chain.producers)):
+            with torch.no_grad():
+                forward = chain._forward_mode(outputs, externals, {i: torch.ones_like(outputs[i])})
+            for j in range(len(chain.consumers)):
+                if not chain.diagonal[i][j]:
+                    assert scales[i][j] is None
+                    continue
+                got = scales[i][j]
+                assert got is not None and got.shape == forward[j].shape
+                assert relative(got, forward[j]) <= 1e-12, chain.group.name
+                checked += 1
+    assert checked > 0

@@ -1,0 +1,25 @@
+"""Helpers of tunnelgraph.runtime that the statistics rely on."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tunnelgraph.runtime import all_finite
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_all_finite_finds_one_nan_or_infinity_anywhere(dtype: torch.dtype) -> None:
+    values = torch.linspace(-3, 3, 1001, dtype=dtype).reshape(7, 11, 13)
+    assert all_finite(values)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for where in ((0, 0, 0), (3, 5, 7), (6, 10, 12)):
+            spoiled = values.clone()
+            spoiled[where] = bad
+            assert not all_finite(spoiled)
+            assert not all_finite(spoiled[:, 1:].transpose(0, 2)) or where[1] == 0  # views, any strides
+
+
+def test_all_finite_takes_empty_and_integer_tensors() -> None:
+    assert all_finite(torch.empty(0))
+    assert all_finite(torch.arange(5))
