@@ -111,3 +111,26 @@ def test_a_basis_keeps_the_pending_vector_when_compacted() -> None:
     assert torch.equal(basis.vectors(), before[rows]) and torch.equal(basis.slot(), pending[rows])
     basis.commit()
     assert basis.size == 4 and torch.equal(basis.last(), pending[rows])
+
+
+def test_fix_sign_makes_the_largest_entry_positive_and_settles_ties_by_the_first() -> None:
+    vectors = torch.tensor([[1.0, -3.0, 2.0], [0.5, 0.25, -0.1], [1.0, -1.0, 0.0], [-1.0, 1.0, 0.0],
+                            [-2.0, 1.0, 2.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
+    expected = torch.tensor([[-1.0, 3.0, -2.0], [0.5, 0.25, -0.1], [1.0, -1.0, 0.0], [1.0, -1.0, 0.0],
+                             [2.0, -1.0, -2.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
+    assert torch.equal(fix_sign(vectors), expected)
+    same = vectors.clone()
+    assert fix_sign(same, inplace=True) is same and torch.equal(same, expected)
+
+
+def test_a_basis_combines_few_or_most_of_its_rows() -> None:
+    """A few rows are gathered first; most rows are combined all together and picked: the same sums."""
+    generator = torch.Generator().manual_seed(4)
+    basis = _Basis(9, 12, torch.float64, most=8, device=torch.device("cpu"))
+    for _ in range(5):
+        basis.append(torch.randn(9, 12, generator=generator, dtype=torch.float64))
+    vectors = basis.vectors()
+    for rows in (torch.tensor([4]), torch.tensor([0, 3]), torch.tensor([1, 2, 5, 6, 8]), torch.arange(9)):
+        coefficients = torch.randn(rows.numel(), 5, generator=generator, dtype=torch.float64)
+        expected = torch.einsum("nj,njl->nl", coefficients, vectors[rows])
+        assert torch.allclose(basis.combine(coefficients, rows), expected, atol=1e-13)

@@ -404,8 +404,6 @@ def _measure(
         results.update(_matrix_free(plan, captures, gradients, samples, max_steps, tol, model_device(model),
                                     memory_budget, batch))
         _release(stored, free_plans[index + 1:])
-        if solve_bytes(plan, max_steps, memory_budget, batch) >= TRIM_AFTER:
-            return_freed_memory()  # the solve's temporaries: the next group's do not stack on them
     check_statistics(results.values())
     return {site.name: results[site.name] for plan in plans for site in plan.sites}
 
@@ -707,9 +705,9 @@ def _matrix_free(
         solved = lanczos_top(
             lambda v, running, out, part=part: product(v, part[running], out),
             lambda u, running, out, part=part: transposed(u, part[running], out),
-            start[part], max_steps=max_steps, tol=tol, dtype=dtype,
+            start[part], max_steps=max_steps, tol=tol, dtype=dtype, inbound=chain.inbound_size,
+            out=direction[offset:offset + part.numel()],
         )
-        direction[offset:offset + part.numel()] = solved.direction
         sigmas.append(solved.sigma)
         residuals.append(solved.residual)
         steps = max(steps, solved.steps)
@@ -761,28 +759,10 @@ def lanczos_chunk(chain: GroupChain, max_steps: int, dtype: torch.dtype, memory_
     :data:`PRODUCT_COPIES` copies of ``work`` entries (the chain's values
     per channel, times the samples of a pass). At least one channel.
     """
-    return max(1, memory_budget // _channel_bytes(chain, max_steps, dtype, work))
-
-
-def _channel_bytes(chain: GroupChain, max_steps: int, dtype: torch.dtype, work: int) -> int:
     lengths = chain.inbound_size + chain.outbound_size
     itemsize = torch.finfo(dtype).bits // 8
-    return max_steps * lengths * itemsize + 4 * lengths * 8 + PRODUCT_COPIES * work * itemsize
-
-
-TRIM_AFTER = 32 * 2**20
-"""Free heap pages are handed back after a solve estimated to need at least this many bytes (see
-:func:`tunnelgraph.runtime.return_freed_memory`); after smaller ones the next solve reuses them, and the
-trim (a walk of the heap) would cost more than it saves."""
-
-
-def solve_bytes(plan: _GroupPlan, max_steps: int, memory_budget: int, batch: int) -> int:
-    """The working memory a group's matrix-free solve is estimated to hold at once (one chunk of channels)."""
-    dtype = statistics_dtype(plan.chain)
-    per_channel = _channel_bytes(plan.chain, max_steps, dtype, plan.positions * batch)
-    channels = min(len(set(plan.channels)), lanczos_chunk(plan.chain, max_steps, dtype, memory_budget,
-                                                          plan.positions * batch))
-    return channels * per_channel
+    per_channel = max_steps * lengths * itemsize + 4 * lengths * 8 + PRODUCT_COPIES * work * itemsize
+    return max(1, memory_budget // per_channel)
 
 
 class InboundGradients:

@@ -7,6 +7,8 @@ that the right singular vector's largest-magnitude entry is positive.
 
 from __future__ import annotations
 
+import math
+import mmap
 from dataclasses import dataclass
 from typing import Callable
 
@@ -23,11 +25,23 @@ class Triplet:
     residual: torch.Tensor  # (S,) ||A^T u - sigma v|| (0 for the exact solver)
 
 
-def fix_sign(vectors: torch.Tensor) -> torch.Tensor:
-    """Flip each row so that its largest-magnitude entry is positive (ties: the first one); a new tensor."""
-    index = vectors.abs().argmax(dim=-1, keepdim=True)
-    negative = vectors.gather(-1, index) < 0
-    return torch.where(negative, -vectors, vectors)
+def fix_sign(vectors: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
+    """Flip each row so that its largest-magnitude entry is positive (ties: the first one).
+
+    A new tensor, or ``vectors`` itself with ``inplace``. Each row's sign is
+    read off its minimum and maximum in one pass; a row whose largest
+    magnitude is reached with both signs is settled by its first such entry.
+    """
+    if vectors.numel() == 0:
+        return vectors if inplace else vectors.clone()
+    low, high = torch.aminmax(vectors, dim=-1, keepdim=True)
+    negative = -low > high
+    tied = (-low == high) & (high > 0)
+    if bool(tied.any()):  # rare: decide by the first entry of largest magnitude
+        first = vectors.gather(-1, vectors.abs().argmax(dim=-1, keepdim=True))
+        negative = torch.where(tied, first < 0, negative)
+    sign = 1 - 2 * negative.to(vectors.dtype)
+    return vectors.mul_(sign) if inplace else vectors * sign
 
 
 def top_singular(a: torch.Tensor) -> Triplet:
@@ -63,6 +77,8 @@ def lanczos_top(
     max_steps: int = 20,
     tol: float = 1e-4,
     dtype: torch.dtype | None = None,
+    inbound: int | None = None,
+    out: torch.Tensor | None = None,
 ) -> Triplet:
     """Top singular triplets by Golub-Kahan-Lanczos bidiagonalisation, batched over matrices.
 
@@ -81,6 +97,10 @@ def lanczos_top(
             solver's memory; products computed in float32 gain nothing from
             float64 bases. The small bidiagonal problem, sigma and the
             residuals are float64.
+        inbound: the length K of ``A v``, when known: the first product is
+            then written into the left basis too.
+        out: where the directions go (S, L), in ``dtype``: the returned
+            ``direction``.
 
     Each matrix stops on its own: once its triplet has converged its result
     is kept, and the matrix leaves the batch when a quarter of the batch
@@ -99,26 +119,28 @@ def lanczos_top(
     tiny = torch.finfo(basis).tiny ** 0.5
     sigma_out = torch.zeros(count, dtype=torch.float64, device=device)
     residual_out = torch.zeros_like(sigma_out)
-    # the Ritz vectors in the bases' precision: each is a combination of basis vectors, no more precise than they
-    direction_out = torch.zeros(start.shape, dtype=basis, device=device)
+    # the Ritz vectors in the bases' precision: each is a combination of basis vectors, no more precise than they;
+    # every row is written once, when its matrix finishes
+    direction_out = torch.empty(start.shape, dtype=basis, device=device) if out is None else out
     batch = torch.arange(count, device=device)  # the matrix of each row of the bases
     retired = torch.zeros(count, dtype=torch.bool, device=device)  # rows whose result is kept, still in the bases
     right = _Basis(count, start.shape[1], basis, max_steps + 1, device)
     v = right.slot().copy_(start)
     v.div_(v.norm(dim=1, keepdim=True).clamp_min(tiny))
     right.commit()
-    left: _Basis | None = None
+    left = None if inbound is None else _Basis(count, inbound, basis, max_steps, device)
     alphas = torch.zeros(count, max_steps, dtype=torch.float64, device=device)  # each row's bidiagonal
     betas = torch.zeros_like(alphas)
     step = 0
     for step in range(1, max_steps + 1):
-        if left is None:
+        if left is None:  # the length of A v is learnt from the first product
             first = product(v, batch, None)
             left = _Basis(count, first.shape[1], basis, max_steps, device)
             u = left.slot().copy_(first)
             del first
         else:
             u = _apply(product, v, batch, left.slot())
+        if step > 1:
             u.addcmul_(betas[:, step - 2].to(basis).unsqueeze(1), left.last(), value=-1)
         left.orthogonalise(u)
         alpha = u.norm(dim=1)
@@ -148,7 +170,7 @@ def lanczos_top(
             where = batch[finished]
             sigma_out[where] = sigma[finished]
             residual_out[where] = residual[finished]
-            direction_out[where] = fix_sign(direction)
+            direction_out[where] = fix_sign(direction, inplace=True)
             retired |= new
             if bool(retired.all()):
                 break
@@ -190,14 +212,14 @@ class _Basis:
 
     def __init__(self, count: int, length: int, dtype: torch.dtype, most: int, device: torch.device) -> None:
         self.most = most
-        self.data = torch.empty(min(most, self.BLOCK), count, length, dtype=dtype, device=device)
+        self.data = _empty((min(most, self.BLOCK), count, length), dtype, device)
         self.size = 0
 
     def slot(self) -> torch.Tensor:
         """Where the next vector goes, (matrices, length), contiguous; counted once :meth:`commit` is called."""
         if self.size == self.data.shape[0]:
             room = min(self.most, self.size + self.BLOCK)
-            grown = self.data.new_empty(room, *self.data.shape[1:])
+            grown = _empty((room, *self.data.shape[1:]), self.data.dtype, self.data.device)
             grown[:self.size] = self.data[:self.size]
             self.data = grown
         return self.data[self.size]
@@ -232,11 +254,22 @@ class _Basis:
         self.data = self.data[:, :kept]
 
     def combine(self, coefficients: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """sum_j coefficients[:, j] * vector j, for the matrices ``rows``: (len(rows), length)."""
-        every = rows.numel() == self.data.shape[1]  # ascending and unique: all of them, in order
-        vectors = self.data[:self.size] if every else self.data[:self.size, rows]  # (k, n, length)
-        weights = coefficients[:, :self.size].to(vectors.dtype).unsqueeze(1)
-        return torch.bmm(weights, vectors.transpose(0, 1)).squeeze(1)
+        """sum_j coefficients[:, j] * vector j, for the matrices ``rows``: (len(rows), length).
+
+        For most of the matrices, every row is combined (zero weights for the
+        others) and the rows picked from the result, which reads the basis
+        once instead of gathering the rows' vectors into a copy first.
+        """
+        count = self.data.shape[1]
+        weights = coefficients[:, :self.size].to(self.data.dtype)
+        if 2 * rows.numel() < count:
+            vectors = self.data[:self.size, rows]  # (k, n, length), gathered
+            return torch.bmm(weights.unsqueeze(1), vectors.transpose(0, 1)).squeeze(1)
+        every = rows.numel() == count  # ascending and unique: all of them, in order
+        if not every:
+            weights = weights.new_zeros(count, self.size).index_copy_(0, rows, weights)
+        combined = torch.bmm(weights.unsqueeze(1), self.vectors()).squeeze(1)
+        return combined if every else combined[rows]
 
     def orthogonalise(self, vectors: torch.Tensor) -> torch.Tensor:
         """Remove the components along the basis, in place: classical Gram-Schmidt, repeated where it cancelled.
@@ -260,3 +293,23 @@ class _Basis:
                 break
             before = after
         return vectors
+
+
+MAPPED = 2**20
+"""Bytes from which a basis on the CPU lives in memory of its own (an anonymous map), not on the heap."""
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialised tensor; on the CPU, from :data:`MAPPED` bytes, in an anonymous memory map.
+
+    The bases are a solve's largest temporaries. On the C heap their pages
+    stay with the process once freed (glibc keeps them for reuse), and the
+    next solve's tensors, laid out around the results kept in between, do
+    not always fit there: resident memory ratchets up solve after solve.
+    A map of its own is handed back to the system the moment the basis is
+    freed.
+    """
+    size = math.prod(shape) * (torch.finfo(dtype).bits // 8)
+    if device.type != "cpu" or size < MAPPED:
+        return torch.empty(shape, dtype=dtype, device=device)
+    return torch.frombuffer(mmap.mmap(-1, size), dtype=dtype).view(shape)
