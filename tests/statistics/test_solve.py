@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tunnelgraph.statistics.solve import _Basis, fix_sign, lanczos_top
+from tunnelgraph.statistics.solve import MAPPED, Workspace, _Basis, fix_sign, lanczos_top
 
 
 def _matrices(count: int, rows: int, columns: int, gaps: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -55,7 +55,7 @@ def test_lanczos_finds_each_matrix_top_triplet_whether_it_stops_early_late_or_at
 
 def test_a_basis_orthogonalises_and_keeps_rows_in_place() -> None:
     generator = torch.Generator().manual_seed(1)
-    basis = _Basis(5, 30, torch.float64, most=12, device=torch.device("cpu"))
+    basis = _Basis(5, 30, torch.float64, most=12, memory=Workspace(torch.device("cpu"), keep=False))
     for _ in range(10):  # past one block: the basis grows
         vector = basis.orthogonalise(torch.randn(5, 30, generator=generator, dtype=torch.float64))
         basis.append(vector / vector.norm(dim=1, keepdim=True))
@@ -101,7 +101,7 @@ def test_a_zero_matrix_finishes_at_once_and_rides_along_until_a_quarter_of_the_b
 
 def test_a_basis_keeps_the_pending_vector_when_compacted() -> None:
     generator = torch.Generator().manual_seed(3)
-    basis = _Basis(6, 10, torch.float64, most=4, device=torch.device("cpu"))
+    basis = _Basis(6, 10, torch.float64, most=4, memory=Workspace(torch.device("cpu"), keep=False))
     for _ in range(3):
         basis.append(torch.randn(6, 10, generator=generator, dtype=torch.float64))
     basis.slot().copy_(torch.randn(6, 10, generator=generator, dtype=torch.float64))
@@ -126,7 +126,7 @@ def test_fix_sign_makes_the_largest_entry_positive_and_settles_ties_by_the_first
 def test_a_basis_combines_few_or_most_of_its_rows() -> None:
     """A few rows are gathered first; most rows are combined all together and picked: the same sums."""
     generator = torch.Generator().manual_seed(4)
-    basis = _Basis(9, 12, torch.float64, most=8, device=torch.device("cpu"))
+    basis = _Basis(9, 12, torch.float64, most=8, memory=Workspace(torch.device("cpu"), keep=False))
     for _ in range(5):
         basis.append(torch.randn(9, 12, generator=generator, dtype=torch.float64))
     vectors = basis.vectors()
@@ -134,3 +134,27 @@ def test_a_basis_combines_few_or_most_of_its_rows() -> None:
         coefficients = torch.randn(rows.numel(), 5, generator=generator, dtype=torch.float64)
         expected = torch.einsum("nj,njl->nl", coefficients, vectors[rows])
         assert torch.allclose(basis.combine(coefficients, rows), expected, atol=1e-13)
+
+
+def test_a_workspace_hands_its_buffer_out_again_and_grows_to_the_largest_need() -> None:
+    """Within a solve the tensors taken do not overlap; the next solve reuses the same memory from its start,
+    once the buffer has grown to the largest need seen (what did not fit was allocated apart)."""
+    memory = Workspace(torch.device("cpu"))
+    memory.reset()
+    first = [memory.take((3, 1000), torch.float32), memory.take((2, 500), torch.float64)]  # no buffer yet: apart
+    memory.reset()  # grows to what the first solve needed
+    assert memory.buffer is not None and memory.buffer.numel() >= 3 * 1000 * 4 + 2 * 500 * 8
+    a, b = memory.take((3, 1000), torch.float32), memory.take((2, 500), torch.float64)
+    a.fill_(1.0)
+    b.fill_(2.0)
+    assert bool((a == 1).all()) and bool((b == 2).all())  # no overlap
+    base = memory.buffer.data_ptr()
+    assert a.data_ptr() == base and b.data_ptr() % Workspace.ALIGN == 0
+    memory.reset()
+    again = memory.take((3, 1000), torch.float32)
+    assert again.data_ptr() == base  # the same memory, handed out again
+    large = memory.take((MAPPED,), torch.float32)  # does not fit: allocated apart, in a map of its own
+    assert large.data_ptr() != base and large.numel() == MAPPED
+    memory.reset()
+    assert memory.buffer.numel() >= 3 * 1000 * 4 + MAPPED * 4
+    del first

@@ -54,7 +54,7 @@ from tunnelgraph.runtime import (
 )
 from tunnelgraph.statistics.capture import Capture, Recorder, merge
 from tunnelgraph.statistics.chain import GroupChain, LinearisedChain, conv_patches
-from tunnelgraph.statistics.solve import Operator, lanczos_top, top_singular
+from tunnelgraph.statistics.solve import Operator, Workspace, lanczos_top, top_singular
 
 logger = logging.getLogger(__name__)
 
@@ -399,10 +399,11 @@ def _measure(
     return_freed_memory()  # the pass's autograd temporaries, and the captures merge replaced
     batch = max((capture.batch for capture in stored), default=largest)  # replayed passes run batch by batch
     solves = progress_bar(free_plans, desc="A-statistics: top triplets (Lanczos)", enabled=progress if free_plans else False)
+    workspace = Workspace(model_device(model))  # the bases' memory, reused solve after solve, dropped at the end
     for index, plan in enumerate(solves):
         captures: Iterable[Capture] = stored if replay is None else _Replay(model, plan.chain, replay, loss_fn)
         results.update(_matrix_free(plan, captures, gradients, samples, max_steps, tol, model_device(model),
-                                    memory_budget, batch))
+                                    memory_budget, batch, workspace))
         _release(stored, free_plans[index + 1:])
     check_statistics(results.values())
     return {site.name: results[site.name] for plan in plans for site in plan.sites}
@@ -679,6 +680,7 @@ def _matrix_free(
     device: torch.device,
     memory_budget: int,
     batch: int,
+    workspace: Workspace | None = None,
 ) -> dict[str, SiteStatistics]:
     """Top triplets of the plan's channels by Lanczos, in chunks of channels that fit ``memory_budget``.
 
@@ -706,7 +708,7 @@ def _matrix_free(
             lambda v, running, out, part=part: product(v, part[running], out),
             lambda u, running, out, part=part: transposed(u, part[running], out),
             start[part], max_steps=max_steps, tol=tol, dtype=dtype, inbound=chain.inbound_size,
-            out=direction[offset:offset + part.numel()],
+            out=direction[offset:offset + part.numel()], workspace=workspace,
         )
         sigmas.append(solved.sigma)
         residuals.append(solved.residual)

@@ -79,6 +79,7 @@ def lanczos_top(
     dtype: torch.dtype | None = None,
     inbound: int | None = None,
     out: torch.Tensor | None = None,
+    workspace: Workspace | None = None,
 ) -> Triplet:
     """Top singular triplets by Golub-Kahan-Lanczos bidiagonalisation, batched over matrices.
 
@@ -101,6 +102,8 @@ def lanczos_top(
             then written into the left basis too.
         out: where the directions go (S, L), in ``dtype``: the returned
             ``direction``.
+        workspace: memory for the bases, kept from one solve to the next
+            (see :class:`Workspace`); by default they are allocated afresh.
 
     Each matrix stops on its own: once its triplet has converged its result
     is kept, and the matrix leaves the batch when a quarter of the batch
@@ -124,18 +127,20 @@ def lanczos_top(
     direction_out = torch.empty(start.shape, dtype=basis, device=device) if out is None else out
     batch = torch.arange(count, device=device)  # the matrix of each row of the bases
     retired = torch.zeros(count, dtype=torch.bool, device=device)  # rows whose result is kept, still in the bases
-    right = _Basis(count, start.shape[1], basis, max_steps + 1, device)
+    memory = workspace if workspace is not None else Workspace(device, keep=False)
+    memory.reset()  # the last solve's bases are gone: their memory serves this one
+    right = _Basis(count, start.shape[1], basis, max_steps + 1, memory)
     v = right.slot().copy_(start)
     v.div_(v.norm(dim=1, keepdim=True).clamp_min(tiny))
     right.commit()
-    left = None if inbound is None else _Basis(count, inbound, basis, max_steps, device)
+    left = None if inbound is None else _Basis(count, inbound, basis, max_steps, memory)
     alphas = torch.zeros(count, max_steps, dtype=torch.float64, device=device)  # each row's bidiagonal
     betas = torch.zeros_like(alphas)
     step = 0
     for step in range(1, max_steps + 1):
         if left is None:  # the length of A v is learnt from the first product
             first = product(v, batch, None)
-            left = _Basis(count, first.shape[1], basis, max_steps, device)
+            left = _Basis(count, first.shape[1], basis, max_steps, memory)
             u = left.slot().copy_(first)
             del first
         else:
@@ -210,16 +215,16 @@ class _Basis:
 
     BLOCK = 8
 
-    def __init__(self, count: int, length: int, dtype: torch.dtype, most: int, device: torch.device) -> None:
-        self.most = most
-        self.data = _empty((min(most, self.BLOCK), count, length), dtype, device)
+    def __init__(self, count: int, length: int, dtype: torch.dtype, most: int, memory: Workspace) -> None:
+        self.most, self.memory = most, memory
+        self.data = memory.take((min(most, self.BLOCK), count, length), dtype)
         self.size = 0
 
     def slot(self) -> torch.Tensor:
         """Where the next vector goes, (matrices, length), contiguous; counted once :meth:`commit` is called."""
         if self.size == self.data.shape[0]:
             room = min(self.most, self.size + self.BLOCK)
-            grown = _empty((room, *self.data.shape[1:]), self.data.dtype, self.data.device)
+            grown = self.memory.take((room, *self.data.shape[1:]), self.data.dtype)
             grown[:self.size] = self.data[:self.size]
             self.data = grown
         return self.data[self.size]
@@ -295,21 +300,59 @@ class _Basis:
         return vectors
 
 
+class Workspace:
+    """Memory for the Lanczos bases of one solve after another, handed out in order and reused.
+
+    The bases are a solve's largest temporaries. Fresh memory costs a page
+    fault and a page of zeros per 4 KiB on first touch, several times the
+    cost of writing it again; on the C heap, freed pages stay with the
+    process, and the next solve's tensors, laid out around the results kept
+    in between, do not always fit there (resident memory ratchets up solve
+    after solve). A workspace holds one buffer (on the CPU from
+    :data:`MAPPED` bytes an anonymous memory map, given back to the system
+    when dropped) that every solve reuses from its start (:meth:`reset`);
+    what does not fit is allocated apart, and the buffer grows to the
+    largest need seen at the next reset. With ``keep=False`` nothing is
+    kept: every request is allocated apart.
+    """
+
+    ALIGN = 64
+
+    def __init__(self, device: torch.device, keep: bool = True) -> None:
+        self.device, self.keep = device, keep
+        self.buffer: torch.Tensor | None = None
+        self.offset = self.needed = self.largest = 0
+
+    def reset(self) -> None:
+        """Hand the buffer out again from its start; call when no tensor taken from it is in use."""
+        if self.keep and self.largest > (0 if self.buffer is None else self.buffer.numel()):
+            self.buffer = None  # dropped before its replacement is made
+            self.buffer = _empty((self.largest,), torch.uint8, self.device)
+        self.offset = self.needed = 0
+
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialised tensor, from the buffer where it fits."""
+        size = math.prod(shape) * _itemsize(dtype)
+        start = -(-self.needed // self.ALIGN) * self.ALIGN
+        self.needed = start + size
+        self.largest = max(self.largest, self.needed)
+        if self.buffer is not None and self.needed <= self.buffer.numel():
+            return self.buffer[start:self.needed].view(dtype).view(shape)
+        return _empty(shape, dtype, self.device)
+
+
 MAPPED = 2**20
 """Bytes from which a basis on the CPU lives in memory of its own (an anonymous map), not on the heap."""
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """An uninitialised tensor; on the CPU, from :data:`MAPPED` bytes, in an anonymous memory map.
-
-    The bases are a solve's largest temporaries. On the C heap their pages
-    stay with the process once freed (glibc keeps them for reuse), and the
-    next solve's tensors, laid out around the results kept in between, do
-    not always fit there: resident memory ratchets up solve after solve.
-    A map of its own is handed back to the system the moment the basis is
-    freed.
-    """
-    size = math.prod(shape) * (torch.finfo(dtype).bits // 8)
+    """An uninitialised tensor; on the CPU, from :data:`MAPPED` bytes, in an anonymous memory map of its own
+    (given back to the system when the tensor is freed, not kept on the heap)."""
+    size = math.prod(shape) * _itemsize(dtype)
     if device.type != "cpu" or size < MAPPED:
         return torch.empty(shape, dtype=dtype, device=device)
     return torch.frombuffer(mmap.mmap(-1, size), dtype=dtype).view(shape)
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty(0, dtype=dtype).element_size()
