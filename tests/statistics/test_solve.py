@@ -57,7 +57,9 @@ def test_a_basis_orthogonalises_and_keeps_rows_in_place() -> None:
     generator = torch.Generator().manual_seed(1)
     basis = _Basis(5, 30, torch.float64, most=12, memory=Workspace(torch.device("cpu"), keep=False))
     for _ in range(10):  # past one block: the basis grows
-        vector = basis.orthogonalise(torch.randn(5, 30, generator=generator, dtype=torch.float64))
+        vector = torch.randn(5, 30, generator=generator, dtype=torch.float64)
+        norms = basis.orthogonalise(vector)
+        assert torch.allclose(norms, vector.norm(dim=1), rtol=1e-15)
         basis.append(vector / vector.norm(dim=1, keepdim=True))
     gram = basis.vectors() @ basis.vectors().transpose(1, 2)
     assert torch.allclose(gram, torch.eye(10, dtype=torch.float64).expand(5, 10, 10), atol=1e-12)

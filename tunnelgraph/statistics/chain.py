@@ -511,7 +511,7 @@ class GroupChain:
         spec = self.consumers[consumer]
         module = spec.module
         weight_slice = spec.weight_slice
-        weight = _pick(module.weight.detach(), 1, weight_slice, channels)  # (V, S*B, *k)
+        weight = self.consumer_weight(consumer, channels)  # (V, S*B, *k)
         rows = tangent.shape[0]
         count = channels.numel()
         if spec.conv_dims:
@@ -562,7 +562,7 @@ class GroupChain:
         if channels is None:
             channels = torch.arange(self.group.size, device=vectors.device)
         weight = module.weight.detach()
-        picked = _pick(weight, 1, weight_slice, channels)  # (V, S*B, *k), a view where the channels are contiguous
+        picked = self.consumer_weight(consumer, channels)  # (V, S*B, *k)
         count, outputs, block = channels.numel(), weight.shape[0], weight_slice.block
         # the weights scaled entry by entry, written once in the layout the layer reads
         scaled = weight.new_empty(picked.shape)
@@ -602,6 +602,29 @@ class GroupChain:
             channels = torch.arange(self.group.size, device=tangent.device)
         into = None if out is None else out.unsqueeze(1)
         return self.contract(consumer, tangent.unsqueeze(0), error, channels, restricted=restricted, out=into)[:, 0]
+
+    def consumer_weight(self, consumer: int, channels: torch.Tensor) -> torch.Tensor:
+        """Consumer ``consumer``'s weight at the input columns of ``channels``: (V, S*B, *k).
+
+        A view where the channels are contiguous; else a copy, kept for the
+        next call with the same channels and the same weight (a solve asks
+        for one set of channels product after product).
+        """
+        spec = self.consumers[consumer]
+        weight = spec.module.weight.detach()
+        count = channels.numel()
+        first = int(channels[0]) if count else 0
+        if count and bool((channels == torch.arange(first, first + count, device=channels.device)).all()):
+            return _pick(weight, 1, spec.weight_slice, channels)
+        key = (tuple(channels.tolist()), weight.data_ptr(), weight._version)
+        held: dict[int, tuple[Any, torch.Tensor]] = self.__dict__.setdefault("_picked_weights", {})
+        if consumer not in held or held[consumer][0] != key:  # one set of channels per consumer at a time
+            held[consumer] = (key, _pick(weight, 1, spec.weight_slice, channels))
+        return held[consumer][1]
+
+    def drop_picked_weights(self) -> None:
+        """Forget the weight columns :meth:`consumer_weight` kept (at the end of a solve)."""
+        self.__dict__.pop("_picked_weights", None)
 
     def restricted_shape(self, shape: Sequence[int], role: str, index: int, count: int) -> tuple[int, ...]:
         """A producer's output (``role="producer"``) or a consumer's input shape cut to ``count`` channels.

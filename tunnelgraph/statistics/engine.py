@@ -714,6 +714,7 @@ def _matrix_free(
         residuals.append(solved.residual)
         steps = max(steps, solved.steps)
     del start
+    chain.drop_picked_weights()
     sigma, residual = torch.cat(sigmas), torch.cat(residuals)
     gradient = gradients.mean(chain, samples)
     if gradient is None:

@@ -147,15 +147,13 @@ def lanczos_top(
             u = _apply(product, v, batch, left.slot())
         if step > 1:
             u.addcmul_(betas[:, step - 2].to(basis).unsqueeze(1), left.last(), value=-1)
-        left.orthogonalise(u)
-        alpha = u.norm(dim=1)
+        alpha = left.orthogonalise(u)
         u.div_(alpha.clamp_min(tiny).unsqueeze(1))
         left.commit()
         alphas[:, step - 1] = alpha
         w = _apply(transposed, u, batch, right.slot())
         w.addcmul_(alpha.unsqueeze(1), v, value=-1)
-        right.orthogonalise(w)
-        beta = w.norm(dim=1)
+        beta = right.orthogonalise(w)
         betas[:, step - 1] = beta
 
         bidiagonal = torch.zeros(batch.numel(), step, step, dtype=torch.float64, device=device)
@@ -279,25 +277,26 @@ class _Basis:
     def orthogonalise(self, vectors: torch.Tensor) -> torch.Tensor:
         """Remove the components along the basis, in place: classical Gram-Schmidt, repeated where it cancelled.
 
-        A second sweep runs when the first removed more than a fraction
-        1 - 1/sqrt(2) of a vector's norm (the criterion of Daniel, Gragg,
-        Kaufman and Stewart: "twice is enough"), the case where rounding
-        leaves a component behind. Both products put the long axis last
-        (row vector times matrix), the fast form of a batched product with
-        one vector per matrix.
+        Returns the norms of the orthogonalised rows (computed for the
+        criterion anyway). A second sweep runs when the first removed more
+        than a fraction 1 - 1/sqrt(2) of a vector's norm (the criterion of
+        Daniel, Gragg, Kaufman and Stewart: "twice is enough"), the case
+        where rounding leaves a component behind. Both products put the long
+        axis last (row vector times matrix), the fast form of a batched
+        product with one vector per matrix.
         """
+        after = vectors.norm(dim=1)
         if self.size == 0:
-            return vectors
+            return after
         basis = self.vectors()  # (n, k, length), a view
-        before = vectors.norm(dim=1)
         for sweep in range(2):
+            before = after
             coefficients = torch.bmm(vectors.unsqueeze(1), basis.transpose(1, 2))  # (n, 1, k)
             vectors.unsqueeze(1).baddbmm_(coefficients, basis, alpha=-1)
             after = vectors.norm(dim=1)
             if sweep or bool((after >= 0.7071 * before).all()):
                 break
-            before = after
-        return vectors
+        return after
 
 
 class Workspace:
