@@ -43,11 +43,11 @@ from tunnelgraph.frontends.fx import trace
 from tunnelgraph.ir import Graph
 from tunnelgraph.rewrite.plan import check_shapes
 from tunnelgraph.runtime import (
+    all_finite,
     batch_parts,
     model_device,
     preserved,
     progress_bar,
-    all_finite,
     return_freed_memory,
     to_device,
     unwrap_model,
