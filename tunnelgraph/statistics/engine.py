@@ -405,6 +405,8 @@ def _measure(
         results.update(_matrix_free(plan, captures, gradients, samples, max_steps, tol, model_device(model),
                                     memory_budget, batch, workspace))
         _release(stored, free_plans[index + 1:])
+        if index + 1 < len(free_plans) and _product_bytes(plan, batch) >= TRIM_AFTER:
+            return_freed_memory()  # large products' temporaries (on the heap): the next solves do not need them
     check_statistics(results.values())
     return {site.name: results[site.name] for plan in plans for site in plan.sites}
 
@@ -766,6 +768,17 @@ def lanczos_chunk(chain: GroupChain, max_steps: int, dtype: torch.dtype, memory_
     itemsize = torch.finfo(dtype).bits // 8
     per_channel = max_steps * lengths * itemsize + 4 * lengths * 8 + PRODUCT_COPIES * work * itemsize
     return max(1, memory_budget // per_channel)
+
+
+TRIM_AFTER = 16 * 2**20
+"""The heap's free pages are handed back after a solve whose products held about this many bytes or more on it
+(the chain's values of every channel of the group over the samples of a pass). The bases live in the workspace;
+after smaller solves the next one reuses the heap's pages, and a trim would cost more than it saves."""
+
+
+def _product_bytes(plan: _GroupPlan, batch: int) -> int:
+    return PRODUCT_COPIES * plan.positions * batch * len(set(plan.channels)) * torch.finfo(
+        statistics_dtype(plan.chain)).bits // 8
 
 
 class InboundGradients:
