@@ -75,3 +75,52 @@ def test_the_diagonal_read_in_reverse_mode_is_the_forward_mode_diagonal(name: st
                 assert relative(got, forward[j]) <= 1e-12, chain.group.name
                 checked += 1
     assert checked > 0
+
+
+class _HardGate(nn.Module):
+    """conv -> hardsigmoid -> max pool -> conv: hardsigmoid's backward has no derivative of its own in PyTorch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.conv2 = nn.Conv2d(6, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(nn.functional.max_pool2d(nn.functional.hardsigmoid(self.conv1(x)), 2)).mean((2, 3))
+
+
+def test_a_chain_whose_backward_cannot_be_differentiated_gets_j_t_by_forward_mode() -> None:
+    model = _HardGate().double().eval()
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 3, 8, 8, generator=generator, dtype=torch.float64)
+    y = torch.randn(5, 4, generator=generator, dtype=torch.float64)
+    graph = tg.trace(model, x)
+    (group,) = {site.group.name: site.group for site in tg.find_sites(graph, through=tg.THROUGH_OPTIONS)}.values()
+    chain = GroupChain(model, graph, group)
+    with Recorder(model, chain.source, [chain.tap()]) as recorder:
+        capture = run_batch(model, recorder, x, y, squared_error)
+    outputs = [capture.outputs[spec.node] for spec in chain.producers]
+    linear = chain.linearise(outputs, capture.externals)
+    tangents = [torch.randn(value.shape, generator=generator, dtype=value.dtype) for value in outputs]
+    with torch.no_grad():
+        forward = linear.jvp(tangents)
+        expected = chain.jvp(outputs, capture.externals, tangents)
+    assert linear.transposed is None  # the recorded backward pass was given up
+    assert all(relative(got, want) <= 1e-12 for got, want in zip(forward, expected))
+    errors = [torch.randn(value.shape, generator=generator, dtype=value.dtype) for value in forward]
+    left = sum(float((f * e).sum()) for f, e in zip(forward, errors))
+    right = sum(float((t * r).sum()) for t, r in zip(tangents, linear.vjp(errors)))
+    assert left == pytest.approx(right, rel=1e-10, abs=1e-12)
+
+
+def test_statistics_through_a_hardsigmoid_and_a_pool_match_the_exact_path() -> None:
+    model = _HardGate().double().eval()
+    generator = torch.Generator().manual_seed(2)
+    data = [(torch.randn(4, 3, 8, 8, generator=generator, dtype=torch.float64),
+             torch.randn(4, 4, generator=generator, dtype=torch.float64)) for _ in range(2)]
+    sites = tg.find_sites(model, data[0][0], through=tg.THROUGH_OPTIONS)
+    exact = tg.a_statistics(model, sites, data, squared_error, method="exact", progress=False)
+    free = tg.a_statistics(model, sites, data, squared_error, method="matrix_free", progress=False, tol=1e-8)
+    for site in sites:
+        assert free[site.name].sigma == pytest.approx(exact[site.name].sigma, rel=1e-6), site.name
+        assert abs(float(free[site.name].direction @ exact[site.name].direction)) >= 0.99999, site.name

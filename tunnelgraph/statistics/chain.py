@@ -26,6 +26,7 @@ mixes channels.
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import operator
 import warnings
@@ -50,6 +51,8 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
     warnings.simplefilter("ignore", FutureWarning)
     import torch._decomp.decompositions_for_jvp  # noqa: F401
+
+logger = logging.getLogger(__name__)
 
 _CONV_DIMS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
 _IN_PLACE_FUNCTIONS = {
@@ -843,10 +846,14 @@ class LinearisedChain:
     which the Lanczos iteration assumes.
 
     Holds the chain's saved values and those of its backward pass: made
-    per stored capture for the products of one group's solve.
+    per stored capture for the products of one group's solve. Where an
+    operation's backward pass has no derivative of its own (PyTorch's
+    ``hardsigmoid``, a custom function marked once-differentiable), ``J t``
+    is taken by forward-mode differentiation of the chain instead.
     """
 
     def __init__(self, chain: GroupChain, outputs: Sequence[torch.Tensor], externals: dict[str, Any]) -> None:
+        self.chain, self.externals = chain, externals
         self.outputs = list(outputs)
         with torch.enable_grad():
             self.leaves = [value.detach().requires_grad_() for value in outputs]
@@ -860,8 +867,8 @@ class LinearisedChain:
                 grads = torch.autograd.grad(self.results, self.leaves, self.errors, create_graph=True,
                                             allow_unused=True)
             # J_i^T c for each producer i whose output reaches a consumer (a function of c, recorded)
-            self.transposed = {index: grad for index, grad in enumerate(grads)
-                               if grad is not None and grad.requires_grad}
+            self.transposed: dict[int, torch.Tensor] | None = {
+                index: grad for index, grad in enumerate(grads) if grad is not None and grad.requires_grad}
 
     def vjp(self, cotangents: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """Errors at the producer outputs for errors at the consumer inputs: ``J^T e``."""
@@ -873,11 +880,18 @@ class LinearisedChain:
 
     def jvp(self, tangents: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """Tangents at the consumer inputs for one tangent per producer output: ``J t``."""
+        if self.transposed is None:
+            return self.chain.jvp(self.outputs, self.externals, tangents)
         found: Sequence[torch.Tensor | None] = [None] * len(self.errors)
         if self.transposed:
-            found = torch.autograd.grad(list(self.transposed.values()), self.errors,
-                                        [tangents[index] for index in self.transposed], retain_graph=True,
-                                        allow_unused=True)
+            try:
+                found = torch.autograd.grad(list(self.transposed.values()), self.errors,
+                                            [tangents[index] for index in self.transposed], retain_graph=True,
+                                            allow_unused=True)
+            except RuntimeError as error:  # a backward pass that cannot be differentiated itself
+                logger.debug("group %s: J t by forward mode (%s)", self.chain.group.name, error)
+                self.transposed = None  # the recorded backward pass is given up; J^T e still uses the chain's graph
+                return self.chain.jvp(self.outputs, self.externals, tangents)
         result: list[torch.Tensor] = [torch.zeros(shape, dtype=dtype, device=device)
                                       for shape, dtype, device in self.shapes]
         for place, value in zip(self.live, found):
