@@ -52,7 +52,7 @@ import tunnelgraph as tg
 
 THROUGH = tg.THROUGH_OPTIONS
 SMALL_BUDGET = 64 * 2**20
-"""A ``memory_budget`` below the default (256 MiB): smaller Lanczos chunks, more products."""
+"""A ``memory_budget`` below the default (128 MiB): smaller Lanczos chunks, more products."""
 
 
 class _Basic(nn.Module):

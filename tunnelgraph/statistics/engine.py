@@ -61,8 +61,9 @@ logger = logging.getLogger(__name__)
 Method = Literal["auto", "exact", "matrix_free"]
 LossFn = Callable[[Any, Any], torch.Tensor]
 
-DEFAULT_MEMORY_BUDGET = 256 * 2**20
-"""Bytes of working memory the exact path aims to stay under per chunk."""
+DEFAULT_MEMORY_BUDGET = 128 * 2**20
+"""Bytes of working memory a group's solve aims for (see :func:`a_statistics`). On the ResNet-18 benchmark
+(``benchmarks/bench_network.py``) 128 MiB was no slower than 256 MiB, and peaked about 70 MiB lower."""
 
 
 @dataclass(frozen=True)
