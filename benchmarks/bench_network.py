@@ -26,10 +26,13 @@ Printed in one run, each the best of ``--repeats``:
    call, so allocator caches of earlier work do not hide it).
 4. torchvision's ``resnet18`` for items 1 and 2, where torchvision is
    installed.
+5. With ``--floor``: the time in convolution kernels of one ``a_statistics``
+   call against that of one forward-backward pass, under torch's profiler
+   (what the products cannot do without), and the rest of the call.
 
 Usage::
 
-    python benchmarks/bench_network.py [--batches 3] [--batch 8] [--size 64] [--reference out.json]
+    python benchmarks/bench_network.py [--batches 3] [--batch 8] [--size 64] [--reference out.json] [--floor]
 """
 
 from __future__ import annotations
@@ -236,6 +239,13 @@ def statistics_figures(name: str, model: nn.Module, data: list[Any], args: argpa
     print(f"{name}: {groups} groups, {len(sites)} sites; a_statistics {stats_time:.2f} s = "
           f"{figures['ratio']:.1f}x one forward-backward ({pass_time:.3f} s) [target <= 8x]; Lanczos steps "
           f"<= {figures['lanczos_steps_max']}, worst ||A^T u - sigma v|| / sigma {figures['worst_relative_residual']:.2g}")
+    if args.floor:
+        floor = convolution_floor(model, sites, data)
+        figures.update(floor)
+        print(f"{name}: the convolutions alone (profiled): a_statistics {floor['statistics_convolutions_s']:.2f} s "
+              f"= {floor['convolution_floor']:.1f}x the forward-backward pass's own "
+              f"({floor['pass_convolutions_s']:.3f} s); the rest of a_statistics under the profiler "
+              f"{floor['statistics_other_s']:.2f} s")
     top = [entry.name for entry in tg.rank_sites(stats)[:5]]
     figures["top"] = [(site, float(stats[site].sigma)) for site in top]
     if args.reference:
@@ -257,6 +267,29 @@ def statistics_figures(name: str, model: nn.Module, data: list[Any], args: argpa
               f"statistics hold {held / 2**20:.0f} MiB ({held / plain:.1f}x: lambda* and gradient of every site, "
               f"float32), leaving {(stored - held) / plain:.1f}x and {(streamed - held) / plain:.1f}x of working memory")
     return figures
+
+
+def convolution_floor(model: nn.Module, sites: list[Any], data: list[Any]) -> dict[str, float]:
+    """Time in convolution kernels (forward, input and weight gradients) of one a_statistics call and of one
+    forward-backward pass, under torch's profiler: what no restructuring of the rest can remove."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def convolutions(function: Callable[[], Any]) -> tuple[float, float]:
+        with profile(activities=[ProfilerActivity.CPU]) as profiled:
+            function()
+        events = profiled.key_averages()
+        total = sum(event.self_cpu_time_total for event in events) / 1e6
+        kernels = sum(event.self_cpu_time_total for event in events
+                      if event.key in ("aten::convolution_backward", "aten::mkldnn_convolution",
+                                       "aten::_convolution", "aten::cudnn_convolution")) / 1e6
+        return kernels, total
+
+    pass_convolutions, _ = convolutions(lambda: forward_backward(model, data))
+    statistics_convolutions, statistics_total = convolutions(
+        lambda: tg.a_statistics(model, sites, data, F.cross_entropy, progress=False))
+    return {"pass_convolutions_s": pass_convolutions, "statistics_convolutions_s": statistics_convolutions,
+            "convolution_floor": statistics_convolutions / pass_convolutions,
+            "statistics_other_s": statistics_total - statistics_convolutions}
 
 
 def compare_reference(path: Path, name: str, stats: dict[str, Any], top: list[str]) -> None:
@@ -298,6 +331,8 @@ def main() -> None:
     parser.add_argument("--reference", help="JSON of top sites' lambda* to write (first run) or compare against")
     parser.add_argument("--json", help="also write the figures here")
     parser.add_argument("--skip-statistics", action="store_true", help="only the analysis figures")
+    parser.add_argument("--floor", action="store_true",
+                        help="also profile the time in convolution kernels (the floor of the statistics' cost)")
     parser.add_argument("--probe", choices=("fb", "stored", "streamed", "stored_small"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.probe:
