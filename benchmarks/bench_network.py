@@ -238,7 +238,8 @@ def statistics_figures(name: str, model: nn.Module, data: list[Any], args: argpa
     }
     print(f"{name}: {groups} groups, {len(sites)} sites; a_statistics {stats_time:.2f} s = "
           f"{figures['ratio']:.1f}x one forward-backward ({pass_time:.3f} s) [target <= 8x]; Lanczos steps "
-          f"<= {figures['lanczos_steps_max']}, worst ||A^T u - sigma v|| / sigma {figures['worst_relative_residual']:.2g}")
+          f"<= {figures['lanczos_steps_max']}, worst ||A^T u - sigma v|| / sigma "
+          f"{figures['worst_relative_residual']:.2g}")
     if args.floor:
         floor = convolution_floor(model, sites, data)
         figures.update(floor)
@@ -265,7 +266,8 @@ def statistics_figures(name: str, model: nn.Module, data: list[Any], args: argpa
               f"{SMALL_BUDGET >> 20} MiB {small / 2**20:.0f} MiB ({small / plain:.1f}x); with store=False "
               f"{streamed / 2**20:.0f} MiB ({streamed / plain:.1f}x) [target <= 1.5x]; of each, the returned "
               f"statistics hold {held / 2**20:.0f} MiB ({held / plain:.1f}x: lambda* and gradient of every site, "
-              f"float32), leaving {(stored - held) / plain:.1f}x and {(streamed - held) / plain:.1f}x of working memory")
+              f"float32), leaving {(stored - held) / plain:.1f}x and {(streamed - held) / plain:.1f}x of working "
+              "memory")
     return figures
 
 

@@ -118,7 +118,8 @@ def unit_measures(
     weights = {name: p.detach().cpu().double().numpy() for name, p in model.named_parameters()}
     results = {}
     for group in legal:
-        results.update(_group_measures(group, weights, [m for (g, _), m in moments.items() if g == group.name], samples))
+        group_moments = [m for (g, _), m in moments.items() if g == group.name]
+        results.update(_group_measures(group, weights, group_moments, samples))
     return results
 
 

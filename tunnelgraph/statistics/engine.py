@@ -255,7 +255,8 @@ def _plans(model: nn.Module, graph: Graph, sites: Sequence[Site], method: Method
             exact, free = estimate_cost(chain, graph, max_steps=min(max_steps, 8))
             chosen = "exact" if exact <= free else "matrix_free"
             logger.debug("group %s: exact %.3g MAC/sample, matrix-free %.3g -> %s", group.name, exact, free, chosen)
-        positions = sum(_positions_per_sample(graph, node) for node in (*chain.nodes, *(s.node for s in chain.producers)))
+        values = (*chain.nodes, *(spec.node for spec in chain.producers))
+        positions = sum(_positions_per_sample(graph, node) for node in values)
         plans.append(_GroupPlan(chain, members, chosen, positions))
     return plans
 
@@ -399,7 +400,8 @@ def _measure(
     _release(stored, free_plans)
     return_freed_memory()  # the pass's autograd temporaries, and the captures merge replaced
     batch = max((capture.batch for capture in stored), default=largest)  # replayed passes run batch by batch
-    solves = progress_bar(free_plans, desc="A-statistics: top triplets (Lanczos)", enabled=progress if free_plans else False)
+    solves = progress_bar(free_plans, desc="A-statistics: top triplets (Lanczos)",
+                          enabled=progress if free_plans else False)
     workspace = Workspace(model_device(model))  # the bases' memory, reused solve after solve, dropped at the end
     for index, plan in enumerate(solves):
         captures: Iterable[Capture] = stored if replay is None else _Replay(model, plan.chain, replay, loss_fn)
@@ -753,7 +755,8 @@ def _matrix_free(
 
 
 PRODUCT_COPIES = 4
-"""Copies of each value of a group's chain a product holds at once, per channel (values, tangents, saved for backward)."""
+"""Copies of each value of a group's chain a product holds at once, per channel (values, tangents, saved for
+backward)."""
 
 
 def lanczos_chunk(chain: GroupChain, max_steps: int, dtype: torch.dtype, memory_budget: int, work: int = 0) -> int:
