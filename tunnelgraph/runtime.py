@@ -62,8 +62,9 @@ def return_freed_memory() -> None:
     freed blocks for reuse: after a phase of large temporaries the
     process's resident memory stays near that phase's peak, and a later
     phase whose temporaries do not fit the holes adds its own peak on top.
-    Called between such phases (after the statistics' capture pass), it
-    makes the peak that of the largest phase rather than of their sum. It frees nothing
+    Called between such phases (after the statistics' capture pass, and
+    after a solve with large temporaries on the heap), it makes the peak
+    that of the largest phase rather than of their sum. It frees nothing
     that is in use, and does nothing on other C libraries.
     """
     trim = _malloc_trim()

@@ -14,20 +14,23 @@ from tunnelgraph.statistics.engine import run_batch
 from zoo import ZOO_BY_NAME
 
 
-def _chains_and_captures(name: str) -> list[tuple[GroupChain, list[torch.Tensor], dict]]:
-    entry = ZOO_BY_NAME[name]
-    model = entry.build().double().eval()
-    data = regression_data(model, entry, torch.float64, batches=1, batch=5)
-    graph = tg.trace(model, data[0][0])
+def _captured(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[tuple[GroupChain, list[torch.Tensor], dict]]:
+    """Each group's chain, with its producers' outputs and the externals captured on one batch."""
+    graph = tg.trace(model, x)
     groups = {site.group.name: site.group for site in tg.find_sites(graph, through=tg.THROUGH_OPTIONS)}
     found = []
     for group in groups.values():
         chain = GroupChain(model, graph, group)
         with Recorder(model, chain.source, [chain.tap()]) as recorder:
-            capture = run_batch(model, recorder, *data[0], squared_error)
-        outputs = [capture.outputs[spec.node] for spec in chain.producers]
-        found.append((chain, outputs, capture.externals))
+            capture = run_batch(model, recorder, x, y, squared_error)
+        found.append((chain, [capture.outputs[spec.node] for spec in chain.producers], capture.externals))
     return found
+
+
+def _chains_and_captures(name: str) -> list[tuple[GroupChain, list[torch.Tensor], dict]]:
+    entry = ZOO_BY_NAME[name]
+    model = entry.build().double().eval()
+    return _captured(model, *regression_data(model, entry, torch.float64, batches=1, batch=5)[0])
 
 
 # pooling (average and max), batch norm, residual adds, concats, a broadcast gate, flattens
@@ -94,17 +97,12 @@ def test_a_chain_whose_backward_cannot_be_differentiated_gets_j_t_by_forward_mod
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(5, 3, 8, 8, generator=generator, dtype=torch.float64)
     y = torch.randn(5, 4, generator=generator, dtype=torch.float64)
-    graph = tg.trace(model, x)
-    (group,) = {site.group.name: site.group for site in tg.find_sites(graph, through=tg.THROUGH_OPTIONS)}.values()
-    chain = GroupChain(model, graph, group)
-    with Recorder(model, chain.source, [chain.tap()]) as recorder:
-        capture = run_batch(model, recorder, x, y, squared_error)
-    outputs = [capture.outputs[spec.node] for spec in chain.producers]
-    linear = chain.linearise(outputs, capture.externals)
+    ((chain, outputs, externals),) = _captured(model, x, y)
+    linear = chain.linearise(outputs, externals)
     tangents = [torch.randn(value.shape, generator=generator, dtype=value.dtype) for value in outputs]
     with torch.no_grad():
         forward = linear.jvp(tangents)
-        expected = chain.jvp(outputs, capture.externals, tangents)
+        expected = chain.jvp(outputs, externals, tangents)
     assert linear.transposed is None  # the recorded backward pass was given up
     assert all(relative(got, want) <= 1e-12 for got, want in zip(forward, expected))
     errors = [torch.randn(value.shape, generator=generator, dtype=value.dtype) for value in forward]
@@ -119,8 +117,12 @@ def test_statistics_through_a_hardsigmoid_and_a_pool_match_the_exact_path() -> N
     data = [(torch.randn(4, 3, 8, 8, generator=generator, dtype=torch.float64),
              torch.randn(4, 4, generator=generator, dtype=torch.float64)) for _ in range(2)]
     sites = tg.find_sites(model, data[0][0], through=tg.THROUGH_OPTIONS)
+    before = {name: value.clone() for name, value in model.state_dict().items()}
     exact = tg.a_statistics(model, sites, data, squared_error, method="exact", progress=False)
     free = tg.a_statistics(model, sites, data, squared_error, method="matrix_free", progress=False, tol=1e-8)
+    # the recorded passes leave the model as it was, bit for bit, and write no gradient
+    assert all(torch.equal(value, before[name]) for name, value in model.state_dict().items())
+    assert all(parameter.grad is None for parameter in model.parameters()) and not model.training
     for site in sites:
         assert free[site.name].sigma == pytest.approx(exact[site.name].sigma, rel=1e-6), site.name
         assert abs(float(free[site.name].direction @ exact[site.name].direction)) >= 0.99999, site.name

@@ -367,16 +367,22 @@ class GroupChain:
         self, outputs: Sequence[torch.Tensor], externals: dict[str, Any], cotangents: Sequence[torch.Tensor]
     ) -> tuple[torch.Tensor, ...]:
         """Errors at the producer outputs for errors at the consumer inputs, through the chain only."""
+        leaves, results = self.recorded(outputs, externals)
+        pairs = [(result, cotangent) for result, cotangent in zip(results, cotangents) if result.requires_grad]
+        grads: Sequence[torch.Tensor | None] = [None] * len(leaves)
+        if pairs:
+            grads = torch.autograd.grad(
+                [result for result, _ in pairs], leaves, [cotangent for _, cotangent in pairs], allow_unused=True
+            )
+        return tuple(grad if grad is not None else torch.zeros_like(value) for grad, value in zip(grads, outputs))
+
+    def recorded(
+        self, outputs: Sequence[torch.Tensor], externals: dict[str, Any]
+    ) -> tuple[list[torch.Tensor], tuple[torch.Tensor, ...]]:
+        """(leaves, consumer inputs): the chain run with autograd recording from detached producer outputs."""
         with torch.enable_grad():
             leaves = [value.detach().requires_grad_() for value in outputs]
-            results = self.run(leaves, externals)
-            pairs = [(result, cotangent) for result, cotangent in zip(results, cotangents) if result.requires_grad]
-            grads: Sequence[torch.Tensor | None] = [None] * len(leaves)
-            if pairs:
-                grads = torch.autograd.grad(
-                    [result for result, _ in pairs], leaves, [cotangent for _, cotangent in pairs], allow_unused=True
-                )
-        return tuple(grad if grad is not None else torch.zeros_like(value) for grad, value in zip(grads, outputs))
+            return leaves, self.run(leaves, externals)
 
     def linearise(self, outputs: Sequence[torch.Tensor], externals: dict[str, Any]) -> LinearisedChain:
         """The chain's Jacobian at these values, for many products in both directions (see :class:`LinearisedChain`)."""
@@ -615,9 +621,7 @@ class GroupChain:
         """
         spec = self.consumers[consumer]
         weight = spec.module.weight.detach()
-        count = channels.numel()
-        first = int(channels[0]) if count else 0
-        if count and bool((channels == torch.arange(first, first + count, device=channels.device)).all()):
+        if _consecutive(channels) is not None:
             return _pick(weight, 1, spec.weight_slice, channels)
         key = (tuple(channels.tolist()), weight.data_ptr(), weight._version)
         held: dict[int, tuple[Any, torch.Tensor]] = self.__dict__.setdefault("_picked_weights", {})
@@ -674,19 +678,17 @@ class GroupChain:
         wanted = [[i for i in range(len(self.producers)) if self.diagonal[i][j]] for j in range(len(self.consumers))]
         if not any(wanted):
             return scales
-        with torch.enable_grad():
-            leaves = [value.detach().requires_grad_() for value in outputs]
-            results = self.run(leaves, externals)
-            last = max(j for j, producers in enumerate(wanted) if producers)
-            for j, result in enumerate(results):
-                if not wanted[j]:
-                    continue
-                found: Sequence[torch.Tensor | None] = [None] * len(wanted[j])
-                if result.requires_grad:
-                    found = torch.autograd.grad(result, [leaves[i] for i in wanted[j]], torch.ones_like(result),
-                                                retain_graph=j < last, allow_unused=True)
-                for i, grad in zip(wanted[j], found):
-                    scales[i][j] = (grad if grad is not None else torch.zeros_like(outputs[i])).reshape(result.shape)
+        leaves, results = self.recorded(outputs, externals)
+        last = max(j for j, producers in enumerate(wanted) if producers)
+        for j, result in enumerate(results):
+            if not wanted[j]:
+                continue
+            found: Sequence[torch.Tensor | None] = [None] * len(wanted[j])
+            if result.requires_grad:
+                found = torch.autograd.grad(result, [leaves[i] for i in wanted[j]], torch.ones_like(result),
+                                            retain_graph=j < last, allow_unused=True)
+            for i, grad in zip(wanted[j], found):
+                scales[i][j] = (grad if grad is not None else torch.zeros_like(outputs[i])).reshape(result.shape)
         return scales
 
     def row_inputs(self, producer: int, layer_input: torch.Tensor) -> torch.Tensor:
@@ -855,20 +857,19 @@ class LinearisedChain:
     def __init__(self, chain: GroupChain, outputs: Sequence[torch.Tensor], externals: dict[str, Any]) -> None:
         self.chain, self.externals = chain, externals
         self.outputs = list(outputs)
-        with torch.enable_grad():
-            self.leaves = [value.detach().requires_grad_() for value in outputs]
-            results = chain.run(self.leaves, externals)
-            self.shapes = [(result.shape, result.dtype, result.device) for result in results]
-            self.live = [index for index, result in enumerate(results) if result.requires_grad]
-            self.results = [results[index] for index in self.live]
-            self.errors = [torch.zeros_like(result, requires_grad=True) for result in self.results]
-            grads: Sequence[torch.Tensor | None] = [None] * len(self.leaves)
-            if self.results:
+        self.leaves, results = chain.recorded(outputs, externals)
+        self.shapes = [(result.shape, result.dtype, result.device) for result in results]
+        self.live = [index for index, result in enumerate(results) if result.requires_grad]
+        self.results = [results[index] for index in self.live]
+        self.errors = [torch.zeros_like(result, requires_grad=True) for result in self.results]
+        grads: Sequence[torch.Tensor | None] = [None] * len(self.leaves)
+        if self.results:
+            with torch.enable_grad():  # the backward pass is itself recorded
                 grads = torch.autograd.grad(self.results, self.leaves, self.errors, create_graph=True,
                                             allow_unused=True)
-            # J_i^T c for each producer i whose output reaches a consumer (a function of c, recorded)
-            self.transposed: dict[int, torch.Tensor] | None = {
-                index: grad for index, grad in enumerate(grads) if grad is not None and grad.requires_grad}
+        # J_i^T c for each producer i whose output reaches a consumer (a function of c, recorded)
+        self.transposed: dict[int, torch.Tensor] | None = {
+            index: grad for index, grad in enumerate(grads) if grad is not None and grad.requires_grad}
 
     def vjp(self, cotangents: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """Errors at the producer outputs for errors at the consumer inputs: ``J^T e``."""
@@ -902,11 +903,20 @@ class LinearisedChain:
 
 def _pick(tensor: torch.Tensor, axis: int, weight_slice: ParamSlice, channels: torch.Tensor) -> torch.Tensor:
     """The entries of ``channels`` along ``axis`` (a view when they are contiguous)."""
+    first = _consecutive(channels)
+    if first is not None:
+        block = weight_slice.block
+        return tensor.narrow(axis, weight_slice.offset + first * block, channels.numel() * block)
+    return tensor.index_select(axis, _positions(weight_slice, channels, tensor.device))
+
+
+def _consecutive(channels: torch.Tensor) -> int | None:
+    """The first of ``channels`` where they are consecutive and ascending, else None."""
     count = channels.numel()
     first = int(channels[0]) if count else 0
     if count and bool((channels == torch.arange(first, first + count, device=channels.device)).all()):
-        return tensor.narrow(axis, weight_slice.offset + first * weight_slice.block, count * weight_slice.block)
-    return tensor.index_select(axis, _positions(weight_slice, channels, tensor.device))
+        return first
+    return None
 
 
 def _positions(weight_slice: ParamSlice, channels: torch.Tensor, device: torch.device) -> torch.Tensor:
