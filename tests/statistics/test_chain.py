@@ -9,7 +9,7 @@ import torch.nn as nn
 import tunnelgraph as tg
 from conftest import regression_data, relative, squared_error
 from tunnelgraph.statistics.capture import Recorder
-from tunnelgraph.statistics.chain import GroupChain
+from tunnelgraph.statistics.chain import GroupChain, host_channels
 from tunnelgraph.statistics.engine import run_batch
 from zoo import ZOO_BY_NAME
 
@@ -126,3 +126,25 @@ def test_statistics_through_a_hardsigmoid_and_a_pool_match_the_exact_path() -> N
     for site in sites:
         assert free[site.name].sigma == pytest.approx(exact[site.name].sigma, rel=1e-6), site.name
         assert abs(float(free[site.name].direction @ exact[site.name].direction)) >= 0.99999, site.name
+
+
+def test_a_channel_index_tensor_is_read_to_the_host_once_until_it_changes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The products ask about their channels for every layer; the index tensor is read once, not per question."""
+    reads: list[int] = []
+    tolist = torch.Tensor.tolist
+
+    def counted(self: torch.Tensor) -> object:
+        reads.append(id(self))
+        return tolist(self)
+
+    monkeypatch.setattr(torch.Tensor, "tolist", counted)
+    runs = torch.tensor([3, 4, 5])
+    gaps = torch.tensor([0, 2, 5])
+    for _ in range(5):
+        assert host_channels(runs) == ((3, 4, 5), 3) and host_channels(gaps) == ((0, 2, 5), None)
+    assert sorted(reads) == sorted([id(runs), id(gaps)])
+    gaps[1] = 1  # an in-place change is seen: the tensor is read again
+    assert host_channels(gaps) == ((0, 1, 5), None) and len(reads) == 3
+    gaps[2] = 2
+    assert host_channels(gaps) == ((0, 1, 2), 0)
+    assert host_channels(torch.tensor([], dtype=torch.long)) == ((), None)

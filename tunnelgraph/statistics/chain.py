@@ -30,6 +30,7 @@ import logging
 import math
 import operator
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -623,7 +624,7 @@ class GroupChain:
         weight = spec.module.weight.detach()
         if _consecutive(channels) is not None:
             return _pick(weight, 1, spec.weight_slice, channels)
-        key = (tuple(channels.tolist()), weight.data_ptr(), weight._version)
+        key = (host_channels(channels)[0], weight.data_ptr(), weight._version)
         held: dict[int, tuple[Any, torch.Tensor]] = self.__dict__.setdefault("_picked_weights", {})
         if consumer not in held or held[consumer][0] != key:  # one set of channels per consumer at a time
             held[consumer] = (key, _pick(weight, 1, spec.weight_slice, channels))
@@ -918,12 +919,31 @@ def _pick(tensor: torch.Tensor, axis: int, weight_slice: ParamSlice, channels: t
 
 
 def _consecutive(channels: torch.Tensor) -> int | None:
-    """The first of ``channels`` where they are consecutive and ascending, else None."""
-    count = channels.numel()
-    first = int(channels[0]) if count else 0
-    if count and bool((channels == torch.arange(first, first + count, device=channels.device)).all()):
-        return first
-    return None
+    """The first of ``channels`` where they are consecutive and ascending, else None (read on the host)."""
+    return host_channels(channels)[1]
+
+
+_HOST_CHANNELS: dict[int, tuple[Any, int, tuple[int, ...], int | None]] = {}
+
+
+def host_channels(channels: torch.Tensor) -> tuple[tuple[int, ...], int | None]:
+    """``channels`` as host integers, and their first where they are consecutive and ascending (else None).
+
+    Read from the device once per index tensor (and per in-place change of
+    it), not once per call: a product asks about its channels for every
+    layer, and on an accelerator each read waits for all the work queued
+    before it. The Lanczos solve passes one tensor per set of running
+    channels, so a solve reads them once per set.
+    """
+    key = id(channels)
+    held = _HOST_CHANNELS.get(key)
+    if held is not None and held[0]() is channels and held[1] == channels._version:
+        return held[2], held[3]
+    values = tuple(int(value) for value in channels.tolist())
+    first = values[0] if values and values == tuple(range(values[0], values[0] + len(values))) else None
+    reference = weakref.ref(channels, lambda _, key=key: _HOST_CHANNELS.pop(key, None))
+    _HOST_CHANNELS[key] = (reference, channels._version, values, first)
+    return values, first
 
 
 def _positions(weight_slice: ParamSlice, channels: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -53,7 +53,7 @@ from tunnelgraph.runtime import (
     unwrap_model,
 )
 from tunnelgraph.statistics.capture import Capture, Recorder, merge
-from tunnelgraph.statistics.chain import GroupChain, LinearisedChain, conv_patches
+from tunnelgraph.statistics.chain import GroupChain, LinearisedChain, conv_patches, host_channels
 from tunnelgraph.statistics.solve import Operator, Workspace, lanczos_top, top_singular
 
 logger = logging.getLogger(__name__)
@@ -709,9 +709,10 @@ def _matrix_free(
     size = lanczos_chunk(chain, max_steps, dtype, memory_budget, work=plan.positions * batch)
     sigmas, residuals, steps = [], [], 0  # lambda* goes straight into ``direction``
     for offset, part in zip(itertools.count(0, size), wanted.split(size)):
+        channels = _Running(part)
         solved = lanczos_top(
-            lambda v, running, out, part=part: product(v, part[running], out),
-            lambda u, running, out, part=part: transposed(u, part[running], out),
+            lambda v, running, out, channels=channels: product(v, channels(running), out),
+            lambda u, running, out, channels=channels: transposed(u, channels(running), out),
             start[part], max_steps=max_steps, tol=tol, dtype=dtype, inbound=chain.inbound_size,
             out=direction[offset:offset + part.numel()], workspace=workspace,
         )
@@ -752,6 +753,26 @@ def _matrix_free(
             residual=residual_of[c] / value if value > 0 else 0.0,
         )
     return results
+
+
+class _Running:
+    """The group channels of a solve's running rows: ``part[running]``, one tensor per set of rows.
+
+    The solver passes the same ``running`` tensor product after product
+    until it drops finished rows, so the channels are indexed once per set,
+    and their host copy (:func:`host_channels`, which the products consult
+    for every layer) is read once per set rather than once per product.
+    """
+
+    def __init__(self, part: torch.Tensor) -> None:
+        self.part = part
+        self.rows: torch.Tensor | None = None
+        self.channels = part
+
+    def __call__(self, running: torch.Tensor) -> torch.Tensor:
+        if running is not self.rows:
+            self.rows, self.channels = running, self.part[running]
+        return self.channels
 
 
 PRODUCT_COPIES = 4
@@ -874,7 +895,7 @@ def linear_operators(
     def restricted_scales(index: int, capture: Capture, outputs: list[torch.Tensor],
                           channels: torch.Tensor) -> list[list[torch.Tensor | None]]:
         """The chain's diagonal at the consumers' positions of ``channels`` (kept while they stay the same)."""
-        key = tuple(channels.tolist())
+        key = host_channels(channels)[0]
         if cut.get("channels") != key:
             cut.clear()  # one set at a time: the channels change only when a chunk starts or a channel finishes
             cut["channels"] = key

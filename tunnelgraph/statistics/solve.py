@@ -37,7 +37,8 @@ def fix_sign(vectors: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
     low, high = torch.aminmax(vectors, dim=-1, keepdim=True)
     negative = -low > high
     tied = (-low == high) & (high > 0)
-    if bool(tied.any()):  # rare: decide by the first entry of largest magnitude
+    # rare: decide by the first entry of largest magnitude (on an accelerator, without waiting to learn whether)
+    if vectors.device.type != "cpu" or bool(tied.any()):
         first = vectors.gather(-1, vectors.abs().argmax(dim=-1, keepdim=True))
         negative = torch.where(tied, first < 0, negative)
     sign = 1 - 2 * negative.to(vectors.dtype)
@@ -97,7 +98,9 @@ def lanczos_top(
             directions (default: ``start``'s). The bases are most of the
             solver's memory; products computed in float32 gain nothing from
             float64 bases. The small bidiagonal problem, sigma and the
-            residuals are float64.
+            residuals are float64, on the host: each step copies its alpha
+            and beta there (on an accelerator, the step's one wait for the
+            device) and sends back only what finishing channels need.
         inbound: the length K of ``A v``, when known: the first product is
             then written into the left basis too.
         out: where the directions go (S, L), in ``dtype``: the returned
@@ -118,15 +121,19 @@ def lanczos_top(
     matrix used.
     """
     count, device = start.shape[0], start.device
+    host = torch.device("cpu")
     basis = dtype or start.dtype
     tiny = torch.finfo(basis).tiny ** 0.5
-    sigma_out = torch.zeros(count, dtype=torch.float64, device=device)
+    # the bookkeeping lives on the host: each step reads its alpha and beta there (on an accelerator, the one
+    # wait of the step) and decides what finishes from the small bidiagonal problem solved there
+    sigma_out = torch.zeros(count, dtype=torch.float64)
     residual_out = torch.zeros_like(sigma_out)
     # the Ritz vectors in the bases' precision: each is a combination of basis vectors, no more precise than they;
     # every row is written once, when its matrix finishes
     direction_out = torch.empty(start.shape, dtype=basis, device=device) if out is None else out
-    batch = torch.arange(count, device=device)  # the matrix of each row of the bases
-    retired = torch.zeros(count, dtype=torch.bool, device=device)  # rows whose result is kept, still in the bases
+    rows = torch.arange(count)  # the matrix of each row of the bases (host)
+    batch = rows.to(device)  # the same, where the products index with it
+    retired = torch.zeros(count, dtype=torch.bool)  # rows whose result is kept, still in the bases (host)
     memory = workspace if workspace is not None else Workspace(device, keep=False)
     memory.reset()  # the last solve's bases are gone: their memory serves this one
     right = _Basis(count, start.shape[1], basis, max_steps + 1, memory)
@@ -134,8 +141,9 @@ def lanczos_top(
     v.div_(v.norm(dim=1, keepdim=True).clamp_min(tiny))
     right.commit()
     left = None if inbound is None else _Basis(count, inbound, basis, max_steps, memory)
-    alphas = torch.zeros(count, max_steps, dtype=torch.float64, device=device)  # each row's bidiagonal
+    alphas = torch.zeros(count, max_steps, dtype=torch.float64)  # each row's bidiagonal (host)
     betas = torch.zeros_like(alphas)
+    beta = torch.zeros(count, dtype=basis, device=device)
     step = 0
     for step in range(1, max_steps + 1):
         if left is None:  # the length of A v is learnt from the first product
@@ -146,18 +154,17 @@ def lanczos_top(
         else:
             u = _apply(product, v, batch, left.slot())
         if step > 1:
-            u.addcmul_(betas[:, step - 2].to(basis).unsqueeze(1), left.last(), value=-1)
+            u.addcmul_(beta.unsqueeze(1), left.last(), value=-1)
         alpha = left.orthogonalise(u)
         u.div_(alpha.clamp_min(tiny).unsqueeze(1))
         left.commit()
-        alphas[:, step - 1] = alpha
         w = _apply(transposed, u, batch, right.slot())
         w.addcmul_(alpha.unsqueeze(1), v, value=-1)
         beta = right.orthogonalise(w)
-        betas[:, step - 1] = beta
+        alphas[:, step - 1], betas[:, step - 1] = torch.stack((alpha, beta)).to(host, torch.float64)
 
-        bidiagonal = torch.zeros(batch.numel(), step, step, dtype=torch.float64, device=device)
-        index = torch.arange(step, device=device)
+        bidiagonal = torch.zeros(rows.numel(), step, step, dtype=torch.float64)
+        index = torch.arange(step)
         bidiagonal[:, index, index] = alphas[:, :step]
         bidiagonal[:, index[:-1], index[1:]] = betas[:, :step - 1]
         p, s, qh = torch.linalg.svd(bidiagonal)
@@ -167,28 +174,33 @@ def lanczos_top(
         new = done & ~retired
         if bool(new.any()):
             finished = new.nonzero().squeeze(1)
-            direction = right.combine(qh[finished, 0, :], finished)  # the Ritz vectors
+            on_device = finished.to(device)
+            direction = right.combine(qh[finished, 0, :].to(device), on_device)  # the Ritz vectors
             direction.div_(direction.norm(dim=1, keepdim=True).clamp_min(tiny))
-            direction.mul_((sigma[finished] > tiny).to(basis).unsqueeze(1))  # zero where A is (numerically) zero
-            where = batch[finished]
+            alive = (sigma[finished] > tiny).to(device=device, dtype=basis)
+            direction.mul_(alive.unsqueeze(1))  # zero where A is (numerically) zero
+            where = rows[finished]
             sigma_out[where] = sigma[finished]
             residual_out[where] = residual[finished]
-            direction_out[where] = fix_sign(direction, inplace=True)
+            direction_out[batch[on_device]] = fix_sign(direction, inplace=True)
             retired |= new
             if bool(retired.all()):
                 break
             if 4 * int(retired.sum()) >= retired.numel():
                 # the running matrices' bases (and the pending vector w), compacted once for many finished
                 keep = (~retired).nonzero().squeeze(1)
-                batch, retired = batch[keep], retired[keep]
-                right.keep(keep, pending=True)
-                left.keep(keep)
-                alphas, betas, beta = alphas[keep], betas[keep], beta[keep]
+                moved = keep != torch.arange(keep.numel())
+                stay = int(moved.int().argmax()) if bool(moved.any()) else keep.numel()  # rows that stay put
+                rows, retired, alphas, betas = rows[keep], retired[keep], alphas[keep], betas[keep]
+                keep = keep.to(device)
+                batch, beta = batch[keep], beta[keep]
+                right.keep(keep, pending=True, stay=stay)
+                left.keep(keep, stay=stay)
                 w = right.slot()
-        w.div_(beta.clamp_min(tiny).to(basis).unsqueeze(1))
+        w.div_(beta.clamp_min(tiny).unsqueeze(1))
         right.commit()
         v = right.last()
-    return Triplet(sigma_out, direction_out, step, residual_out)
+    return Triplet(sigma_out.to(device), direction_out, step, residual_out.to(device))
 
 
 def _apply(operator: Operator, vectors: torch.Tensor, channels: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -241,19 +253,22 @@ class _Basis:
         """(matrices, vectors, length): the basis of each matrix, a view."""
         return self.data[:self.size].transpose(0, 1)
 
-    def keep(self, rows: torch.Tensor, pending: bool = False) -> None:
+    def keep(self, rows: torch.Tensor, pending: bool = False, stay: int | None = None) -> None:
         """Keep the matrices ``rows`` (ascending indices) only, moved down in place.
 
         With ``pending`` the vector in :meth:`slot` moves too. No second copy
         of the basis is made (the bases are most of a solve's memory): one
         vector's rows at a time are gathered, then written to their places.
+        ``stay``: how many leading rows keep their place (``rows[:stay]`` is
+        ``0 .. stay - 1``), when the caller knows it; else it is read here.
         """
         kept = rows.numel()
-        moved = rows != torch.arange(kept, device=rows.device)
-        if bool(moved.any()):
-            first = int(moved.int().argmax())  # rows before it stay where they are
+        if stay is None:
+            moved = rows != torch.arange(kept, device=rows.device)
+            stay = int(moved.int().argmax()) if bool(moved.any()) else kept
+        if stay < kept:
             for vector in self.data[:self.size + int(pending)]:
-                vector[first:kept] = vector[rows[first:]]
+                vector[stay:kept] = vector[rows[stay:]]
         self.data = self.data[:, :kept]
 
     def combine(self, coefficients: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -281,7 +296,9 @@ class _Basis:
         criterion anyway). A second sweep runs when the first removed more
         than a fraction 1 - 1/sqrt(2) of a vector's norm (the criterion of
         Daniel, Gragg, Kaufman and Stewart: "twice is enough"), the case
-        where rounding leaves a component behind. Both products put the long
+        where rounding leaves a component behind; on an accelerator it always
+        runs, which costs less than waiting to learn whether it is needed (the
+        criterion is read on the host). Both products put the long
         axis last (row vector times matrix), the fast form of a batched
         product with one vector per matrix.
         """
@@ -294,7 +311,8 @@ class _Basis:
             coefficients = torch.bmm(vectors.unsqueeze(1), basis.transpose(1, 2))  # (n, 1, k)
             vectors.unsqueeze(1).baddbmm_(coefficients, basis, alpha=-1)
             after = vectors.norm(dim=1)
-            if sweep or bool((after >= 0.7071 * before).all()):
+            # on an accelerator a second sweep is cheaper than waiting to learn whether it is needed
+            if sweep or (vectors.device.type == "cpu" and bool((after >= 0.7071 * before).all())):
                 break
         return after
 
