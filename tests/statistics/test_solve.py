@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from tunnelgraph.statistics import solve
 from tunnelgraph.statistics.solve import MAPPED, Workspace, _Basis, fix_sign, lanczos_top
 
 
@@ -160,3 +162,30 @@ def test_a_workspace_hands_its_buffer_out_again_and_grows_to_the_largest_need() 
     memory.reset()
     assert memory.buffer.numel() >= 3 * 1000 * 4 + MAPPED * 4
     del first
+
+
+def test_the_solver_without_reads_of_its_criteria_finds_the_same_triplets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The accelerator's path, taken on the CPU: the second sweep always runs and sign ties are settled without
+    asking whether there are any. The triplets are those of the path that asks."""
+    generator = torch.Generator().manual_seed(4)
+    gaps = torch.tensor([0.5, 0.3, 0.02, 0.5, 0.005, 0.2], dtype=torch.float64)
+    a = _matrices(gaps.numel(), 30, 50, gaps, generator)
+
+    def product(v: torch.Tensor, channels: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+        return torch.einsum("nkl,nl->nk", a[channels], v)
+
+    def transposed(u: torch.Tensor, channels: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+        return torch.einsum("nkl,nk->nl", a[channels], u)
+
+    start = torch.randn(gaps.numel(), 50, generator=generator, dtype=torch.float64)
+    asked = lanczos_top(product, transposed, start, max_steps=40, tol=1e-10)
+    monkeypatch.setattr(solve, "reads_are_free", lambda device: False)
+    unasked = lanczos_top(product, transposed, start, max_steps=40, tol=1e-10)
+    _, s, vh = torch.linalg.svd(a)
+    for solved in (asked, unasked):
+        assert torch.allclose(solved.sigma, s[:, 0], rtol=1e-12, atol=0)
+        assert torch.allclose(solved.direction, fix_sign(vh[:, 0]), atol=1e-7)
+    assert torch.allclose(unasked.direction, asked.direction, atol=1e-9)
+    ties = torch.tensor([[1.0, -1.0, 0.0], [-1.0, 1.0, 0.0], [0.0, 2.0, -2.0]], dtype=torch.float64)
+    assert torch.equal(fix_sign(ties), torch.tensor([[1.0, -1.0, 0.0], [1.0, -1.0, 0.0], [0.0, 2.0, -2.0]],
+                                                    dtype=torch.float64))

@@ -38,11 +38,22 @@ def fix_sign(vectors: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
     negative = -low > high
     tied = (-low == high) & (high > 0)
     # rare: decide by the first entry of largest magnitude (on an accelerator, without waiting to learn whether)
-    if vectors.device.type != "cpu" or bool(tied.any()):
+    if not reads_are_free(vectors.device) or bool(tied.any()):
         first = vectors.gather(-1, vectors.abs().argmax(dim=-1, keepdim=True))
         negative = torch.where(tied, first < 0, negative)
     sign = 1 - 2 * negative.to(vectors.dtype)
     return vectors.mul_(sign) if inplace else vectors * sign
+
+
+def reads_are_free(device: torch.device) -> bool:
+    """Whether reading a value of a tensor on ``device`` into Python costs nothing more than the read.
+
+    True on the CPU. On an accelerator a read waits for all the work queued
+    before it, so the solver's optional work (a second Gram-Schmidt sweep,
+    the settling of sign ties) is done unconditionally there rather than
+    after asking whether it is needed.
+    """
+    return device.type == "cpu"
 
 
 def top_singular(a: torch.Tensor) -> Triplet:
@@ -312,7 +323,7 @@ class _Basis:
             vectors.unsqueeze(1).baddbmm_(coefficients, basis, alpha=-1)
             after = vectors.norm(dim=1)
             # on an accelerator a second sweep is cheaper than waiting to learn whether it is needed
-            if sweep or (vectors.device.type == "cpu" and bool((after >= 0.7071 * before).all())):
+            if sweep or (reads_are_free(vectors.device) and bool((after >= 0.7071 * before).all())):
                 break
         return after
 
