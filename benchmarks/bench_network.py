@@ -29,10 +29,14 @@ Printed in one run, each the best of ``--repeats``:
 5. With ``--floor``: the time in convolution kernels of one ``a_statistics``
    call against that of one forward-backward pass, under torch's profiler
    (what the products cannot do without), and the rest of the call.
+6. With ``--device cuda``: the same on the GPU, timed by CUDA events, with
+   the GPU named; memory is the CUDA caching allocator's peak over each
+   call's start (in this process), against the forward-backward pass's.
 
 Usage::
 
     python benchmarks/bench_network.py [--batches 3] [--batch 8] [--size 64] [--reference out.json] [--floor]
+        [--device cuda]
 """
 
 from __future__ import annotations
@@ -129,14 +133,37 @@ class ConvNeXtLike(nn.Module):
         return self.head(self.features(x).mean((2, 3)))
 
 
+DEVICE = torch.device("cpu")
+"""Where the networks and data live (``--device``)."""
+
+
 def best(function: Callable[[], Any], repeats: int) -> tuple[float, Any]:
-    """(best seconds, last result) of ``repeats`` calls."""
+    """(best seconds, last result) of ``repeats`` calls; on CUDA timed by CUDA events around each call."""
     times, result = [], None
     for _ in range(repeats):
+        if DEVICE.type == "cuda":
+            start_event, end_event = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start_event.record()
+            result = function()
+            end_event.record()
+            end_event.synchronize()
+            times.append(start_event.elapsed_time(end_event) / 1e3)
+            continue
         start = time.perf_counter()
         result = function()
         times.append(time.perf_counter() - start)
     return min(times), result
+
+
+def cuda_peak(function: Callable[[], Any]) -> tuple[int, Any]:
+    """(peak CUDA memory allocated during one call, over what was allocated before it, in bytes; its result)."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    result = function()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base, result
 
 
 def _rss() -> int:
@@ -210,8 +237,8 @@ def peak_growth(kind: str, args: argparse.Namespace) -> tuple[int, int]:
 
 def _data(args: argparse.Namespace) -> list[tuple[torch.Tensor, torch.Tensor]]:
     generator = torch.Generator().manual_seed(0)
-    return [(torch.randn(args.batch, 3, args.size, args.size, generator=generator),
-             torch.randint(0, 10, (args.batch,), generator=generator)) for _ in range(args.batches)]
+    return [(torch.randn(args.batch, 3, args.size, args.size, generator=generator).to(DEVICE),
+             torch.randint(0, 10, (args.batch,), generator=generator).to(DEVICE)) for _ in range(args.batches)]
 
 
 def forward_backward(model: nn.Module, data: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
@@ -251,7 +278,9 @@ def statistics_figures(name: str, model: nn.Module, data: list[Any], args: argpa
     figures["top"] = [(site, float(stats[site].sigma)) for site in top]
     if args.reference:
         compare_reference(Path(args.reference), name, stats, top)
-    if name == "resnet18_like":
+    if name == "resnet18_like" and DEVICE.type == "cuda":
+        figures.update(cuda_memory(model, sites, data))
+    elif name == "resnet18_like":
         small_time, _ = best(lambda: tg.a_statistics(model, sites, data, F.cross_entropy, progress=False,
                                                      memory_budget=SMALL_BUDGET), args.repeats)
         figures["a_statistics_small_budget_s"] = small_time
@@ -269,6 +298,21 @@ def statistics_figures(name: str, model: nn.Module, data: list[Any], args: argpa
               f"float32), leaving {(stored - held) / plain:.1f}x and {(streamed - held) / plain:.1f}x of working "
               "memory")
     return figures
+
+
+def cuda_memory(model: nn.Module, sites: list[Any], data: list[Any]) -> dict[str, Any]:
+    """Peak CUDA memory of the forward-backward pass and of the matrix-free statistics (stored and replayed),
+    each over what was allocated before the call (the caching allocator's exact figures, in this process)."""
+    plain, _ = cuda_peak(lambda: forward_backward(model, data))
+    stored, _ = cuda_peak(lambda: tg.a_statistics(model, sites, data, F.cross_entropy, progress=False,
+                                                  method="matrix_free"))
+    streamed, _ = cuda_peak(lambda: tg.a_statistics(model, sites, data, F.cross_entropy, progress=False,
+                                                    method="matrix_free", store=False))
+    print(f"resnet18_like: peak CUDA memory over the call's start: forward-backward {plain / 2**20:.0f} MiB; "
+          f"matrix-free {stored / 2**20:.0f} MiB ({stored / plain:.1f}x) [target <= 3x]; with store=False "
+          f"{streamed / 2**20:.0f} MiB ({streamed / plain:.1f}x) [target <= 1.5x] (the statistics are returned on "
+          "the CPU)")
+    return {"cuda_peak_fb": plain, "cuda_peak_stored": stored, "cuda_peak_streamed": streamed}
 
 
 def convolution_floor(model: nn.Module, sites: list[Any], data: list[Any]) -> dict[str, float]:
@@ -335,13 +379,22 @@ def main() -> None:
     parser.add_argument("--skip-statistics", action="store_true", help="only the analysis figures")
     parser.add_argument("--floor", action="store_true",
                         help="also profile the time in convolution kernels (the floor of the statistics' cost)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda: where the networks and data live (on "
+                        "CUDA, times are taken with CUDA events and memory is the caching allocator's peak)")
     parser.add_argument("--probe", choices=("fb", "stored", "streamed", "stored_small"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device here")
+    if DEVICE.type == "cuda" and args.floor:
+        parser.error("--floor profiles CPU convolution kernels; leave it out with --device cuda")
     if args.probe:
         probe(args.probe, args)
         return
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device cpu")
+    where = f"device {torch.cuda.get_device_name(DEVICE)}" if DEVICE.type == "cuda" else "device cpu"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {where}")
     data = _data(args)
     networks: list[tuple[str, nn.Module]] = [("resnet18_like", ResNet18Like()), ("convnext_like", ConvNeXtLike())]
     try:
@@ -351,6 +404,7 @@ def main() -> None:
     except ImportError:
         print("torchvision is not installed: its resnet18 is left out")
     results: dict[str, Any] = {"analysis": [], "statistics": []}
+    networks = [(name, model.to(DEVICE)) for name, model in networks]
     for name, model in networks:
         results["analysis"].append(analysis_figures(name, model.eval(), data[0][0], args.repeats))
     if not args.skip_statistics:
