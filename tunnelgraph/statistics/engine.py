@@ -520,21 +520,36 @@ def run_batch(
 
 
 def check_finite(capture: Capture, index: int | None) -> None:
-    """Raise :class:`StatisticsError` if a value of ``capture`` that A is made of is NaN or infinite."""
-    for kind, values in (
-        ("the input of layer", capture.inputs), ("the output of layer", capture.outputs),
-        ("the loss gradient at the output of layer", capture.errors),
-        ("the weight gradient of layer", capture.gradients),
-    ):
-        for node, value in values.items():
-            # a finite sum proves every entry finite (one reduction, no mask); else check each entry,
-            # since finite values can also sum to infinity
-            if not bool(torch.isfinite(value.sum())) and not bool(torch.isfinite(value).all()):
-                raise StatisticsError(
-                    f"{_batch_name(index)}: {kind} '{node}' is not finite (NaN or infinite values); "
-                    "A-statistics need finite values. Check the batch for NaN or infinite inputs, and "
-                    "the model for an overflow"
-                )
+    """Raise :class:`StatisticsError` if a value of ``capture`` that A is made of is NaN or infinite.
+
+    Each value's minimum and maximum (NaN propagates through both, and an
+    infinity is one of them) are gathered into one tensor and read once for
+    the whole capture: on an accelerator, one wait per batch rather than one
+    per recorded value. Only when that read finds something is each value
+    read on its own, to name it.
+    """
+    checked = [
+        (kind, node, value)
+        for kind, values in (
+            ("the input of layer", capture.inputs), ("the output of layer", capture.outputs),
+            ("the loss gradient at the output of layer", capture.errors),
+            ("the weight gradient of layer", capture.gradients),
+        )
+        for node, value in values.items()
+        if value.numel() and value.is_floating_point()
+    ]
+    if not checked:
+        return
+    bounds = torch.stack([torch.stack(torch.aminmax(value.detach())).double() for _, _, value in checked])
+    if bool(torch.isfinite(bounds).all()):
+        return
+    for kind, node, value in checked:
+        if not all_finite(value):
+            raise StatisticsError(
+                f"{_batch_name(index)}: {kind} '{node}' is not finite (NaN or infinite values); "
+                "A-statistics need finite values. Check the batch for NaN or infinite inputs, and "
+                "the model for an overflow"
+            )
 
 
 def _batch_name(index: int | None) -> str:
