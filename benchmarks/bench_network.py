@@ -22,8 +22,9 @@ Printed in one run, each the best of ``--repeats``:
    networks (target: at most 2x; convnext-like under 3 s).
 3. Peak resident memory growth of the matrix-free pass, with and without
    ``store=``, against that of the forward-backward pass (targets 3x and
-   1.5x), each in a fresh process (the peak RSS over the RSS before the
-   call, so allocator caches of earlier work do not hide it).
+   1.5x), each the median of three fresh processes (the peak RSS over the
+   RSS before the call, so allocator caches of earlier work do not hide
+   it).
 4. torchvision's ``resnet18`` for items 1 and 2, where torchvision is
    installed.
 5. With ``--floor``: the time in convolution kernels of one ``a_statistics``
@@ -226,13 +227,23 @@ def result_bytes(result: Any) -> int:
     return sum(storages.values())
 
 
+PROBES = 3
+"""Fresh processes per peak-memory figure, of which the median is reported: the forward-backward pass's own
+peak growth varied from 69 to 97 MiB between single processes (the C heap's layout), the statistics' much less."""
+
+
 def peak_growth(kind: str, args: argparse.Namespace) -> tuple[int, int]:
-    """(peak resident memory growth, bytes of the returned result) of one call in a fresh process."""
+    """(median peak resident memory growth, bytes of the returned result) of one call, over :data:`PROBES` fresh
+    processes."""
     command = [sys.executable, __file__, "--probe", kind, "--batches", str(args.batches), "--batch",
                str(args.batch), "--size", str(args.size)]
-    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-    figures = json.loads(output.strip().splitlines()[-1])
-    return int(figures["growth"]), int(figures["result"])
+    growths, held = [], 0
+    for _ in range(PROBES):
+        output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+        figures = json.loads(output.strip().splitlines()[-1])
+        growths.append(int(figures["growth"]))
+        held = int(figures["result"])
+    return sorted(growths)[len(growths) // 2], held
 
 
 def _data(args: argparse.Namespace) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -290,7 +301,8 @@ def statistics_figures(name: str, model: nn.Module, data: list[Any], args: argpa
         (plain, _), (stored, held), (small, _), (streamed, _) = (peak_growth(kind, args) for kind in kinds)
         figures.update(peak_fb=plain, peak_stored=stored, peak_stored_small_budget=small, peak_streamed=streamed,
                        result_bytes=held)
-        print(f"{name}: peak resident memory growth (fresh processes): forward-backward {plain / 2**20:.0f} MiB; "
+        print(f"{name}: peak resident memory growth (median of {PROBES} fresh processes each): forward-backward "
+              f"{plain / 2**20:.0f} MiB; "
               f"matrix-free {stored / 2**20:.0f} MiB ({stored / plain:.1f}x) [target <= 3x], with memory_budget="
               f"{SMALL_BUDGET >> 20} MiB {small / 2**20:.0f} MiB ({small / plain:.1f}x); with store=False "
               f"{streamed / 2**20:.0f} MiB ({streamed / plain:.1f}x) [target <= 1.5x]; of each, the returned "
