@@ -148,3 +148,17 @@ def test_a_channel_index_tensor_is_read_to_the_host_once_until_it_changes(monkey
     gaps[2] = 2
     assert host_channels(gaps) == ((0, 1, 2), 0)
     assert host_channels(torch.tensor([], dtype=torch.long)) == ((), None)
+
+
+def test_the_host_copy_of_a_channel_index_goes_with_the_tensor() -> None:
+    from tunnelgraph.statistics import chain
+
+    channels = torch.tensor([7, 8])
+    host_channels(channels)
+    key = id(channels)
+    assert key in chain._HOST_CHANNELS
+    del channels
+    assert key not in chain._HOST_CHANNELS
+    with torch.inference_mode():
+        frozen = torch.tensor([1, 2, 3])
+    assert host_channels(frozen) == ((1, 2, 3), 1)

@@ -936,13 +936,15 @@ def host_channels(channels: torch.Tensor) -> tuple[tuple[int, ...], int | None]:
     channels, so a solve reads them once per set.
     """
     key = id(channels)
+    version = 0 if channels.is_inference() else channels._version  # inference tensors keep no version counter
     held = _HOST_CHANNELS.get(key)
-    if held is not None and held[0]() is channels and held[1] == channels._version:
+    if held is not None and held[0]() is channels and held[1] == version:
         return held[2], held[3]
     values = tuple(int(value) for value in channels.tolist())
     first = values[0] if values and values == tuple(range(values[0], values[0] + len(values))) else None
-    reference = weakref.ref(channels, lambda _, key=key: _HOST_CHANNELS.pop(key, None))
-    _HOST_CHANNELS[key] = (reference, channels._version, values, first)
+    # the entry goes when the tensor does (the table is held by the callback itself, also at interpreter exit)
+    reference = weakref.ref(channels, lambda _, key=key, table=_HOST_CHANNELS: table.pop(key, None))
+    _HOST_CHANNELS[key] = (reference, version, values, first)
     return values, first
 
 
