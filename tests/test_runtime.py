@@ -23,3 +23,13 @@ def test_all_finite_finds_one_nan_or_infinity_anywhere(dtype: torch.dtype) -> No
 def test_all_finite_takes_empty_and_integer_tensors() -> None:
     assert all_finite(torch.empty(0))
     assert all_finite(torch.arange(5))
+
+
+def test_all_finite_reads_several_tensors_at_once() -> None:
+    """One answer for many tensors (one read of the device): any bad entry in any of them makes it False."""
+    good = torch.linspace(-1, 1, 50, dtype=torch.float64)
+    spoiled = torch.ones(4, 3, dtype=torch.float32)
+    spoiled[2, 1] = float("nan")
+    assert all_finite() and all_finite(good, torch.arange(3), torch.empty(0), good.float())
+    assert not all_finite(good, torch.arange(3), spoiled)
+    assert not all_finite(torch.tensor([float("inf")], dtype=torch.bfloat16), good)

@@ -72,16 +72,18 @@ def return_freed_memory() -> None:
         trim(0)
 
 
-def all_finite(tensor: torch.Tensor) -> bool:
-    """Whether every entry of ``tensor`` is finite, read in one pass with no tensor of flags made.
+def all_finite(*tensors: torch.Tensor) -> bool:
+    """Whether every entry of every tensor (all on one device) is finite, each read in one pass with no tensor of
+    flags made, and the answer read from the device once.
 
     NaN propagates through a minimum and a maximum, and an infinity is one
-    of them: both are finite exactly when every entry is.
+    of them: both are finite exactly when every entry is. The minima and
+    maxima of all the tensors are gathered before the one read (on an
+    accelerator, one wait rather than one per tensor).
     """
-    if tensor.numel() == 0 or not tensor.is_floating_point():
-        return True
-    low, high = torch.aminmax(tensor.detach())
-    return bool(torch.isfinite(low) & torch.isfinite(high))
+    bounds = [torch.stack(torch.aminmax(tensor.detach())).double() for tensor in tensors
+              if tensor.numel() and tensor.is_floating_point()]
+    return not bounds or bool(torch.isfinite(torch.stack(bounds)).all())
 
 
 @contextlib.contextmanager

@@ -437,9 +437,7 @@ def check_statistics(results: Iterable[SiteStatistics]) -> None:
     # a group's sites are rows of one tensor: check each tensor once, and site by site only to name one
     whole = {id(base): base for entry in results for tensor in (entry.direction, entry.gradient)
              for base in [tensor if tensor._base is None else tensor._base]}
-    if all(math.isfinite(entry.sigma) for entry in results) and all(
-        all_finite(tensor) for tensor in whole.values()
-    ):
+    if all(math.isfinite(entry.sigma) for entry in results) and all_finite(*whole.values()):
         return
     for entry in results:
         if not (
@@ -522,11 +520,9 @@ def run_batch(
 def check_finite(capture: Capture, index: int | None) -> None:
     """Raise :class:`StatisticsError` if a value of ``capture`` that A is made of is NaN or infinite.
 
-    Each value's minimum and maximum (NaN propagates through both, and an
-    infinity is one of them) are gathered into one tensor and read once for
-    the whole capture: on an accelerator, one wait per batch rather than one
-    per recorded value. Only when that read finds something is each value
-    read on its own, to name it.
+    All the values are checked by one read (:func:`all_finite`: on an
+    accelerator, one wait per batch rather than one per recorded value);
+    only when it finds something is each value read on its own, to name it.
     """
     checked = [
         (kind, node, value)
@@ -536,12 +532,8 @@ def check_finite(capture: Capture, index: int | None) -> None:
             ("the weight gradient of layer", capture.gradients),
         )
         for node, value in values.items()
-        if value.numel() and value.is_floating_point()
     ]
-    if not checked:
-        return
-    bounds = torch.stack([torch.stack(torch.aminmax(value.detach())).double() for _, _, value in checked])
-    if bool(torch.isfinite(bounds).all()):
+    if all_finite(*(value for _, _, value in checked)):
         return
     for kind, node, value in checked:
         if not all_finite(value):

@@ -199,14 +199,12 @@ def lanczos_top(
                 break
             if 4 * int(retired.sum()) >= retired.numel():
                 # the running matrices' bases (and the pending vector w), compacted once for many finished
-                keep = (~retired).nonzero().squeeze(1)
-                moved = keep != torch.arange(keep.numel())
-                stay = int(moved.int().argmax()) if bool(moved.any()) else keep.numel()  # rows that stay put
+                keep = (~retired).nonzero().squeeze(1)  # on the host, as the bases read it
+                right.keep(keep, pending=True)
+                left.keep(keep)
                 rows, retired, alphas, betas = rows[keep], retired[keep], alphas[keep], betas[keep]
                 keep = keep.to(device)
                 batch, beta = batch[keep], beta[keep]
-                right.keep(keep, pending=True, stay=stay)
-                left.keep(keep, stay=stay)
                 w = right.slot()
         w.div_(beta.clamp_min(tiny).unsqueeze(1))
         right.commit()
@@ -264,20 +262,20 @@ class _Basis:
         """(matrices, vectors, length): the basis of each matrix, a view."""
         return self.data[:self.size].transpose(0, 1)
 
-    def keep(self, rows: torch.Tensor, pending: bool = False, stay: int | None = None) -> None:
+    def keep(self, rows: torch.Tensor, pending: bool = False) -> None:
         """Keep the matrices ``rows`` (ascending indices) only, moved down in place.
 
         With ``pending`` the vector in :meth:`slot` moves too. No second copy
         of the basis is made (the bases are most of a solve's memory): one
-        vector's rows at a time are gathered, then written to their places.
-        ``stay``: how many leading rows keep their place (``rows[:stay]`` is
-        ``0 .. stay - 1``), when the caller knows it; else it is read here.
+        vector's rows at a time are gathered, then written to their places;
+        the leading rows that keep their place are not touched. ``rows`` are
+        read on the host: pass them there to spare an accelerator the wait.
         """
         kept = rows.numel()
-        if stay is None:
-            moved = rows != torch.arange(kept, device=rows.device)
-            stay = int(moved.int().argmax()) if bool(moved.any()) else kept
+        moved = rows.cpu() != torch.arange(kept)
+        stay = int(moved.int().argmax()) if bool(moved.any()) else kept  # rows before it stay where they are
         if stay < kept:
+            rows = rows.to(self.data.device)
             for vector in self.data[:self.size + int(pending)]:
                 vector[stay:kept] = vector[rows[stay:]]
         self.data = self.data[:, :kept]
@@ -349,18 +347,18 @@ class Workspace:
     def __init__(self, device: torch.device, keep: bool = True) -> None:
         self.device, self.keep = device, keep
         self.buffer: torch.Tensor | None = None
-        self.offset = self.needed = self.largest = 0
+        self.needed = self.largest = 0
 
     def reset(self) -> None:
         """Hand the buffer out again from its start; call when no tensor taken from it is in use."""
         if self.keep and self.largest > (0 if self.buffer is None else self.buffer.numel()):
             self.buffer = None  # dropped before its replacement is made
             self.buffer = _empty((self.largest,), torch.uint8, self.device)
-        self.offset = self.needed = 0
+        self.needed = 0
 
     def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """An uninitialised tensor, from the buffer where it fits."""
-        size = math.prod(shape) * _itemsize(dtype)
+        size = math.prod(shape) * dtype.itemsize
         start = -(-self.needed // self.ALIGN) * self.ALIGN
         self.needed = start + size
         self.largest = max(self.largest, self.needed)
@@ -376,11 +374,7 @@ MAPPED = 2**20
 def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """An uninitialised tensor; on the CPU, from :data:`MAPPED` bytes, in an anonymous memory map of its own
     (given back to the system when the tensor is freed, not kept on the heap)."""
-    size = math.prod(shape) * _itemsize(dtype)
+    size = math.prod(shape) * dtype.itemsize
     if device.type != "cpu" or size < MAPPED:
         return torch.empty(shape, dtype=dtype, device=device)
     return torch.frombuffer(mmap.mmap(-1, size), dtype=dtype).view(shape)
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty(0, dtype=dtype).element_size()
