@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import pytest
 import torch
 import torch.nn as nn
@@ -87,3 +89,67 @@ def test_captures_of_different_shapes_stay_separate_and_the_statistics_agree() -
     free = tg.a_statistics(model, sites, data, squared_error, method="matrix_free", progress=False)
     for site in sites:
         assert free[site.name].sigma == pytest.approx(exact[site.name].sigma, rel=1e-6)
+
+
+def _deep_mlp() -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).double().eval()
+    generator = torch.Generator().manual_seed(2)
+    return model, (torch.randn(7, 4, generator=generator, dtype=torch.float64),
+                   torch.randn(7, 3, generator=generator, dtype=torch.float64))
+
+
+def _chain_of(model: nn.Module, x: torch.Tensor, producer: str) -> GroupChain:
+    return next(chain for chain in _chains(model, x) if chain.producers[0].node == producer)
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_a_pass_without_inbound_gradients_goes_back_no_further_than_the_consumers(frozen: bool) -> None:
+    """The errors are those of the full pass; no weight gradient before the consumer is computed (where the
+    consumer's weight is frozen, the pass differentiates for the inputs instead and still records them)."""
+    model, (x, y) = _deep_mlp()
+    chain = _chain_of(model, x, "_2")  # Linear(6, 5) -> tanh -> Linear(5, 3)
+    with Recorder(model, chain.source, [chain.tap()]) as recorder:
+        full = run_batch(model, recorder, x, y, squared_error)
+    assert set(full.gradients) == {"_2"}
+    reached: list[str] = []  # gradients computed before the consumer: weights, and activations on the way back
+    hooks = [model[i].weight.register_hook(lambda grad, i=i: reached.append(f"weight {i}")) for i in (0, 2)]
+
+    def watch(index: int) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any, output: torch.Tensor) -> None:
+            if output.requires_grad:
+                output.register_hook(lambda grad: reached.append(f"output {index}"))
+        return hook
+
+    hooks += [model[i].register_forward_hook(watch(i)) for i in (1, 3)]
+    model[4].weight.requires_grad_(not frozen)
+    try:
+        with Recorder(model, chain.source, [chain.tap()]) as recorder:
+            narrow = run_batch(model, recorder, x, y, squared_error, inbound=())
+    finally:
+        model[4].weight.requires_grad_(True)
+        for hook in hooks:
+            hook.remove()
+    assert reached == ([] if not frozen else ["output 3", "output 1"]) and narrow.gradients == {}
+    assert set(narrow.errors) == set(full.errors) == {"_4"}
+    assert torch.equal(narrow.errors["_4"], full.errors["_4"])
+
+
+def test_inbound_gradients_are_taken_for_the_groups_that_want_them_only() -> None:
+    """Two groups recorded at once, the later one's inbound gradients wanted: the pass computes them and the
+    earlier group's errors, and no gradient of the earlier group's producer."""
+    model, (x, y) = _deep_mlp()
+    early, late = _chain_of(model, x, "_0"), _chain_of(model, x, "_2")
+    reached: list[str] = []
+    hook = model[0].weight.register_hook(lambda grad: reached.append("0"))
+    try:
+        with Recorder(model, early.source, [early.tap(), late.tap()]) as recorder:
+            capture = run_batch(model, recorder, x, y, squared_error, inbound={"_2"})
+    finally:
+        hook.remove()
+    assert reached == [] and set(capture.gradients) == {"_2"}
+    assert set(capture.errors) == {"_2", "_4"}
+    with Recorder(model, early.source, [early.tap(), late.tap()]) as recorder:
+        full = run_batch(model, recorder, x, y, squared_error)
+    assert torch.equal(capture.gradients["_2"], full.gradients["_2"])
+    assert all(torch.equal(capture.errors[node], full.errors[node]) for node in ("_2", "_4"))

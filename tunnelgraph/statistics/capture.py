@@ -24,7 +24,7 @@ a group comes as a :class:`Tap`, which :meth:`GroupChain.tap` writes.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Collection, Sequence
 
 import torch
 import torch.fx
@@ -177,6 +177,7 @@ class Recorder:
         self.active = True  # when False, forwards are not recorded
         self.fx_nodes: dict[str, torch.fx.Node] = {n.name: n for n in source.graph.nodes} if source else {}
         self.placeholders = [n for n in self.fx_nodes.values() if n.op == "placeholder"]
+        self.taps = tuple(taps)
         self.producers = {node: (module, bias) for tap in taps for node, module, bias in tap.producers}
         self.consumers = {node: module for tap in taps for node, module in tap.consumers}
         self.externals = list(dict.fromkeys(name for tap in taps for name in tap.externals))
@@ -209,12 +210,34 @@ class Recorder:
         self.module_outputs: dict[str, list[Any]] = {name: [] for name in self.recorded_calls}
         self.consumer_shapes: dict[str, tuple[torch.Size, torch.dtype, torch.device]] = {}
 
-    def producer_parameters(self) -> dict[str, list[torch.Tensor]]:
-        """Producer fx node -> its inbound parameters (weight, then bias if the group owns one)."""
+    def producer_parameters(self, nodes: Collection[str] | None = None) -> dict[str, list[torch.Tensor]]:
+        """Producer fx node -> its inbound parameters (weight, then bias if the group owns one).
+
+        Every producer recorded, or those among ``nodes``.
+        """
         return {
             node: [module.weight] + ([module.bias] if bias else [])
-            for node, (module, bias) in self.producers.items()
+            for node, (module, bias) in self.producers.items() if nodes is None or node in nodes
         }
+
+    def consumer_weights(self, covered: Collection[str] = ()) -> list[torch.Tensor]:
+        """The weights of the consumers of every group none of whose producers is in ``covered``.
+
+        A backward pass that differentiates for them computes the error at
+        each of those consumers' outputs, which the recorder keeps, and goes
+        no further back than that (a consumer's weight gradient costs about
+        what its input gradient would). The consumers of a group with a
+        producer in ``covered`` need no weight: differentiating for that
+        producer's parameters already carries the error through them.
+        """
+        weights: dict[int, torch.Tensor] = {}
+        for tap in self.taps:
+            if any(node in covered for node, _, _ in tap.producers):
+                continue
+            for _, module in tap.consumers:
+                weight = module.weight
+                weights.setdefault(id(weight), weight)
+        return list(weights.values())
 
     # -- hooks ---------------------------------------------------------------------
     def __enter__(self) -> "Recorder":

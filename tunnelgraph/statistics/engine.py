@@ -30,7 +30,7 @@ import itertools
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
+from typing import Any, Callable, Collection, Iterable, Iterator, Literal, Sequence
 
 import torch
 import torch.distributed as dist
@@ -369,12 +369,14 @@ def _measure(
     sums = {id(plan): None for plan in exact_plans}
     stored: list[Capture] = []
     gradients = InboundGradients([plan.chain for plan in free_plans], model_device(model))
+    # A 1 from the pass for the groups solved matrix-free; the exact path sums it from A itself
+    inbound = {spec.node for plan in free_plans for spec in plan.chain.producers}
     samples = largest = 0
     with Recorder(model, plans[0].chain.source if plans else None, [plan.chain.tap() for plan in plans]) as recorder:
         for index, (inputs, targets) in enumerate(
             progress_bar(batches_iter, total=batches, desc="A-statistics: pass over the data", enabled=progress)
         ):
-            capture = run_batch(model, recorder, inputs, targets, loss_fn, index=index)
+            capture = run_batch(model, recorder, inputs, targets, loss_fn, index=index, inbound=inbound)
             samples += capture.batch
             largest = max(largest, capture.batch)
             gradients.add(capture)
@@ -457,15 +459,19 @@ def run_batch(
     loss_fn: LossFn,
     *,
     index: int | None = None,
-    inbound_gradients: bool = True,
+    inbound: Collection[str] | None = None,
 ) -> Capture:
     """One forward and backward pass under the recorder's hooks; parameters' ``.grad`` untouched.
 
-    With ``inbound_gradients`` the capture holds the producers' weight
-    gradients (``A 1``, see :class:`InboundGradients`); without, the
-    backward pass computes no weight gradient at all where the inputs are
-    floating point (it differentiates for them instead), only the errors
-    the recorder keeps.
+    ``inbound``: the producers (fx nodes) whose weight gradients the capture
+    holds (``A 1``, see :class:`InboundGradients`); by default every
+    producer the recorder taps. The backward pass differentiates for those
+    parameters and for the weights of the consumers of every other group
+    (:meth:`Recorder.consumer_weights`): it computes the errors the
+    recorder keeps and goes no further back than they and the wanted
+    gradients need. Where one of those weights is frozen it differentiates
+    for the floating-point inputs instead (the whole backward pass, no
+    weight gradient), and the capture holds no inbound gradient.
 
     Raises:
         StatisticsError: the loss, or a gradient that A is made of, is not
@@ -488,15 +494,15 @@ def run_batch(
                 "Check the batch's inputs and targets for NaN or infinite values, and the model for an "
                 "overflow (a learning rate too large, a log of zero)"
             )
-        # differentiate for the producers' parameters: every consumer lies on the way, no
-        # gradient that nobody needs (the input's, the consumers' weights') is computed, and
-        # what comes out is A 1 of every channel
-        parameters = recorder.producer_parameters()
+        # differentiate for the wanted producers' parameters (their groups' consumers lie on the way, and what
+        # comes out is A 1 of their channels) and for the other groups' consumers' weights (their errors are
+        # all those groups need): no gradient that nobody needs is computed, nor any beyond the last one needed
+        parameters = recorder.producer_parameters(inbound)
         wrt = [p for params in parameters.values() for p in params]
-        inputs_wrt = [x for x in leaves if isinstance(x, torch.Tensor) and x.requires_grad]
-        if not all(p.requires_grad for p in wrt) or (inputs_wrt and not inbound_gradients):
+        wrt += recorder.consumer_weights(covered=parameters)
+        if not all(p.requires_grad for p in wrt):
             parameters = {}
-            wrt = inputs_wrt
+            wrt = [x for x in leaves if isinstance(x, torch.Tensor) and x.requires_grad]
         if not loss.requires_grad:
             raise StatisticsError(
                 "the loss does not depend on the model's parameters or inputs through autograd; "
@@ -678,8 +684,7 @@ class _Replay:
         with Recorder(self.model, self.chain.source, [self.chain.tap()]) as recorder:
             for index, (inputs, targets) in enumerate(self.batches()):
                 # the inbound gradients were summed by the first pass: none is computed again
-                yield run_batch(self.model, recorder, inputs, targets, self.loss_fn, index=index,
-                                inbound_gradients=False)
+                yield run_batch(self.model, recorder, inputs, targets, self.loss_fn, index=index, inbound=())
 
 
 def _matrix_free(
