@@ -146,15 +146,15 @@ def bench_paper_cnn(samples: int, repeats: int, device: str, oracle_columns: int
     sites = tg.find_sites(model, data[0][0][:2])
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     plain_pass(model, data[:2], loss_fn)
-    real_exact_a = tg_engine.exact_a
+    real_add_exact_a = tg_engine.add_exact_a
 
     def capture_only() -> None:
         """The same pass with the contraction left out: the capture pass (forward, backward, hooks) and the rest."""
-        tg_engine.exact_a = lambda chain, capture, channels, budget, *, training, into=None, scale=1.0: into
+        tg_engine.add_exact_a = lambda sums, capture, budget, *, training, scale=1.0: None
         try:
             tg.a_statistics(model, sites, data, loss_fn, method="exact", progress=False)
         finally:
-            tg_engine.exact_a = real_exact_a
+            tg_engine.add_exact_a = real_add_exact_a
 
     # item 2's reference: torch.bmm on the contraction's shapes, as many chunks as the data makes
     positions, rows, width = 24 * 24, 26, 8 * 10

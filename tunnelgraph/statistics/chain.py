@@ -741,35 +741,39 @@ class GroupChain:
         alpha: float = 1.0,
         slab: int | None = None,
     ) -> None:
-        """Adds ``alpha`` times A's entries at one consumer's columns, when the chain is diagonal, to ``into``.
+        """Adds ``alpha`` times a diagonal chain's contraction at one consumer's columns to ``into``.
 
         ``rows`` is (positions, R, N), rows of :meth:`row_inputs` (the bias
         row included, when wanted); ``scale`` is the chain's Jacobian diagonal
-        at the consumer's input; ``into`` is (S, R, columns of the consumer),
-        any dtype, with its last axis contiguous (a slice of a larger A).
+        at the consumer's input.
 
         For a linear consumer, with x the rows, d the scale and e the error,
-        A[s, r, v, p] = w[v, s, p] * sum_n x[p, r, n] d[n, s, p] e[n, v]: per
-        position p one matrix product over the samples, whose operands are x
-        and the element-wise product of d with e (or with x, whichever is
-        smaller). That product is made ``slab`` entries at a time, in a
-        buffer that stays in cache, and read by the matrix product at once.
-        The slab's sums, position-major as the product leaves them, are
-        turned position-minor by one transpose in cache, then scaled by w and
-        added to ``into`` in one pass (``addcmul``) that reads all three along
-        the positions, ``into``'s last axis (a scaling pass and an addition
-        reading the sums across the positions cost about 30% more).
-        Default ``slab``: 2**19 entries (2 MiB in float32) on the CPU; on an
-        accelerator 2**24, where each slab's kernel launches cost more than
-        cache misses.
+        A[s, r, v, p] = w[v, s, p] * T[p, r, s, v] with
+        T[p, r, s, v] = sum_n x[p, r, n] d[n, s, p] e[n, v]: per position p
+        one matrix product over the samples. ``into`` is then a running sum
+        of T, (positions, R, S, V), position-major and without the weights,
+        as the products leave it (any float dtype; :meth:`weigh_diagonal`
+        turns it into A once the data are summed): a transpose and a product
+        by the weights per batch would cost a third as much as the products
+        themselves. The operands are x and the element-wise product of d
+        with e (or with x, whichever is smaller), made ``slab`` entries at a
+        time in a buffer that stays in cache and read by the matrix product
+        at once. Default ``slab``: 2**19 entries (2 MiB in float32) on the
+        CPU; on an accelerator 2**24, where each slab's kernel launches cost
+        more than cache misses.
+
+        For a convolutional consumer, ``into`` is A's block itself,
+        (S, R, columns of the consumer), any dtype, with its last axis
+        contiguous: the consumer's weight gradient for inputs scaled row by
+        row, times the weights.
         """
         spec = self.consumers[consumer]
         module = spec.module
         weight_slice = spec.weight_slice
-        weight = _pick(module.weight.detach(), 1, weight_slice, channels)  # (V, S*B, *k)
         count, samples, depth = channels.numel(), scale.shape[0], rows.shape[1]
         picked = _pick(scale, 1, weight_slice, channels)
         if spec.conv_dims:
+            weight = _pick(module.weight.detach(), 1, weight_slice, channels)  # (V, S*B, *k)
             picked = picked.reshape(samples, count, -1)  # (N, S, positions)
             inputs = rows.permute(2, 1, 0).unsqueeze(2) * picked.unsqueeze(1)  # (N, R, S, positions)
             inputs = inputs.reshape(samples, depth * count, *scale.shape[2:])
@@ -784,12 +788,10 @@ class GroupChain:
             raise AssertionError("diagonal chain with mismatched positions")
         error = error.reshape(samples, -1)  # (N, V)
         outputs = error.shape[1]
-        into = into.view(*into.shape[:-1], outputs, block)  # (S, R, V, B)
         # the scale sample-minor, (S, B, N): one 2-D transpose, which torch copies in cache-sized tiles
         scales = self._scratch("scales")((count * block, samples), scale)
         scales.copy_(picked.reshape(samples, count * block).T)
         scales = scales.view(count, block, samples)
-        weight = weight.reshape(outputs, count, block).transpose(0, 1).unsqueeze(1)  # (S, 1, V, B), a view
         into_error = outputs <= depth  # fold the scale into the smaller operand
         width = outputs if into_error else depth
         if slab is None:
@@ -799,7 +801,6 @@ class GroupChain:
         step = min(step, block)
         buffer = self._scratch("products")((step, channel_step, width, samples), rows)
         sums_buffer = self._scratch("sums")((step, depth * count * outputs), rows)
-        moved_buffer = self._scratch("moved")((depth * count * outputs, step), rows)
         flat_error = error.T.contiguous() if into_error else error.contiguous()  # (V, N) or (N, V)
         for start in range(0, block, step):
             stop = min(start + step, block)
@@ -825,13 +826,22 @@ class GroupChain:
                     product = torch.mm(products.view(-1, samples), flat_error, out=target)
                     if not whole:
                         sums[:, first:last] = product.view(size, last - first, depth, outputs)
-            # position-minor (one 2-D transpose, in cache), then scaled by w and added to ``into`` in one pass,
-            # both read along the positions: (S, R, V, b)
-            moved = moved_buffer[:, :size]
-            moved.copy_(sums_buffer[:size].T)
-            hot = moved.view(depth, count, outputs, size).transpose(0, 1) if into_error else \
-                moved.view(count, depth, outputs, size)
-            into[..., start:stop].addcmul_(hot, weight[..., start:stop], value=alpha)
+            # added as the products leave it, position-major: (b, R, S, V)
+            into[start:stop].add_(sums if into_error else sums.transpose(1, 2), alpha=alpha)
+
+    def weigh_diagonal(self, consumer: int, sums: torch.Tensor, channels: torch.Tensor, into: torch.Tensor) -> None:
+        """Adds A's entries made from :meth:`contract_diagonal`'s running sum ``sums`` of a linear consumer to ``into``.
+
+        ``sums`` is (positions, R, S, V); ``into`` is A's block at this
+        consumer's columns, (S, R, V * positions), any dtype, its last axis
+        contiguous: A[s, r, v, p] = w[v, s, p] * sums[p, r, s, v], in one
+        pass that reads both along the positions.
+        """
+        spec = self.consumers[consumer]
+        count, outputs, block = channels.numel(), sums.shape[3], spec.weight_slice.block
+        weight = _pick(spec.module.weight.detach(), 1, spec.weight_slice, channels)  # (V, S*B)
+        weight = weight.reshape(outputs, count, block).transpose(0, 1).unsqueeze(1)  # (S, 1, V, B), a view
+        into.view(count, sums.shape[1], outputs, block).addcmul_(sums.permute(2, 1, 3, 0), weight)
 
     # -- sizes ------------------------------------------------------------------------
     def column_slices(self) -> list[slice]:

@@ -366,7 +366,7 @@ def _measure(
 ) -> dict[str, SiteStatistics]:
     exact_plans = [plan for plan in plans if plan.method == "exact"]
     free_plans = [plan for plan in plans if plan.method == "matrix_free"]
-    sums = {id(plan): None for plan in exact_plans}
+    sums: dict[int, ExactSums | None] = {id(plan): None for plan in exact_plans}
     stored: list[Capture] = []
     gradients = InboundGradients([plan.chain for plan in free_plans], model_device(model))
     # A 1 from the pass for the groups solved matrix-free; the exact path sums it from A itself
@@ -382,11 +382,9 @@ def _measure(
             gradients.add(capture)
             for plan in exact_plans:
                 if sums[id(plan)] is None:
-                    shape = (len(plan.channels), plan.chain.inbound_size, plan.chain.outbound_size)
-                    sums[id(plan)] = torch.zeros(shape, dtype=torch.float64, device=device_of(capture))
+                    sums[id(plan)] = ExactSums(plan.chain, plan.channels, torch.float64, device_of(capture))
                 # summed straight into float64, weighted by the batch (the loss is a batch mean)
-                exact_a(plan.chain, capture, plan.channels, memory_budget, training=False,
-                        into=sums[id(plan)], scale=capture.batch)
+                add_exact_a(sums[id(plan)], capture, memory_budget, training=False, scale=capture.batch)
             if free_plans and replay is None:
                 stored.append(capture)
     stored = merge(stored)  # one batch of every sample: each product runs every layer once, not once per batch
@@ -397,7 +395,10 @@ def _measure(
 
     results: dict[str, SiteStatistics] = {}
     for plan in exact_plans:
-        a = _all_reduce(sums[id(plan)]) / samples
+        summed = sums[id(plan)]
+        if summed is None:  # this process saw no batch (under torch.distributed): it adds zeros
+            summed = ExactSums(plan.chain, plan.channels, torch.float64, model_device(model))
+        a = _all_reduce(summed.total()) / samples
         results.update(statistics_from_a(plan.sites, a, samples, statistics_dtype(plan.chain)))
     _release(stored, free_plans)
     return_freed_memory()  # the pass's autograd temporaries, and the captures merge replaced
@@ -584,31 +585,64 @@ def statistics_from_a(
     return results
 
 
-@torch.no_grad()
+class ExactSums:
+    """A of some channels of one group, summed over captures (float64 for a running sum over batches).
+
+    Most of A is summed in its own layout. A block whose chain is diagonal
+    and whose consumer is linear is summed as
+    :meth:`GroupChain.contract_diagonal` leaves it, position-major and
+    without the outbound weights (which do not change between captures),
+    and turned into A's layout once, by :meth:`total`; per capture that
+    would be a transpose and a product by the weights, a third as costly as
+    the contraction itself. Until then such blocks are held twice.
+    """
+
+    def __init__(self, chain: GroupChain, channels: Sequence[int], dtype: torch.dtype, device: torch.device) -> None:
+        self.chain = chain
+        self.channels = torch.tensor(list(channels), dtype=torch.long, device=device)
+        shape = (len(channels), chain.inbound_size, chain.outbound_size)
+        self.a = torch.zeros(shape, dtype=dtype, device=device)
+        self.pending: dict[tuple[int, int], torch.Tensor] = {}  # (producer, consumer) -> (positions, K_i, S, V)
+
+    def diagonal(self, producer: int, consumer: int) -> torch.Tensor:
+        """The running sum of a diagonal pair with a linear consumer: (positions, K_producer, S, V), zeros at first."""
+        key = (producer, consumer)
+        if key not in self.pending:
+            spec = self.chain.consumers[consumer]
+            shape = (spec.weight_slice.block, self.chain.producers[producer].size, self.channels.numel(),
+                     spec.module.weight.shape[0])
+            self.pending[key] = self.a.new_zeros(shape)
+        return self.pending[key]
+
+    def total(self) -> torch.Tensor:
+        """A summed so far, (S, K, L): the pending blocks weighed into it (once; they are then dropped)."""
+        columns = self.chain.column_slices()
+        for (i, j), sums in self.pending.items():
+            rows = slice(self.chain.producers[i].offset, self.chain.producers[i].offset + self.chain.producers[i].size)
+            self.chain.weigh_diagonal(j, sums, self.channels, self.a[:, rows, columns[j]])
+        self.pending.clear()
+        return self.a
+
+
 def exact_a(
-    chain: GroupChain,
-    capture: Capture,
-    channels: Sequence[int],
-    memory_budget: int,
-    *,
-    training: bool,
-    into: torch.Tensor | None = None,
-    scale: float = 1.0,
+    chain: GroupChain, capture: Capture, channels: Sequence[int], memory_budget: int, *, training: bool
 ) -> torch.Tensor:
     """This capture's A for ``channels`` (S, K, L), in the model's dtype, for its batch-mean loss.
-
-    With ``into``, the blocks are added to that tensor (any dtype, e.g. a
-    float64 running sum) times ``scale`` instead, and it is returned.
 
     Samples are processed in chunks (unless ``training``: batch norm in
     training mode couples them) and rows in chunks, to stay near
     ``memory_budget`` bytes.
     """
     first = capture.outputs[chain.producers[0].node]
-    dtype, device = first.dtype, first.device
-    index = torch.tensor(list(channels), device=device)
-    shape = (len(channels), chain.inbound_size, chain.outbound_size)
-    result = into if into is not None else torch.zeros(shape, dtype=dtype, device=device)
+    sums = ExactSums(chain, channels, first.dtype, first.device)
+    add_exact_a(sums, capture, memory_budget, training=training)
+    return sums.total()
+
+
+@torch.no_grad()
+def add_exact_a(sums: ExactSums, capture: Capture, memory_budget: int, *, training: bool, scale: float = 1.0) -> None:
+    """Adds ``scale`` times this capture's A (of its batch-mean loss) to ``sums``; see :func:`exact_a`."""
+    chain, index, result = sums.chain, sums.channels, sums.a
     per_row = _bytes_per_row_and_sample(chain, capture, training)
     rows_wanted = min(32, max(spec.size for spec in chain.producers))
     chunk = capture.batch if training else max(1, min(capture.batch, memory_budget // max(1, per_row * rows_wanted)))
@@ -630,7 +664,10 @@ def exact_a(
                     stop = min(row + row_chunk, spec.size)
                     for j, diagonal_scale in zip(diagonal, scales):
                         error = part.errors[chain.consumers[j].node]
-                        target = result[:, spec.offset + row:spec.offset + stop, columns[j]]
+                        if chain.consumers[j].conv_dims:
+                            target = result[:, spec.offset + row:spec.offset + stop, columns[j]]
+                        else:
+                            target = sums.diagonal(i, j)[:, row:stop]
                         chain.contract_diagonal(j, inputs[:, row:stop], diagonal_scale, error, index, target, scale)
             patches = conv_patches(spec.module, layer_input) if spec.conv_dims and general else None
             for row in range(0, spec.size, row_chunk) if general else ():
@@ -641,7 +678,6 @@ def exact_a(
                     error = part.errors[chain.consumers[j].node]
                     block = chain.contract(j, tangents[j], error, index)
                     result[:, spec.offset + rows.start:spec.offset + rows.stop, columns[j]].add_(block, alpha=scale)
-    return result
 
 
 def device_of(capture: Capture) -> torch.device:
