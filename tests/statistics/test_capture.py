@@ -153,3 +153,29 @@ def test_inbound_gradients_are_taken_for_the_groups_that_want_them_only() -> Non
         full = run_batch(model, recorder, x, y, squared_error)
     assert torch.equal(capture.gradients["_2"], full.gradients["_2"])
     assert all(torch.equal(capture.errors[node], full.errors[node]) for node in ("_2", "_4"))
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_the_graph_starts_at_the_first_producer(frozen: bool) -> None:
+    """Layers before the group keep no autograd graph; the errors and gradients are those of a full graph. With
+    a frozen consumer weight the graph starts at the input as usual."""
+    model, (x, y) = _deep_mlp()
+    chain = _chain_of(model, x, "_2")
+    with Recorder(model, chain.source, [chain.tap()]) as recorder:
+        full = run_batch(model, recorder, x, y, squared_error)
+    graphed: dict[int, bool] = {}
+    hooks = [model[i].register_forward_hook(
+        lambda module, args, output, i=i: graphed.__setitem__(i, output.requires_grad)) for i in (0, 1, 2)]
+    model[4].weight.requires_grad_(not frozen)
+    try:
+        with Recorder(model, chain.source, [chain.tap()], graph_from_producers=True) as recorder:
+            assert recorder.graph_from_producers is not frozen
+            capture = run_batch(model, recorder, x, y, squared_error)
+    finally:
+        model[4].weight.requires_grad_(True)
+        for hook in hooks:
+            hook.remove()
+    assert graphed == {0: frozen, 1: frozen, 2: True}
+    assert torch.is_grad_enabled()  # the caller's mode is back
+    assert torch.equal(capture.errors["_4"], full.errors["_4"])
+    assert torch.equal(capture.gradients["_2"], full.gradients["_2"])

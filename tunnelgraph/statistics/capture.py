@@ -169,8 +169,24 @@ class Recorder:
     and clears it for the next pass.
     """
 
-    def __init__(self, model: nn.Module, source: torch.fx.GraphModule | None, taps: Sequence[Tap]) -> None:
-        """Record ``taps`` on ``model``; ``source`` is the traced module their fx node names refer to."""
+    def __init__(
+        self,
+        model: nn.Module,
+        source: torch.fx.GraphModule | None,
+        taps: Sequence[Tap],
+        *,
+        graph_from_producers: bool = False,
+    ) -> None:
+        """Record ``taps`` on ``model``; ``source`` is the traced module their fx node names refer to.
+
+        With ``graph_from_producers``, a forward run under ``torch.no_grad()``
+        (see :attr:`graph_from_producers`) turns autograd on as the first
+        producer starts: the layers before it keep no graph and no saved
+        activations, which no gradient the statistics need goes through.
+        It applies only where every producer's parameters and every
+        consumer's weight need gradients (else the graph starts at the
+        input as usual).
+        """
         self.model = model
         self.source = source
         self.handles: list[RemovableHandle] = []
@@ -181,6 +197,8 @@ class Recorder:
         self.producers = {node: (module, bias) for tap in taps for node, module, bias in tap.producers}
         self.consumers = {node: module for tap in taps for node, module in tap.consumers}
         self.externals = list(dict.fromkeys(name for tap in taps for name in tap.externals))
+        weights = [p for params in self.producer_parameters().values() for p in params] + self.consumer_weights()
+        self.graph_from_producers = graph_from_producers and all(weight.requires_grad for weight in weights)
         # nodes to recompute (functions), and module calls to record, for the externals
         self.replay: dict[str, torch.fx.Node] = {}
         self.recorded_calls: dict[str, list[str]] = {}  # module name -> its fx nodes in call order
@@ -244,6 +262,8 @@ class Recorder:
         self.handles.append(self.model.register_forward_pre_hook(self._on_model, with_kwargs=True))
         for node, (module, _) in self.producers.items():
             self.handles.append(module.register_forward_hook(self._producer_hook(node)))
+            if self.graph_from_producers:
+                self.handles.append(module.register_forward_pre_hook(self._start_graph))
         for node, consumer in self.consumers.items():
             self.handles.append(consumer.register_forward_hook(self._consumer_hook(node)))
         for name in self.recorded_calls:
@@ -260,6 +280,10 @@ class Recorder:
         self.root_args, self.root_kwargs = args, kwargs
         first = next((a for a in args if isinstance(a, torch.Tensor)), None)
         self.capture.batch = int(first.shape[0]) if first is not None and first.dim() else 1
+
+    def _start_graph(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if self.active:
+            torch.set_grad_enabled(True)  # the enclosing no_grad() restores the caller's mode on exit
 
     def _producer_hook(self, node: str):  # type: ignore[no-untyped-def]
         def hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> None:

@@ -372,7 +372,8 @@ def _measure(
     # A 1 from the pass for the groups solved matrix-free; the exact path sums it from A itself
     inbound = {spec.node for plan in free_plans for spec in plan.chain.producers}
     samples = largest = 0
-    with Recorder(model, plans[0].chain.source if plans else None, [plan.chain.tap() for plan in plans]) as recorder:
+    with Recorder(model, plans[0].chain.source if plans else None, [plan.chain.tap() for plan in plans],
+                  graph_from_producers=True) as recorder:
         for index, (inputs, targets) in enumerate(
             progress_bar(batches_iter, total=batches, desc="A-statistics: pass over the data", enabled=progress)
         ):
@@ -479,7 +480,8 @@ def run_batch(
             finite (NaN or infinite); the message names batch ``index``.
     """
     inputs = inputs if isinstance(inputs, tuple) else (inputs,)
-    with torch.enable_grad():
+    # the graph from the loss back to the first producer is all a gradient the statistics need goes through
+    with torch.no_grad() if recorder.graph_from_producers else torch.enable_grad():
         leaves = [
             x.detach().requires_grad_() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
             for x in inputs
@@ -717,7 +719,7 @@ class _Replay:
         self.model, self.chain, self.batches, self.loss_fn = model, chain, batches, loss_fn
 
     def __iter__(self) -> Iterator[Capture]:
-        with Recorder(self.model, self.chain.source, [self.chain.tap()]) as recorder:
+        with Recorder(self.model, self.chain.source, [self.chain.tap()], graph_from_producers=True) as recorder:
             for index, (inputs, targets) in enumerate(self.batches()):
                 # the inbound gradients were summed by the first pass: none is computed again
                 yield run_batch(self.model, recorder, inputs, targets, self.loss_fn, index=index, inbound=())
