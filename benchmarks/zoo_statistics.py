@@ -15,6 +15,7 @@ sigma and the smallest ``|cos|`` between the two lambda*.
 Usage::
 
     python benchmarks/zoo_statistics.py --models mobilenet_v3_small,densenet121 --timm ghostnet_100
+    python benchmarks/zoo_statistics.py --selection --models resnet18,vgg11_bn --timm resnet18
 """
 
 from __future__ import annotations
@@ -31,8 +32,14 @@ import tunnelgraph as tg
 from tunnelgraph.statistics.chain import GroupChain
 
 
-def general_sites(model: nn.Module, graph: tg.Graph, entries: int, groups: int, per_group: int) -> list[tg.Site]:
-    """Sites of the first ``groups`` groups whose chain is not diagonal and whose A has at most ``entries``."""
+def general_sites(
+    model: nn.Module, graph: tg.Graph, entries: int, groups: int, per_group: int, selection: bool = False
+) -> list[tg.Site]:
+    """Sites of the first ``groups`` groups whose chain is not diagonal and whose A has at most ``entries``.
+
+    With ``selection``, only groups whose chain passes one max pool between element-wise maps
+    (``GroupChain.selection``, products through the pool's indices rather than a linearisation).
+    """
     found: dict[str, list[tg.Site]] = {}
     for site in tg.find_sites(graph, through=tg.THROUGH_OPTIONS):
         if not site.group.self_consumers and not site.group.unmeasured:
@@ -44,6 +51,8 @@ def general_sites(model: nn.Module, graph: tg.Graph, entries: int, groups: int, 
             continue
         chain = GroupChain(model, graph, group)
         pairs = [(i, j) for i in range(len(chain.producers)) for j in range(len(chain.consumers))]
+        if selection and chain.selection is None:
+            continue
         if any(chain.reach[i][j] and not chain.diagonal[i][j] for i, j in pairs):
             chosen += members[:per_group]
             groups -= 1
@@ -60,7 +69,7 @@ def check(name: str, build: Callable[[], nn.Module], size: int, args: argparse.N
     y = torch.randint(0, 10, (4,))
     data = [(x[:2], y[:2]), (x[2:], y[2:])]
     graph = tg.trace(model, x[:2])
-    sites = general_sites(model, graph, args.entries, args.groups, args.sites)
+    sites = general_sites(model, graph, args.entries, args.groups, args.sites, args.selection)
     if not sites:
         return f"{name}: no group with a general chain and at most {args.entries} entries of A per channel"
     kwargs: dict[str, Any] = {"progress": False, "graph": graph}
@@ -83,6 +92,8 @@ def main() -> None:
     parser.add_argument("--entries", type=int, default=3_000_000, help="most entries of A per channel")
     parser.add_argument("--groups", type=int, default=3)
     parser.add_argument("--sites", type=int, default=2, help="sites per group")
+    parser.add_argument("--selection", action="store_true",
+                        help="only groups whose chain passes one max pool between element-wise maps")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, float64, {torch.get_num_threads()} threads")
     for name in filter(None, args.models.split(",")):

@@ -10,7 +10,7 @@ import tunnelgraph as tg
 from conftest import regression_data, relative, squared_error
 from tunnelgraph.statistics.capture import Recorder
 from tunnelgraph.statistics.chain import GroupChain, host_channels
-from tunnelgraph.statistics.engine import run_batch
+from tunnelgraph.statistics.engine import linear_operators, run_batch
 from zoo import ZOO_BY_NAME
 
 
@@ -162,3 +162,69 @@ def test_the_host_copy_of_a_channel_index_goes_with_the_tensor() -> None:
     with torch.inference_mode():
         frozen = torch.tensor([1, 2, 3])
     assert host_channels(frozen) == ((1, 2, 3), 1)
+
+
+class _PooledStem(nn.Module):
+    """A ResNet-like stem: conv, batch norm, ReLU, an overlapping max pool; a second producer joins after the pool."""
+
+    def __init__(self, dims: int, ceil_mode: bool = False, second_pool: bool = False) -> None:
+        super().__init__()
+        conv, norm, pool = {1: (nn.Conv1d, nn.BatchNorm1d, nn.MaxPool1d),
+                            2: (nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d)}[dims]
+        self.dims = dims
+        self.conv1, self.bn1 = conv(2, 4, 3, stride=2, padding=1), norm(4)
+        self.pool = pool(3, 2, 1, ceil_mode=ceil_mode)
+        self.conv2, self.bn2 = conv(2, 4, 3, stride=4, padding=1), norm(4)
+        self.conv3, self.conv4 = conv(4, 3, 3, padding=1), conv(4, 3, 1)
+        self.extra = pool(1, 1) if second_pool else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = self.pool(torch.relu(self.bn1(self.conv1(x))))
+        joined = self.extra(pooled + self.bn2(self.conv2(x)))
+        axes = tuple(range(2, 2 + self.dims))
+        return self.conv3(torch.relu(joined)).mean(axes) + self.conv4(pooled).mean(axes)
+
+
+def _stem_chain(dims: int, **options: bool) -> tuple[nn.Module, torch.Tensor, torch.Tensor, GroupChain, GroupChain]:
+    torch.manual_seed(0)
+    model = _PooledStem(dims, **options).double()
+    for norm in (model.bn1, model.bn2):  # running statistics of their own
+        norm.running_mean.uniform_(-0.5, 0.5)
+        norm.running_var.uniform_(0.5, 2.0)
+    model.eval()
+    generator = torch.Generator().manual_seed(1)
+    side = 18 if options.get("ceil_mode") else 16  # the pool's output and the second producer's agree
+    x = torch.randn(5, 2, *(side,) * dims, generator=generator, dtype=torch.float64)
+    y = torch.randn(5, 3, generator=generator, dtype=torch.float64)
+    graph = tg.trace(model, x)
+    group = next(site.group for site in tg.find_sites(graph, through=tg.THROUGH_OPTIONS) if site.group.name == "conv1")
+    linearised = GroupChain(model, graph, group)
+    linearised.selection = None  # the general path, for reference
+    return model, x, y, GroupChain(model, graph, group), linearised
+
+
+@pytest.mark.parametrize("dims, ceil_mode", [(2, False), (1, True)])
+def test_a_chain_through_one_max_pool_is_diagonal_selection_diagonal(dims: int, ceil_mode: bool) -> None:
+    """Its products, for every channel and for a few, are those of the linearised chain, and transposes."""
+    model, x, y, chain, linearised = _stem_chain(dims, ceil_mode=ceil_mode)
+    assert chain.selection == "pool"
+    with Recorder(model, chain.source, [chain.tap()]) as recorder:
+        capture = run_batch(model, recorder, x, y, squared_error)
+    capture.gradients.clear()
+    generator = torch.Generator().manual_seed(2)
+    size = chain.group.size
+    v = torch.randn(size, chain.outbound_size, generator=generator, dtype=torch.float64)
+    u = torch.randn(size, chain.inbound_size, generator=generator, dtype=torch.float64)
+    ours, reference = linear_operators(chain, [capture], 5), linear_operators(linearised, [capture], 5)
+    for channels in (torch.arange(size), torch.tensor([0, 2, 3])):
+        assert relative(ours[0](v[channels], channels), reference[0](v[channels], channels)) <= 1e-12
+        assert relative(ours[1](u[channels], channels), reference[1](u[channels], channels)) <= 1e-12
+        left = float((ours[0](v[channels], channels) * u[channels]).sum())
+        right = float((v[channels] * ours[1](u[channels], channels)).sum())
+        assert left == pytest.approx(right, rel=1e-12)
+
+
+def test_a_chain_with_another_pool_is_left_to_the_linearised_path() -> None:
+    model, x, y, chain, _ = _stem_chain(2, second_pool=True)
+    assert chain.selection is None
+    assert not all(chain.diagonal[i][j] for i in range(2) for j in range(2) if chain.reach[i][j])

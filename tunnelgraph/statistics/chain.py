@@ -61,6 +61,7 @@ _IN_PLACE_FUNCTIONS = {
     operator.imul: operator.mul, operator.itruediv: operator.truediv,
 }
 _BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_MAX_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
 _DROPOUT_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout}
 
 
@@ -111,6 +112,8 @@ class GroupChain:
         externals: fx nodes outside the group whose values the chain reads
             (the other inputs of a concat, say); captured on every pass.
         consumer_inputs: for each consumer, the node whose value it reads.
+        selection: the max pool node of a chain that is element-wise on
+            either side of it (:meth:`selection_factors`), or None.
     """
 
     def __init__(self, model: nn.Module, graph: Graph, group: ChannelGroup) -> None:
@@ -167,6 +170,7 @@ class GroupChain:
         self._callables = {name: self._callable(self.fx_nodes[name]) for name in self.nodes}
         self.reach = self._reach(graph)
         self.diagonal = self._diagonal(graph)
+        self.selection = self._selection(graph)
 
     # -- construction ----------------------------------------------------------------
     def tap(self) -> Tap:
@@ -265,6 +269,67 @@ class GroupChain:
                 stack.append((user.name, flattened))
         return end in seen or end == start
 
+    def _selection(self, graph: Graph) -> str | None:
+        """The one max pool of a chain whose other operations are element-wise, or None.
+
+        Such a chain maps each producer's output to each consumer's input by
+        a diagonal, then the pool's selection (each output entry is one
+        entry of its window, the largest), then a diagonal, plus diagonal
+        paths that avoid the pool (:meth:`selection_factors`): per channel,
+        like a diagonal chain, so its products can run on a few channels
+        alone. None where the chain is diagonal already, or for any other
+        chain: another pooling, a flatten, a linear layer, a pool that
+        returns its indices itself.
+        """
+        pairs = [(i, j) for i in range(len(self.producers)) for j in range(len(self.consumers)) if self.reach[i][j]]
+        if all(self.diagonal[i][j] for i, j in pairs):
+            return None
+        if not all(spec.conv_dims for spec in (*self.producers, *self.consumers)):
+            return None
+        pools = [name for name in self.nodes if graph[name].op == "pooling"]
+        if len(pools) != 1 or graph[pools[0]].attrs.get("function") != "max" or graph[pools[0]].shape is None:
+            return None
+        pool = pools[0]
+        fx_node = self.fx_nodes[pool]
+        module = self.source.get_submodule(str(fx_node.target)) if fx_node.op == "call_module" else None
+        if not isinstance(module, _MAX_POOLS) or module.return_indices or len(fx_node.all_input_nodes) != 1:
+            return None
+        if len(graph[pool].shape) != self.producers[0].conv_dims + 2:
+            return None
+        inside = set(self.nodes)
+        elementwise = {"activation", "batchnorm", "dropout", "identity", "scale", "add", "sub", "mul", "div"}
+        for producer in self.producers:
+            if not self._walk_through_pool(graph, producer, pool, inside, elementwise):
+                return None
+        return pool
+
+    def _walk_through_pool(
+        self, graph: Graph, producer: LayerSpec, pool: str, inside: set[str], elementwise: set[str]
+    ) -> bool:
+        """Every path from ``producer`` is element-wise, at the producer's shape, then (past ``pool``) the pool's."""
+        shapes = (graph[producer.node].shape, graph[pool].shape)
+        if shapes[0] is None:
+            return False
+        stack = [(producer.node, False)]
+        seen = set()
+        while stack:
+            name, pooled = stack.pop()
+            for user in graph.users(name):
+                if user.name not in inside or (user.name, pooled) in seen:
+                    continue
+                seen.add((user.name, pooled))
+                if user.kind == OpKind.METADATA:
+                    continue
+                if user.name == pool:
+                    if pooled:
+                        return False
+                    stack.append((user.name, True))
+                    continue
+                if user.op not in elementwise or user.shape is None or tuple(user.shape) != tuple(shapes[pooled]):
+                    return False
+                stack.append((user.name, pooled))
+        return True
+
     def _callable(self, fx_node: torch.fx.Node) -> Callable[..., Any]:
         """How the chain runs one node: without in-place updates, side effects or hooks."""
         if fx_node.op == "call_module":
@@ -307,8 +372,16 @@ class GroupChain:
         raise StatisticsError(f"node '{fx_node.name}' ({fx_node.op}) cannot be re-executed")
 
     # -- the chain as a function -------------------------------------------------------
-    def run(self, outputs: Sequence[torch.Tensor], externals: dict[str, Any]) -> tuple[torch.Tensor, ...]:
-        """The consumers' inputs, given the producers' outputs and the captured externals."""
+    def run(
+        self,
+        outputs: Sequence[torch.Tensor],
+        externals: dict[str, Any],
+        replace: dict[str, Callable[..., Any]] | None = None,
+    ) -> tuple[torch.Tensor, ...]:
+        """The consumers' inputs, given the producers' outputs and the captured externals.
+
+        ``replace`` runs some nodes (by name) with other callables.
+        """
         env: dict[str, Any] = dict(externals)
         for spec, value in zip(self.producers, outputs):
             env[spec.node] = value
@@ -316,7 +389,8 @@ class GroupChain:
             fx_node = self.fx_nodes[name]
             args = torch.fx.node.map_arg(fx_node.args, lambda arg: env[arg.name])
             kwargs = torch.fx.node.map_arg(fx_node.kwargs, lambda arg: env[arg.name])
-            env[name] = self._callables[name](*args, **kwargs)
+            call = replace[name] if replace and name in replace else self._callables[name]
+            env[name] = call(*args, **kwargs)
         return tuple(env[name] for name in self.consumer_inputs)
 
     def jvp_rows(
@@ -692,6 +766,49 @@ class GroupChain:
                 scales[i][j] = (grad if grad is not None else torch.zeros_like(outputs[i])).reshape(result.shape)
         return scales
 
+    def selection_factors(self, outputs: Sequence[torch.Tensor], externals: dict[str, Any]) -> SelectionFactors:
+        """The Jacobian of a chain with a :attr:`selection` at these values, as its diagonals and the pool's choice.
+
+        The chain runs once with the pool's output replaced by a leaf: the
+        diagonals before the pool are ``J^T 1`` of the pool's input with
+        respect to the producers' outputs, those after it and those of the
+        paths that avoid it ``J^T 1`` of each consumer's input with respect
+        to the pool's output and the producers' (all element-wise maps,
+        their own transposes). The pool's indices are those its forward
+        pass picks, ties included.
+        """
+        pool = self.selection
+        if pool is None:
+            raise AssertionError("selection_factors of a chain without a selection")
+        module = self.source.get_submodule(str(self.fx_nodes[pool].target))
+        held: dict[str, torch.Tensor] = {}
+
+        def selected(value: torch.Tensor) -> torch.Tensor:
+            pooled, indices = _max_pool_with_indices(module, value.detach())
+            held["input"], held["indices"] = value, indices
+            held["leaf"] = pooled.requires_grad_()
+            return held["leaf"]
+
+        with torch.enable_grad():
+            leaves = [value.detach().requires_grad_() for value in outputs]
+            results = self.run(leaves, externals, replace={pool: selected})
+
+        def ones_through(result: torch.Tensor, wrt: list[torch.Tensor]) -> list[torch.Tensor | None]:
+            if not result.requires_grad:
+                return [None] * len(wrt)
+            found = torch.autograd.grad(result, wrt, torch.ones_like(result), retain_graph=True, allow_unused=True)
+            return list(found)
+
+        before = ones_through(held["input"], leaves)
+        after: list[torch.Tensor | None] = []
+        direct: list[list[torch.Tensor | None]] = [[None] * len(self.consumers) for _ in self.producers]
+        for j, result in enumerate(results):
+            *paths, pooled = ones_through(result, [*leaves, held["leaf"]])
+            after.append(pooled)
+            for i, path in enumerate(paths):
+                direct[i][j] = path
+        return SelectionFactors(before, held["indices"], after, direct)
+
     def row_inputs(self, producer: int, layer_input: torch.Tensor) -> torch.Tensor:
         """(positions, K_producer, N): what each inbound entry multiplies, per output position and sample.
 
@@ -849,6 +966,63 @@ class GroupChain:
 
     def row_slices(self) -> list[slice]:
         return [slice(spec.offset, spec.offset + spec.size) for spec in self.producers]
+
+
+@dataclass(frozen=True)
+class SelectionFactors:
+    """A chain's Jacobian at one capture: diagonal, max-pool selection, diagonal (:meth:`GroupChain.selection_factors`).
+
+    Attributes:
+        before: per producer, the diagonal from its output to the pool's input (None: it does not reach the pool).
+        indices: the pool's choice: each output entry's flat position in its channel's input plane.
+        after: per consumer, the diagonal from the pool's output to its input (None: not reached from the pool).
+        direct: ``[i][j]``, the diagonal of the paths from producer ``i`` to consumer ``j`` that avoid the pool.
+
+    ``J t = direct t + after * select(before * t)`` and
+    ``J^T e = direct e + before * spread(after * e)``, summed over the
+    producers and the consumers; every factor is per channel, so a product
+    for some channels reads those channels' slices only (:meth:`channels`).
+    """
+
+    before: list[torch.Tensor | None]
+    indices: torch.Tensor
+    after: list[torch.Tensor | None]
+    direct: list[list[torch.Tensor | None]]
+
+    def channels(self, chain: GroupChain, channels: torch.Tensor) -> SelectionFactors:
+        """The factors at ``channels`` only (the products' restricted layout)."""
+        return SelectionFactors(
+            [None if value is None else _channel_slice(value, channels) for value in self.before],
+            _channel_slice(self.indices, channels),
+            [None if value is None else chain.restrict(value, j, channels) for j, value in enumerate(self.after)],
+            [[None if value is None else chain.restrict(value, j, channels) for j, value in enumerate(row)]
+             for row in self.direct],
+        )
+
+    def select(self, value: torch.Tensor) -> torch.Tensor:
+        """The pool's selection of ``value`` (at the pool's input): the entries its indices name."""
+        return value.flatten(2).gather(2, self.indices.flatten(2)).view(self.indices.shape)
+
+    def spread(self, value: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+        """The selection's transpose: ``value`` (at the pool's output) added at the entries the indices name."""
+        spread = value.new_zeros(tuple(shape))
+        spread.flatten(2).scatter_add_(2, self.indices.flatten(2), value.flatten(2))
+        return spread
+
+
+def _max_pool_with_indices(module: nn.Module, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A max pool module's output for ``value`` and the flat position, per channel plane, each entry came from."""
+    pool = {nn.MaxPool1d: F.max_pool1d, nn.MaxPool2d: F.max_pool2d, nn.MaxPool3d: F.max_pool3d}[type(module)]
+    return pool(value, module.kernel_size, module.stride, module.padding, module.dilation,  # type: ignore[no-any-return]
+                ceil_mode=module.ceil_mode, return_indices=True)
+
+
+def _channel_slice(value: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
+    """``value`` at ``channels`` along axis 1: a view where they are consecutive, else a copy."""
+    first = host_channels(channels)[1]
+    if first is not None:
+        return value.narrow(1, first, channels.numel())
+    return value.index_select(1, channels)
 
 
 class LinearisedChain:

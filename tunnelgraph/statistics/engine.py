@@ -53,7 +53,7 @@ from tunnelgraph.runtime import (
     unwrap_model,
 )
 from tunnelgraph.statistics.capture import Capture, Recorder, merge
-from tunnelgraph.statistics.chain import GroupChain, LinearisedChain, conv_patches, host_channels
+from tunnelgraph.statistics.chain import GroupChain, LinearisedChain, SelectionFactors, conv_patches, host_channels
 from tunnelgraph.statistics.solve import Operator, Workspace, lanczos_top, top_singular
 
 logger = logging.getLogger(__name__)
@@ -929,7 +929,11 @@ def linear_operators(
     # an element-wise chain is a diagonal: keep it per capture instead of re-running the chain, and
     # run every pass on the channels asked for alone (the restricted layout of GroupChain.restricted_shape)
     diagonal = all(chain.diagonal[i][j] or not chain.reach[i][j] for i in producers for j in consumers)
+    # a chain with one max pool between element-wise maps is per channel too: restricted as well
+    selected = not diagonal and chain.selection is not None
+    restricted = diagonal or selected
     scales: dict[int, list[list[torch.Tensor | None]]] = {}
+    factors: dict[int, SelectionFactors] = {}  # a selection chain's factors, per capture
     cut: dict[Any, Any] = {}  # the scales at the last channels' positions: capture index -> restricted scales
     linearised: dict[int, LinearisedChain] = {}  # a general chain's Jacobian, per capture
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -955,11 +959,50 @@ def linear_operators(
                            for j in consumers] for i in producers]
         return cut[index]  # type: ignore[no-any-return]
 
+    def restricted_factors(index: int, capture: Capture, outputs: list[torch.Tensor],
+                           channels: torch.Tensor) -> SelectionFactors:
+        """A selection chain's factors at ``channels`` (kept while they stay the same)."""
+        key = host_channels(channels)[0]
+        if cut.get("channels") != key:
+            cut.clear()
+            cut["channels"] = key
+        if index not in cut or not cache:
+            if index not in factors or not cache:
+                factors[index] = chain.selection_factors(outputs, capture.externals)
+            cut[index] = factors[index].channels(chain, channels)
+        return cut[index]  # type: ignore[no-any-return]
+
+    def through_selection(index: int, capture: Capture, outputs: list[torch.Tensor], values: list[torch.Tensor],
+                          channels: torch.Tensor, *, backward: bool) -> list[torch.Tensor]:
+        """:func:`through` for a chain with a selection (:class:`SelectionFactors`), restricted to ``channels``."""
+        f = restricted_factors(index, capture, outputs, channels)
+        count = channels.numel()
+        producer_shapes = [chain.restricted_shape(outputs[i].shape, "producer", i, count) for i in producers]
+        consumer_shapes = [chain.restricted_shape(capture.shapes[chain.consumers[j].node], "consumer", j, count)
+                           for j in consumers]
+        before = next(i for i in producers if f.before[i] is not None)
+        if backward:
+            pooled = _total([f.after[j] * values[j] for j in consumers if f.after[j] is not None],
+                            lambda: values[0].new_zeros(f.indices.shape))
+            spread = f.spread(pooled, producer_shapes[before])
+            return [_total([f.direct[i][j] * values[j] for j in consumers if f.direct[i][j] is not None]
+                           + ([f.before[i] * spread] if f.before[i] is not None else []),
+                           lambda i=i: values[0].new_zeros(producer_shapes[i]))
+                    for i in producers]
+        picked = f.select(_total([f.before[i] * values[i] for i in producers if f.before[i] is not None],
+                                 lambda: values[before].new_zeros(producer_shapes[before])))
+        return [_total([f.direct[i][j] * values[i] for i in producers if f.direct[i][j] is not None]
+                       + ([f.after[j] * picked] if f.after[j] is not None else []),
+                       lambda j=j: values[0].new_zeros(consumer_shapes[j]))
+                for j in consumers]
+
     def through(index: int, capture: Capture, outputs: list[torch.Tensor], values: list[torch.Tensor],
                 channels: torch.Tensor, *, backward: bool) -> list[torch.Tensor]:
         """Through the chain: errors at the consumers' inputs to errors at the producers' outputs
         (``backward``), or tangents at the producers' outputs to tangents at the consumers' inputs;
-        restricted to ``channels`` where the chain is diagonal."""
+        restricted to ``channels`` where the chain is diagonal or has a selection."""
+        if selected:
+            return through_selection(index, capture, outputs, values, channels, backward=backward)
         if not diagonal:
             if not cache:  # a replayed capture serves one product: running the chain once is all it needs
                 return list((chain.vjp if backward else chain.jvp)(outputs, capture.externals, values))
@@ -1012,12 +1055,12 @@ def linear_operators(
                    into: torch.Tensor | None) -> list:
             errors = [
                 chain.consumer_error(j, vectors[:, columns[j]].to(dtype), capture.shapes[spec.node],
-                                     capture.errors[spec.node], channels, restricted=diagonal)
+                                     capture.errors[spec.node], channels, restricted=restricted)
                 for j, spec in enumerate(chain.consumers)
             ]
             deltas = through(index, capture, outputs, errors, channels, backward=True)
             return [(rows[i], chain.producer_gradient(i, capture.inputs[spec.node], deltas[i], channels,
-                                                      restricted=diagonal,
+                                                      restricted=restricted,
                                                       out=None if into is None else into[:, rows[i]]))
                     for i, spec in enumerate(chain.producers)]
 
@@ -1027,11 +1070,11 @@ def linear_operators(
         def blocks(index: int, capture: Capture, outputs: list[torch.Tensor], dtype: torch.dtype,
                    into: torch.Tensor | None) -> list:
             seeds = [chain.producer_tangent(i, capture.inputs[spec.node], vectors[:, rows[i]].to(dtype), channels,
-                                            restricted=diagonal)
+                                            restricted=restricted)
                      for i, spec in enumerate(chain.producers)]
             tangents = through(index, capture, outputs, seeds, channels, backward=False)
             return [(columns[j], chain.consumer_columns(j, tangents[j], capture.errors[spec.node], channels,
-                                                        restricted=diagonal,
+                                                        restricted=restricted,
                                                         out=None if into is None else into[:, columns[j]]))
                     for j, spec in enumerate(chain.consumers)]
 
