@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
-from tunnelgraph.runtime import all_finite
+from tunnelgraph.runtime import all_finite, resident_memory
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
@@ -33,3 +35,17 @@ def test_all_finite_reads_several_tensors_at_once() -> None:
     assert all_finite() and all_finite(good, torch.arange(3), torch.empty(0), good.float())
     assert not all_finite(good, torch.arange(3), spoiled)
     assert not all_finite(torch.tensor([float("inf")], dtype=torch.bfloat16), good)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="resident memory is read from /proc (Linux)")
+def test_resident_memory_is_what_the_kernel_reports_and_grows_with_touched_memory() -> None:
+    def reported() -> int:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
+
+    before = resident_memory()
+    assert before is not None and abs(before - reported()) <= 8 * 2**20
+    held = torch.ones(64 * 2**20 // 4)  # 64 MiB, written
+    after = resident_memory()
+    assert after is not None and after - before >= 48 * 2**20
+    del held

@@ -18,6 +18,7 @@ import copy
 import ctypes
 import functools
 import itertools
+import os
 import platform
 import sys
 from typing import Any, Callable, Iterable, Iterator, TypeVar
@@ -70,6 +71,19 @@ def return_freed_memory() -> None:
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
+
+
+def resident_memory() -> int | None:
+    """This process's resident memory in bytes, read from ``/proc/self/statm`` (Linux); None where there is none."""
+    try:
+        with open("/proc/self/statm") as statm:
+            pages = int(statm.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pages * _PAGE_SIZE
+
+
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
 def all_finite(*tensors: torch.Tensor) -> bool:

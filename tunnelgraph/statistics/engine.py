@@ -48,6 +48,7 @@ from tunnelgraph.runtime import (
     model_device,
     preserved,
     progress_bar,
+    resident_memory,
     return_freed_memory,
     to_device,
     unwrap_model,
@@ -407,13 +408,18 @@ def _measure(
     solves = progress_bar(free_plans, desc="A-statistics: top triplets (Lanczos)",
                           enabled=progress if free_plans else False)
     workspace = Workspace(model_device(model))  # the bases' memory, reused solve after solve, dropped at the end
+    trimmed = resident_memory()
     for index, plan in enumerate(solves):
         captures: Iterable[Capture] = stored if replay is None else _Replay(model, plan.chain, replay, loss_fn)
         results.update(_matrix_free(plan, captures, gradients, samples, max_steps, tol, model_device(model),
                                     memory_budget, batch, workspace))
         _release(stored, free_plans[index + 1:])
-        if index + 1 < len(free_plans) and _product_bytes(plan, batch) >= TRIM_AFTER:
-            return_freed_memory()  # large products' temporaries (on the heap): the next solves do not need them
+        resident = resident_memory()
+        grown = resident is not None and trimmed is not None and resident - trimmed >= TRIM_AFTER
+        if index + 1 < len(free_plans) and (grown or _product_bytes(plan, batch) >= TRIM_AFTER):
+            # the products' temporaries, on the heap, in holes the next solves' tensors need not fit
+            return_freed_memory()
+            trimmed = resident_memory()
     check_statistics(results.values())
     return {site.name: results[site.name] for plan in plans for site in plan.sites}
 
@@ -847,8 +853,10 @@ def lanczos_chunk(chain: GroupChain, max_steps: int, dtype: torch.dtype, memory_
 
 TRIM_AFTER = 16 * 2**20
 """The heap's free pages are handed back after a solve whose products held about this many bytes or more on it
-(the chain's values of every channel of the group over the samples of a pass). The bases live in the workspace;
-after smaller solves the next one reuses the heap's pages, and a trim would cost more than it saves."""
+(the chain's values of every channel of the group over the samples of a pass), or once resident memory has grown
+by as much since the last trim (the results, and temporaries the next solves' tensors did not fit in). The bases
+live in the workspace; after a few small solves the next one reuses the heap's pages, and a trim would cost more
+than it saves."""
 
 
 def _product_bytes(plan: _GroupPlan, batch: int) -> int:
