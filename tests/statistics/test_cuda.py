@@ -22,7 +22,7 @@ from zoo import ZOO_BY_NAME
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="torch sees no CUDA device here")
 
-NAMES = ["paper_cnn", "resnet_stack", "conv_bn_pool_avg", "inception_concat", "squeeze_excite"]
+NAMES = ["paper_cnn", "resnet_stack", "conv_bn_pool_avg", "inception_concat", "squeeze_excite", "paper_deep_cnn"]
 
 
 def _on(device: str, name: str) -> tuple[torch.nn.Module, list, list]:

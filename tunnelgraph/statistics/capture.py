@@ -185,7 +185,10 @@ class Recorder:
         activations, which no gradient the statistics need goes through.
         It applies only where every producer's parameters and every
         consumer's weight need gradients (else the graph starts at the
-        input as usual).
+        input as usual). A forward that turns autograd off itself
+        (``torch.no_grad()`` inside the model) around a producer would have
+        it turned on there: such a model is measured as if the block were
+        differentiable.
         """
         self.model = model
         self.source = source
