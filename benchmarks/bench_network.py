@@ -29,7 +29,10 @@ Printed in one run, each the best of ``--repeats``:
    installed.
 5. With ``--floor``: the time in convolution kernels of one ``a_statistics``
    call against that of one forward-backward pass, under torch's profiler
-   (what the products cannot do without), and the rest of the call.
+   (what the products cannot do without), and the rest of the call; the
+   same convolutions against all of the pass's kernels (item 1's floor:
+   the ratio no restructuring of the rest can go below) and how far above
+   it the call is.
 6. With ``--device cuda``: the same on the GPU, timed by CUDA events, with
    the GPU named; memory is the CUDA caching allocator's peak over each
    call's start (in this process), against the forward-backward pass's.
@@ -289,6 +292,11 @@ def statistics_figures(name: str, model: nn.Module, data: list[Any], args: argpa
               f"= {floor['convolution_floor']:.1f}x the forward-backward pass's own "
               f"({floor['pass_convolutions_s']:.3f} s); the rest of a_statistics under the profiler "
               f"{floor['statistics_other_s']:.2f} s")
+        # the floor of item 1: no restructuring of the rest removes the convolutions
+        print(f"{name}: floor: a_statistics' convolutions alone are {floor['floor_over_pass']:.1f}x the whole "
+              f"forward-backward pass (all its kernels, {floor['pass_kernels_s']:.3f} s, under the profiler); all "
+              f"of a_statistics' kernels {floor['statistics_kernels_s'] / floor['pass_kernels_s']:.1f}x; the call "
+              f"measured above is {figures['ratio'] / floor['floor_over_pass']:.2f}x that floor")
     top = [entry.name for entry in tg.rank_sites(stats)[:5]]
     figures["top"] = [(site, float(stats[site].sigma)) for site in top]
     if args.reference:
@@ -346,11 +354,13 @@ def convolution_floor(model: nn.Module, sites: list[Any], data: list[Any]) -> di
                                        "aten::_convolution", "aten::cudnn_convolution")) / 1e6
         return kernels, total
 
-    pass_convolutions, _ = convolutions(lambda: forward_backward(model, data))
+    pass_convolutions, pass_total = convolutions(lambda: forward_backward(model, data))
     statistics_convolutions, statistics_total = convolutions(
         lambda: tg.a_statistics(model, sites, data, F.cross_entropy, progress=False))
     return {"pass_convolutions_s": pass_convolutions, "statistics_convolutions_s": statistics_convolutions,
             "convolution_floor": statistics_convolutions / pass_convolutions,
+            "pass_kernels_s": pass_total, "statistics_kernels_s": statistics_total,
+            "floor_over_pass": statistics_convolutions / pass_total,
             "statistics_other_s": statistics_total - statistics_convolutions}
 
 
