@@ -228,3 +228,55 @@ def test_a_chain_with_another_pool_is_left_to_the_linearised_path() -> None:
     model, x, y, chain, _ = _stem_chain(2, second_pool=True)
     assert chain.selection is None
     assert not all(chain.diagonal[i][j] for i in range(2) for j in range(2) if chain.reach[i][j])
+
+
+@pytest.mark.parametrize("dims, stride, padding, dilation", [
+    (2, 1, 1, 1), (2, 2, 1, 1), (2, (2, 1), (0, 2), (1, 2)), (1, 3, 2, 2), (3, 2, 1, 1),
+])
+def test_a_convolutions_error_read_back_per_kernel_offset_gives_its_input_gradient(dims, stride, padding,
+                                                                                  dilation) -> None:
+    """conv_errors: sum over (v, o) of E[(n, s), (v, o)] W[v, c, o] is the conv's input gradient at (n, c, s)."""
+    from tunnelgraph.statistics.chain import conv_errors
+
+    conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[dims - 1](3, 4, 3, stride, padding, dilation).double()
+    x = torch.randn(2, 3, *([7] * dims), dtype=torch.float64, requires_grad=True)
+    out = conv(x)
+    error = torch.randn_like(out)
+    (grad,) = torch.autograd.grad(out, x, error)
+    read = conv_errors(conv, error, x.shape)  # (N * positions, V * prod(kernel))
+    weight = conv.weight.detach().transpose(0, 1).reshape(3, -1)  # (C, V * prod(kernel)), lambda's order
+    expected = grad.detach().movedim(1, -1).reshape(-1, 3)  # (N * positions, C)
+    assert relative(read @ weight.T, expected) <= 1e-13
+
+
+@pytest.mark.parametrize("name", ["resnet_stack", "conv_stride_pad_dilation", "conv1d", "inception_concat",
+                                  "paper_deep_cnn"])
+def test_gram_factors_give_a_transposed_times_a(name: str) -> None:
+    """GramFactors.gram (dense products with factors every channel shares) is A^T (A v) through the layers,
+    for every group it accepts, on all channels and on every other one."""
+    entry = ZOO_BY_NAME[name]
+    model = entry.build().double().eval()
+    x, y = regression_data(model, entry, torch.float64, batches=1, batch=5)[0]
+    graph = tg.trace(model, x)
+    groups = {site.group.name: site.group for site in tg.find_sites(graph, through=tg.THROUGH_OPTIONS)
+              if not site.group.unmeasured and not site.group.self_consumers}
+    generator = torch.Generator().manual_seed(0)
+    accepted = 0
+    for group in groups.values():
+        chain = GroupChain(model, graph, group)
+        if not chain.gram_eligible():
+            continue
+        accepted += 1
+        with Recorder(model, chain.source, [chain.tap()]) as recorder:
+            capture = run_batch(model, recorder, x, y, squared_error)
+        outputs = [capture.outputs[spec.node] for spec in chain.producers]
+        factors = chain.gram_factors([capture.inputs[spec.node] for spec in chain.producers],
+                                     [capture.errors[spec.node] for spec in chain.consumers],
+                                     [capture.shapes[spec.node] for spec in chain.consumers],
+                                     chain.diagonal_scales(outputs, capture.externals))
+        product, transposed = linear_operators(chain, [capture], capture.batch)
+        for channels in (torch.arange(group.size), torch.arange(0, group.size, 2)):
+            v = torch.randn(channels.numel(), chain.outbound_size, generator=generator, dtype=torch.float64)
+            got = factors.gram(v, channels, torch.empty_like(v))
+            assert relative(got, transposed(product(v, channels), channels)) <= 1e-12, group.name
+    assert accepted, f"{name}: no group takes GramFactors"

@@ -156,3 +156,42 @@ def test_chunks_of_channels_and_a_subset_of_sites_give_each_site_its_own_answer(
             assert entry_.sigma == pytest.approx(whole[name].sigma, rel=1e-6), name
             assert relative(entry_.direction, whole[name].direction) <= 1e-3, name
             assert relative(entry_.gradient, whole[name].gradient) <= 1e-12, name
+
+
+@pytest.mark.parametrize("name", ["resnet_stack", "conv_stride_pad_dilation", "conv1d", "inception_concat"])
+def test_the_gram_path_matches_exact(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Groups solved from products with A^T A (GramFactors, symmetric Lanczos) against the exact path.
+
+    The cost rule is lifted so that every group it accepts takes that path; with no room for the factors in
+    the memory budget, none does.
+    """
+    from tunnelgraph.statistics import engine
+
+    solves: list[int] = []
+    original = engine.lanczos_gram_top
+
+    def counted(*args, **kwargs):
+        solves.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "lanczos_gram_top", counted)
+    monkeypatch.setattr(engine, "GRAM_GAIN", float("inf"))
+    entry = ZOO_BY_NAME[name]
+    model = entry.build().double()
+    data = regression_data(model, entry, torch.float64, batch=6)
+    sites = tg.find_sites(model, data[0][0], through=tg.THROUGH_OPTIONS)
+    exact = tg.a_statistics(model, sites, data, squared_error, method="exact", progress=False)
+    free = tg.a_statistics(model, sites, data, squared_error, method="matrix_free", progress=False)
+    assert solves, f"{name}: no group took the path"
+    for site in sites:
+        e, f = exact[site.name], free[site.name]
+        assert f.sigma == pytest.approx(e.sigma, rel=1e-3), site.name
+        if e.sigma > 0:
+            assert abs(float(f.direction @ e.direction)) >= 0.999, site.name
+            assert f.residual <= 1e-4
+        assert relative(f.gradient, e.gradient) <= 1e-6, site.name
+
+    solves.clear()
+    monkeypatch.setattr(engine, "GRAM_SHARE", 2**62)  # no bytes for the factors
+    tg.a_statistics(model, sites, data, squared_error, method="matrix_free", progress=False)
+    assert not solves

@@ -189,3 +189,36 @@ def test_the_solver_without_reads_of_its_criteria_finds_the_same_triplets(monkey
     ties = torch.tensor([[1.0, -1.0, 0.0], [-1.0, 1.0, 0.0], [0.0, 2.0, -2.0]], dtype=torch.float64)
     assert torch.equal(fix_sign(ties), torch.tensor([[1.0, -1.0, 0.0], [1.0, -1.0, 0.0], [0.0, 2.0, -2.0]],
                                                     dtype=torch.float64))
+
+
+def test_symmetric_lanczos_on_a_t_a_finds_each_matrix_top_triplet() -> None:
+    """lanczos_gram_top, from products with A^T A alone, against the dense SVD: sigma, lambda*, the residual
+    ``||A^T u - sigma v||`` of lanczos_top's criterion, channels leaving the batch, a zero matrix."""
+    generator = torch.Generator().manual_seed(3)
+    gaps = torch.tensor([0.5, 0.3, 0.02, 0.5, 0.005, 0.2, 0.01, 0.4], dtype=torch.float64)
+    a = _matrices(gaps.numel(), 40, 60, gaps, generator)
+    a[5] = 0  # finishes at once, sigma 0 and a zero direction
+    asked: list[int] = []
+
+    def gram(v: torch.Tensor, channels: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        asked.append(channels.numel())
+        block = a[channels]
+        return torch.einsum("nkl,nk->nl", block, torch.einsum("nkl,nl->nk", block, v))
+
+    start = torch.randn(gaps.numel(), 60, generator=generator, dtype=torch.float64)
+    solved = solve.lanczos_gram_top(gram, start, max_steps=30, tol=1e-10)
+    _, s, vh = torch.linalg.svd(a)
+    live = torch.arange(gaps.numel()) != 5
+    assert torch.allclose(solved.sigma[live], s[live, 0], rtol=1e-12, atol=0)
+    assert torch.allclose(solved.direction[live], fix_sign(vh[live, 0]), atol=1e-6)
+    assert solved.sigma[5] == 0 and bool((solved.direction[5] == 0).all())
+    assert asked[0] == gaps.numel() and asked[-1] < gaps.numel()
+    # the reported residual is ||A^T u - sigma v|| for u = A v / sigma, as lanczos_top's
+    u = torch.einsum("nkl,nl->nk", a, solved.direction) / solved.sigma.clamp_min(1e-300).unsqueeze(1)
+    true = (torch.einsum("nkl,nk->nl", a, u) - solved.sigma.unsqueeze(1) * solved.direction).norm(dim=1)
+    assert bool((solved.residual[live] <= 1e-10 * solved.sigma[live]).all())
+    assert torch.allclose(solved.residual[live], true[live], rtol=1e-3, atol=1e-13)
+
+    limited = solve.lanczos_gram_top(gram, start, max_steps=3, tol=1e-10)
+    assert limited.steps == 3
+    assert bool((limited.sigma <= s[:, 0] * (1 + 1e-12)).all())  # Ritz values never exceed the true one

@@ -809,6 +809,65 @@ class GroupChain:
                 direct[i][j] = path
         return SelectionFactors(before, held["indices"], after, direct)
 
+    # -- few positions: A^T A from shared matrices ---------------------------------------
+    def gram_eligible(self) -> bool:
+        """Whether :class:`GramFactors` express this group's ``A^T A``.
+
+        The chain diagonal, every producer and consumer a convolution with
+        ``groups=1``, every consumer with zero padding given as numbers and
+        reading the channels without a flatten.
+        """
+        pairs = [(i, j) for i in range(len(self.producers)) for j in range(len(self.consumers))]
+        return (all(self.diagonal[i][j] or not self.reach[i][j] for i, j in pairs)
+                and all(spec.conv_dims and spec.module.groups == 1 for spec in (*self.producers, *self.consumers))
+                and all(_native_padding(spec.module) and spec.weight_slice.block == 1 for spec in self.consumers))
+
+    def gram_cost(self, outputs: Sequence[torch.Tensor], errors: Sequence[torch.Tensor]) -> tuple[int, int, int]:
+        """(multiply-adds per channel of one product with ``A^T A`` through :class:`GramFactors`, the same for a
+        product with A and one with A^T through the layers, bytes the factors hold) at these captured values."""
+        samples = outputs[0].shape[0] * math.prod(outputs[0].shape[2:])
+        producers, consumers = range(len(self.producers)), range(len(self.consumers))
+        gram = 2 * samples * self.outbound_size + len(self.producers) * samples**2
+        layers = 2 * sum(samples * spec.size for spec in self.producers) + 2 * sum(
+            error.shape[0] * math.prod(error.shape[2:]) * spec.size for spec, error in zip(self.consumers, errors))
+        pairs = sum(self.reach[i][j] for i in producers for j in consumers)
+        entries = (len(self.producers) * samples**2 + samples * self.outbound_size
+                   + self.group.size * (self.outbound_size + pairs * samples))
+        return gram, layers, entries * outputs[0].element_size()
+
+    def gram_factors(
+        self,
+        inputs: Sequence[torch.Tensor],
+        errors: Sequence[torch.Tensor],
+        input_shapes: Sequence[Sequence[int]],
+        scales: list[list[torch.Tensor | None]],
+    ) -> GramFactors:
+        """This group's ``A^T A`` at one capture as :class:`GramFactors` (see :meth:`gram_eligible`).
+
+        ``inputs`` are the producers' inputs, ``errors`` and ``input_shapes``
+        the consumers' output errors and input shapes, ``scales`` the chain's
+        diagonal (:meth:`diagonal_scales`) at these values.
+        """
+        channels = torch.arange(self.group.size, device=errors[0].device)
+        grams = []
+        for spec, x in zip(self.producers, inputs):
+            patches = conv_patches(spec.module, x)
+            patches = patches.reshape(patches.shape[0], patches.shape[1], -1).transpose(1, 2).reshape(
+                -1, patches.shape[1])
+            gram = patches @ patches.T
+            del patches
+            grams.append(gram.add_(1) if len(spec.slices) > 1 else gram)  # an owned bias: a column of ones in P
+        read = [conv_errors(spec.module, error, shape)
+                for spec, error, shape in zip(self.consumers, errors, input_shapes)]
+        if any(value.shape[0] != grams[0].shape[0] for value in (*grams, *read)):
+            raise StatisticsError(f"group '{self.group.name}': the chain changes the feature map's size")
+        outbound = [self.consumer_weight(j, channels).transpose(0, 1).reshape(self.group.size, -1).contiguous()
+                    for j in range(len(self.consumers))]
+        diagonals = [[None if scale is None else
+                      self.restrict(scale, j, channels).transpose(0, 1).reshape(self.group.size, -1).contiguous()
+                      for j, scale in enumerate(row)] for row in scales]
+        return GramFactors(grams, read, outbound, diagonals, self.column_slices())
+
     def row_inputs(self, producer: int, layer_input: torch.Tensor) -> torch.Tensor:
         """(positions, K_producer, N): what each inbound entry multiplies, per output position and sample.
 
@@ -1008,6 +1067,107 @@ class SelectionFactors:
         spread = value.new_zeros(tuple(shape))
         spread.flatten(2).scatter_add_(2, self.indices.flatten(2), value.flatten(2))
         return spread
+
+
+class GramFactors:
+    """``A_c^T A_c`` of a diagonal chain's channels at one capture, from matrices the channels share.
+
+    Where the chain is diagonal and every producer and consumer a
+    convolution (docs/MATH.md section 8, "Few positions"), channel ``c``'s A
+    is ``A_c = sum_ij P_i^T diag(D_ij[c]) E_j diag(omega_j[c])``:
+
+    - ``P_i`` (M x K_i): producer ``i``'s im2col patches over the M samples
+      and positions (a column of ones for an owned bias);
+    - ``E_j`` (M x L_j): consumer ``j``'s output error read back at its input
+      positions, per kernel offset (:func:`conv_errors`);
+    - ``D_ij`` (channels x M): the chain's diagonal from producer ``i`` to
+      consumer ``j``;
+    - ``omega_j`` (channels x L_j): the channels' outbound weights in
+      lambda's order.
+
+    A product ``A_c^T A_c v`` then needs ``P_i`` only through ``G_i = P_i
+    P_i^T`` (M x M): two products with ``E_j`` and one with each ``G_i``,
+    for every channel at once as dense matrix products, and no vector of K
+    entries. Where M is small next to K (the late layers of a network) that
+    is less arithmetic than a product with A and one with A^T.
+    """
+
+    def __init__(self, grams: list[torch.Tensor], errors: list[torch.Tensor], outbound: list[torch.Tensor],
+                 scales: list[list[torch.Tensor | None]], columns: list[slice]) -> None:
+        self.grams, self.errors, self.outbound, self.scales, self.columns = grams, errors, outbound, scales, columns
+        self._key: Any = None
+        self._picked: tuple[list[torch.Tensor], list[list[torch.Tensor | None]]] = (outbound, scales)
+
+    def nbytes(self) -> int:
+        """Bytes the factors hold."""
+        held = [*self.grams, *self.errors, *self.outbound, *(d for row in self.scales for d in row if d is not None)]
+        return sum(t.numel() * t.element_size() for t in held)
+
+    def _at(self, channels: torch.Tensor) -> tuple[list[torch.Tensor], list[list[torch.Tensor | None]]]:
+        """The outbound weights and diagonals of ``channels`` (kept while the channels stay the same)."""
+        key, first = host_channels(channels)
+        if key != self._key:
+            def pick(value: torch.Tensor) -> torch.Tensor:
+                if first is not None:
+                    return value.narrow(0, first, channels.numel())
+                return value.index_select(0, channels)
+
+            self._picked = ([pick(w) for w in self.outbound],
+                            [[None if d is None else pick(d) for d in row] for row in self.scales])
+            self._key = key
+        return self._picked
+
+    def gram(self, vectors: torch.Tensor, channels: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``A_c^T A_c v`` for ``channels`` (rows of ``vectors``, (S, L)), written into ``out`` (S, L)."""
+        outbound, scales = self._at(channels)
+        # A v, producer by producer, in the coordinates of P_i^T: y_i = sum_j D_ij * E_j (omega_j * v_j)
+        read = [torch.mul(vectors[:, columns], weights) @ errors.T
+                for columns, weights, errors in zip(self.columns, outbound, self.errors)]
+        back = [_weighted_sum([(scales[i][j], read[j]) for j in range(len(read))], read[0]) @ gram
+                for i, gram in enumerate(self.grams)]  # P_i P_i^T y_i
+        for j, (columns, weights, errors) in enumerate(zip(self.columns, outbound, self.errors)):
+            reached = _weighted_sum([(scales[i][j], back[i]) for i in range(len(back))], back[0])
+            torch.mul(reached @ errors, weights, out=out[:, columns])
+        return out
+
+
+def _weighted_sum(terms: list[tuple[torch.Tensor | None, torch.Tensor]], like: torch.Tensor) -> torch.Tensor:
+    """``sum scale * value`` over the terms whose scale is not None (zeros if none is)."""
+    total: torch.Tensor | None = None
+    for scale, value in terms:
+        if scale is None:
+            continue
+        total = scale * value if total is None else total.addcmul_(scale, value)
+    return total if total is not None else torch.zeros_like(like)
+
+
+def conv_errors(module: nn.Module, error: torch.Tensor, input_shape: Sequence[int]) -> torch.Tensor:
+    """A convolution's output error read back at its input positions, per kernel offset (zero padding).
+
+    ``E[(n, s), (v, o)] = error[n, v, r]`` where output position ``r``
+    reads input position ``s`` through kernel offset ``o`` (along each axis
+    ``s = r * stride - padding + o * dilation``), zero where no output
+    position does: (samples x input positions, V * prod(kernel)), rows
+    sample-major, columns in lambda's order.
+    """
+    dims = error.dim() - 2
+    outputs = error.shape[2:]
+    padded = F.pad(error, (0, 1) * dims)  # a zero entry per axis, read where no output position reads
+    index: list[torch.Tensor] = []
+    for d in range(dims):
+        size, kernel = input_shape[2 + d], module.kernel_size[d]
+        position = torch.arange(size, device=error.device).unsqueeze(1) + module.padding[d]
+        shifted = position - torch.arange(kernel, device=error.device).unsqueeze(0) * module.dilation[d]
+        row = torch.div(shifted, module.stride[d], rounding_mode="floor")
+        valid = (shifted >= 0) & (shifted % module.stride[d] == 0) & (row < outputs[d])
+        row = torch.where(valid, row, torch.full_like(row, outputs[d]))  # (size, kernel)
+        # broadcast over (*input spatial, *kernel): this axis's size at place d, its kernel at place dims + d
+        shape = [1] * (2 * dims)
+        shape[d], shape[dims + d] = size, kernel
+        index.append(row.reshape(shape))
+    read = padded[(slice(None), slice(None), *index)]  # (N, V, *input spatial, *kernel)
+    order = [0, *range(2, 2 + dims), 1, *range(2 + dims, 2 + 2 * dims)]
+    return read.permute(order).reshape(error.shape[0] * math.prod(input_shape[2:]), -1)
 
 
 def _max_pool_with_indices(module: nn.Module, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

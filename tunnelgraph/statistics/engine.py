@@ -55,7 +55,7 @@ from tunnelgraph.runtime import (
 )
 from tunnelgraph.statistics.capture import Capture, Recorder, merge
 from tunnelgraph.statistics.chain import GroupChain, LinearisedChain, SelectionFactors, conv_patches, host_channels
-from tunnelgraph.statistics.solve import Operator, Workspace, lanczos_top, top_singular
+from tunnelgraph.statistics.solve import Operator, Workspace, lanczos_gram_top, lanczos_top, top_singular
 
 logger = logging.getLogger(__name__)
 
@@ -755,6 +755,7 @@ def _matrix_free(
     """
     chain = plan.chain
     product, transposed = linear_operators(chain, stored, samples, cache=isinstance(stored, list))
+    factors = _gram_factors(chain, stored, samples, memory_budget)
     # the bases in the products' own precision (at least float32): float64 bases add nothing to float32 products
     dtype = statistics_dtype(chain)
     wanted = torch.tensor(sorted(set(plan.channels)), dtype=torch.long, device=device)
@@ -766,12 +767,19 @@ def _matrix_free(
     sigmas, residuals, steps = [], [], 0  # lambda* goes straight into ``direction``
     for offset, part in zip(itertools.count(0, size), wanted.split(size)):
         channels = _Running(part)
-        solved = lanczos_top(
-            lambda v, running, out, channels=channels: product(v, channels(running), out),
-            lambda u, running, out, channels=channels: transposed(u, channels(running), out),
-            start[part], max_steps=max_steps, tol=tol, dtype=dtype, inbound=chain.inbound_size,
-            out=direction[offset:offset + part.numel()], workspace=workspace,
-        )
+        if factors is not None:
+            solved = lanczos_gram_top(
+                lambda v, running, out, channels=channels: factors(v, channels(running), out),
+                start[part], max_steps=max_steps, tol=tol, dtype=dtype,
+                out=direction[offset:offset + part.numel()], workspace=workspace,
+            )
+        else:
+            solved = lanczos_top(
+                lambda v, running, out, channels=channels: product(v, channels(running), out),
+                lambda u, running, out, channels=channels: transposed(u, channels(running), out),
+                start[part], max_steps=max_steps, tol=tol, dtype=dtype, inbound=chain.inbound_size,
+                out=direction[offset:offset + part.numel()], workspace=workspace,
+            )
         sigmas.append(solved.sigma)
         residuals.append(solved.residual)
         steps = max(steps, solved.steps)
@@ -809,6 +817,45 @@ def _matrix_free(
             residual=residual_of[c] / value if value > 0 else 0.0,
         )
     return results
+
+
+GRAM_SHARE = 4
+"""A group's :class:`GramFactors` may take up to ``memory_budget // GRAM_SHARE`` bytes."""
+
+GRAM_GAIN = 0.75
+"""The products go through :class:`GramFactors` where one costs at most this fraction of the multiply-adds of a
+product with A and one with A^T through the layers (dense products run faster per multiply-add than the small
+convolutions they replace, but pay for the factors once)."""
+
+
+def _gram_factors(chain: GroupChain, stored: Iterable[Capture], samples: int,
+                  memory_budget: int) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None:
+    """``(v, channels, out) -> A^T A v`` through :class:`GramFactors`, where the group allows it and it pays.
+
+    Over one stored capture (the joined batch), outside ``torch.distributed``,
+    for a group :meth:`GroupChain.gram_eligible` accepts, where the
+    factors fit ``memory_budget // GRAM_SHARE`` and a product costs at most
+    :data:`GRAM_GAIN` of a product with A and one with A^T; else None.
+    """
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if not isinstance(stored, list) or len(stored) != 1 or distributed or not chain.gram_eligible():
+        return None
+    capture = stored[0]
+    outputs = [capture.outputs[spec.node] for spec in chain.producers]
+    errors = [capture.errors[spec.node] for spec in chain.consumers]
+    gram_cost, layers_cost, held = chain.gram_cost(outputs, errors)
+    if gram_cost > GRAM_GAIN * layers_cost or held > memory_budget // GRAM_SHARE:
+        return None
+    factors = chain.gram_factors([capture.inputs[spec.node] for spec in chain.producers], errors,
+                                 [capture.shapes[spec.node] for spec in chain.consumers],
+                                 chain.diagonal_scales(outputs, capture.externals))
+    share = (capture.batch / samples) ** 2  # each product with A carries the capture's share of the samples
+
+    def gram(vectors: torch.Tensor, channels: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        factors.gram(vectors, channels, out)
+        return out if share == 1 else out.mul_(share)
+
+    return gram
 
 
 class _Running:

@@ -212,6 +212,97 @@ def lanczos_top(
     return Triplet(sigma_out.to(device), direction_out, step, residual_out.to(device))
 
 
+def lanczos_gram_top(
+    gram: Operator,
+    start: torch.Tensor,
+    *,
+    max_steps: int = 20,
+    tol: float = 1e-4,
+    dtype: torch.dtype | None = None,
+    out: torch.Tensor | None = None,
+    workspace: Workspace | None = None,
+) -> Triplet:
+    """Top singular triplets from products with ``A^T A``: symmetric Lanczos, batched over matrices.
+
+    The same as :func:`lanczos_top` where products with ``A^T A`` come
+    cheaper than one with A and one with A^T (:class:`GramFactors`): one
+    basis, of right vectors, fully re-orthogonalised; the tridiagonal
+    ``T_j`` (diagonal ``alpha``, off-diagonal ``beta``) has top eigenpair
+    ``(theta, s)``, the Ritz vector is ``V_j s`` and ``sigma = sqrt(theta)``.
+    A matrix stops when ``||A^T A v - theta v|| = |beta_j s_j| <= tol *
+    theta``, which is :func:`lanczos_top`'s criterion ``||A^T u - sigma v||
+    <= tol * sigma`` for ``u = A v / sigma``; ``residual`` reports
+    ``||A^T u - sigma v||``. Finished matrices leave the batch as in
+    :func:`lanczos_top`.
+
+    Args:
+        gram: ``(v (n, L), channels (n,), out) -> A^T A v (n, L)`` for the
+            matrices ``channels`` of the batch (see :data:`Operator`).
+        start, max_steps, tol, dtype, out, workspace: as for :func:`lanczos_top`.
+    """
+    count, device = start.shape[0], start.device
+    host = torch.device("cpu")
+    basis = dtype or start.dtype
+    tiny = torch.finfo(basis).tiny ** 0.5
+    sigma_out = torch.zeros(count, dtype=torch.float64)
+    residual_out = torch.zeros_like(sigma_out)
+    direction_out = torch.empty(start.shape, dtype=basis, device=device) if out is None else out
+    rows = torch.arange(count)  # the matrix of each row of the basis (host)
+    batch = rows.to(device)
+    retired = torch.zeros(count, dtype=torch.bool)
+    memory = workspace if workspace is not None else Workspace(device, keep=False)
+    memory.reset()
+    right = _Basis(count, start.shape[1], basis, max_steps + 1, memory)
+    v = right.slot().copy_(start)
+    v.div_(v.norm(dim=1, keepdim=True).clamp_min(tiny))
+    right.commit()
+    alphas = torch.zeros(count, max_steps, dtype=torch.float64)  # each row's tridiagonal (host)
+    betas = torch.zeros_like(alphas)
+    step = 0
+    for step in range(1, max_steps + 1):
+        w = _apply(gram, v, batch, right.slot())
+        alpha = torch.linalg.vecdot(w, v)
+        beta = right.orthogonalise(w)  # against every vector so far, v included: w - alpha v - beta v_prev - ...
+        alphas[:, step - 1], betas[:, step - 1] = torch.stack((alpha, beta)).to(host, torch.float64)
+
+        tridiagonal = torch.diag_embed(alphas[:, :step])
+        index = torch.arange(step - 1)
+        tridiagonal[:, index, index + 1] = betas[:, :step - 1]
+        tridiagonal[:, index + 1, index] = betas[:, :step - 1]
+        values, vectors = torch.linalg.eigh(tridiagonal)
+        theta = values[:, -1].clamp_min(0)
+        sigma = theta.sqrt()
+        residual = (betas[:, step - 1] * vectors[:, -1, -1]).abs()  # ||A^T A x - theta x||
+        done = (residual <= tol * theta) | (sigma <= tiny) | (step == max_steps)
+        new = done & ~retired
+        if bool(new.any()):
+            finished = new.nonzero().squeeze(1)
+            on_device = finished.to(device)
+            direction = right.combine(vectors[finished, :, -1].to(device), on_device)  # the Ritz vectors
+            direction.div_(direction.norm(dim=1, keepdim=True).clamp_min(tiny))
+            alive = (sigma[finished] > tiny).to(device=device, dtype=basis)
+            direction.mul_(alive.unsqueeze(1))
+            where = rows[finished]
+            sigma_out[where] = sigma[finished]
+            # ||A^T u - sigma v|| = ||A^T A x - theta x|| / sigma for u = A x / sigma
+            residual_out[where] = residual[finished] / sigma[finished].clamp_min(tiny)
+            direction_out[batch[on_device]] = fix_sign(direction, inplace=True)
+            retired |= new
+            if bool(retired.all()):
+                break
+            if 4 * int(retired.sum()) >= retired.numel():
+                keep = (~retired).nonzero().squeeze(1)
+                right.keep(keep, pending=True)
+                rows, retired, alphas, betas = rows[keep], retired[keep], alphas[keep], betas[keep]
+                keep = keep.to(device)
+                batch, beta = batch[keep], beta[keep]
+                w = right.slot()
+        w.div_(beta.clamp_min(tiny).unsqueeze(1))
+        right.commit()
+        v = right.last()
+    return Triplet(sigma_out.to(device), direction_out, step, residual_out.to(device))
+
+
 def _apply(operator: Operator, vectors: torch.Tensor, channels: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """``operator``'s products written into ``out``."""
     result = operator(vectors, channels, out)
