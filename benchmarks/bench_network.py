@@ -27,12 +27,13 @@ Printed in one run, each the best of ``--repeats``:
    it).
 4. torchvision's ``resnet18`` for items 1 and 2, where torchvision is
    installed.
-5. With ``--floor``: the time in convolution kernels of one ``a_statistics``
-   call against that of one forward-backward pass, under torch's profiler
-   (what the products cannot do without), and the rest of the call; the
-   same convolutions against all of the pass's kernels (item 1's floor:
-   the ratio no restructuring of the rest can go below) and how far above
-   it the call is.
+5. With ``--floor``: the time in convolution and matrix-product kernels
+   (:data:`ARITHMETIC`) of one ``a_statistics`` call against that of one
+   forward-backward pass, under torch's profiler (the products'
+   arithmetic), and the rest of the call; the same kernels against all of
+   the pass's kernels (item 1's floor for this arithmetic: the ratio no
+   restructuring of the rest can go below) and how far above it the call
+   is.
 6. With ``--device cuda``: the same on the GPU, timed by CUDA events, with
    the GPU named; memory is the CUDA caching allocator's peak over each
    call's start (in this process), against the forward-backward pass's.
@@ -288,12 +289,14 @@ def statistics_figures(name: str, model: nn.Module, data: list[Any], args: argpa
     if args.floor:
         floor = convolution_floor(model, sites, data)
         figures.update(floor)
-        print(f"{name}: the convolutions alone (profiled): a_statistics {floor['statistics_convolutions_s']:.2f} s "
+        print(f"{name}: the convolutions and matrix products alone (profiled): a_statistics "
+              f"{floor['statistics_convolutions_s']:.2f} s "
               f"= {floor['convolution_floor']:.1f}x the forward-backward pass's own "
               f"({floor['pass_convolutions_s']:.3f} s); the rest of a_statistics under the profiler "
               f"{floor['statistics_other_s']:.2f} s")
         # the floor of item 1: no restructuring of the rest removes the convolutions
-        print(f"{name}: floor: a_statistics' convolutions alone are {floor['floor_over_pass']:.1f}x the whole "
+        print(f"{name}: floor: a_statistics' convolutions and matrix products alone are "
+              f"{floor['floor_over_pass']:.1f}x the whole "
               f"forward-backward pass (all its kernels, {floor['pass_kernels_s']:.3f} s, under the profiler); all "
               f"of a_statistics' kernels {floor['statistics_kernels_s'] / floor['pass_kernels_s']:.1f}x; the call "
               f"measured above is {figures['ratio'] / floor['floor_over_pass']:.2f}x that floor")
@@ -339,6 +342,12 @@ def cuda_memory(model: nn.Module, sites: list[Any], data: list[Any]) -> dict[str
     return {"cuda_peak_fb": plain, "cuda_peak_stored": stored, "cuda_peak_streamed": streamed}
 
 
+ARITHMETIC = ("aten::convolution_backward", "aten::mkldnn_convolution", "aten::_convolution",
+              "aten::cudnn_convolution", "aten::mm", "aten::addmm")
+"""The kernels that do the products' arithmetic: convolutions (the layers' products with A and A^T) and dense
+matrix products (the products with A^T A of the groups with few positions, and linear layers)."""
+
+
 def convolution_floor(model: nn.Module, sites: list[Any], data: list[Any]) -> dict[str, float]:
     """Time in convolution kernels (forward, input and weight gradients) of one a_statistics call and of one
     forward-backward pass, under torch's profiler: what no restructuring of the rest can remove."""
@@ -350,8 +359,7 @@ def convolution_floor(model: nn.Module, sites: list[Any], data: list[Any]) -> di
         events = profiled.key_averages()
         total = sum(event.self_cpu_time_total for event in events) / 1e6
         kernels = sum(event.self_cpu_time_total for event in events
-                      if event.key in ("aten::convolution_backward", "aten::mkldnn_convolution",
-                                       "aten::_convolution", "aten::cudnn_convolution")) / 1e6
+                      if event.key in ARITHMETIC) / 1e6
         return kernels, total
 
     pass_convolutions, pass_total = convolutions(lambda: forward_backward(model, data))
