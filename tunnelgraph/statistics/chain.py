@@ -1098,22 +1098,13 @@ class GramFactors:
         self._key: Any = None
         self._picked: tuple[list[torch.Tensor], list[list[torch.Tensor | None]]] = (outbound, scales)
 
-    def nbytes(self) -> int:
-        """Bytes the factors hold."""
-        held = [*self.grams, *self.errors, *self.outbound, *(d for row in self.scales for d in row if d is not None)]
-        return sum(t.numel() * t.element_size() for t in held)
-
     def _at(self, channels: torch.Tensor) -> tuple[list[torch.Tensor], list[list[torch.Tensor | None]]]:
         """The outbound weights and diagonals of ``channels`` (kept while the channels stay the same)."""
-        key, first = host_channels(channels)
+        key = host_channels(channels)[0]
         if key != self._key:
-            def pick(value: torch.Tensor) -> torch.Tensor:
-                if first is not None:
-                    return value.narrow(0, first, channels.numel())
-                return value.index_select(0, channels)
-
-            self._picked = ([pick(w) for w in self.outbound],
-                            [[None if d is None else pick(d) for d in row] for row in self.scales])
+            self._picked = ([_channel_slice(w, channels, 0) for w in self.outbound],
+                            [[None if d is None else _channel_slice(d, channels, 0) for d in row]
+                             for row in self.scales])
             self._key = key
         return self._picked
 
@@ -1177,12 +1168,12 @@ def _max_pool_with_indices(module: nn.Module, value: torch.Tensor) -> tuple[torc
                 ceil_mode=module.ceil_mode, return_indices=True)
 
 
-def _channel_slice(value: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
-    """``value`` at ``channels`` along axis 1: a view where they are consecutive, else a copy."""
+def _channel_slice(value: torch.Tensor, channels: torch.Tensor, axis: int = 1) -> torch.Tensor:
+    """``value`` at ``channels`` along ``axis``: a view where they are consecutive, else a copy."""
     first = host_channels(channels)[1]
     if first is not None:
-        return value.narrow(1, first, channels.numel())
-    return value.index_select(1, channels)
+        return value.narrow(axis, first, channels.numel())
+    return value.index_select(axis, channels)
 
 
 class LinearisedChain:

@@ -131,85 +131,48 @@ def lanczos_top(
     first two singular values. ``steps`` of the result is the most any
     matrix used.
     """
-    count, device = start.shape[0], start.device
-    host = torch.device("cpu")
-    basis = dtype or start.dtype
-    tiny = torch.finfo(basis).tiny ** 0.5
-    # the bookkeeping lives on the host: each step reads its alpha and beta there (on an accelerator, the one
-    # wait of the step) and decides what finishes from the small bidiagonal problem solved there
-    sigma_out = torch.zeros(count, dtype=torch.float64)
-    residual_out = torch.zeros_like(sigma_out)
-    # the Ritz vectors in the bases' precision: each is a combination of basis vectors, no more precise than they;
-    # every row is written once, when its matrix finishes
-    direction_out = torch.empty(start.shape, dtype=basis, device=device) if out is None else out
-    rows = torch.arange(count)  # the matrix of each row of the bases (host)
-    batch = rows.to(device)  # the same, where the products index with it
-    retired = torch.zeros(count, dtype=torch.bool)  # rows whose result is kept, still in the bases (host)
-    memory = workspace if workspace is not None else Workspace(device, keep=False)
-    memory.reset()  # the last solve's bases are gone: their memory serves this one
-    right = _Basis(count, start.shape[1], basis, max_steps + 1, memory)
-    v = right.slot().copy_(start)
-    v.div_(v.norm(dim=1, keepdim=True).clamp_min(tiny))
-    right.commit()
-    left = None if inbound is None else _Basis(count, inbound, basis, max_steps, memory)
-    alphas = torch.zeros(count, max_steps, dtype=torch.float64)  # each row's bidiagonal (host)
-    betas = torch.zeros_like(alphas)
-    beta = torch.zeros(count, dtype=basis, device=device)
+    device, basis = start.device, dtype or start.dtype
+    ledger = _Ledger(start, basis, max_steps, out)
+    tiny = ledger.tiny
+    memory, right, v = _started(start, basis, max_steps, workspace)
+    left = None if inbound is None else _Basis(start.shape[0], inbound, basis, max_steps, memory)
+    beta = torch.zeros(start.shape[0], dtype=basis, device=device)
     step = 0
     for step in range(1, max_steps + 1):
         if left is None:  # the length of A v is learnt from the first product
-            first = product(v, batch, None)
-            left = _Basis(count, first.shape[1], basis, max_steps, memory)
+            first = product(v, ledger.batch, None)
+            left = _Basis(start.shape[0], first.shape[1], basis, max_steps, memory)
             u = left.slot().copy_(first)
             del first
         else:
-            u = _apply(product, v, batch, left.slot())
+            u = _apply(product, v, ledger.batch, left.slot())
         if step > 1:
             u.addcmul_(beta.unsqueeze(1), left.last(), value=-1)
         alpha = left.orthogonalise(u)
         u.div_(alpha.clamp_min(tiny).unsqueeze(1))
         left.commit()
-        w = _apply(transposed, u, batch, right.slot())
+        w = _apply(transposed, u, ledger.batch, right.slot())
         w.addcmul_(alpha.unsqueeze(1), v, value=-1)
         beta = right.orthogonalise(w)
-        alphas[:, step - 1], betas[:, step - 1] = torch.stack((alpha, beta)).to(host, torch.float64)
+        ledger.record(step, alpha, beta)
 
-        bidiagonal = torch.zeros(rows.numel(), step, step, dtype=torch.float64)
+        bidiagonal = torch.zeros(ledger.rows.numel(), step, step, dtype=torch.float64)
         index = torch.arange(step)
-        bidiagonal[:, index, index] = alphas[:, :step]
-        bidiagonal[:, index[:-1], index[1:]] = betas[:, :step - 1]
+        bidiagonal[:, index, index] = ledger.alphas[:, :step]
+        bidiagonal[:, index[:-1], index[1:]] = ledger.betas[:, :step - 1]
         p, s, qh = torch.linalg.svd(bidiagonal)
         sigma = s[:, 0]
-        residual = (betas[:, step - 1] * p[:, -1, 0]).abs()
+        residual = (ledger.betas[:, step - 1] * p[:, -1, 0]).abs()
         done = (residual <= tol * sigma) | (sigma <= tiny) | (step == max_steps)
-        new = done & ~retired
-        if bool(new.any()):
-            finished = new.nonzero().squeeze(1)
-            on_device = finished.to(device)
-            direction = right.combine(qh[finished, 0, :].to(device), on_device)  # the Ritz vectors
-            direction.div_(direction.norm(dim=1, keepdim=True).clamp_min(tiny))
-            alive = (sigma[finished] > tiny).to(device=device, dtype=basis)
-            direction.mul_(alive.unsqueeze(1))  # zero where A is (numerically) zero
-            where = rows[finished]
-            sigma_out[where] = sigma[finished]
-            residual_out[where] = residual[finished]
-            direction_out[batch[on_device]] = fix_sign(direction, inplace=True)
-            retired |= new
-            if bool(retired.all()):
-                break
-            if 4 * int(retired.sum()) >= retired.numel():
-                # the running matrices' bases (and the pending vector w), compacted once for many finished
-                keep = (~retired).nonzero().squeeze(1)  # on the host, as the bases read it
-                right.keep(keep, pending=True)
-                left.keep(keep)
-                rows, retired, alphas, betas = rows[keep], retired[keep], alphas[keep], betas[keep]
-                keep = keep.to(device)
-                batch, beta = batch[keep], beta[keep]
-                w = right.slot()
+        if ledger.finish(done, right, qh[:, 0, :], sigma, residual):
+            break
+        kept = ledger.compact(right, left)
+        if kept is not None:
+            beta, w = beta[kept], right.slot()
         w.div_(beta.clamp_min(tiny).unsqueeze(1))
         right.commit()
         v = right.last()
-    return Triplet(sigma_out.to(device), direction_out, step, residual_out.to(device))
+    return ledger.triplet(step)
 
 
 def lanczos_gram_top(
@@ -240,67 +203,124 @@ def lanczos_gram_top(
             matrices ``channels`` of the batch (see :data:`Operator`).
         start, max_steps, tol, dtype, out, workspace: as for :func:`lanczos_top`.
     """
-    count, device = start.shape[0], start.device
-    host = torch.device("cpu")
     basis = dtype or start.dtype
-    tiny = torch.finfo(basis).tiny ** 0.5
-    sigma_out = torch.zeros(count, dtype=torch.float64)
-    residual_out = torch.zeros_like(sigma_out)
-    direction_out = torch.empty(start.shape, dtype=basis, device=device) if out is None else out
-    rows = torch.arange(count)  # the matrix of each row of the basis (host)
-    batch = rows.to(device)
-    retired = torch.zeros(count, dtype=torch.bool)
-    memory = workspace if workspace is not None else Workspace(device, keep=False)
-    memory.reset()
-    right = _Basis(count, start.shape[1], basis, max_steps + 1, memory)
-    v = right.slot().copy_(start)
-    v.div_(v.norm(dim=1, keepdim=True).clamp_min(tiny))
-    right.commit()
-    alphas = torch.zeros(count, max_steps, dtype=torch.float64)  # each row's tridiagonal (host)
-    betas = torch.zeros_like(alphas)
+    ledger = _Ledger(start, basis, max_steps, out)
+    tiny = ledger.tiny
+    _, right, v = _started(start, basis, max_steps, workspace)
     step = 0
     for step in range(1, max_steps + 1):
-        w = _apply(gram, v, batch, right.slot())
+        w = _apply(gram, v, ledger.batch, right.slot())
         alpha = torch.linalg.vecdot(w, v)
         beta = right.orthogonalise(w)  # against every vector so far, v included: w - alpha v - beta v_prev - ...
-        alphas[:, step - 1], betas[:, step - 1] = torch.stack((alpha, beta)).to(host, torch.float64)
+        ledger.record(step, alpha, beta)
 
-        tridiagonal = torch.diag_embed(alphas[:, :step])
+        tridiagonal = torch.diag_embed(ledger.alphas[:, :step])
         index = torch.arange(step - 1)
-        tridiagonal[:, index, index + 1] = betas[:, :step - 1]
-        tridiagonal[:, index + 1, index] = betas[:, :step - 1]
+        tridiagonal[:, index, index + 1] = ledger.betas[:, :step - 1]
+        tridiagonal[:, index + 1, index] = ledger.betas[:, :step - 1]
         values, vectors = torch.linalg.eigh(tridiagonal)
         theta = values[:, -1].clamp_min(0)
         sigma = theta.sqrt()
-        residual = (betas[:, step - 1] * vectors[:, -1, -1]).abs()  # ||A^T A x - theta x||
+        residual = (ledger.betas[:, step - 1] * vectors[:, -1, -1]).abs()  # ||A^T A x - theta x||
         done = (residual <= tol * theta) | (sigma <= tiny) | (step == max_steps)
-        new = done & ~retired
-        if bool(new.any()):
-            finished = new.nonzero().squeeze(1)
-            on_device = finished.to(device)
-            direction = right.combine(vectors[finished, :, -1].to(device), on_device)  # the Ritz vectors
-            direction.div_(direction.norm(dim=1, keepdim=True).clamp_min(tiny))
-            alive = (sigma[finished] > tiny).to(device=device, dtype=basis)
-            direction.mul_(alive.unsqueeze(1))
-            where = rows[finished]
-            sigma_out[where] = sigma[finished]
-            # ||A^T u - sigma v|| = ||A^T A x - theta x|| / sigma for u = A x / sigma
-            residual_out[where] = residual[finished] / sigma[finished].clamp_min(tiny)
-            direction_out[batch[on_device]] = fix_sign(direction, inplace=True)
-            retired |= new
-            if bool(retired.all()):
-                break
-            if 4 * int(retired.sum()) >= retired.numel():
-                keep = (~retired).nonzero().squeeze(1)
-                right.keep(keep, pending=True)
-                rows, retired, alphas, betas = rows[keep], retired[keep], alphas[keep], betas[keep]
-                keep = keep.to(device)
-                batch, beta = batch[keep], beta[keep]
-                w = right.slot()
+        # ||A^T u - sigma v|| = ||A^T A x - theta x|| / sigma for u = A x / sigma
+        if ledger.finish(done, right, vectors[:, :, -1], sigma, residual / sigma.clamp_min(tiny)):
+            break
+        kept = ledger.compact(right)
+        if kept is not None:
+            beta, w = beta[kept], right.slot()
         w.div_(beta.clamp_min(tiny).unsqueeze(1))
         right.commit()
         v = right.last()
-    return Triplet(sigma_out.to(device), direction_out, step, residual_out.to(device))
+    return ledger.triplet(step)
+
+
+def _started(start: torch.Tensor, dtype: torch.dtype, max_steps: int,
+             workspace: Workspace | None) -> tuple[Workspace, _Basis, torch.Tensor]:
+    """A solve's memory (``workspace``, handed out again from its start, or a fresh one that keeps nothing), its
+    basis of right vectors (room for ``max_steps + 1``) and the first of them: ``start``'s rows, normalised."""
+    memory = workspace if workspace is not None else Workspace(start.device, keep=False)
+    memory.reset()  # the last solve's bases are gone: their memory serves this one
+    right = _Basis(start.shape[0], start.shape[1], dtype, max_steps + 1, memory)
+    v = right.slot().copy_(start)
+    v.div_(v.norm(dim=1, keepdim=True).clamp_min(torch.finfo(dtype).tiny ** 0.5))
+    right.commit()
+    return memory, right, v
+
+class _Ledger:
+    """The host bookkeeping of a batched Lanczos solve, and its results.
+
+    Which matrix each row of the bases holds (``rows`` on the host,
+    ``batch`` where the products index with it), which rows finished, each
+    row's recurrence coefficients (``alphas``, ``betas``, float64 on the
+    host: each step copies its two there, on an accelerator the step's one
+    wait for the device), and the results, written once per matrix when it
+    finishes: sigma and residual (float64, host), the Ritz vectors
+    (``direction``, in the bases' precision).
+    """
+
+    def __init__(self, start: torch.Tensor, dtype: torch.dtype, max_steps: int, out: torch.Tensor | None) -> None:
+        count, self.device = start.shape[0], start.device
+        self.tiny = torch.finfo(dtype).tiny ** 0.5
+        self.sigma = torch.zeros(count, dtype=torch.float64)
+        self.residual = torch.zeros_like(self.sigma)
+        self.direction = torch.empty(start.shape, dtype=dtype, device=self.device) if out is None else out
+        self.rows = torch.arange(count)
+        self.batch = self.rows.to(self.device)
+        self.retired = torch.zeros(count, dtype=torch.bool)  # rows whose result is kept, still in the bases
+        self.alphas = torch.zeros(count, max_steps, dtype=torch.float64)
+        self.betas = torch.zeros_like(self.alphas)
+
+    def record(self, step: int, alpha: torch.Tensor, beta: torch.Tensor) -> None:
+        """Step ``step``'s coefficients of every row, read to the host in one transfer."""
+        self.alphas[:, step - 1], self.betas[:, step - 1] = torch.stack((alpha, beta)).to("cpu", torch.float64)
+
+    def finish(self, done: torch.Tensor, basis: _Basis, coefficients: torch.Tensor, sigma: torch.Tensor,
+               residual: torch.Tensor) -> bool:
+        """Keep the results of the rows ``done`` that were not kept yet; True once every row's is.
+
+        ``coefficients`` (rows x basis vectors, host) combine ``basis`` into
+        each row's Ritz vector, normalised, zero where sigma is (numerically)
+        zero, its sign fixed; ``sigma`` and ``residual`` are the rows' (host).
+        """
+        new = done & ~self.retired
+        if not bool(new.any()):
+            return False
+        finished = new.nonzero().squeeze(1)
+        on_device = finished.to(self.device)
+        direction = basis.combine(coefficients[finished].to(self.device), on_device)  # the Ritz vectors
+        direction.div_(direction.norm(dim=1, keepdim=True).clamp_min(self.tiny))
+        alive = (sigma[finished] > self.tiny).to(device=self.device, dtype=direction.dtype)
+        direction.mul_(alive.unsqueeze(1))  # zero where A is (numerically) zero
+        where = self.rows[finished]
+        self.sigma[where] = sigma[finished]
+        self.residual[where] = residual[finished]
+        self.direction[self.batch[on_device]] = fix_sign(direction, inplace=True)
+        self.retired |= new
+        return bool(self.retired.all())
+
+    def compact(self, right: _Basis, left: _Basis | None = None) -> torch.Tensor | None:
+        """Once a quarter of the rows finished, drop them from the bases (``right``'s pending vector moves too).
+
+        Returns the kept rows (on the device, for the caller's per-row
+        tensors), or None when nothing moved: compacting costs a copy of the
+        bases, not worth it for a straggler.
+        """
+        if 4 * int(self.retired.sum()) < self.retired.numel():
+            return None
+        keep = (~self.retired).nonzero().squeeze(1)  # on the host, as the bases read it
+        right.keep(keep, pending=True)
+        if left is not None:
+            left.keep(keep)
+        self.rows, self.retired, self.alphas, self.betas = (
+            self.rows[keep], self.retired[keep], self.alphas[keep], self.betas[keep])
+        kept = keep.to(self.device)
+        self.batch = self.batch[kept]
+        return kept
+
+    def triplet(self, steps: int) -> Triplet:
+        """The results, sigma and residual on the device."""
+        return Triplet(self.sigma.to(self.device), self.direction, steps, self.residual.to(self.device))
 
 
 def _apply(operator: Operator, vectors: torch.Tensor, channels: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
