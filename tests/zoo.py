@@ -212,6 +212,26 @@ class ResNetStack(nn.Module):
         return self.fc(self.flatten(self.pool(x)))
 
 
+class ResNetDownsample(nn.Module):
+    """A ResNet stage that halves the feature map: a stride-2 3x3 conv beside a stride-2 1x1 shortcut, then a
+    block at the new size, a global average pool and a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6), nn.ReLU())
+        self.conv1 = nn.Conv2d(6, 10, 3, stride=2, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(10)
+        self.conv2 = nn.Conv2d(10, 10, 3, padding=1)
+        self.downsample = nn.Conv2d(6, 10, 1, stride=2)
+        self.block = BasicBlock(10)
+        self.fc = nn.Linear(10, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = torch.relu(self.conv2(torch.relu(self.bn1(self.conv1(x)))) + self.downsample(x))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.block(x), 1), 1))
+
+
 # ---------------------------------------------------------------------------
 # 9. inception_concat
 # ---------------------------------------------------------------------------
@@ -722,6 +742,8 @@ SPECIAL: list[ZooEntry] = [
     ZooEntry("functional_batchnorm", _builder(FunctionalBatchNorm), (4, 3, 6, 6), has_batchnorm=True),
     # layers called as functions on their own tensors, weight standardisation among them
     ZooEntry("weight_standardized", _builder(WeightStandardized), (4, 3, 8, 8), has_batchnorm=False),
+    # strided consumers (a downsampling block) for the statistics' read-back errors per phase
+    ZooEntry("resnet_downsample", _builder(ResNetDownsample), (4, 3, 10, 10), has_batchnorm=True),
 ]
 """Models for particular tests, outside the zoo that every rewrite test runs over."""
 

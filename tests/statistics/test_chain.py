@@ -59,25 +59,45 @@ def test_the_linearised_chain_gives_the_forward_and_reverse_mode_products(name: 
             assert left == pytest.approx(right, rel=1e-10, abs=1e-12), chain.group.name
 
 
-@pytest.mark.parametrize("name", ["resnet_stack", "paper_cnn", "dense_block", "mlp_tanh", "residual_net_3"])
+@pytest.mark.parametrize("name", ["resnet_stack", "paper_cnn", "dense_block", "mlp_tanh", "residual_net_3",
+                                  "global_mean_pool", "conv_bn_pool_avg"])
 def test_the_diagonal_read_in_reverse_mode_is_the_forward_mode_diagonal(name: str) -> None:
     """J^T 1 of an entry-by-entry chain (batch norm, activations, residual adds, a flatten) is J 1, pair by pair;
-    pairs that are not diagonal get none."""
-    checked = 0
+    through a global pool (a reduced pair) it gives J, which maps tangents and errors as the chain's forward and
+    reverse modes do; other pairs get none."""
+    generator = torch.Generator().manual_seed(0)
+    checked = {"diagonal": 0, "reduced": 0}
     for chain, outputs, externals in _chains_and_captures(name):
         scales = chain.diagonal_scales(outputs, externals)
+        consumers = [value.shape for value in chain.run(outputs, externals)]
         for i in range(len(chain.producers)):
             with torch.no_grad():
                 forward = chain._forward_mode(outputs, externals, {i: torch.ones_like(outputs[i])})
             for j in range(len(chain.consumers)):
-                if not chain.diagonal[i][j]:
-                    assert scales[i][j] is None
-                    continue
                 got = scales[i][j]
-                assert got is not None and got.shape == forward[j].shape
-                assert relative(got, forward[j]) <= 1e-12, chain.group.name
-                checked += 1
-    assert checked > 0
+                assert not (chain.diagonal[i][j] and chain.reduced[i][j])
+                if chain.diagonal[i][j]:
+                    assert got is not None and got.shape == forward[j].shape
+                    assert relative(got, forward[j]) <= 1e-12, chain.group.name
+                    checked["diagonal"] += 1
+                elif chain.reduced[i][j]:
+                    assert got is not None and got.shape == outputs[i].shape
+                    tangent = torch.randn(outputs[i].shape, generator=generator, dtype=torch.float64)
+                    error = torch.randn(consumers[j], generator=generator, dtype=torch.float64)
+                    with torch.no_grad():
+                        jvp = chain._forward_mode(outputs, externals, {i: tangent})[j]
+                    vjp = chain.vjp(outputs, externals, [error if k == j else torch.zeros(shape, dtype=torch.float64)
+                                                         for k, shape in enumerate(consumers)])[i]
+                    mapped = chain.through_scale(i, j, tangent, got, consumers[j], backward=False)
+                    assert mapped.shape == consumers[j] and relative(mapped, jvp) <= 1e-12, chain.group.name
+                    back = chain.through_scale(i, j, error, got, outputs[i].shape, backward=True)
+                    assert back.shape == outputs[i].shape and relative(back, vjp) <= 1e-12, chain.group.name
+                    checked["reduced"] += 1
+                else:
+                    assert got is None
+    # resnet_stack, global_mean_pool and residual_net_3 end in a global pool and a head; conv_bn_pool_avg pools windows
+    assert (checked["diagonal"] > 0) == (name != "conv_bn_pool_avg")
+    assert (checked["reduced"] > 0) == (name in ("resnet_stack", "global_mean_pool", "residual_net_3"))
 
 
 class _HardGate(nn.Module):
@@ -249,11 +269,40 @@ def test_a_convolutions_error_read_back_per_kernel_offset_gives_its_input_gradie
     assert relative(read @ weight.T, expected) <= 1e-13
 
 
+@pytest.mark.parametrize("dims, stride, padding, dilation, size", [
+    (2, 1, 1, 1, 7), (2, 2, 1, 1, 7), (2, 2, 1, 1, 8), (2, (2, 1), (0, 2), (1, 2), 7), (1, 3, 2, 2, 11),
+    (3, 2, 1, 1, 5), (2, 4, 0, 1, 9),
+])
+def test_a_strided_convolutions_read_back_error_splits_into_phase_blocks(dims, stride, padding, dilation,
+                                                                          size) -> None:
+    """_phases: one block per phase (input position modulo the stride) holds every non-zero of conv_errors'
+    result, the blocks' rows partition the rows they cover, and _phase_entries counts the blocks' entries."""
+    from tunnelgraph.statistics.chain import _phase_entries, _phases, conv_errors
+
+    conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[dims - 1](3, 4, 3, stride, padding, dilation).double()
+    x = torch.randn(2, 3, *([size] * dims), dtype=torch.float64)
+    error = torch.randn_like(conv(x))
+    read = conv_errors(conv, error, x.shape)
+    blocks = _phases(conv, x.shape, read.device)
+    if all(s == 1 for s in conv.stride):
+        assert blocks == [] and _phase_entries(conv, x.shape) == read.numel()
+        return
+    left = read.clone()
+    rows = torch.cat([rows for rows, _ in blocks])
+    assert rows.unique().numel() == rows.numel()  # each row in one phase
+    for rows, columns in blocks:
+        left[rows.unsqueeze(1), columns] = 0
+    assert torch.count_nonzero(left) == 0 and torch.count_nonzero(read) > 0
+    assert _phase_entries(conv, x.shape) == sum(rows.numel() * columns.numel() for rows, columns in blocks)
+    assert _phase_entries(conv, x.shape) < read.numel()
+
+
 @pytest.mark.parametrize("name", ["resnet_stack", "conv_stride_pad_dilation", "conv1d", "inception_concat",
-                                  "paper_deep_cnn"])
+                                  "paper_deep_cnn", "global_mean_pool", "residual_net_3", "resnet_downsample"])
 def test_gram_factors_give_a_transposed_times_a(name: str) -> None:
     """GramFactors.gram (dense products with factors every channel shares) is A^T (A v) through the layers,
-    for every group it accepts, on all channels and on every other one."""
+    for every group it accepts (those that reach a linear head through a global pool included), on all channels
+    and on every other one."""
     entry = ZOO_BY_NAME[name]
     model = entry.build().double().eval()
     x, y = regression_data(model, entry, torch.float64, batches=1, batch=5)[0]
@@ -261,12 +310,14 @@ def test_gram_factors_give_a_transposed_times_a(name: str) -> None:
     groups = {site.group.name: site.group for site in tg.find_sites(graph, through=tg.THROUGH_OPTIONS)
               if not site.group.unmeasured and not site.group.self_consumers}
     generator = torch.Generator().manual_seed(0)
-    accepted = 0
+    accepted = heads = strided = 0
     for group in groups.values():
         chain = GroupChain(model, graph, group)
         if not chain.gram_eligible():
             continue
         accepted += 1
+        heads += any(any(row) for row in chain.reduced)
+        strided += any(spec.conv_dims and max(spec.module.stride) > 1 for spec in chain.consumers)
         with Recorder(model, chain.source, [chain.tap()]) as recorder:
             capture = run_batch(model, recorder, x, y, squared_error)
         outputs = [capture.outputs[spec.node] for spec in chain.producers]
@@ -280,3 +331,5 @@ def test_gram_factors_give_a_transposed_times_a(name: str) -> None:
             got = factors.gram(v, channels, torch.empty_like(v))
             assert relative(got, transposed(product(v, channels), channels)) <= 1e-12, group.name
     assert accepted, f"{name}: no group takes GramFactors"
+    assert heads or name not in ("resnet_stack", "global_mean_pool", "residual_net_3", "resnet_downsample"), name
+    assert strided or name not in ("conv1d", "resnet_downsample"), name  # read-back errors in phase blocks

@@ -18,6 +18,8 @@ KINDS = [
     "inception_concat",  # concat coupling
     "conv_bn_pool_avg",  # batch norm and pooling inside the chain
     "squeeze_excite",  # a broadcast gate
+    "global_mean_pool",  # a global pool into the head (a reduced pair)
+    "resnet_downsample",  # strided convolutions beside a strided shortcut
 ]
 
 
@@ -112,7 +114,8 @@ def test_recompute_mode_matches_the_stored_mode() -> None:
         tg.a_statistics(model, sites, iter(data), squared_error, method="matrix_free", store=False)
 
 
-@pytest.mark.parametrize("name", ["paper_cnn", "resnet_stack", "inception_concat", "conv_bn_pool_avg", "mlp_tanh"])
+@pytest.mark.parametrize("name", ["paper_cnn", "resnet_stack", "inception_concat", "conv_bn_pool_avg", "mlp_tanh",
+                                  "global_mean_pool", "squeeze_excite", "residual_net_3"])
 def test_products_on_a_subset_of_channels_are_those_rows_of_a(name: str) -> None:
     """Per-channel stopping asks the operators for the running channels only: A_c v_c and A_c^T u_c exactly."""
     from tunnelgraph.statistics.capture import Recorder
@@ -164,23 +167,33 @@ def test_chunks_of_channels_and_a_subset_of_sites_give_each_site_its_own_answer(
             assert relative(entry_.gradient, whole[name].gradient) <= 1e-12, name
 
 
-@pytest.mark.parametrize("name", ["resnet_stack", "conv_stride_pad_dilation", "conv1d", "inception_concat"])
+@pytest.mark.parametrize("name", ["resnet_stack", "conv_stride_pad_dilation", "conv1d", "inception_concat",
+                                  "global_mean_pool", "residual_net_3", "resnet_downsample"])
 def test_the_gram_path_matches_exact(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Groups solved from products with A^T A (GramFactors, symmetric Lanczos) against the exact path.
 
-    The cost rule is lifted so that every group it accepts takes that path; with no room for the factors in
-    the memory budget, none does.
+    The cost rule is lifted so that every group it accepts takes that path (in the models that end in a global
+    pool and a linear head, the group that reaches the head among them); with no room for the factors in the
+    memory budget, none does.
     """
     from tunnelgraph.statistics import engine
 
     solves: list[int] = []
-    original = engine.lanczos_gram_top
+    heads: list[str] = []  # groups with a reduced pair (a global pool) that took the path
+    original, factors = engine.lanczos_gram_top, engine._gram_factors
 
     def counted(*args, **kwargs):
         solves.append(1)
         return original(*args, **kwargs)
 
+    def recorded(chain, *args, **kwargs):
+        made = factors(chain, *args, **kwargs)
+        if made is not None and any(any(row) for row in chain.reduced):
+            heads.append(chain.group.name)
+        return made
+
     monkeypatch.setattr(engine, "lanczos_gram_top", counted)
+    monkeypatch.setattr(engine, "_gram_factors", recorded)
     monkeypatch.setattr(engine, "GRAM_GAIN", float("inf"))
     entry = ZOO_BY_NAME[name]
     model = entry.build().double()
@@ -191,6 +204,7 @@ def test_the_gram_path_matches_exact(name: str, monkeypatch: pytest.MonkeyPatch)
     before = {key: value.clone() for key, value in model.state_dict(keep_vars=True).items()}
     free = tg.a_statistics(model, sites, data, squared_error, method="matrix_free", progress=False)
     assert solves, f"{name}: no group took the path"
+    assert bool(heads) == (name in ("resnet_stack", "global_mean_pool", "residual_net_3", "resnet_downsample")), heads
     # the path reads the weights and builds its own factors: the model is left as it was, bit for bit
     after = model.state_dict(keep_vars=True)
     assert all(torch.equal(before[key], after[key]) for key in before) and model.training

@@ -26,13 +26,14 @@ mixes channels.
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import math
 import operator
 import warnings
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 import torch.fx
@@ -169,7 +170,7 @@ class GroupChain:
         self.outbound_size = group.outbound_size
         self._callables = {name: self._callable(self.fx_nodes[name]) for name in self.nodes}
         self.reach = self._reach(graph)
-        self.diagonal = self._diagonal(graph)
+        self.diagonal, self.reduced = self._pairs(graph)
         self.selection = self._selection(graph)
 
     # -- construction ----------------------------------------------------------------
@@ -211,63 +212,103 @@ class GroupChain:
             table.append(tuple(name in seen for name in self.consumer_inputs))
         return tuple(table)
 
-    def _diagonal(self, graph: Graph) -> tuple[tuple[bool, ...], ...]:
-        """diagonal[i][j]: the chain maps producer i's output to consumer j's input entry by entry.
+    def _pairs(self, graph: Graph) -> tuple[tuple[tuple[bool, ...], ...], tuple[tuple[bool, ...], ...]]:
+        """(diagonal, reduced): how the chain maps producer ``i``'s output to consumer ``j``'s input, ``[i][j]``.
 
-        True when every node on the way is element-wise on tensors of the
+        *Diagonal*: every node on the way is element-wise on tensors of the
         producer's shape (activations, batch norm, dropout, scaling, adds)
-        ending, at most, in one flatten: then the chain's Jacobian is a
-        diagonal (up to the flatten's reordering), one forward-mode pass with
-        a tangent of ones gives all of it, and A needs no per-row pass.
+        ending, at most, in one flatten. The pair's Jacobian is then a
+        diagonal (up to the flatten's reordering), one pass with a vector of
+        ones gives all of it, and A needs no per-row pass.
+
+        *Reduced*: the same up to one pooling that leaves one entry per
+        sample and channel (a global average pool, ``x.mean((2, 3))``), then
+        element-wise maps and at most one flatten on those entries. Each
+        consumer input entry ``(n, c)`` is then ``sum_p D[n, c, p] t[n, c,
+        p]`` of the producer's output ``t``: one row per sample and
+        channel, which the same pass with ones gives too, in the producer's
+        layout.
+
+        Only the nodes on some path from the producer to the consumer's
+        input count: a producer whose output also flows elsewhere (to the
+        head, say) is diagonal towards the consumers it reaches entry by
+        entry.
         """
         inside = set(self.nodes)
-        elementwise = {"activation", "batchnorm", "dropout", "identity", "scale", "add", "sub", "mul", "div"}
-        table = []
+        diagonal, reduced = [], []
         for i, producer in enumerate(self.producers):
-            shape = graph[producer.node].shape
-            row = []
-            for j, consumer in enumerate(self.consumers):
-                row.append(
-                    self.reach[i][j]
-                    and self._walk_is_diagonal(graph, producer, self.consumer_inputs[j], shape, inside, elementwise)
-                )
-            table.append(tuple(row))
-        return tuple(table)
+            kinds = [self._pair_kind(graph, producer, end, inside) if self.reach[i][j] else None
+                     for j, end in enumerate(self.consumer_inputs)]
+            diagonal.append(tuple(kind == "diagonal" for kind in kinds))
+            reduced.append(tuple(kind == "reduced" and self.consumers[j].weight_slice.block == 1
+                                 for j, kind in enumerate(kinds)))
+        return tuple(diagonal), tuple(reduced)
 
-    def _walk_is_diagonal(
-        self,
-        graph: Graph,
-        producer: LayerSpec,
-        end: str,
-        shape: Any,
-        inside: set[str],
-        elementwise: set[str],
-    ) -> bool:
-        if shape is None or (producer.conv_dims == 0 and len(shape) != 2):
-            return False
-        start = producer.node
-        stack = [(start, False)]
-        seen = set()
+    @property
+    def per_channel(self) -> bool:
+        """Every pair the chain connects is :attr:`diagonal` or :attr:`reduced`: products run per channel."""
+        return all(self.diagonal[i][j] or self.reduced[i][j] or not self.reach[i][j]
+                   for i in range(len(self.producers)) for j in range(len(self.consumers)))
+
+    def _between(self, graph: Graph, start: str, end: str, inside: set[str]) -> set[str]:
+        """The chain's nodes on some path from ``start`` to ``end`` (``end`` included), size queries left out."""
+        ahead, stack = set(), [start]
         while stack:
-            name, flattened = stack.pop()
+            for user in graph.users(stack.pop()):
+                if user.name in inside and user.name not in ahead and user.kind != OpKind.METADATA:
+                    ahead.add(user.name)
+                    stack.append(user.name)
+        behind, stack = {end}, [end]
+        while stack:
+            for name in graph[stack.pop()].inputs:
+                if name in ahead and name not in behind:
+                    behind.add(name)
+                    stack.append(name)
+        return ahead & behind
+
+    def _pair_kind(self, graph: Graph, producer: LayerSpec, end: str, inside: set[str]) -> str | None:
+        """``"diagonal"``, ``"reduced"`` or None (any other map) for the paths from ``producer`` to ``end``."""
+        shape = graph[producer.node].shape
+        if shape is None or (producer.conv_dims == 0 and len(shape) != 2):
+            return None
+        if end == producer.node:
+            return "diagonal"
+        on_path = self._between(graph, producer.node, end, inside)
+        samples, channels = shape[0], shape[1] if producer.conv_dims else shape[-1]
+        elementwise = {"activation", "batchnorm", "dropout", "identity", "scale", "add", "sub", "mul", "div"}
+        # a state: (node, the pool's output shape once past it, flattened)
+        stack: list[tuple[str, tuple[int, ...] | None, bool]] = [(producer.node, None, False)]
+        seen, arrivals = set(), set()
+        while stack:
+            name, pooled, flattened = stack.pop()
             for user in graph.users(name):
-                if user.name not in inside or user.name in seen:
+                state = (user.name, pooled, flattened)
+                if user.name not in on_path or state in seen:
                     continue
-                seen.add(user.name)
-                if user.kind == OpKind.METADATA:
-                    continue
-                if user.op == "flatten" and not flattened and user.shape is not None:
-                    if user.shape[0] != shape[0] or len(user.shape) != 2 or user.attrs.get("start") != 1:
-                        return False
-                    stack.append((user.name, True))
-                    continue
-                if user.op not in elementwise or user.shape is None:
-                    return False
-                expected = (shape[0], math.prod(shape[1:])) if flattened else shape
-                if tuple(user.shape) != tuple(expected):
-                    return False
-                stack.append((user.name, flattened))
-        return end in seen or end == start
+                seen.add(state)
+                if user.shape is None:
+                    return None
+                after = (pooled, flattened)
+                if user.op == "flatten" and not flattened:
+                    if user.shape[0] != samples or len(user.shape) != 2 or user.attrs.get("start") != 1:
+                        return None
+                    after = (pooled, True)
+                elif user.op == "pooling" and pooled is None and not flattened and producer.conv_dims:
+                    if user.shape[:2] != (samples, channels) or math.prod(user.shape[2:]) != 1:
+                        return None
+                    after = (tuple(user.shape), False)
+                else:
+                    if user.op not in elementwise:
+                        return None
+                    at = tuple(shape) if pooled is None else pooled
+                    if tuple(user.shape) != ((samples, math.prod(at[1:])) if flattened else at):
+                        return None
+                if user.name == end:
+                    arrivals.add(after[0] is not None)
+                stack.append((user.name, *after))
+        if arrivals == {False}:
+            return "diagonal"
+        return "reduced" if arrivals == {True} else None
 
     def _selection(self, graph: Graph) -> str | None:
         """The one max pool of a chain whose other operations are element-wise, or None.
@@ -277,12 +318,11 @@ class GroupChain:
         entry of its window, the largest), then a diagonal, plus diagonal
         paths that avoid the pool (:meth:`selection_factors`): per channel,
         like a diagonal chain, so its products can run on a few channels
-        alone. None where the chain is diagonal already, or for any other
-        chain: another pooling, a flatten, a linear layer, a pool that
-        returns its indices itself.
+        alone. None where the chain is per channel already
+        (:attr:`per_channel`), or for any other chain: another pooling, a
+        flatten, a linear layer, a pool that returns its indices itself.
         """
-        pairs = [(i, j) for i in range(len(self.producers)) for j in range(len(self.consumers)) if self.reach[i][j]]
-        if all(self.diagonal[i][j] for i, j in pairs):
+        if self.per_channel:
             return None
         if not all(spec.conv_dims for spec in (*self.producers, *self.consumers)):
             return None
@@ -739,18 +779,23 @@ class GroupChain:
     def diagonal_scales(
         self, outputs: Sequence[torch.Tensor], externals: dict[str, Any]
     ) -> list[list[torch.Tensor | None]]:
-        """The chain's Jacobian diagonal from each producer ``i`` to each consumer input ``j``: ``[i][j]``.
+        """The chain's Jacobian from each producer ``i`` to each consumer input ``j``, per entry: ``[i][j]``.
 
-        Defined where the pair is diagonal (:attr:`diagonal`), None
-        elsewhere. Read in reverse mode: a map that is diagonal entry by
-        entry is its own transpose, so ``J^T 1`` (one backward pass per
-        consumer, with the chain run once) is the same diagonal as ``J 1``,
-        in the producer's layout, which a flatten only reshapes. (PyTorch's
-        forward-mode rules for products and affine maps are Python
-        decompositions, many times slower.)
+        Defined where the pair is :attr:`diagonal` (the diagonal, in the
+        consumer input's shape) or :attr:`reduced` (each consumer input
+        entry's row ``D``, in the producer output's shape), None elsewhere.
+        Read in reverse mode: a map that is diagonal entry by entry is its
+        own transpose, so ``J^T 1`` (one backward pass per consumer, with the
+        chain run once) is the same diagonal as ``J 1``, in the producer's
+        layout, which a flatten only reshapes; a reduced pair's ``J`` has one
+        row per consumer input entry, each on entries of its own, and
+        ``J^T 1`` lays those rows side by side. (PyTorch's forward-mode rules
+        for products and affine maps are Python decompositions, many times
+        slower.)
         """
         scales: list[list[torch.Tensor | None]] = [[None] * len(self.consumers) for _ in self.producers]
-        wanted = [[i for i in range(len(self.producers)) if self.diagonal[i][j]] for j in range(len(self.consumers))]
+        wanted = [[i for i in range(len(self.producers)) if self.diagonal[i][j] or self.reduced[i][j]]
+                  for j in range(len(self.consumers))]
         if not any(wanted):
             return scales
         leaves, results = self.recorded(outputs, externals)
@@ -763,8 +808,31 @@ class GroupChain:
                 found = torch.autograd.grad(result, [leaves[i] for i in wanted[j]], torch.ones_like(result),
                                             retain_graph=j < last, allow_unused=True)
             for i, grad in zip(wanted[j], found):
-                scales[i][j] = (grad if grad is not None else torch.zeros_like(outputs[i])).reshape(result.shape)
+                grad = grad if grad is not None else torch.zeros_like(outputs[i])
+                scales[i][j] = grad if self.reduced[i][j] else grad.reshape(result.shape)
         return scales
+
+    def restrict_scale(self, producer: int, consumer: int, scale: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
+        """A :meth:`diagonal_scales` entry cut to ``channels``: the consumer's positions of them (diagonal pair) or
+        the producer's (reduced pair)."""
+        if self.reduced[producer][consumer]:
+            return _channel_slice(scale, channels)
+        return self.restrict(scale, consumer, channels)
+
+    def through_scale(self, producer: int, consumer: int, value: torch.Tensor, scale: torch.Tensor,
+                      shape: Sequence[int], *, backward: bool) -> torch.Tensor:
+        """A per-channel pair's Jacobian (``scale``, :meth:`diagonal_scales`) times ``value``, in ``shape``.
+
+        ``backward``: ``J^T e`` of an error at the consumer's input, to the
+        producer's output; else ``J t`` of a tangent at the producer's
+        output, to the consumer's input. Any channels, as long as ``value``,
+        ``scale`` and ``shape`` hold the same ones (the restricted layout).
+        """
+        if not self.reduced[producer][consumer]:
+            return (value * scale).reshape(shape) if backward else value.reshape(scale.shape) * scale
+        if backward:  # each consumer input entry spread over its row
+            return value.reshape(*scale.shape[:2], *([1] * (scale.dim() - 2))) * scale
+        return (value * scale).flatten(2).sum(2).reshape(shape)
 
     def selection_factors(self, outputs: Sequence[torch.Tensor], externals: dict[str, Any]) -> SelectionFactors:
         """The Jacobian of a chain with a :attr:`selection` at these values, as its diagonals and the pool's choice.
@@ -813,25 +881,39 @@ class GroupChain:
     def gram_eligible(self) -> bool:
         """Whether :class:`GramFactors` express this group's ``A^T A``.
 
-        The chain diagonal, every producer and consumer a convolution with
-        ``groups=1``, every consumer with zero padding given as numbers and
-        reading the channels without a flatten.
+        Every producer a convolution with ``groups=1``; every consumer
+        either a convolution with ``groups=1`` and zero padding given as
+        numbers, to which the chain is :attr:`diagonal` without a flatten,
+        or a linear layer behind a global pool (:attr:`reduced` pairs).
         """
-        pairs = [(i, j) for i in range(len(self.producers)) for j in range(len(self.consumers))]
-        return (all(self.diagonal[i][j] or not self.reach[i][j] for i, j in pairs)
-                and all(spec.conv_dims and spec.module.groups == 1 for spec in (*self.producers, *self.consumers))
-                and all(_native_padding(spec.module) and spec.weight_slice.block == 1 for spec in self.consumers))
+        producers, consumers = range(len(self.producers)), range(len(self.consumers))
+        if not self.per_channel or not all(spec.conv_dims and spec.module.groups == 1 for spec in self.producers):
+            return False
+        for j, spec in enumerate(self.consumers):
+            reached = [i for i in producers if self.reach[i][j]]
+            if all(self.reduced[i][j] for i in reached):
+                if not isinstance(spec.module, nn.Linear):
+                    return False
+            elif not (spec.conv_dims and spec.module.groups == 1 and _native_padding(spec.module)
+                      and spec.weight_slice.block == 1 and all(self.diagonal[i][j] for i in reached)):
+                return False
+        return bool(consumers)
 
-    def gram_cost(self, outputs: Sequence[torch.Tensor], errors: Sequence[torch.Tensor]) -> tuple[int, int, int]:
+    def gram_cost(self, outputs: Sequence[torch.Tensor], errors: Sequence[torch.Tensor],
+                  input_shapes: Sequence[Sequence[int]]) -> tuple[int, int, int]:
         """(multiply-adds per channel of one product with ``A^T A`` through :class:`GramFactors`, the same for a
-        product with A and one with A^T through the layers, bytes the factors hold) at these captured values."""
+        product with A and one with A^T through the layers, bytes the factors hold) at these captured values
+        (the producers' outputs, the consumers' output errors and input shapes)."""
         samples = outputs[0].shape[0] * math.prod(outputs[0].shape[2:])
         producers, consumers = range(len(self.producers)), range(len(self.consumers))
-        gram = 2 * samples * self.outbound_size + len(self.producers) * samples**2
+        # the consumers' read-back errors, without the rows and columns a stride leaves at zero
+        read = sum(_phase_entries(spec.module, shape) if spec.conv_dims else samples * spec.size
+                   for spec, shape in zip(self.consumers, input_shapes))
+        gram = 2 * read + len(self.producers) * samples**2
         layers = 2 * sum(samples * spec.size for spec in self.producers) + 2 * sum(
             error.shape[0] * math.prod(error.shape[2:]) * spec.size for spec, error in zip(self.consumers, errors))
         pairs = sum(self.reach[i][j] for i in producers for j in consumers)
-        entries = (len(self.producers) * samples**2 + samples * self.outbound_size
+        entries = (len(self.producers) * samples**2 + read
                    + self.group.size * (self.outbound_size + pairs * samples))
         return gram, layers, entries * outputs[0].element_size()
 
@@ -857,15 +939,26 @@ class GroupChain:
             gram = patches @ patches.T
             del patches
             grams.append(gram.add_(1) if len(spec.slices) > 1 else gram)  # an owned bias: a column of ones in P
-        read = [conv_errors(spec.module, error, shape)
-                for spec, error, shape in zip(self.consumers, errors, input_shapes)]
-        if any(value.shape[0] != grams[0].shape[0] for value in (*grams, *read)):
+        samples = grams[0].shape[0]
+        read: list[list[ErrorBlock]] = []
+        for spec, error, shape in zip(self.consumers, errors, input_shapes):
+            if not spec.conv_dims:  # a linear consumer behind a global pool: each sample's error at every position
+                whole = error.repeat_interleave(samples // error.shape[0], 0)
+                read.append([ErrorBlock(None, None, whole)])
+                continue
+            whole = conv_errors(spec.module, error, shape)
+            blocks = [ErrorBlock(rows, columns, whole[rows][:, columns])
+                      for rows, columns in _phases(spec.module, shape, error.device)]
+            read.append(blocks or [ErrorBlock(None, None, whole)])
+            del whole
+        if any(value.shape[0] != samples for value in grams) or any(
+                blocks[0].rows is None and blocks[0].error.shape[0] != samples for blocks in read):
             raise StatisticsError(f"group '{self.group.name}': the chain changes the feature map's size")
         outbound = [self.consumer_weight(j, channels).transpose(0, 1).reshape(self.group.size, -1).contiguous()
                     for j in range(len(self.consumers))]
-        diagonals = [[None if scale is None else
-                      self.restrict(scale, j, channels).transpose(0, 1).reshape(self.group.size, -1).contiguous()
-                      for j, scale in enumerate(row)] for row in scales]
+        diagonals = [[None if scale is None else self.restrict_scale(i, j, scale, channels).transpose(0, 1).reshape(
+                          self.group.size, -1).contiguous() for j, scale in enumerate(row)]
+                     for i, row in enumerate(scales)]
         return GramFactors(grams, read, outbound, diagonals, self.column_slices())
 
     def row_inputs(self, producer: int, layer_input: torch.Tensor) -> torch.Tensor:
@@ -1079,9 +1172,11 @@ class GramFactors:
     - ``P_i`` (M x K_i): producer ``i``'s im2col patches over the M samples
       and positions (a column of ones for an owned bias);
     - ``E_j`` (M x L_j): consumer ``j``'s output error read back at its input
-      positions, per kernel offset (:func:`conv_errors`);
+      positions, per kernel offset (:func:`conv_errors`); for a linear
+      layer behind a global pool, each sample's error at every position;
     - ``D_ij`` (channels x M): the chain's diagonal from producer ``i`` to
-      consumer ``j``;
+      consumer ``j`` (behind a global pool, the pool's row of weights times
+      the diagonals around it: :meth:`GroupChain.diagonal_scales`);
     - ``omega_j`` (channels x L_j): the channels' outbound weights in
       lambda's order.
 
@@ -1092,7 +1187,7 @@ class GramFactors:
     is less arithmetic than a product with A and one with A^T.
     """
 
-    def __init__(self, grams: list[torch.Tensor], errors: list[torch.Tensor], outbound: list[torch.Tensor],
+    def __init__(self, grams: list[torch.Tensor], errors: list[list[ErrorBlock]], outbound: list[torch.Tensor],
                  scales: list[list[torch.Tensor | None]], columns: list[slice]) -> None:
         self.grams, self.errors, self.outbound, self.scales, self.columns = grams, errors, outbound, scales, columns
         self._key: Any = None
@@ -1111,15 +1206,111 @@ class GramFactors:
     def gram(self, vectors: torch.Tensor, channels: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """``A_c^T A_c v`` for ``channels`` (rows of ``vectors``, (S, L)), written into ``out`` (S, L)."""
         outbound, scales = self._at(channels)
+        samples = self.grams[0].shape[0]
         # A v, producer by producer, in the coordinates of P_i^T: y_i = sum_j D_ij * E_j (omega_j * v_j)
-        read = [torch.mul(vectors[:, columns], weights) @ errors.T
-                for columns, weights, errors in zip(self.columns, outbound, self.errors)]
+        read = [_read(torch.mul(vectors[:, columns], weights), blocks, samples)
+                for columns, weights, blocks in zip(self.columns, outbound, self.errors)]
         back = [_weighted_sum([(scales[i][j], read[j]) for j in range(len(read))], read[0]) @ gram
                 for i, gram in enumerate(self.grams)]  # P_i P_i^T y_i
-        for j, (columns, weights, errors) in enumerate(zip(self.columns, outbound, self.errors)):
+        for j, (columns, weights, blocks) in enumerate(zip(self.columns, outbound, self.errors)):
             reached = _weighted_sum([(scales[i][j], back[i]) for i in range(len(back))], back[0])
-            torch.mul(reached @ errors, weights, out=out[:, columns])
+            _spread(reached, blocks, out[:, columns]).mul_(weights)
         return out
+
+
+class ErrorBlock(NamedTuple):
+    """A block of a consumer's read-back error ``E_j`` (:class:`GramFactors`) holding all its non-zeros for some rows.
+
+    ``error`` is ``E_j[rows][:, columns]``; None stands for all rows, or all
+    columns. A strided convolution reads each input position through some
+    kernel offsets only, the same ones for every position of a phase (the
+    position modulo the stride, per axis): one block per phase leaves out
+    the zeros, three quarters of ``E_j`` at stride 2 in two dimensions.
+    """
+
+    rows: torch.Tensor | None
+    columns: torch.Tensor | None
+    error: torch.Tensor
+
+
+def _read(values: torch.Tensor, blocks: list[ErrorBlock], samples: int) -> torch.Tensor:
+    """``values @ E^T`` (S, samples) for ``E`` given as :class:`ErrorBlock` s."""
+    if len(blocks) == 1 and blocks[0].rows is None and blocks[0].columns is None:
+        return values @ blocks[0].error.T
+    result = values.new_zeros(values.shape[0], samples)
+    for rows, columns, error in blocks:
+        picked = values if columns is None else values.index_select(1, columns)
+        if rows is None:
+            result.addmm_(picked, error.T)
+        else:
+            result.index_copy_(1, rows, picked @ error.T)
+    return result
+
+
+def _spread(values: torch.Tensor, blocks: list[ErrorBlock], out: torch.Tensor) -> torch.Tensor:
+    """``values @ E`` (S, columns) for ``E`` given as :class:`ErrorBlock` s, written into ``out``."""
+    if len(blocks) == 1 and blocks[0].rows is None and blocks[0].columns is None:
+        return torch.mm(values, blocks[0].error, out=out) if out.is_contiguous() else out.copy_(values @ blocks[0].error)
+    out.zero_()
+    for rows, columns, error in blocks:
+        product = (values if rows is None else values.index_select(1, rows)) @ error
+        if columns is None:
+            out.add_(product)
+        else:
+            out.index_add_(1, columns, product)
+    return out
+
+
+def _phase_offsets(module: nn.Module, input_shape: Sequence[int]) -> list[list[tuple[int, list[int]]]]:
+    """Per spatial axis of a convolution, per phase (input position modulo the stride): (positions of that phase,
+    the kernel offsets through which an output position can read them)."""
+    axes = []
+    for d in range(len(input_shape) - 2):
+        size, stride = input_shape[2 + d], module.stride[d]
+        phases = []
+        for phase in range(stride):
+            offsets = [o for o in range(module.kernel_size[d])
+                       if (phase + module.padding[d] - o * module.dilation[d]) % stride == 0]
+            phases.append((len(range(phase, size, stride)), offsets))
+        axes.append(phases)
+    return axes
+
+
+def _phase_entries(module: nn.Module, input_shape: Sequence[int]) -> int:
+    """Entries of a convolution's read-back error (:func:`conv_errors`) kept in its :func:`_phases` blocks."""
+    kept = input_shape[0] * module.out_channels
+    for phases in _phase_offsets(module, input_shape):
+        kept *= sum(count * len(offsets) for count, offsets in phases)
+    return kept
+
+
+def _phases(module: nn.Module, input_shape: Sequence[int],
+            device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(rows, columns) of the blocks of :func:`conv_errors`'s result that hold its non-zeros, one per phase.
+
+    Empty for a convolution with stride 1 (one phase: every entry may be
+    non-zero). Rows are (sample, input position), sample-major; columns
+    (output channel, kernel offset), in lambda's order.
+    """
+    axes = _phase_offsets(module, input_shape)
+    if all(len(phases) == 1 for phases in axes):
+        return []
+    spatial, kernel = list(input_shape[2:]), list(module.kernel_size)
+    positions = torch.arange(math.prod(spatial), device=device).reshape(spatial)
+    offsets = torch.arange(math.prod(kernel), device=device).reshape(kernel)
+    samples, per_sample = input_shape[0], math.prod(spatial)
+    blocks = []
+    for phase in itertools.product(*(range(len(phases)) for phases in axes)):
+        where = positions[tuple(slice(p, None, len(phases)) for p, phases in zip(phase, axes))].reshape(-1)
+        through = offsets[tuple(torch.tensor(phases[p][1], dtype=torch.long, device=device).reshape(
+            [-1 if a == d else 1 for a in range(len(axes))]) for d, (p, phases) in enumerate(zip(phase, axes)))]
+        through = through.reshape(-1)
+        if where.numel() == 0 or through.numel() == 0:
+            continue
+        rows = (torch.arange(samples, device=device).unsqueeze(1) * per_sample + where).reshape(-1)
+        columns = (torch.arange(module.out_channels, device=device).unsqueeze(1) * offsets.numel() + through)
+        blocks.append((rows, columns.reshape(-1)))
+    return blocks
 
 
 def _weighted_sum(terms: list[tuple[torch.Tensor | None, torch.Tensor]], like: torch.Tensor) -> torch.Tensor:

@@ -666,7 +666,7 @@ def add_exact_a(sums: ExactSums, capture: Capture, memory_budget: int, *, traini
             general = [j for j in reachable if j not in diagonal]
             layer_input = part.inputs[spec.node]
             if diagonal:
-                scales = [value for value in diagonals[i] if value is not None]  # the diagonal pairs' own
+                scales = [diagonals[i][j] for j in diagonal]
                 inputs = chain.row_inputs(i, layer_input)  # (positions, spec.size, N), bias row last
                 for row in range(0, spec.size, row_chunk):
                     stop = min(row + row_chunk, spec.size)
@@ -843,11 +843,11 @@ def _gram_factors(chain: GroupChain, stored: Iterable[Capture], samples: int,
     capture = stored[0]
     outputs = [capture.outputs[spec.node] for spec in chain.producers]
     errors = [capture.errors[spec.node] for spec in chain.consumers]
-    gram_cost, layers_cost, held = chain.gram_cost(outputs, errors)
+    shapes = [capture.shapes[spec.node] for spec in chain.consumers]
+    gram_cost, layers_cost, held = chain.gram_cost(outputs, errors, shapes)
     if gram_cost > GRAM_GAIN * layers_cost or held > memory_budget // GRAM_SHARE:
         return None
-    factors = chain.gram_factors([capture.inputs[spec.node] for spec in chain.producers], errors,
-                                 [capture.shapes[spec.node] for spec in chain.consumers],
+    factors = chain.gram_factors([capture.inputs[spec.node] for spec in chain.producers], errors, shapes,
                                  chain.diagonal_scales(outputs, capture.externals))
     share = (capture.batch / samples) ** 2  # each product with A carries the capture's share of the samples
 
@@ -981,9 +981,9 @@ def linear_operators(
     """
     rows, columns = chain.row_slices(), chain.column_slices()
     producers, consumers = range(len(chain.producers)), range(len(chain.consumers))
-    # an element-wise chain is a diagonal: keep it per capture instead of re-running the chain, and
-    # run every pass on the channels asked for alone (the restricted layout of GroupChain.restricted_shape)
-    diagonal = all(chain.diagonal[i][j] or not chain.reach[i][j] for i in producers for j in consumers)
+    # an element-wise chain is a diagonal (up to a global pool): keep it per capture instead of re-running the
+    # chain, and run every pass on the channels asked for alone (the restricted layout of GroupChain.restricted_shape)
+    diagonal = chain.per_channel
     # a chain with one max pool between element-wise maps is per channel too: restricted as well
     selected = not diagonal and chain.selection is not None
     restricted = diagonal or selected
@@ -1010,7 +1010,7 @@ def linear_operators(
             cut["channels"] = key
         if index not in cut or not cache:
             full = chain_scales(index, capture, outputs)
-            cut[index] = [[chain.restrict(full[i][j], j, channels) if chain.reach[i][j] else None
+            cut[index] = [[None if full[i][j] is None else chain.restrict_scale(i, j, full[i][j], channels)
                            for j in consumers] for i in producers]
         return cut[index]  # type: ignore[no-any-return]
 
@@ -1067,17 +1067,16 @@ def linear_operators(
         scale = restricted_scales(index, capture, outputs, channels)
         count = channels.numel()
         if backward:
-            return [_total([(values[j] * scale[i][j]).reshape(chain.restricted_shape(outputs[i].shape, "producer",
-                                                                                     i, count))
+            return [_total([chain.through_scale(i, j, values[j], scale[i][j], shape, backward=True)
                             for j in consumers if scale[i][j] is not None],
-                           lambda i=i: outputs[i].new_zeros(chain.restricted_shape(outputs[i].shape, "producer",
-                                                                                   i, count)))
-                    for i in producers]
-        return [_total([values[i].reshape(scale[i][j].shape) * scale[i][j] for i in producers
-                        if scale[i][j] is not None],
-                       lambda j=j: outputs[0].new_zeros(chain.restricted_shape(
-                           capture.shapes[chain.consumers[j].node], "consumer", j, count)))
-                for j in consumers]
+                           lambda shape=shape: outputs[0].new_zeros(shape))  # type: ignore[misc]
+                    for i in producers
+                    for shape in [chain.restricted_shape(outputs[i].shape, "producer", i, count)]]
+        return [_total([chain.through_scale(i, j, values[i], scale[i][j], shape, backward=False)
+                        for i in producers if scale[i][j] is not None],
+                       lambda shape=shape: outputs[0].new_zeros(shape))  # type: ignore[misc]
+                for j in consumers
+                for shape in [chain.restricted_shape(capture.shapes[chain.consumers[j].node], "consumer", j, count)]]
 
     @torch.no_grad()
     def summed(count: int, size: int, vectors: torch.Tensor,
