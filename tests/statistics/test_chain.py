@@ -276,25 +276,32 @@ def test_a_convolutions_error_read_back_per_kernel_offset_gives_its_input_gradie
 def test_a_strided_convolutions_read_back_error_splits_into_phase_blocks(dims, stride, padding, dilation,
                                                                           size) -> None:
     """_phases: one block per phase (input position modulo the stride) holds every non-zero of conv_errors'
-    result, the blocks' rows partition the rows they cover, and _phase_entries counts the blocks' entries."""
+    result, the blocks' rows partition the rows they cover, conv_errors reads each block directly, and
+    _phase_entries counts the blocks' entries."""
     from tunnelgraph.statistics.chain import _phase_entries, _phases, conv_errors
 
     conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[dims - 1](3, 4, 3, stride, padding, dilation).double()
     x = torch.randn(2, 3, *([size] * dims), dtype=torch.float64)
     error = torch.randn_like(conv(x))
     read = conv_errors(conv, error, x.shape)
-    blocks = _phases(conv, x.shape, read.device)
+    phases = _phases(conv, x.shape, read.device)
     if all(s == 1 for s in conv.stride):
-        assert blocks == [] and _phase_entries(conv, x.shape) == read.numel()
+        assert phases == [] and _phase_entries(conv, x.shape) == read.numel()
         return
     left = read.clone()
-    rows = torch.cat([rows for rows, _ in blocks])
-    assert rows.unique().numel() == rows.numel()  # each row in one phase
-    for rows, columns in blocks:
+    per_sample, kernel = x[0, 0].numel(), read.shape[1] // 4
+    covered = torch.cat([where for where, _ in phases])
+    assert covered.unique().numel() == covered.numel()  # each position in one phase
+    kept = 0
+    for where, through in phases:
+        rows = (torch.arange(2).unsqueeze(1) * per_sample + where).reshape(-1)
+        columns = (torch.arange(4).unsqueeze(1) * kernel + through).reshape(-1)
+        block = conv_errors(conv, error, x.shape, where, through)
+        assert torch.equal(block, read[rows][:, columns])
         left[rows.unsqueeze(1), columns] = 0
+        kept += block.numel()
     assert torch.count_nonzero(left) == 0 and torch.count_nonzero(read) > 0
-    assert _phase_entries(conv, x.shape) == sum(rows.numel() * columns.numel() for rows, columns in blocks)
-    assert _phase_entries(conv, x.shape) < read.numel()
+    assert _phase_entries(conv, x.shape) == kept < read.numel()
 
 
 @pytest.mark.parametrize("name", ["resnet_stack", "conv_stride_pad_dilation", "conv1d", "inception_concat",

@@ -946,11 +946,16 @@ class GroupChain:
                 whole = error.repeat_interleave(samples // error.shape[0], 0)
                 read.append([ErrorBlock(None, None, whole)])
                 continue
-            whole = conv_errors(spec.module, error, shape)
-            blocks = [ErrorBlock(rows, columns, whole[rows][:, columns])
-                      for rows, columns in _phases(spec.module, shape, error.device)]
-            read.append(blocks or [ErrorBlock(None, None, whole)])
-            del whole
+            phases = _phases(spec.module, shape, error.device)
+            if not phases:
+                read.append([ErrorBlock(None, None, conv_errors(spec.module, error, shape))])
+                continue
+            per_sample, kernel = math.prod(shape[2:]), math.prod(spec.module.kernel_size)
+            first = torch.arange(error.shape[0], device=error.device).unsqueeze(1)
+            outputs = torch.arange(spec.module.out_channels, device=error.device).unsqueeze(1)
+            read.append([ErrorBlock((first * per_sample + where).reshape(-1), (outputs * kernel + through).reshape(-1),
+                                    conv_errors(spec.module, error, shape, where, through))
+                         for where, through in phases])
         if any(value.shape[0] != samples for value in grams) or any(
                 blocks[0].rows is None and blocks[0].error.shape[0] != samples for blocks in read):
             raise StatisticsError(f"group '{self.group.name}': the chain changes the feature map's size")
@@ -1286,30 +1291,25 @@ def _phase_entries(module: nn.Module, input_shape: Sequence[int]) -> int:
 
 def _phases(module: nn.Module, input_shape: Sequence[int],
             device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(rows, columns) of the blocks of :func:`conv_errors`'s result that hold its non-zeros, one per phase.
+    """(input positions, kernel offsets) of the blocks of :func:`conv_errors`'s result that hold its non-zeros,
+    one per phase: flat indices into the input's spatial grid and into the kernel.
 
     Empty for a convolution with stride 1 (one phase: every entry may be
-    non-zero). Rows are (sample, input position), sample-major; columns
-    (output channel, kernel offset), in lambda's order.
+    non-zero).
     """
     axes = _phase_offsets(module, input_shape)
     if all(len(phases) == 1 for phases in axes):
         return []
     spatial, kernel = list(input_shape[2:]), list(module.kernel_size)
-    positions = torch.arange(math.prod(spatial), device=device).reshape(spatial)
+    grid = torch.arange(math.prod(spatial), device=device).reshape(spatial)
     offsets = torch.arange(math.prod(kernel), device=device).reshape(kernel)
-    samples, per_sample = input_shape[0], math.prod(spatial)
     blocks = []
     for phase in itertools.product(*(range(len(phases)) for phases in axes)):
-        where = positions[tuple(slice(p, None, len(phases)) for p, phases in zip(phase, axes))].reshape(-1)
+        where = grid[tuple(slice(p, None, len(phases)) for p, phases in zip(phase, axes))].reshape(-1)
         through = offsets[tuple(torch.tensor(phases[p][1], dtype=torch.long, device=device).reshape(
             [-1 if a == d else 1 for a in range(len(axes))]) for d, (p, phases) in enumerate(zip(phase, axes)))]
-        through = through.reshape(-1)
-        if where.numel() == 0 or through.numel() == 0:
-            continue
-        rows = (torch.arange(samples, device=device).unsqueeze(1) * per_sample + where).reshape(-1)
-        columns = (torch.arange(module.out_channels, device=device).unsqueeze(1) * offsets.numel() + through)
-        blocks.append((rows, columns.reshape(-1)))
+        if where.numel() and through.numel():
+            blocks.append((where, through.reshape(-1)))
     return blocks
 
 
@@ -1323,33 +1323,42 @@ def _weighted_sum(terms: list[tuple[torch.Tensor | None, torch.Tensor]], like: t
     return total if total is not None else torch.zeros_like(like)
 
 
-def conv_errors(module: nn.Module, error: torch.Tensor, input_shape: Sequence[int]) -> torch.Tensor:
+def conv_errors(module: nn.Module, error: torch.Tensor, input_shape: Sequence[int],
+                positions: torch.Tensor | None = None, offsets: torch.Tensor | None = None) -> torch.Tensor:
     """A convolution's output error read back at its input positions, per kernel offset (zero padding).
 
     ``E[(n, s), (v, o)] = error[n, v, r]`` where output position ``r``
     reads input position ``s`` through kernel offset ``o`` (along each axis
     ``s = r * stride - padding + o * dilation``), zero where no output
     position does: (samples x input positions, V * prod(kernel)), rows
-    sample-major, columns in lambda's order.
+    sample-major, columns in lambda's order. ``positions`` and ``offsets``
+    (flat indices into the input's spatial grid and the kernel) keep those
+    rows of each sample and those columns of each output channel only, in
+    their order.
     """
     dims = error.dim() - 2
-    outputs = error.shape[2:]
-    padded = F.pad(error, (0, 1) * dims)  # a zero entry per axis, read where no output position reads
-    index: list[torch.Tensor] = []
+    outputs, device = error.shape[2:], error.device
+    read = torch.zeros((), dtype=torch.long, device=device)  # the flat output position, per (*input, *kernel)
+    valid = torch.ones((), dtype=torch.bool, device=device)
     for d in range(dims):
         size, kernel = input_shape[2 + d], module.kernel_size[d]
-        position = torch.arange(size, device=error.device).unsqueeze(1) + module.padding[d]
-        shifted = position - torch.arange(kernel, device=error.device).unsqueeze(0) * module.dilation[d]
+        position = torch.arange(size, device=device).unsqueeze(1) + module.padding[d]
+        shifted = position - torch.arange(kernel, device=device).unsqueeze(0) * module.dilation[d]
         row = torch.div(shifted, module.stride[d], rounding_mode="floor")
-        valid = (shifted >= 0) & (shifted % module.stride[d] == 0) & (row < outputs[d])
-        row = torch.where(valid, row, torch.full_like(row, outputs[d]))  # (size, kernel)
         # broadcast over (*input spatial, *kernel): this axis's size at place d, its kernel at place dims + d
         shape = [1] * (2 * dims)
         shape[d], shape[dims + d] = size, kernel
-        index.append(row.reshape(shape))
-    read = padded[(slice(None), slice(None), *index)]  # (N, V, *input spatial, *kernel)
-    order = [0, *range(2, 2 + dims), 1, *range(2 + dims, 2 + 2 * dims)]
-    return read.permute(order).reshape(error.shape[0] * math.prod(input_shape[2:]), -1)
+        read = read * outputs[d] + row.reshape(shape)
+        valid = valid & ((shifted >= 0) & (shifted % module.stride[d] == 0) & (row < outputs[d])).reshape(shape)
+    total = math.prod(outputs)
+    index = torch.where(valid, read, total).reshape(math.prod(input_shape[2:]), -1)  # where none reads: a zero
+    if positions is not None:
+        index = index.index_select(0, positions)
+    if offsets is not None:
+        index = index.index_select(1, offsets)
+    padded = F.pad(error.flatten(2), (0, 1))  # (N, V, outputs + 1)
+    picked = padded.index_select(2, index.reshape(-1)).view(*error.shape[:2], *index.shape)
+    return picked.permute(0, 2, 1, 3).reshape(error.shape[0] * index.shape[0], -1)
 
 
 def _max_pool_with_indices(module: nn.Module, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
