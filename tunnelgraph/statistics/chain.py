@@ -64,6 +64,8 @@ _IN_PLACE_FUNCTIONS = {
 _BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _MAX_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
 _DROPOUT_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout}
+_ELEMENTWISE = frozenset({"activation", "batchnorm", "dropout", "identity", "scale", "add", "sub", "mul", "div"})
+"""IR operations that map a chain's tensor entry by entry (at the tensor's own shape)."""
 
 
 @dataclass(frozen=True)
@@ -275,7 +277,6 @@ class GroupChain:
             return "diagonal"
         on_path = self._between(graph, producer.node, end, inside)
         samples, channels = shape[0], shape[1] if producer.conv_dims else shape[-1]
-        elementwise = {"activation", "batchnorm", "dropout", "identity", "scale", "add", "sub", "mul", "div"}
         # a state: (node, the pool's output shape once past it, flattened)
         stack: list[tuple[str, tuple[int, ...] | None, bool]] = [(producer.node, None, False)]
         seen, arrivals = set(), set()
@@ -298,7 +299,7 @@ class GroupChain:
                         return None
                     after = (tuple(user.shape), False)
                 else:
-                    if user.op not in elementwise:
+                    if user.op not in _ELEMENTWISE:
                         return None
                     at = tuple(shape) if pooled is None else pooled
                     if tuple(user.shape) != ((samples, math.prod(at[1:])) if flattened else at):
@@ -337,14 +338,13 @@ class GroupChain:
         if len(graph[pool].shape) != self.producers[0].conv_dims + 2:
             return None
         inside = set(self.nodes)
-        elementwise = {"activation", "batchnorm", "dropout", "identity", "scale", "add", "sub", "mul", "div"}
         for producer in self.producers:
-            if not self._walk_through_pool(graph, producer, pool, inside, elementwise):
+            if not self._walk_through_pool(graph, producer, pool, inside):
                 return None
         return pool
 
     def _walk_through_pool(
-        self, graph: Graph, producer: LayerSpec, pool: str, inside: set[str], elementwise: set[str]
+        self, graph: Graph, producer: LayerSpec, pool: str, inside: set[str]
     ) -> bool:
         """Every path from ``producer`` is element-wise, at the producer's shape, then (past ``pool``) the pool's."""
         shapes = (graph[producer.node].shape, graph[pool].shape)
@@ -365,7 +365,7 @@ class GroupChain:
                         return False
                     stack.append((user.name, True))
                     continue
-                if user.op not in elementwise or user.shape is None or tuple(user.shape) != tuple(shapes[pooled]):
+                if user.op not in _ELEMENTWISE or user.shape is None or tuple(user.shape) != tuple(shapes[pooled]):
                     return False
                 stack.append((user.name, pooled))
         return True
@@ -940,22 +940,8 @@ class GroupChain:
             del patches
             grams.append(gram.add_(1) if len(spec.slices) > 1 else gram)  # an owned bias: a column of ones in P
         samples = grams[0].shape[0]
-        read: list[list[ErrorBlock]] = []
-        for spec, error, shape in zip(self.consumers, errors, input_shapes):
-            if not spec.conv_dims:  # a linear consumer behind a global pool: each sample's error at every position
-                whole = error.repeat_interleave(samples // error.shape[0], 0)
-                read.append([ErrorBlock(None, None, whole)])
-                continue
-            phases = _phases(spec.module, shape, error.device)
-            if not phases:
-                read.append([ErrorBlock(None, None, conv_errors(spec.module, error, shape))])
-                continue
-            per_sample, kernel = math.prod(shape[2:]), math.prod(spec.module.kernel_size)
-            first = torch.arange(error.shape[0], device=error.device).unsqueeze(1)
-            outputs = torch.arange(spec.module.out_channels, device=error.device).unsqueeze(1)
-            read.append([ErrorBlock((first * per_sample + where).reshape(-1), (outputs * kernel + through).reshape(-1),
-                                    conv_errors(spec.module, error, shape, where, through))
-                         for where, through in phases])
+        read = [_read_back(spec.module, error, shape, samples)
+                for spec, error, shape in zip(self.consumers, errors, input_shapes)]
         if any(value.shape[0] != samples for value in grams) or any(
                 blocks[0].rows is None and blocks[0].error.shape[0] != samples for blocks in read):
             raise StatisticsError(f"group '{self.group.name}': the chain changes the feature map's size")
@@ -1168,11 +1154,11 @@ class SelectionFactors:
 
 
 class GramFactors:
-    """``A_c^T A_c`` of a diagonal chain's channels at one capture, from matrices the channels share.
+    """``A_c^T A_c`` of a per-channel chain's channels at one capture, from matrices the channels share.
 
-    Where the chain is diagonal and every producer and consumer a
-    convolution (docs/MATH.md section 8, "Few positions"), channel ``c``'s A
-    is ``A_c = sum_ij P_i^T diag(D_ij[c]) E_j diag(omega_j[c])``:
+    Where :meth:`GroupChain.gram_eligible` holds (convolutions the chain
+    reaches entry by entry, a linear head behind a global pool; docs/MATH.md
+    section 8, "Few positions"), channel ``c``'s A is ``A_c = sum_ij P_i^T diag(D_ij[c]) E_j diag(omega_j[c])``:
 
     - ``P_i`` (M x K_i): producer ``i``'s im2col patches over the M samples
       and positions (a column of ones for an owned bias);
@@ -1226,11 +1212,12 @@ class GramFactors:
 class ErrorBlock(NamedTuple):
     """A block of a consumer's read-back error ``E_j`` (:class:`GramFactors`) holding all its non-zeros for some rows.
 
-    ``error`` is ``E_j[rows][:, columns]``; None stands for all rows, or all
-    columns. A strided convolution reads each input position through some
-    kernel offsets only, the same ones for every position of a phase (the
-    position modulo the stride, per axis): one block per phase leaves out
-    the zeros, three quarters of ``E_j`` at stride 2 in two dimensions.
+    ``error`` is ``E_j[rows][:, columns]``. A strided convolution reads each
+    input position through some kernel offsets only, the same ones for every
+    position of a phase (the position modulo the stride, per axis): one
+    block per phase leaves out the zeros, three quarters of ``E_j`` at
+    stride 2 in two dimensions. Otherwise ``E_j`` is one block, the whole of
+    it, with ``rows`` and ``columns`` None.
     """
 
     rows: torch.Tensor | None
@@ -1238,31 +1225,45 @@ class ErrorBlock(NamedTuple):
     error: torch.Tensor
 
 
+def _read_back(module: nn.Module, error: torch.Tensor, input_shape: Sequence[int],
+               samples: int) -> list[ErrorBlock]:
+    """A consumer's output error read back at the group's ``samples`` (samples x positions) as :class:`ErrorBlock` s.
+
+    A convolution's by :func:`conv_errors`, one block per phase where it is
+    strided (:func:`_phases`); a linear consumer behind a global pool reads
+    each sample's error at every position (the pool's weights are in the
+    chain's diagonal).
+    """
+    if not isinstance(module, tuple(_CONV_DIMS)):
+        return [ErrorBlock(None, None, error.repeat_interleave(samples // error.shape[0], 0))]
+    phases = _phases(module, input_shape, error.device)
+    if not phases:
+        return [ErrorBlock(None, None, conv_errors(module, error, input_shape))]
+    per_sample, kernel = math.prod(input_shape[2:]), math.prod(module.kernel_size)
+    first = torch.arange(error.shape[0], device=error.device).unsqueeze(1) * per_sample
+    outputs = torch.arange(module.out_channels, device=error.device).unsqueeze(1) * kernel
+    return [ErrorBlock((first + where).reshape(-1), (outputs + through).reshape(-1),
+                       conv_errors(module, error, input_shape, where, through)) for where, through in phases]
+
+
 def _read(values: torch.Tensor, blocks: list[ErrorBlock], samples: int) -> torch.Tensor:
     """``values @ E^T`` (S, samples) for ``E`` given as :class:`ErrorBlock` s."""
-    if len(blocks) == 1 and blocks[0].rows is None and blocks[0].columns is None:
+    if blocks[0].rows is None:  # the whole of E
         return values @ blocks[0].error.T
     result = values.new_zeros(values.shape[0], samples)
     for rows, columns, error in blocks:
-        picked = values if columns is None else values.index_select(1, columns)
-        if rows is None:
-            result.addmm_(picked, error.T)
-        else:
-            result.index_copy_(1, rows, picked @ error.T)
+        result.index_copy_(1, rows, values.index_select(1, columns) @ error.T)
     return result
 
 
 def _spread(values: torch.Tensor, blocks: list[ErrorBlock], out: torch.Tensor) -> torch.Tensor:
     """``values @ E`` (S, columns) for ``E`` given as :class:`ErrorBlock` s, written into ``out``."""
-    if len(blocks) == 1 and blocks[0].rows is None and blocks[0].columns is None:
-        return torch.mm(values, blocks[0].error, out=out) if out.is_contiguous() else out.copy_(values @ blocks[0].error)
+    if blocks[0].rows is None:  # the whole of E
+        whole = blocks[0].error
+        return torch.mm(values, whole, out=out) if out.is_contiguous() else out.copy_(values @ whole)
     out.zero_()
     for rows, columns, error in blocks:
-        product = (values if rows is None else values.index_select(1, rows)) @ error
-        if columns is None:
-            out.add_(product)
-        else:
-            out.index_add_(1, columns, product)
+        out.index_add_(1, columns, values.index_select(1, rows) @ error)
     return out
 
 

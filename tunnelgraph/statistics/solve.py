@@ -166,12 +166,7 @@ def lanczos_top(
         done = (residual <= tol * sigma) | (sigma <= tiny) | (step == max_steps)
         if ledger.finish(done, right, qh[:, 0, :], sigma, residual):
             break
-        kept = ledger.compact(right, left)
-        if kept is not None:
-            beta, w = beta[kept], right.slot()
-        w.div_(beta.clamp_min(tiny).unsqueeze(1))
-        right.commit()
-        v = right.last()
+        v, beta = ledger.next_vector(right, beta, left)
     return ledger.triplet(step)
 
 
@@ -226,12 +221,7 @@ def lanczos_gram_top(
         # ||A^T u - sigma v|| = ||A^T A x - theta x|| / sigma for u = A x / sigma
         if ledger.finish(done, right, vectors[:, :, -1], sigma, residual / sigma.clamp_min(tiny)):
             break
-        kept = ledger.compact(right)
-        if kept is not None:
-            beta, w = beta[kept], right.slot()
-        w.div_(beta.clamp_min(tiny).unsqueeze(1))
-        right.commit()
-        v = right.last()
+        v, _ = ledger.next_vector(right, beta)
     return ledger.triplet(step)
 
 
@@ -317,6 +307,18 @@ class _Ledger:
         kept = keep.to(self.device)
         self.batch = self.batch[kept]
         return kept
+
+    def next_vector(self, right: _Basis, beta: torch.Tensor,
+                    left: _Basis | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the next right Lanczos vector, its ``beta``): the pending one in ``right``'s slot (orthogonalised, of
+        norm ``beta``) divided by ``beta`` and committed, once finished rows left the bases where due
+        (:meth:`compact`, which drops their ``beta`` too)."""
+        kept = self.compact(right, left)
+        if kept is not None:
+            beta = beta[kept]
+        right.slot().div_(beta.clamp_min(self.tiny).unsqueeze(1))
+        right.commit()
+        return right.last(), beta
 
     def triplet(self, steps: int) -> Triplet:
         """The results, sigma and residual on the device."""
