@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn as nn
 
 import tunnelgraph as tg
 from conftest import regression_data, relative, squared_error
+import tunnelgraph.statistics.chain as chain_module
 from tunnelgraph.statistics.capture import Recorder
 from tunnelgraph.statistics.chain import GroupChain, host_channels
 from tunnelgraph.statistics.engine import linear_operators, run_batch
@@ -306,10 +309,11 @@ def test_a_strided_convolutions_read_back_error_splits_into_phase_blocks(dims, s
 
 @pytest.mark.parametrize("name", ["resnet_stack", "conv_stride_pad_dilation", "conv1d", "inception_concat",
                                   "paper_deep_cnn", "global_mean_pool", "residual_net_3", "resnet_downsample"])
-def test_gram_factors_give_a_transposed_times_a(name: str) -> None:
-    """GramFactors.gram (dense products with factors every channel shares) is A^T (A v) through the layers,
-    for every group it accepts (those that reach a linear head through a global pool included), on all channels
-    and on every other one."""
+def test_gram_factors_give_a_transposed_times_a(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """GramFactors' B (dense products with factors every channel shares) has A's Gram matrix: B^T (B v) is
+    A^T (A v) through the layers and ||B v|| is ||A v||, for every group it accepts (those that reach a linear head
+    through a global pool included), on all channels and on every other one; its gram is B (B^T y), made in
+    slices of rows, and B has no more rows than the samples times the producers."""
     entry = ZOO_BY_NAME[name]
     model = entry.build().double().eval()
     x, y = regression_data(model, entry, torch.float64, batches=1, batch=5)[0]
@@ -335,8 +339,17 @@ def test_gram_factors_give_a_transposed_times_a(name: str) -> None:
         product, transposed = linear_operators(chain, [capture], capture.batch)
         for channels in (torch.arange(group.size), torch.arange(0, group.size, 2)):
             v = torch.randn(channels.numel(), chain.outbound_size, generator=generator, dtype=torch.float64)
-            got = factors.gram(v, channels, torch.empty_like(v))
-            assert relative(got, transposed(product(v, channels), channels)) <= 1e-12, group.name
+            reduced = factors.reduce(v, channels)
+            applied = product(v, channels)
+            assert relative(factors.lift(reduced, channels), transposed(applied, channels)) <= 1e-12, group.name
+            assert relative(reduced.norm(dim=1), applied.norm(dim=1)) <= 1e-12, group.name
+            short = torch.randn(channels.numel(), factors.size, generator=generator, dtype=torch.float64)
+            with monkeypatch.context() as patch:
+                patch.setattr(chain_module, "GRAM_SLICE", 3 * chain.outbound_size * 8)  # slices of 3 rows
+                sliced = factors.gram(short, channels)
+            whole = factors.reduce(factors.lift(short, channels), channels)
+            assert relative(sliced, whole) <= 1e-12, group.name
+        assert factors.size <= len(chain.producers) * outputs[0].shape[0] * math.prod(outputs[0].shape[2:])
     assert accepted, f"{name}: no group takes GramFactors"
     assert heads or name not in ("resnet_stack", "global_mean_pool", "residual_net_3", "resnet_downsample"), name
     assert strided or name not in ("conv1d", "resnet_downsample"), name  # read-back errors in phase blocks

@@ -901,7 +901,7 @@ class GroupChain:
 
     def gram_cost(self, outputs: Sequence[torch.Tensor], errors: Sequence[torch.Tensor],
                   input_shapes: Sequence[Sequence[int]]) -> tuple[int, int, int]:
-        """(multiply-adds per channel of one product with ``A^T A`` through :class:`GramFactors`, the same for a
+        """(multiply-adds per channel of one product with ``B B^T`` through :class:`GramFactors`, the same for a
         product with A and one with A^T through the layers, bytes the factors hold) at these captured values
         (the producers' outputs, the consumers' output errors and input shapes)."""
         samples = outputs[0].shape[0] * math.prod(outputs[0].shape[2:])
@@ -909,7 +909,7 @@ class GroupChain:
         # the consumers' read-back errors, without the rows and columns a stride leaves at zero
         read = sum(_phase_entries(spec.module, shape) if spec.conv_dims else samples * spec.size
                    for spec, shape in zip(self.consumers, input_shapes))
-        gram = 2 * read + len(self.producers) * samples**2
+        gram = 2 * read + 2 * len(self.producers) * samples**2  # E_j and E_j^T, R_i and R_i^T
         layers = 2 * sum(samples * spec.size for spec in self.producers) + 2 * sum(
             error.shape[0] * math.prod(error.shape[2:]) * spec.size for spec, error in zip(self.consumers, errors))
         pairs = sum(self.reach[i][j] for i in producers for j in consumers)
@@ -924,25 +924,26 @@ class GroupChain:
         input_shapes: Sequence[Sequence[int]],
         scales: list[list[torch.Tensor | None]],
     ) -> GramFactors:
-        """This group's ``A^T A`` at one capture as :class:`GramFactors` (see :meth:`gram_eligible`).
+        """This group's ``A^T A = B^T B`` at one capture as :class:`GramFactors` (see :meth:`gram_eligible`).
 
         ``inputs`` are the producers' inputs, ``errors`` and ``input_shapes``
         the consumers' output errors and input shapes, ``scales`` the chain's
         diagonal (:meth:`diagonal_scales`) at these values.
         """
         channels = torch.arange(self.group.size, device=errors[0].device)
-        grams = []
+        roots = []
         for spec, x in zip(self.producers, inputs):
             patches = conv_patches(spec.module, x)
             patches = patches.reshape(patches.shape[0], patches.shape[1], -1).transpose(1, 2).reshape(
                 -1, patches.shape[1])
-            gram = patches @ patches.T
+            if len(spec.slices) > 1:  # an owned bias: a column of ones in P
+                patches = torch.cat((patches, patches.new_ones(patches.shape[0], 1)), 1)
+            roots.append(_root(patches))
             del patches
-            grams.append(gram.add_(1) if len(spec.slices) > 1 else gram)  # an owned bias: a column of ones in P
-        samples = grams[0].shape[0]
+        samples = roots[0].shape[0]
         read = [_read_back(spec.module, error, shape, samples)
                 for spec, error, shape in zip(self.consumers, errors, input_shapes)]
-        if any(value.shape[0] != samples for value in grams) or any(
+        if any(value.shape[0] != samples for value in roots) or any(
                 blocks[0].rows is None and blocks[0].error.shape[0] != samples for blocks in read):
             raise StatisticsError(f"group '{self.group.name}': the chain changes the feature map's size")
         outbound = [self.consumer_weight(j, channels).transpose(0, 1).reshape(self.group.size, -1).contiguous()
@@ -950,7 +951,7 @@ class GroupChain:
         diagonals = [[None if scale is None else self.restrict_scale(i, j, scale, channels).transpose(0, 1).reshape(
                           self.group.size, -1).contiguous() for j, scale in enumerate(row)]
                      for i, row in enumerate(scales)]
-        return GramFactors(grams, read, outbound, diagonals, self.column_slices())
+        return GramFactors(roots, read, outbound, diagonals, self.column_slices())
 
     def row_inputs(self, producer: int, layer_input: torch.Tensor) -> torch.Tensor:
         """(positions, K_producer, N): what each inbound entry multiplies, per output position and sample.
@@ -1154,11 +1155,13 @@ class SelectionFactors:
 
 
 class GramFactors:
-    """``A_c^T A_c`` of a per-channel chain's channels at one capture, from matrices the channels share.
+    """A per-channel chain's channels at one capture as ``A_c^T A_c = B_c^T B_c``, with a short ``B_c`` from matrices
+    the channels share.
 
     Where :meth:`GroupChain.gram_eligible` holds (convolutions the chain
     reaches entry by entry, a linear head behind a global pool; docs/MATH.md
-    section 8, "Few positions"), channel ``c``'s A is ``A_c = sum_ij P_i^T diag(D_ij[c]) E_j diag(omega_j[c])``:
+    section 8, "Few positions"), channel ``c``'s A stacks, producer by
+    producer, ``P_i^T N_ic`` with ``N_ic = sum_j diag(D_ij[c]) E_j diag(omega_j[c])``:
 
     - ``P_i`` (M x K_i): producer ``i``'s im2col patches over the M samples
       and positions (a column of ones for an owned bias);
@@ -1171,18 +1174,30 @@ class GramFactors:
     - ``omega_j`` (channels x L_j): the channels' outbound weights in
       lambda's order.
 
-    A product ``A_c^T A_c v`` then needs ``P_i`` only through ``G_i = P_i
-    P_i^T`` (M x M): two products with ``E_j`` and one with each ``G_i``,
-    for every channel at once as dense matrix products, and no vector of K
-    entries. Where M is small next to K (the late layers of a network) that
-    is less arithmetic than a product with A and one with A^T.
+    ``P_i`` enters ``A_c^T A_c = sum_i N_ic^T P_i P_i^T N_ic`` only through
+    ``G_i = P_i P_i^T`` (M x M), factored once as ``R_i R_i^T`` (``R_i``, M
+    x r_i, from ``G_i``'s eigenvalues above rounding, r_i <= M). Then
+    ``A_c^T A_c = B_c^T B_c`` for ``B_c``, the ``R_i^T N_ic`` stacked: it has
+    ``r = sum_i r_i`` rows, and A's right singular vectors and values are
+    B's. Products with ``B_c`` (:meth:`reduce`), ``B_c^T`` (:meth:`lift`)
+    and ``B_c B_c^T`` (:meth:`gram`) are, for every channel at once, dense
+    products with ``E_j`` and ``R_i`` and no vector of K entries; a solve on
+    ``B_c B_c^T`` holds vectors of r entries, not of L. Where M is small
+    next to K and L (the late layers of a network) that is less arithmetic
+    and memory than products with A and A^T.
     """
 
-    def __init__(self, grams: list[torch.Tensor], errors: list[list[ErrorBlock]], outbound: list[torch.Tensor],
+    def __init__(self, roots: list[torch.Tensor], errors: list[list[ErrorBlock]], outbound: list[torch.Tensor],
                  scales: list[list[torch.Tensor | None]], columns: list[slice]) -> None:
-        self.grams, self.errors, self.outbound, self.scales, self.columns = grams, errors, outbound, scales, columns
+        self.roots, self.errors, self.outbound, self.scales, self.columns = roots, errors, outbound, scales, columns
+        self.rows = [0, *itertools.accumulate(root.shape[1] for root in roots)]
         self._key: Any = None
         self._picked: tuple[list[torch.Tensor], list[list[torch.Tensor | None]]] = (outbound, scales)
+
+    @property
+    def size(self) -> int:
+        """r: the rows of each channel's ``B_c``, the length of the vectors :meth:`gram` takes."""
+        return self.rows[-1]
 
     def _at(self, channels: torch.Tensor) -> tuple[list[torch.Tensor], list[list[torch.Tensor | None]]]:
         """The outbound weights and diagonals of ``channels`` (kept while the channels stay the same)."""
@@ -1194,19 +1209,81 @@ class GramFactors:
             self._key = key
         return self._picked
 
-    def gram(self, vectors: torch.Tensor, channels: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """``A_c^T A_c v`` for ``channels`` (rows of ``vectors``, (S, L)), written into ``out`` (S, L)."""
+    def reduce(self, vectors: torch.Tensor, channels: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``B_c v`` for ``channels`` (rows of ``vectors``, (S, L)): (S, r), written into ``out`` when given."""
+        out = vectors.new_empty(vectors.shape[0], self.size) if out is None else out
+        return self._reduce(vectors, *self._at(channels), out)
+
+    def lift(self, vectors: torch.Tensor, channels: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``B_c^T y`` for ``channels`` (rows of ``vectors``, (S, r)): (S, L), written into ``out`` when given."""
+        out = vectors.new_empty(vectors.shape[0], self.columns[-1].stop) if out is None else out
+        return self._lift(vectors, *self._at(channels), out)
+
+    def gram(self, vectors: torch.Tensor, channels: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``B_c B_c^T y`` for ``channels`` (rows of ``vectors``, (S, r)): (S, r), written into ``out`` when given.
+
+        The (S, L) values in between are made a slice of rows at a time
+        (:data:`GRAM_SLICE` bytes), which stays in the cache.
+        """
+        out = torch.empty_like(vectors) if out is None else out
         outbound, scales = self._at(channels)
-        samples = self.grams[0].shape[0]
-        # A v, producer by producer, in the coordinates of P_i^T: y_i = sum_j D_ij * E_j (omega_j * v_j)
+        length = self.columns[-1].stop
+        step = max(1, GRAM_SLICE // (length * vectors.element_size()))
+        between = vectors.new_empty(min(step, vectors.shape[0]), length)
+        for start in range(0, vectors.shape[0], step):
+            rows = slice(start, min(start + step, vectors.shape[0]))
+            picked = ([w[rows] for w in outbound], [[None if d is None else d[rows] for d in row] for row in scales])
+            lifted = self._lift(vectors[rows], *picked, between[:rows.stop - rows.start])
+            self._reduce(lifted, *picked, out[rows])
+        return out
+
+    def _reduce(self, vectors: torch.Tensor, outbound: list[torch.Tensor], scales: list[list[torch.Tensor | None]],
+                out: torch.Tensor) -> torch.Tensor:
+        samples = self.roots[0].shape[0]
+        # N_ic v, in the coordinates of P_i^T: sum_j D_ij * E_j (omega_j * v_j), then R_i^T on the left
         read = [_read(torch.mul(vectors[:, columns], weights), blocks, samples)
                 for columns, weights, blocks in zip(self.columns, outbound, self.errors)]
-        back = [_weighted_sum([(scales[i][j], read[j]) for j in range(len(read))], read[0]) @ gram
-                for i, gram in enumerate(self.grams)]  # P_i P_i^T y_i
+        for i, root in enumerate(self.roots):
+            reached = _weighted_sum([(scales[i][j], read[j]) for j in range(len(read))], read[0])
+            _product(reached, root, out[:, self.rows[i]:self.rows[i + 1]])
+        return out
+
+    def _lift(self, vectors: torch.Tensor, outbound: list[torch.Tensor], scales: list[list[torch.Tensor | None]],
+              out: torch.Tensor) -> torch.Tensor:
+        back = [vectors[:, self.rows[i]:self.rows[i + 1]] @ root.T for i, root in enumerate(self.roots)]
         for j, (columns, weights, blocks) in enumerate(zip(self.columns, outbound, self.errors)):
             reached = _weighted_sum([(scales[i][j], back[i]) for i in range(len(back))], back[0])
             _spread(reached, blocks, out[:, columns]).mul_(weights)
         return out
+
+
+def _root(patches: torch.Tensor) -> torch.Tensor:
+    """``R`` (M x r) with ``R R^T = P P^T`` for ``patches`` ``P`` (M x K), ``r <= M``.
+
+    ``P`` itself where it has no more columns than rows; else the Cholesky
+    factor of ``P P^T`` (in float64: the rounding of ``P P^T`` is then the
+    only error); where that is singular, the eigenvectors of ``P P^T`` of
+    eigenvalues above ``M`` units of rounding of the largest, scaled by
+    their square roots (``r`` then its numerical rank).
+    """
+    if patches.shape[1] <= patches.shape[0]:
+        return patches
+    gram = (patches @ patches.T).double()
+    factor, info = torch.linalg.cholesky_ex(gram)
+    if int(info) == 0:
+        return factor.to(patches.dtype)
+    values, vectors = torch.linalg.eigh(gram)
+    keep = values > values[-1].clamp_min(0) * gram.shape[0] * torch.finfo(patches.dtype).eps
+    return (vectors[:, keep] * values[keep].sqrt()).to(patches.dtype)
+
+
+def _product(left: torch.Tensor, right: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``left @ right`` written into ``out`` (a view, contiguous or not)."""
+    return torch.mm(left, right, out=out) if out.is_contiguous() else out.copy_(left @ right)
+
+
+GRAM_SLICE = 2**20
+"""Bytes of the (rows x L) values one slice of :meth:`GramFactors.gram` makes between ``B_c^T`` and ``B_c``."""
 
 
 class ErrorBlock(NamedTuple):
@@ -1259,8 +1336,7 @@ def _read(values: torch.Tensor, blocks: list[ErrorBlock], samples: int) -> torch
 def _spread(values: torch.Tensor, blocks: list[ErrorBlock], out: torch.Tensor) -> torch.Tensor:
     """``values @ E`` (S, columns) for ``E`` given as :class:`ErrorBlock` s, written into ``out``."""
     if blocks[0].rows is None:  # the whole of E
-        whole = blocks[0].error
-        return torch.mm(values, whole, out=out) if out.is_contiguous() else out.copy_(values @ whole)
+        return _product(values, blocks[0].error, out)
     out.zero_()
     for rows, columns, error in blocks:
         out.index_add_(1, columns, values.index_select(1, rows) @ error)

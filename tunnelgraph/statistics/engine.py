@@ -54,7 +54,14 @@ from tunnelgraph.runtime import (
     unwrap_model,
 )
 from tunnelgraph.statistics.capture import Capture, Recorder, merge
-from tunnelgraph.statistics.chain import GroupChain, LinearisedChain, SelectionFactors, conv_patches, host_channels
+from tunnelgraph.statistics.chain import (
+    GramFactors,
+    GroupChain,
+    LinearisedChain,
+    SelectionFactors,
+    conv_patches,
+    host_channels,
+)
 from tunnelgraph.statistics.solve import Operator, Workspace, lanczos_gram_top, lanczos_top, top_singular
 
 logger = logging.getLogger(__name__)
@@ -763,15 +770,20 @@ def _matrix_free(
     # the results are allocated before the solve's temporaries, which then come and go above them in memory
     direction = torch.empty(wanted.numel(), chain.outbound_size, dtype=dtype, device=device)
     start = _start_vectors(chain, device)
-    size = lanczos_chunk(chain, max_steps, dtype, memory_budget, work=plan.positions * batch)
+    if factors is None:
+        size = lanczos_chunk(chain, max_steps, dtype, memory_budget, work=plan.positions * batch)
+    else:  # vectors of B's rows; the products' largest values are a channel's lifted direction
+        size = lanczos_chunk(chain, max_steps, dtype, memory_budget, work=chain.outbound_size,
+                             length=factors.factors.size)
     sigmas, residuals, steps = [], [], 0  # lambda* goes straight into ``direction``
     for offset, part in zip(itertools.count(0, size), wanted.split(size)):
         channels = _Running(part)
-        if factors is not None:
+        if factors is not None:  # symmetric Lanczos on B B^T, vectors of B's few rows; lambda* = B^T y
             solved = lanczos_gram_top(
-                lambda v, running, out, channels=channels: factors(v, channels(running), out),
-                start[part], max_steps=max_steps, tol=tol, dtype=dtype,
+                lambda y, running, out, channels=channels: factors.gram(y, channels(running), out),
+                factors.reduce(start[part].to(dtype), part), max_steps=max_steps, tol=tol, dtype=dtype,
                 out=direction[offset:offset + part.numel()], workspace=workspace,
+                lift=lambda y, running, out, channels=channels: factors.lift(y, channels(running), out),
             )
         else:
             solved = lanczos_top(
@@ -828,14 +840,14 @@ product with A and one with A^T through the layers (dense products run faster pe
 convolutions they replace, but pay for the factors once)."""
 
 
-def _gram_factors(chain: GroupChain, stored: Iterable[Capture], samples: int,
-                  memory_budget: int) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None:
-    """``(v, channels, out) -> A^T A v`` through :class:`GramFactors`, where the group allows it and it pays.
+def _gram_factors(chain: GroupChain, stored: Iterable[Capture], samples: int, memory_budget: int) -> _Gram | None:
+    """The group's :class:`GramFactors`, scaled to the statistics' samples, where the group allows it and it pays.
 
     Over one stored capture (the joined batch), outside ``torch.distributed``,
     for a group :meth:`GroupChain.gram_eligible` accepts, where the
-    factors fit ``memory_budget // GRAM_SHARE`` and a product costs at most
-    :data:`GRAM_GAIN` of a product with A and one with A^T; else None.
+    factors fit ``memory_budget // GRAM_SHARE``, a product costs at most
+    :data:`GRAM_GAIN` of a product with A and one with A^T, and ``B`` has
+    rows (the producers' inputs are not all zero); else None.
     """
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     if not isinstance(stored, list) or len(stored) != 1 or distributed or not chain.gram_eligible():
@@ -849,13 +861,23 @@ def _gram_factors(chain: GroupChain, stored: Iterable[Capture], samples: int,
         return None
     factors = chain.gram_factors([capture.inputs[spec.node] for spec in chain.producers], errors, shapes,
                                  chain.diagonal_scales(outputs, capture.externals))
-    share = (capture.batch / samples) ** 2  # each product with A carries the capture's share of the samples
+    if factors.size == 0:
+        return None
+    return _Gram(factors, (capture.batch / samples) ** 2)  # each product with A carries the capture's share
 
-    def gram(vectors: torch.Tensor, channels: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        factors.gram(vectors, channels, out)
-        return out if share == 1 else out.mul_(share)
 
-    return gram
+class _Gram:
+    """A group's :class:`GramFactors` (``A^T A = B^T B``, at one capture) and the share of the statistics' samples
+    that capture carries: products with ``B B^T`` scaled by it, ``B`` and ``B^T`` as they are (they only start the
+    solve and lift its directions, which are normalised)."""
+
+    def __init__(self, factors: GramFactors, share: float) -> None:
+        self.factors, self.share = factors, share
+        self.reduce, self.lift = factors.reduce, factors.lift
+
+    def gram(self, vectors: torch.Tensor, channels: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+        out = self.factors.gram(vectors, channels, out)
+        return out if self.share == 1 else out.mul_(self.share)
 
 
 class _Running:
@@ -883,16 +905,18 @@ PRODUCT_COPIES = 4
 backward)."""
 
 
-def lanczos_chunk(chain: GroupChain, max_steps: int, dtype: torch.dtype, memory_budget: int, work: int = 0) -> int:
+def lanczos_chunk(chain: GroupChain, max_steps: int, dtype: torch.dtype, memory_budget: int, work: int = 0,
+                  length: int | None = None) -> int:
     """How many channels one Lanczos solve takes at once so that it fits ``memory_budget`` bytes.
 
     Per channel: ``max_steps`` basis vectors of each side (K and L entries,
-    in ``dtype``); the float64 sums, Ritz vector and work vectors of a step
+    in ``dtype``; or of ``length`` entries, for a symmetric solve of short
+    vectors); the float64 sums, Ritz vector and work vectors of a step
     (a few of each length); and the products' passes, which hold
     :data:`PRODUCT_COPIES` copies of ``work`` entries (the chain's values
     per channel, times the samples of a pass). At least one channel.
     """
-    lengths = chain.inbound_size + chain.outbound_size
+    lengths = chain.inbound_size + chain.outbound_size if length is None else length
     itemsize = torch.finfo(dtype).bits // 8
     per_channel = max_steps * lengths * itemsize + 4 * lengths * 8 + PRODUCT_COPIES * work * itemsize
     return max(1, memory_budget // per_channel)

@@ -179,6 +179,7 @@ def lanczos_gram_top(
     dtype: torch.dtype | None = None,
     out: torch.Tensor | None = None,
     workspace: Workspace | None = None,
+    lift: Operator | None = None,
 ) -> Triplet:
     """Top singular triplets from products with ``A^T A``: symmetric Lanczos, batched over matrices.
 
@@ -193,13 +194,25 @@ def lanczos_gram_top(
     ``||A^T u - sigma v||``. Finished matrices leave the batch as in
     :func:`lanczos_top`.
 
+    With ``lift``, the solve is of ``B B^T`` for matrices ``B`` whose right
+    singular vectors are wanted (A of the description above is ``B^T``):
+    ``gram`` is ``y -> B B^T y``, ``start`` holds vectors of B's rows (such
+    as ``B v`` for a start ``v``), and each Ritz vector ``y`` comes back
+    as ``lift(y) = B^T y``, normalised, in ``out`` (required). Short
+    vectors of many columns (:class:`GramFactors`) keep the basis small.
+    ``residual`` is then ``||B v - sigma y||`` for ``v = B^T y / sigma``,
+    whose other side ``B^T y - sigma v`` is zero by construction.
+
     Args:
         gram: ``(v (n, L), channels (n,), out) -> A^T A v (n, L)`` for the
             matrices ``channels`` of the batch (see :data:`Operator`).
         start, max_steps, tol, dtype, out, workspace: as for :func:`lanczos_top`.
+        lift: ``(y (n, L), channels (n,), out) -> B^T y (n, L')``, see above.
     """
+    if lift is not None and out is None:
+        raise ValueError("lanczos_gram_top: lift needs out, the (matrices x L') tensor its directions go to")
     basis = dtype or start.dtype
-    ledger = _Ledger(start, basis, max_steps, out)
+    ledger = _Ledger(start, basis, max_steps, out, lift)
     tiny = ledger.tiny
     _, right, v = _started(start, basis, max_steps, workspace)
     step = 0
@@ -249,8 +262,9 @@ class _Ledger:
     (``direction``, in the bases' precision).
     """
 
-    def __init__(self, start: torch.Tensor, dtype: torch.dtype, max_steps: int, out: torch.Tensor | None) -> None:
-        count, self.device = start.shape[0], start.device
+    def __init__(self, start: torch.Tensor, dtype: torch.dtype, max_steps: int, out: torch.Tensor | None,
+                 lift: Operator | None = None) -> None:
+        count, self.device, self.lift = start.shape[0], start.device, lift
         self.tiny = torch.finfo(dtype).tiny ** 0.5
         self.sigma = torch.zeros(count, dtype=torch.float64)
         self.residual = torch.zeros_like(self.sigma)
@@ -270,8 +284,9 @@ class _Ledger:
         """Keep the results of the rows ``done`` that were not kept yet; True once every row's is.
 
         ``coefficients`` (rows x basis vectors, host) combine ``basis`` into
-        each row's Ritz vector, normalised, zero where sigma is (numerically)
-        zero, its sign fixed; ``sigma`` and ``residual`` are the rows' (host).
+        each row's Ritz vector (mapped by the ledger's ``lift`` where it has
+        one), normalised, zero where sigma is (numerically) zero, its sign
+        fixed; ``sigma`` and ``residual`` are the rows' (host).
         """
         new = done & ~self.retired
         if not bool(new.any()):
@@ -279,6 +294,8 @@ class _Ledger:
         finished = new.nonzero().squeeze(1)
         on_device = finished.to(self.device)
         direction = basis.combine(coefficients[finished].to(self.device), on_device)  # the Ritz vectors
+        if self.lift is not None:
+            direction = self.lift(direction, self.batch[on_device], None)
         direction.div_(direction.norm(dim=1, keepdim=True).clamp_min(self.tiny))
         alive = (sigma[finished] > self.tiny).to(device=self.device, dtype=direction.dtype)
         direction.mul_(alive.unsqueeze(1))  # zero where A is (numerically) zero
