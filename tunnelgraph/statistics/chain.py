@@ -1192,69 +1192,95 @@ class GramFactors:
         self.roots, self.errors, self.outbound, self.scales, self.columns = roots, errors, outbound, scales, columns
         self.rows = [0, *itertools.accumulate(root.shape[1] for root in roots)]
         self._key: Any = None
-        self._picked: tuple[list[torch.Tensor], list[list[torch.Tensor | None]]] = (outbound, scales)
+        self._picked = _Picked(outbound, outbound, scales)  # replaced at the first product
+        self._squared: list[torch.Tensor] | None = None  # the outbound weights squared, for B B^T
 
     @property
     def size(self) -> int:
         """r: the rows of each channel's ``B_c``, the length of the vectors :meth:`gram` takes."""
         return self.rows[-1]
 
-    def _at(self, channels: torch.Tensor) -> tuple[list[torch.Tensor], list[list[torch.Tensor | None]]]:
-        """The outbound weights and diagonals of ``channels`` (kept while the channels stay the same)."""
+    def _at(self, channels: torch.Tensor, keep: bool = True) -> _Picked:
+        """The outbound weights, their squares and the diagonals of ``channels``; with ``keep``, kept while the
+        channels stay the same (a solve's running channels), else without the squares (the few that finish at a
+        step, whose directions :meth:`lift` makes)."""
         key = host_channels(channels)[0]
-        if key != self._key:
-            self._picked = ([_channel_slice(w, channels, 0) for w in self.outbound],
-                            [[None if d is None else _channel_slice(d, channels, 0) for d in row]
-                             for row in self.scales])
-            self._key = key
-        return self._picked
+        if key == self._key:
+            return self._picked
+        if self._squared is None:
+            self._squared = [w.square() for w in self.outbound]
+        picked = _Picked([_channel_slice(w, channels, 0) for w in self.outbound],
+                         [_channel_slice(w, channels, 0) for w in self._squared] if keep else [],
+                         [[None if d is None else _channel_slice(d, channels, 0) for d in row] for row in self.scales])
+        if keep:
+            self._key, self._picked = key, picked
+        return picked
 
     def reduce(self, vectors: torch.Tensor, channels: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """``B_c v`` for ``channels`` (rows of ``vectors``, (S, L)): (S, r), written into ``out`` when given."""
         out = vectors.new_empty(vectors.shape[0], self.size) if out is None else out
-        return self._reduce(vectors, *self._at(channels), out)
+        picked = self._at(channels, keep=False)
+        return self._reduce(vectors, picked.outbound, picked.scales, out)
 
     def lift(self, vectors: torch.Tensor, channels: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """``B_c^T y`` for ``channels`` (rows of ``vectors``, (S, r)): (S, L), written into ``out`` when given."""
         out = vectors.new_empty(vectors.shape[0], self.columns[-1].stop) if out is None else out
-        return self._lift(vectors, *self._at(channels), out)
+        picked = self._at(channels, keep=False)
+        return self._lift(vectors, picked.outbound, picked.scales, out)
 
     def gram(self, vectors: torch.Tensor, channels: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """``B_c B_c^T y`` for ``channels`` (rows of ``vectors``, (S, r)): (S, r), written into ``out`` when given.
 
-        The (S, L) values in between are made a slice of rows at a time
-        (:data:`GRAM_SLICE` bytes), which stays in the cache.
+        The (S, L) values in between, ``B_c^T y`` times the outbound weights
+        once more, are made a slice of rows at a time (:data:`GRAM_SLICE`
+        bytes), which stays in the cache.
         """
         out = torch.empty_like(vectors) if out is None else out
-        outbound, scales = self._at(channels)
+        picked = self._at(channels)
         length = self.columns[-1].stop
         step = max(1, GRAM_SLICE // (length * vectors.element_size()))
         between = vectors.new_empty(min(step, vectors.shape[0]), length)
         for start in range(0, vectors.shape[0], step):
             rows = slice(start, min(start + step, vectors.shape[0]))
-            picked = ([w[rows] for w in outbound], [[None if d is None else d[rows] for d in row] for row in scales])
-            lifted = self._lift(vectors[rows], *picked, between[:rows.stop - rows.start])
-            self._reduce(lifted, *picked, out[rows])
+            scales = [[None if d is None else d[rows] for d in row] for row in picked.scales]
+            lifted = self._lift(vectors[rows], [w[rows] for w in picked.squared], scales,
+                                between[:rows.stop - rows.start])
+            self._reduce(lifted, None, scales, out[rows])
         return out
 
-    def _reduce(self, vectors: torch.Tensor, outbound: list[torch.Tensor], scales: list[list[torch.Tensor | None]],
-                out: torch.Tensor) -> torch.Tensor:
+    def _reduce(self, vectors: torch.Tensor, outbound: list[torch.Tensor] | None,
+                scales: list[list[torch.Tensor | None]], out: torch.Tensor) -> torch.Tensor:
+        """``B_c v`` into ``out``; ``vectors`` already times the outbound weights where ``outbound`` is None."""
         samples = self.roots[0].shape[0]
         # N_ic v, in the coordinates of P_i^T: sum_j D_ij * E_j (omega_j * v_j), then R_i^T on the left
-        read = [_read(torch.mul(vectors[:, columns], weights), blocks, samples)
-                for columns, weights, blocks in zip(self.columns, outbound, self.errors)]
+        read = [_read(vectors[:, columns] if outbound is None else torch.mul(vectors[:, columns], outbound[j]),
+                      blocks, samples) for j, (columns, blocks) in enumerate(zip(self.columns, self.errors))]
         for i, root in enumerate(self.roots):
             reached = _weighted_sum([(scales[i][j], read[j]) for j in range(len(read))], read[0])
             _product(reached, root, out[:, self.rows[i]:self.rows[i + 1]])
         return out
 
-    def _lift(self, vectors: torch.Tensor, outbound: list[torch.Tensor], scales: list[list[torch.Tensor | None]],
+    def _lift(self, vectors: torch.Tensor, weights: list[torch.Tensor], scales: list[list[torch.Tensor | None]],
               out: torch.Tensor) -> torch.Tensor:
+        """``B_c^T y`` into ``out``, with ``weights`` in place of the outbound weights (their squares in a product
+        with ``B_c B_c^T``)."""
         back = [vectors[:, self.rows[i]:self.rows[i + 1]] @ root.T for i, root in enumerate(self.roots)]
-        for j, (columns, weights, blocks) in enumerate(zip(self.columns, outbound, self.errors)):
+        for j, (columns, blocks) in enumerate(zip(self.columns, self.errors)):
             reached = _weighted_sum([(scales[i][j], back[i]) for i in range(len(back))], back[0])
-            _spread(reached, blocks, out[:, columns]).mul_(weights)
+            _spread(reached, blocks, out[:, columns]).mul_(weights[j])
         return out
+
+
+class _Picked(NamedTuple):
+    """A :class:`GramFactors`' factors that differ from channel to channel, for some channels."""
+
+    outbound: list[torch.Tensor]
+    squared: list[torch.Tensor]
+    scales: list[list[torch.Tensor | None]]
+
+
+GRAM_SLICE = 2**20
+"""Bytes of the (rows x L) values one slice of :meth:`GramFactors.gram` makes between ``B_c^T`` and ``B_c``."""
 
 
 def _root(patches: torch.Tensor) -> torch.Tensor:
@@ -1280,10 +1306,6 @@ def _root(patches: torch.Tensor) -> torch.Tensor:
 def _product(left: torch.Tensor, right: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """``left @ right`` written into ``out`` (a view, contiguous or not)."""
     return torch.mm(left, right, out=out) if out.is_contiguous() else out.copy_(left @ right)
-
-
-GRAM_SLICE = 2**20
-"""Bytes of the (rows x L) values one slice of :meth:`GramFactors.gram` makes between ``B_c^T`` and ``B_c``."""
 
 
 class ErrorBlock(NamedTuple):

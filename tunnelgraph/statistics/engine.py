@@ -769,19 +769,19 @@ def _matrix_free(
     row = {channel: index for index, channel in enumerate(wanted.tolist())}
     # the results are allocated before the solve's temporaries, which then come and go above them in memory
     direction = torch.empty(wanted.numel(), chain.outbound_size, dtype=dtype, device=device)
-    start = _start_vectors(chain, device)
-    if factors is None:
-        size = lanczos_chunk(chain, max_steps, dtype, memory_budget, work=plan.positions * batch)
-    else:  # vectors of B's rows; the products' largest values are a channel's lifted direction
-        size = lanczos_chunk(chain, max_steps, dtype, memory_budget, work=chain.outbound_size,
-                             length=factors.factors.size)
+    # a solve of B B^T (GramFactors) runs on vectors of B's few rows; its products' largest values are a
+    # channel's lifted direction
+    short = None if factors is None else factors.factors.size
+    start = _start_vectors(chain, device, short)
+    work = plan.positions * batch if factors is None else chain.outbound_size
+    size = lanczos_chunk(chain, max_steps, dtype, memory_budget, work=work, length=short)
     sigmas, residuals, steps = [], [], 0  # lambda* goes straight into ``direction``
     for offset, part in zip(itertools.count(0, size), wanted.split(size)):
         channels = _Running(part)
-        if factors is not None:  # symmetric Lanczos on B B^T, vectors of B's few rows; lambda* = B^T y
+        if factors is not None:  # lambda* = B^T y for the top eigenvector y of B B^T
             solved = lanczos_gram_top(
                 lambda y, running, out, channels=channels: factors.gram(y, channels(running), out),
-                factors.reduce(start[part].to(dtype), part), max_steps=max_steps, tol=tol, dtype=dtype,
+                start[part], max_steps=max_steps, tol=tol, dtype=dtype,
                 out=direction[offset:offset + part.numel()], workspace=workspace,
                 lift=lambda y, running, out, channels=channels: factors.lift(y, channels(running), out),
             )
@@ -977,8 +977,9 @@ class InboundGradients:
         return _all_reduce(self.sums.pop(chain.group.name)).div_(samples)
 
 
-def _start_vectors(chain: GroupChain, device: torch.device) -> torch.Tensor:
-    """The Lanczos start of every channel: one seeded Gaussian vector of L entries, shared (an expanded view).
+def _start_vectors(chain: GroupChain, device: torch.device, length: int | None = None) -> torch.Tensor:
+    """The Lanczos start of every channel: one seeded Gaussian vector of L entries (or ``length``: a solve of ``B
+    B^T`` starts from vectors of B's rows), shared (an expanded view).
 
     Each channel's A is a matrix of its own; a generic vector (one drawn at
     random) has a component along every channel's top right singular
@@ -986,7 +987,7 @@ def _start_vectors(chain: GroupChain, device: torch.device) -> torch.Tensor:
     same on every rank.
     """
     generator = torch.Generator().manual_seed(0)
-    start = torch.randn(chain.outbound_size, generator=generator)
+    start = torch.randn(chain.outbound_size if length is None else length, generator=generator)
     return start.to(device).expand(chain.group.size, -1)  # float32: Lanczos copies rows into its bases' precision
 
 

@@ -34,6 +34,13 @@ def fix_sign(vectors: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
     """
     if vectors.numel() == 0:
         return vectors if inplace else vectors.clone()
+    sign = signs(vectors)
+    return vectors.mul_(sign) if inplace else vectors * sign
+
+
+def signs(vectors: torch.Tensor) -> torch.Tensor:
+    """(rows, 1): +1 or -1 per row of ``vectors``, what :func:`fix_sign` multiplies it by (a positive factor of a row
+    leaves its sign as it is)."""
     low, high = torch.aminmax(vectors, dim=-1, keepdim=True)
     negative = -low > high
     tied = (-low == high) & (high > 0)
@@ -41,8 +48,7 @@ def fix_sign(vectors: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
     if not reads_are_free(vectors.device) or bool(tied.any()):
         first = vectors.gather(-1, vectors.abs().argmax(dim=-1, keepdim=True))
         negative = torch.where(tied, first < 0, negative)
-    sign = 1 - 2 * negative.to(vectors.dtype)
-    return vectors.mul_(sign) if inplace else vectors * sign
+    return 1 - 2 * negative.to(vectors.dtype)
 
 
 def reads_are_free(device: torch.device) -> bool:
@@ -296,13 +302,17 @@ class _Ledger:
         direction = basis.combine(coefficients[finished].to(self.device), on_device)  # the Ritz vectors
         if self.lift is not None:
             direction = self.lift(direction, self.batch[on_device], None)
-        direction.div_(direction.norm(dim=1, keepdim=True).clamp_min(self.tiny))
+        # normalised, zero where A is (numerically) zero, its sign fixed: one factor per row, applied in one pass
         alive = (sigma[finished] > self.tiny).to(device=self.device, dtype=direction.dtype)
-        direction.mul_(alive.unsqueeze(1))  # zero where A is (numerically) zero
+        factor = signs(direction) * (alive / direction.norm(dim=1).clamp_min(self.tiny)).unsqueeze(1)
         where = self.rows[finished]
         self.sigma[where] = sigma[finished]
         self.residual[where] = residual[finished]
-        self.direction[self.batch[on_device]] = fix_sign(direction, inplace=True)
+        first, count = int(where[0]), where.numel()
+        if int(where[-1]) - first + 1 == count:  # rows in a run (ascending and unique): written in place
+            torch.mul(direction, factor, out=self.direction[first:first + count])
+        else:
+            self.direction.index_copy_(0, self.batch[on_device], direction.mul_(factor))
         self.retired |= new
         return bool(self.retired.all())
 
