@@ -12,7 +12,7 @@ import tunnelgraph as tg
 from conftest import regression_data, relative, squared_error
 import tunnelgraph.statistics.chain as chain_module
 from tunnelgraph.statistics.capture import Recorder
-from tunnelgraph.statistics.chain import GroupChain, host_channels
+from tunnelgraph.statistics.chain import GroupChain, _root, host_channels
 from tunnelgraph.statistics.engine import linear_operators, run_batch
 from zoo import ZOO_BY_NAME
 
@@ -353,3 +353,26 @@ def test_gram_factors_give_a_transposed_times_a(name: str, monkeypatch: pytest.M
     assert accepted, f"{name}: no group takes GramFactors"
     assert heads or name not in ("resnet_stack", "global_mean_pool", "residual_net_3", "resnet_downsample"), name
     assert strided or name not in ("conv1d", "resnet_downsample"), name  # read-back errors in phase blocks
+
+
+def test_the_root_of_a_producers_gram_matrix() -> None:
+    """_root(P) is R with R R^T = P P^T and no more columns than P has rows: P itself where it has no more columns
+    than rows; a triangular Cholesky factor where P P^T is definite; where it is singular (rows of zeros), its
+    rank of columns."""
+    generator = torch.Generator().manual_seed(5)
+    tall = torch.randn(40, 9, generator=generator)
+    assert _root(tall) is tall
+    wide = torch.randn(12, 50, generator=generator, dtype=torch.float64)
+    factor = _root(wide)
+    assert factor.shape == (12, 12) and torch.equal(factor, factor.tril())
+    assert relative(factor @ factor.T, wide @ wide.T) <= 1e-12
+    silent = wide.clone()
+    silent[[1, 4, 7]] = 0  # samples and positions where the producer's input is zero: P P^T exactly singular
+    factor = _root(silent)
+    assert factor.shape == (12, 9)
+    assert relative(factor @ factor.T, silent @ silent.T) <= 1e-12
+    repeated = torch.cat((wide[:5], wide[:5], wide[:2]))  # rank 5 (a Cholesky factor may still be found)
+    factor = _root(repeated)
+    assert factor.shape[0] == 12 and 5 <= factor.shape[1] <= 12
+    assert relative(factor @ factor.T, repeated @ repeated.T) <= 1e-12
+    assert _root(torch.zeros(6, 20)).shape == (6, 0)

@@ -222,3 +222,39 @@ def test_symmetric_lanczos_on_a_t_a_finds_each_matrix_top_triplet() -> None:
     limited = solve.lanczos_gram_top(gram, start, max_steps=3, tol=1e-10)
     assert limited.steps == 3
     assert bool((limited.sigma <= s[:, 0] * (1 + 1e-12)).all())  # Ritz values never exceed the true one
+
+
+def test_symmetric_lanczos_on_b_b_t_lifts_its_directions_to_b_right_singular_vectors() -> None:
+    """lanczos_gram_top with ``lift``: a solve of B B^T on vectors of B's few rows gives B's top right singular
+    vectors (as GramFactors uses it), normalised and signed in ``out``, written where channels finish in any order;
+    the residual is below tol; a zero matrix gives sigma 0 and a zero direction; lift needs out."""
+    generator = torch.Generator().manual_seed(4)
+    gaps = torch.tensor([0.5, 0.01, 0.3, 0.002, 0.2, 0.05], dtype=torch.float64)
+    b = _matrices(gaps.numel(), 12, 70, gaps, generator)  # 12 rows, 70 columns: vectors of 12 entries
+    b[2] = 0
+    lifted: list[list[int]] = []  # the channels of each lift, once per step where some finish
+
+    def gram(y: torch.Tensor, channels: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        block = b[channels]
+        return torch.einsum("nkl,nl->nk", block, torch.einsum("nkl,nk->nl", block, y))
+
+    def lift(y: torch.Tensor, channels: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+        lifted.append(channels.tolist())
+        return torch.einsum("nkl,nk->nl", b[channels], y)
+
+    start = torch.randn(12, generator=generator, dtype=torch.float64).expand(gaps.numel(), -1)
+    out = torch.full((gaps.numel(), 70), float("nan"), dtype=torch.float64)
+    solved = solve.lanczos_gram_top(gram, start, max_steps=12, tol=1e-10, out=out, lift=lift)
+    assert solved.direction is out
+    _, s, vh = torch.linalg.svd(b)
+    live = torch.arange(gaps.numel()) != 2
+    assert torch.allclose(solved.sigma[live], s[live, 0], rtol=1e-12, atol=0)
+    assert torch.allclose(out[live], fix_sign(vh[live, 0]), atol=1e-6)
+    assert solved.sigma[2] == 0 and bool((out[2] == 0).all())
+    assert sorted(sum(lifted, [])) == list(range(gaps.numel()))  # each channel lifted once, when it finished
+    assert bool((solved.residual[live] <= 1e-10 * solved.sigma[live]).all())
+    # channels finished at several steps, some in a run of rows (written in place), some not (scattered)
+    runs = [channels[-1] - channels[0] + 1 == len(channels) for channels in lifted]
+    assert len(lifted) > 1 and any(runs) and not all(runs), lifted
+    with pytest.raises(ValueError, match="lift needs out"):
+        solve.lanczos_gram_top(gram, start, lift=lift)

@@ -868,12 +868,12 @@ def _gram_factors(chain: GroupChain, stored: Iterable[Capture], samples: int, me
 
 class _Gram:
     """A group's :class:`GramFactors` (``A^T A = B^T B``, at one capture) and the share of the statistics' samples
-    that capture carries: products with ``B B^T`` scaled by it, ``B`` and ``B^T`` as they are (they only start the
-    solve and lift its directions, which are normalised)."""
+    that capture carries: products with ``B B^T`` scaled by it, ``B^T`` as it is (it only lifts the solve's
+    directions, which are then normalised)."""
 
     def __init__(self, factors: GramFactors, share: float) -> None:
         self.factors, self.share = factors, share
-        self.reduce, self.lift = factors.reduce, factors.lift
+        self.lift = factors.lift
 
     def gram(self, vectors: torch.Tensor, channels: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
         out = self.factors.gram(vectors, channels, out)
