@@ -10,7 +10,8 @@ Two networks written here in plain PyTorch (no torchvision needed):
   of 40-80-160-320 channels: depthwise 7x7, layer norm, linear 4x, GELU,
   linear, layer scale, residual add).
 
-Printed in one run, each the best of ``--repeats``:
+Printed in one run, each the best of ``--repeats`` (and item 1 also round by round, each call over a pass run
+just before it, with the median of those ratios):
 
 1. ``tg.a_statistics`` over every site of ``resnet18_like`` (``through=``
    everything, ``--batches`` batches of ``--batch`` images of ``--size``)
@@ -50,6 +51,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -270,20 +272,24 @@ def statistics_figures(name: str, model: nn.Module, data: list[Any], args: argpa
              if not site.group.self_consumers and not site.group.unmeasured]
     groups = len({site.group_name for site in sites})
     # interleaved, each the best of its calls: on a machine whose speed drifts, the two see the same minutes
-    pass_time, stats_time, stats = float("inf"), float("inf"), None
+    # and the ratio round by round (a pass just before each call), whose median a slow minute moves less
+    pass_time, stats_time, stats, rounds = float("inf"), float("inf"), None, []
     for _ in range(args.repeats):
-        pass_time = min(pass_time, best(lambda: forward_backward(model, data), 1)[0])
+        one_pass = best(lambda: forward_backward(model, data), 1)[0]
         elapsed, stats = best(lambda: tg.a_statistics(model, sites, data, F.cross_entropy, progress=False), 1)
-        stats_time = min(stats_time, elapsed)
+        pass_time, stats_time = min(pass_time, one_pass), min(stats_time, elapsed)
+        rounds.append(elapsed / one_pass)
     steps = [s.steps for s in stats.values() if s.steps]
     residuals = [s.residual for s in stats.values() if s.a is None]
     figures = {
         "network": name, "groups": groups, "sites": len(sites), "forward_backward_s": pass_time,
-        "a_statistics_s": stats_time, "ratio": stats_time / pass_time,
+        "a_statistics_s": stats_time, "ratio": stats_time / pass_time, "ratio_rounds": rounds,
+        "ratio_median": statistics.median(rounds),
         "lanczos_steps_max": max(steps, default=0), "worst_relative_residual": max(residuals, default=0.0),
     }
     print(f"{name}: {groups} groups, {len(sites)} sites; a_statistics {stats_time:.2f} s = "
-          f"{figures['ratio']:.1f}x one forward-backward ({pass_time:.3f} s) [target <= 8x]; Lanczos steps "
+          f"{figures['ratio']:.1f}x one forward-backward ({pass_time:.3f} s) [target <= 8x], round by round "
+          f"{' '.join(f'{ratio:.1f}' for ratio in rounds)}x (median {figures['ratio_median']:.1f}x); Lanczos steps "
           f"<= {figures['lanczos_steps_max']}, worst ||A^T u - sigma v|| / sigma "
           f"{figures['worst_relative_residual']:.2g}")
     if args.floor:
