@@ -1176,7 +1176,7 @@ class GramFactors:
 
     ``P_i`` enters ``A_c^T A_c = sum_i N_ic^T P_i P_i^T N_ic`` only through
     ``G_i = P_i P_i^T`` (M x M), factored once as ``R_i R_i^T`` (``R_i``, M
-    x r_i, from ``G_i``'s eigenvalues above rounding, r_i <= M). Then
+    x r_i with r_i <= M: :func:`_root`). Then
     ``A_c^T A_c = B_c^T B_c`` for ``B_c``, the ``R_i^T N_ic`` stacked: it has
     ``r = sum_i r_i`` rows, and A's right singular vectors and values are
     B's. Products with ``B_c`` (:meth:`reduce`), ``B_c^T`` (:meth:`lift`)

@@ -213,7 +213,7 @@ def lanczos_gram_top(
         gram: ``(v (n, L), channels (n,), out) -> A^T A v (n, L)`` for the
             matrices ``channels`` of the batch (see :data:`Operator`).
         start, max_steps, tol, dtype, out, workspace: as for :func:`lanczos_top`.
-        lift: ``(y (n, L), channels (n,), out) -> B^T y (n, L')``, see above.
+        lift: ``(y (n, r), channels (n,), out) -> B^T y (n, L')`` for vectors ``y`` of B's r rows, see above.
     """
     if lift is not None and out is None:
         raise ValueError("lanczos_gram_top: lift needs out, the (matrices x L') tensor its directions go to")
