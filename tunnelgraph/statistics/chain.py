@@ -913,8 +913,10 @@ class GroupChain:
         layers = 2 * sum(samples * spec.size for spec in self.producers) + 2 * sum(
             error.shape[0] * math.prod(error.shape[2:]) * spec.size for spec, error in zip(self.consumers, errors))
         pairs = sum(self.reach[i][j] for i in producers for j in consumers)
+        # R_i (at most M x M), the read-back errors, and per channel the outbound weights, their squares and the
+        # diagonals
         entries = (len(self.producers) * samples**2 + read
-                   + self.group.size * (self.outbound_size + pairs * samples))
+                   + self.group.size * (2 * self.outbound_size + pairs * samples))
         return gram, layers, entries * outputs[0].element_size()
 
     def gram_factors(
@@ -1192,8 +1194,8 @@ class GramFactors:
         self.roots, self.errors, self.outbound, self.scales, self.columns = roots, errors, outbound, scales, columns
         self.rows = [0, *itertools.accumulate(root.shape[1] for root in roots)]
         self._key: Any = None
-        self._picked = _Picked(outbound, outbound, scales)  # replaced at the first product
-        self._squared: list[torch.Tensor] | None = None  # the outbound weights squared, for B B^T
+        self.squared = [w.square() for w in outbound]  # B B^T multiplies by them
+        self._picked = _Picked(outbound, self.squared, scales)  # replaced at the first product
 
     @property
     def size(self) -> int:
@@ -1207,10 +1209,8 @@ class GramFactors:
         key = host_channels(channels)[0]
         if key == self._key:
             return self._picked
-        if self._squared is None:
-            self._squared = [w.square() for w in self.outbound]
         picked = _Picked([_channel_slice(w, channels, 0) for w in self.outbound],
-                         [_channel_slice(w, channels, 0) for w in self._squared] if keep else [],
+                         [_channel_slice(w, channels, 0) for w in self.squared] if keep else [],
                          [[None if d is None else _channel_slice(d, channels, 0) for d in row] for row in self.scales])
         if keep:
             self._key, self._picked = key, picked
@@ -1272,7 +1272,8 @@ class GramFactors:
 
 
 class _Picked(NamedTuple):
-    """A :class:`GramFactors`' factors that differ from channel to channel, for some channels."""
+    """A :class:`GramFactors`' factors that differ from channel to channel, for some channels (``squared`` empty
+    where they were picked for :meth:`GramFactors.lift` or :meth:`GramFactors.reduce`, which do not read it)."""
 
     outbound: list[torch.Tensor]
     squared: list[torch.Tensor]

@@ -771,7 +771,7 @@ def _matrix_free(
     direction = torch.empty(wanted.numel(), chain.outbound_size, dtype=dtype, device=device)
     # a solve of B B^T (GramFactors) runs on vectors of B's few rows; its products' largest values are a
     # channel's lifted direction
-    short = None if factors is None else factors.factors.size
+    short = None if factors is None else factors.size
     start = _start_vectors(chain, device, short)
     work = plan.positions * batch if factors is None else chain.outbound_size
     size = lanczos_chunk(chain, max_steps, dtype, memory_budget, work=work, length=short)
@@ -873,7 +873,7 @@ class _Gram:
 
     def __init__(self, factors: GramFactors, share: float) -> None:
         self.factors, self.share = factors, share
-        self.lift = factors.lift
+        self.size, self.lift = factors.size, factors.lift
 
     def gram(self, vectors: torch.Tensor, channels: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
         out = self.factors.gram(vectors, channels, out)
