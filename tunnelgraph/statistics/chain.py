@@ -1220,54 +1220,56 @@ class GramFactors:
         """``B_c v`` for ``channels`` (rows of ``vectors``, (S, L)): (S, r), written into ``out`` when given."""
         out = vectors.new_empty(vectors.shape[0], self.size) if out is None else out
         picked = self._at(channels, keep=False)
-        return self._reduce(vectors, picked.outbound, picked.scales, out)
+        # N_ic v, in the coordinates of P_i^T: sum_j D_ij * E_j (omega_j * v_j), then R_i^T on the left
+        read = [_read(torch.mul(vectors[:, columns], picked.outbound[j]), blocks,
+                      vectors.new_empty(vectors.shape[0], self.roots[0].shape[0]))
+                for j, (columns, blocks) in enumerate(zip(self.columns, self.errors))]
+        for i, root in enumerate(self.roots):
+            reached = _weighted_sum([(picked.scales[i][j], read[j]) for j in range(len(read))], read[0])
+            _product(reached, root, out[:, self.rows[i]:self.rows[i + 1]])
+        return out
 
     def lift(self, vectors: torch.Tensor, channels: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """``B_c^T y`` for ``channels`` (rows of ``vectors``, (S, r)): (S, L), written into ``out`` when given."""
         out = vectors.new_empty(vectors.shape[0], self.columns[-1].stop) if out is None else out
         picked = self._at(channels, keep=False)
-        return self._lift(vectors, picked.outbound, picked.scales, out)
+        back = [vectors[:, self.rows[i]:self.rows[i + 1]] @ root.T for i, root in enumerate(self.roots)]
+        for j, (columns, blocks) in enumerate(zip(self.columns, self.errors)):
+            reached = _weighted_sum([(picked.scales[i][j], back[i]) for i in range(len(back))], back[0])
+            _spread(reached, blocks, out[:, columns]).mul_(picked.outbound[j])
+        return out
 
     def gram(self, vectors: torch.Tensor, channels: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """``B_c B_c^T y`` for ``channels`` (rows of ``vectors``, (S, r)): (S, r), written into ``out`` when given.
 
-        The (S, L) values in between, ``B_c^T y`` times the outbound weights
-        once more, are made a slice of rows at a time (:data:`GRAM_SLICE`
-        bytes), which stays in the cache.
+        ``R_i y_i`` for every producer at once (S x M each); per consumer,
+        the chain's diagonal sums those into the consumer's coordinates,
+        ``E_j`` spreads them over its columns, the squared outbound weights
+        scale them and ``E_j^T`` reads them back, a slice of rows at a time:
+        the (rows x L_j) values in between, :data:`GRAM_SLICE` bytes, stay
+        in the cache. The diagonal and ``R_i`` then take the consumers' (S x
+        M) results back to each producer's rows, again for every row at
+        once: the products with ``R_i``, the smallest, run on the most rows.
         """
         out = torch.empty_like(vectors) if out is None else out
         picked = self._at(channels)
-        length = self.columns[-1].stop
-        step = max(1, GRAM_SLICE // (length * vectors.element_size()))
-        between = vectors.new_empty(min(step, vectors.shape[0]), length)
-        for start in range(0, vectors.shape[0], step):
-            rows = slice(start, min(start + step, vectors.shape[0]))
-            scales = [[None if d is None else d[rows] for d in row] for row in picked.scales]
-            lifted = self._lift(vectors[rows], [w[rows] for w in picked.squared], scales,
-                                between[:rows.stop - rows.start])
-            self._reduce(lifted, None, scales, out[rows])
-        return out
-
-    def _reduce(self, vectors: torch.Tensor, outbound: list[torch.Tensor] | None,
-                scales: list[list[torch.Tensor | None]], out: torch.Tensor) -> torch.Tensor:
-        """``B_c v`` into ``out``; ``vectors`` already times the outbound weights where ``outbound`` is None."""
-        samples = self.roots[0].shape[0]
-        # N_ic v, in the coordinates of P_i^T: sum_j D_ij * E_j (omega_j * v_j), then R_i^T on the left
-        read = [_read(vectors[:, columns] if outbound is None else torch.mul(vectors[:, columns], outbound[j]),
-                      blocks, samples) for j, (columns, blocks) in enumerate(zip(self.columns, self.errors))]
-        for i, root in enumerate(self.roots):
-            reached = _weighted_sum([(scales[i][j], read[j]) for j in range(len(read))], read[0])
-            _product(reached, root, out[:, self.rows[i]:self.rows[i + 1]])
-        return out
-
-    def _lift(self, vectors: torch.Tensor, weights: list[torch.Tensor], scales: list[list[torch.Tensor | None]],
-              out: torch.Tensor) -> torch.Tensor:
-        """``B_c^T y`` into ``out``, with ``weights`` in place of the outbound weights (their squares in a product
-        with ``B_c B_c^T``)."""
+        count = vectors.shape[0]
         back = [vectors[:, self.rows[i]:self.rows[i + 1]] @ root.T for i, root in enumerate(self.roots)]
+        read = []
         for j, (columns, blocks) in enumerate(zip(self.columns, self.errors)):
-            reached = _weighted_sum([(scales[i][j], back[i]) for i in range(len(back))], back[0])
-            _spread(reached, blocks, out[:, columns]).mul_(weights[j])
+            # a new (S x M) tensor: each slice of rows is read back in the place it was spread from
+            values = _weighted_sum([(picked.scales[i][j], back[i]) for i in range(len(back))], back[0])
+            length = columns.stop - columns.start
+            step = max(1, GRAM_SLICE // (length * vectors.element_size()))
+            between = vectors.new_empty(min(step, count), length)
+            for start in range(0, count, step):
+                rows = slice(start, min(start + step, count))
+                spread = _spread(values[rows], blocks, between[:rows.stop - start]).mul_(picked.squared[j][rows])
+                _read(spread, blocks, values[rows])
+            read.append(values)
+        for i, root in enumerate(self.roots):
+            reached = _weighted_sum([(picked.scales[i][j], read[j]) for j in range(len(read))], read[0])
+            _product(reached, root, out[:, self.rows[i]:self.rows[i + 1]])
         return out
 
 
@@ -1281,7 +1283,8 @@ class _Picked(NamedTuple):
 
 
 GRAM_SLICE = 2**20
-"""Bytes of the (rows x L) values one slice of :meth:`GramFactors.gram` makes between ``B_c^T`` and ``B_c``."""
+"""Bytes of the (rows x L_j) values one slice of :meth:`GramFactors.gram` makes at consumer j between ``E_j`` and
+``E_j^T``."""
 
 
 def _root(patches: torch.Tensor) -> torch.Tensor:
@@ -1346,14 +1349,14 @@ def _read_back(module: nn.Module, error: torch.Tensor, input_shape: Sequence[int
                        conv_errors(module, error, input_shape, where, through)) for where, through in phases]
 
 
-def _read(values: torch.Tensor, blocks: list[ErrorBlock], samples: int) -> torch.Tensor:
-    """``values @ E^T`` (S, samples) for ``E`` given as :class:`ErrorBlock` s."""
+def _read(values: torch.Tensor, blocks: list[ErrorBlock], out: torch.Tensor) -> torch.Tensor:
+    """``values @ E^T`` (S, samples) for ``E`` given as :class:`ErrorBlock` s, written into ``out``."""
     if blocks[0].rows is None:  # the whole of E
-        return values @ blocks[0].error.T
-    result = values.new_zeros(values.shape[0], samples)
+        return _product(values, blocks[0].error.T, out)
+    out.zero_()
     for rows, columns, error in blocks:
-        result.index_copy_(1, rows, values.index_select(1, columns) @ error.T)
-    return result
+        out.index_copy_(1, rows, values.index_select(1, columns) @ error.T)
+    return out
 
 
 def _spread(values: torch.Tensor, blocks: list[ErrorBlock], out: torch.Tensor) -> torch.Tensor:
