@@ -128,7 +128,8 @@ def test_fix_sign_makes_the_largest_entry_positive_and_settles_ties_by_the_first
 
 
 def test_a_basis_combines_few_or_most_of_its_rows() -> None:
-    """A few rows are gathered first; most rows are combined all together and picked: the same sums."""
+    """A few rows are gathered first; most rows are combined all together and picked: the same sums, returned or
+    written into ``out`` (a block of rows of a larger tensor, the solver's directions) and nowhere else."""
     generator = torch.Generator().manual_seed(4)
     basis = _Basis(9, 12, torch.float64, most=8, memory=Workspace(torch.device("cpu"), keep=False))
     for _ in range(5):
@@ -138,6 +139,11 @@ def test_a_basis_combines_few_or_most_of_its_rows() -> None:
         coefficients = torch.randn(rows.numel(), 5, generator=generator, dtype=torch.float64)
         expected = torch.einsum("nj,njl->nl", coefficients, vectors[rows])
         assert torch.allclose(basis.combine(coefficients, rows), expected, atol=1e-13)
+        whole = torch.full((rows.numel() + 2, 12), float("nan"), dtype=torch.float64)
+        out = whole[1:-1]
+        assert basis.combine(coefficients, rows, out=out).data_ptr() == out.data_ptr()
+        assert torch.allclose(out, expected, atol=1e-13)
+        assert bool(whole[[0, -1]].isnan().all())
 
 
 def test_a_workspace_hands_its_buffer_out_again_and_grows_to_the_largest_need() -> None:
@@ -226,9 +232,9 @@ def test_symmetric_lanczos_on_a_t_a_finds_each_matrix_top_triplet() -> None:
 
 def test_symmetric_lanczos_on_b_b_t_lifts_its_directions_to_b_right_singular_vectors() -> None:
     """lanczos_gram_top with ``lift``: a solve of B B^T on vectors of B's few rows gives B's top right singular
-    vectors (as GramFactors uses it), normalised and signed in ``out``, each lifted once when it finishes and written
-    whether the finished rows run consecutively or not; a zero matrix gives sigma 0 and a zero direction; lift needs
-    out.
+    vectors (as GramFactors uses it), normalised and signed in ``out``; each Ritz vector is kept whether the finished
+    rows run consecutively or not, and all are lifted at the end, in one call on every matrix in order; a zero matrix
+    gives sigma 0 and a zero direction; lift needs out.
 
     With ``tol=0`` the live matrices stop together at ``max_steps``, the
     rows' count, where the Krylov space is the whole space and the answer
@@ -240,7 +246,8 @@ def test_symmetric_lanczos_on_b_b_t_lifts_its_directions_to_b_right_singular_vec
     gaps = torch.tensor([0.5, 0.01, 0.3, 0.002, 0.2, 0.05], dtype=torch.float64)
     b = _matrices(gaps.numel(), 12, 70, gaps, generator)  # 12 rows, 70 columns: vectors of 12 entries
     b[0] = b[5] = 0
-    lifted: list[list[int]] = []  # the channels of each lift, once per step where some finish
+    lifted: list[list[int]] = []  # the channels of each lift
+    kept: list[torch.Tensor] = []  # the Ritz vectors it lifts
 
     def gram(y: torch.Tensor, channels: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         block = b[channels]
@@ -248,13 +255,16 @@ def test_symmetric_lanczos_on_b_b_t_lifts_its_directions_to_b_right_singular_vec
 
     def lift(y: torch.Tensor, channels: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
         lifted.append(channels.tolist())
+        kept.append(y.clone())
         return torch.einsum("nkl,nk->nl", b[channels], y)
 
     start = torch.randn(12, generator=generator, dtype=torch.float64).expand(gaps.numel(), -1)
     out = torch.full((gaps.numel(), 70), float("nan"), dtype=torch.float64)
     solved = solve.lanczos_gram_top(gram, start, max_steps=12, tol=0.0, out=out, lift=lift)
     assert solved.direction is out
-    assert lifted == [[0, 5], [1, 2, 3, 4]]
+    assert lifted == [[0, 1, 2, 3, 4, 5]]
+    # the zero matrices' Ritz vectors, kept apart from the rest at the first step, are the normalised start
+    assert torch.allclose(kept[0][[0, 5]].abs(), (start[:2] / start[0].norm()).abs(), rtol=0, atol=1e-15)
     _, s, vh = torch.linalg.svd(b)
     live = torch.tensor([False, True, True, True, True, False])
     assert torch.allclose(solved.sigma[live], s[live, 0], rtol=1e-12, atol=0)

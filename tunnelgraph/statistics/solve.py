@@ -206,6 +206,8 @@ def lanczos_gram_top(
     as ``B v`` for a start ``v``), and each Ritz vector ``y`` comes back
     as ``lift(y) = B^T y``, normalised, in ``out`` (required). Short
     vectors of many columns (:class:`GramFactors`) keep the basis small.
+    The Ritz vectors are lifted all together when the solve ends, by one
+    call of ``lift`` on every matrix of the batch, in order.
     ``residual`` is then ``||B v - sigma y||`` for ``v = B^T y / sigma``,
     whose other side ``B^T y - sigma v`` is zero by construction.
 
@@ -256,6 +258,7 @@ def _started(start: torch.Tensor, dtype: torch.dtype, max_steps: int,
     right.commit()
     return memory, right, v
 
+
 class _Ledger:
     """The host bookkeeping of a batched Lanczos solve, and its results.
 
@@ -265,7 +268,11 @@ class _Ledger:
     host: each step copies its two there, on an accelerator the step's one
     wait for the device), and the results, written once per matrix when it
     finishes: sigma and residual (float64, host), the Ritz vectors
-    (``direction``, in the bases' precision).
+    (``direction``, in the bases' precision). With a ``lift`` the Ritz
+    vectors are kept as they are (``short``, B's few rows) and lifted all
+    together when the solve ends (:meth:`triplet`): one product for every
+    matrix, on the channels in their order, rather than one per step on
+    the few that finished, picked from the factors.
     """
 
     def __init__(self, start: torch.Tensor, dtype: torch.dtype, max_steps: int, out: torch.Tensor | None,
@@ -275,6 +282,7 @@ class _Ledger:
         self.sigma = torch.zeros(count, dtype=torch.float64)
         self.residual = torch.zeros_like(self.sigma)
         self.direction = torch.empty(start.shape, dtype=dtype, device=self.device) if out is None else out
+        self.short = None if lift is None else torch.empty(start.shape, dtype=dtype, device=self.device)
         self.rows = torch.arange(count)
         self.batch = self.rows.to(self.device)
         self.retired = torch.zeros(count, dtype=torch.bool)  # rows whose result is kept, still in the bases
@@ -290,29 +298,28 @@ class _Ledger:
         """Keep the results of the rows ``done`` that were not kept yet; True once every row's is.
 
         ``coefficients`` (rows x basis vectors, host) combine ``basis`` into
-        each row's Ritz vector (mapped by the ledger's ``lift`` where it has
-        one), normalised, zero where sigma is (numerically) zero, its sign
-        fixed; ``sigma`` and ``residual`` are the rows' (host).
+        each row's Ritz vector: normalised, zero where sigma is
+        (numerically) zero, its sign fixed; or, with a ``lift``, kept as it
+        is until :meth:`triplet`. ``sigma`` and ``residual`` are the rows'
+        (host).
         """
         new = done & ~self.retired
         if not bool(new.any()):
             return False
         finished = new.nonzero().squeeze(1)
         on_device = finished.to(self.device)
-        direction = basis.combine(coefficients[finished].to(self.device), on_device)  # the Ritz vectors
-        if self.lift is not None:
-            direction = self.lift(direction, self.batch[on_device], None)
-        # normalised, zero where A is (numerically) zero, its sign fixed: one factor per row, applied in one pass
-        alive = (sigma[finished] > self.tiny).to(device=self.device, dtype=direction.dtype)
-        factor = signs(direction) * (alive / direction.norm(dim=1).clamp_min(self.tiny)).unsqueeze(1)
         where = self.rows[finished]
         self.sigma[where] = sigma[finished]
         self.residual[where] = residual[finished]
+        kept = self.direction if self.short is None else self.short
         first, count = int(where[0]), where.numel()
-        if int(where[-1]) - first + 1 == count:  # rows in a run (ascending and unique): written in place
-            torch.mul(direction, factor, out=self.direction[first:first + count])
-        else:
-            self.direction.index_copy_(0, self.batch[on_device], direction.mul_(factor))
+        # rows in a run (ascending and unique) are made where they go; others are made apart and copied there
+        target = kept[first:first + count] if int(where[-1]) - first + 1 == count else None
+        direction = basis.combine(coefficients[finished].to(self.device), on_device, out=target)  # the Ritz vectors
+        if self.short is None:
+            _normalise(direction, sigma[finished] > self.tiny, self.tiny)
+        if target is None:
+            kept.index_copy_(0, self.batch[on_device], direction)
         self.retired |= new
         return bool(self.retired.all())
 
@@ -348,8 +355,23 @@ class _Ledger:
         return right.last(), beta
 
     def triplet(self, steps: int) -> Triplet:
-        """The results, sigma and residual on the device."""
+        """The results, sigma and residual on the device; with a ``lift``, every row's Ritz vector lifted,
+        normalised and signed into ``direction`` first."""
+        if self.lift is not None and self.short is not None:
+            rows = torch.arange(self.short.shape[0], device=self.device)
+            lifted = self.lift(self.short, rows, self.direction)
+            self.short = None
+            if lifted is not self.direction:  # a lift may return a tensor of its own (see Operator)
+                self.direction.copy_(lifted)
+            _normalise(self.direction, self.sigma > self.tiny, self.tiny)
         return Triplet(self.sigma.to(self.device), self.direction, steps, self.residual.to(self.device))
+
+
+def _normalise(vectors: torch.Tensor, alive: torch.Tensor, tiny: float) -> torch.Tensor:
+    """``vectors``' rows normalised, zero where ``alive`` (host, per row) is False, their signs fixed
+    (:func:`signs`): one factor per row, applied in place in one pass."""
+    alive = alive.to(device=vectors.device, dtype=vectors.dtype)
+    return vectors.mul_(signs(vectors) * (alive / vectors.norm(dim=1).clamp_min(tiny)).unsqueeze(1))
 
 
 def _apply(operator: Operator, vectors: torch.Tensor, channels: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -420,8 +442,8 @@ class _Basis:
                 vector[stay:kept] = vector[rows[stay:]]
         self.data = self.data[:, :kept]
 
-    def combine(self, coefficients: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """sum_j coefficients[:, j] * vector j, for the matrices ``rows``: (len(rows), length).
+    def combine(self, coefficients: torch.Tensor, rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """sum_j coefficients[:, j] * vector j, for the matrices ``rows``: (len(rows), length), into ``out`` when given.
 
         For most of the matrices, every row is combined (zero weights for the
         others) and the rows picked from the result, which reads the basis
@@ -429,14 +451,16 @@ class _Basis:
         """
         count = self.data.shape[1]
         weights = coefficients[:, :self.size].to(self.data.dtype)
+        into = None if out is None else out.unsqueeze(1)
         if 2 * rows.numel() < count:
             vectors = self.data[:self.size, rows]  # (k, n, length), gathered
-            return torch.bmm(weights.unsqueeze(1), vectors.transpose(0, 1)).squeeze(1)
+            return torch.bmm(weights.unsqueeze(1), vectors.transpose(0, 1), out=into).squeeze(1)
         every = rows.numel() == count  # ascending and unique: all of them, in order
-        if not every:
-            weights = weights.new_zeros(count, self.size).index_copy_(0, rows, weights)
+        if every:
+            return torch.bmm(weights.unsqueeze(1), self.vectors(), out=into).squeeze(1)
+        weights = weights.new_zeros(count, self.size).index_copy_(0, rows, weights)
         combined = torch.bmm(weights.unsqueeze(1), self.vectors()).squeeze(1)
-        return combined if every else combined[rows]
+        return combined[rows] if out is None else torch.index_select(combined, 0, rows, out=out)
 
     def orthogonalise(self, vectors: torch.Tensor) -> torch.Tensor:
         """Remove the components along the basis, in place: classical Gram-Schmidt, repeated where it cancelled.
