@@ -913,10 +913,10 @@ class GroupChain:
         layers = 2 * sum(samples * spec.size for spec in self.producers) + 2 * sum(
             error.shape[0] * math.prod(error.shape[2:]) * spec.size for spec, error in zip(self.consumers, errors))
         pairs = sum(self.reach[i][j] for i in producers for j in consumers)
-        # R_i (at most M x M), the read-back errors, and per channel the outbound weights, their squares and the
+        # R_i (at most M x M), the read-back errors, and per channel the outbound weights' squares and the
         # diagonals
         entries = (len(self.producers) * samples**2 + read
-                   + self.group.size * (2 * self.outbound_size + pairs * samples))
+                   + self.group.size * (self.outbound_size + pairs * samples))
         return gram, layers, entries * outputs[0].element_size()
 
     def gram_factors(
@@ -948,7 +948,8 @@ class GroupChain:
         if any(value.shape[0] != samples for value in roots) or any(
                 blocks[0].rows is None and blocks[0].error.shape[0] != samples for blocks in read):
             raise StatisticsError(f"group '{self.group.name}': the chain changes the feature map's size")
-        outbound = [self.consumer_weight(j, channels).transpose(0, 1).reshape(self.group.size, -1).contiguous()
+        # each consumer's weight as (channels, outputs, *kernel), a view: lambda's order along the channel's row
+        outbound = [self.consumer_weight(j, channels).transpose(0, 1)
                     for j in range(len(self.consumers))]
         diagonals = [[None if scale is None else self.restrict_scale(i, j, scale, channels).transpose(0, 1).reshape(
                           self.group.size, -1).contiguous() for j, scale in enumerate(row)]
@@ -1174,7 +1175,8 @@ class GramFactors:
       consumer ``j`` (behind a global pool, the pool's row of weights times
       the diagonals around it: :meth:`GroupChain.diagonal_scales`);
     - ``omega_j`` (channels x L_j): the channels' outbound weights in
-      lambda's order.
+      lambda's order (``outbound`` holds each as (channels, outputs,
+      *kernel), a view of the consumer's weight, only read).
 
     ``P_i`` enters ``A_c^T A_c = sum_i N_ic^T P_i P_i^T N_ic`` only through
     ``G_i = P_i P_i^T`` (M x M), factored once as ``R_i R_i^T`` (``R_i``, M
@@ -1194,7 +1196,8 @@ class GramFactors:
         self.roots, self.errors, self.outbound, self.scales, self.columns = roots, errors, outbound, scales, columns
         self.rows = [0, *itertools.accumulate(root.shape[1] for root in roots)]
         self._key: Any = None
-        self.squared = [w.square() for w in outbound]  # B B^T multiplies by them
+        # B B^T multiplies by their squares: made once, (channels, L_j) in lambda's order, one pass over the weights
+        self.squared = [torch.mul(w, w, out=w.new_empty(w.shape)).view(w.shape[0], -1) for w in outbound]
         self._picked = _Picked(outbound, self.squared, scales)  # replaced at the first product
 
     @property
@@ -1221,7 +1224,8 @@ class GramFactors:
         out = vectors.new_empty(vectors.shape[0], self.size) if out is None else out
         picked = self._at(channels, keep=False)
         # N_ic v, in the coordinates of P_i^T: sum_j D_ij * E_j (omega_j * v_j), then R_i^T on the left
-        read = [_read(torch.mul(vectors[:, columns], picked.outbound[j]), blocks,
+        read = [_read(torch.mul(vectors[:, columns].view(picked.outbound[j].shape), picked.outbound[j]).reshape(
+                          vectors.shape[0], -1), blocks,
                       vectors.new_empty(vectors.shape[0], self.roots[0].shape[0]))
                 for j, (columns, blocks) in enumerate(zip(self.columns, self.errors))]
         for i, root in enumerate(self.roots):
@@ -1236,7 +1240,7 @@ class GramFactors:
         back = [vectors[:, self.rows[i]:self.rows[i + 1]] @ root.T for i, root in enumerate(self.roots)]
         for j, (columns, blocks) in enumerate(zip(self.columns, self.errors)):
             reached = _weighted_sum([(picked.scales[i][j], back[i]) for i in range(len(back))], back[0])
-            _spread(reached, blocks, out[:, columns]).mul_(picked.outbound[j])
+            _spread(reached, blocks, out[:, columns]).view(picked.outbound[j].shape).mul_(picked.outbound[j])
         return out
 
     def gram(self, vectors: torch.Tensor, channels: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
