@@ -839,11 +839,11 @@ class GroupChain:
 
         The chain runs once with the pool's output replaced by a leaf: the
         diagonals before the pool are ``J^T 1`` of the pool's input with
-        respect to the producers' outputs, those after it and those of the
-        paths that avoid it ``J^T 1`` of each consumer's input with respect
-        to the pool's output and the producers' (all element-wise maps,
-        their own transposes). The pool's indices are those its forward
-        pass picks, ties included.
+        respect to the producers' outputs (kept at the entries the pool
+        picks), those after it and those of the paths that avoid it ``J^T
+        1`` of each consumer's input with respect to the pool's output and
+        the producers' (all element-wise maps, their own transposes). The
+        pool's indices are those its forward pass picks, ties included.
         """
         pool = self.selection
         if pool is None:
@@ -867,7 +867,9 @@ class GroupChain:
             found = torch.autograd.grad(result, wrt, torch.ones_like(result), retain_graph=True, allow_unused=True)
             return list(found)
 
-        before = ones_through(held["input"], leaves)
+        indices = held["indices"]
+        before = [None if value is None else value.flatten(2).gather(2, indices.flatten(2)).view(indices.shape)
+                  for value in ones_through(held["input"], leaves)]
         after: list[torch.Tensor | None] = []
         direct: list[list[torch.Tensor | None]] = [[None] * len(self.consumers) for _ in self.producers]
         for j, result in enumerate(results):
@@ -875,7 +877,7 @@ class GroupChain:
             after.append(pooled)
             for i, path in enumerate(paths):
                 direct[i][j] = path
-        return SelectionFactors(before, held["indices"], after, direct)
+        return SelectionFactors(before, indices, after, direct)
 
     # -- few positions: A^T A from shared matrices ---------------------------------------
     def gram_eligible(self) -> bool:
@@ -1120,15 +1122,19 @@ class SelectionFactors:
     """A chain's Jacobian at one capture: diagonal, max-pool selection, diagonal (:meth:`GroupChain.selection_factors`).
 
     Attributes:
-        before: per producer, the diagonal from its output to the pool's input (None: it does not reach the pool).
+        before: per producer, the diagonal from its output to the pool's input, at the entries the pool picks
+            (shaped as the pool's output; None: it does not reach the pool).
         indices: the pool's choice: each output entry's flat position in its channel's input plane.
         after: per consumer, the diagonal from the pool's output to its input (None: not reached from the pool).
         direct: ``[i][j]``, the diagonal of the paths from producer ``i`` to consumer ``j`` that avoid the pool.
 
-    ``J t = direct t + after * select(before * t)`` and
-    ``J^T e = direct e + before * spread(after * e)``, summed over the
-    producers and the consumers; every factor is per channel, so a product
-    for some channels reads those channels' slices only (:meth:`channels`).
+    ``J t = direct t + after * before * select(t)`` and
+    ``J^T e = direct e + spread(before * after * e)``, summed over the
+    producers and the consumers: a diagonal before the selection is the
+    same for every output entry that picks an input entry, so it is
+    applied at the pool's output, which is smaller than its input. Every
+    factor is per channel, so a product for some channels reads those
+    channels' slices only (:meth:`channels`).
     """
 
     before: list[torch.Tensor | None]

@@ -1062,17 +1062,16 @@ def linear_operators(
         producer_shapes = [chain.restricted_shape(outputs[i].shape, "producer", i, count) for i in producers]
         consumer_shapes = [chain.restricted_shape(capture.shapes[chain.consumers[j].node], "consumer", j, count)
                            for j in consumers]
-        before = next(i for i in producers if f.before[i] is not None)
         if backward:
             pooled = _total([f.after[j] * values[j] for j in consumers if f.after[j] is not None],
                             lambda: values[0].new_zeros(f.indices.shape))
-            spread = f.spread(pooled, producer_shapes[before])
             return [_total([f.direct[i][j] * values[j] for j in consumers if f.direct[i][j] is not None]
-                           + ([f.before[i] * spread] if f.before[i] is not None else []),
+                           + ([f.spread(f.before[i] * pooled, producer_shapes[i])] if f.before[i] is not None
+                              else []),
                            lambda i=i: values[0].new_zeros(producer_shapes[i]))
                     for i in producers]
-        picked = f.select(_total([f.before[i] * values[i] for i in producers if f.before[i] is not None],
-                                 lambda: values[before].new_zeros(producer_shapes[before])))
+        picked = _total([f.before[i] * f.select(values[i]) for i in producers if f.before[i] is not None],
+                        lambda: values[0].new_zeros(f.indices.shape))
         return [_total([f.direct[i][j] * values[i] for i in producers if f.direct[i][j] is not None]
                        + ([f.after[j] * picked] if f.after[j] is not None else []),
                        lambda j=j: values[0].new_zeros(consumer_shapes[j]))
