@@ -868,8 +868,7 @@ class GroupChain:
             return list(found)
 
         indices = held["indices"]
-        before = [None if value is None else value.flatten(2).gather(2, indices.flatten(2)).view(indices.shape)
-                  for value in ones_through(held["input"], leaves)]
+        before = [None if value is None else _select(value, indices) for value in ones_through(held["input"], leaves)]
         after: list[torch.Tensor | None] = []
         direct: list[list[torch.Tensor | None]] = [[None] * len(self.consumers) for _ in self.producers]
         for j, result in enumerate(results):
@@ -1154,7 +1153,7 @@ class SelectionFactors:
 
     def select(self, value: torch.Tensor) -> torch.Tensor:
         """The pool's selection of ``value`` (at the pool's input): the entries its indices name."""
-        return value.flatten(2).gather(2, self.indices.flatten(2)).view(self.indices.shape)
+        return _select(value, self.indices)
 
     def spread(self, value: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
         """The selection's transpose: ``value`` (at the pool's output) added at the entries the indices name."""
@@ -1213,8 +1212,8 @@ class GramFactors:
 
     def _at(self, channels: torch.Tensor, keep: bool = True) -> _Picked:
         """The outbound weights, their squares and the diagonals of ``channels``; with ``keep``, kept while the
-        channels stay the same (a solve's running channels), else without the squares (the few that finish at a
-        step, whose directions :meth:`lift` makes)."""
+        channels stay the same (a solve's running channels), else without the squares (for :meth:`lift` and
+        :meth:`reduce`, which do not read them)."""
         key = host_channels(channels)[0]
         if key == self._key:
             return self._picked
@@ -1234,16 +1233,13 @@ class GramFactors:
                           vectors.shape[0], -1), blocks,
                       vectors.new_empty(vectors.shape[0], self.roots[0].shape[0]))
                 for j, (columns, blocks) in enumerate(zip(self.columns, self.errors))]
-        for i, root in enumerate(self.roots):
-            reached = _weighted_sum([(picked.scales[i][j], read[j]) for j in range(len(read))], read[0])
-            _product(reached, root, out[:, self.rows[i]:self.rows[i + 1]])
-        return out
+        return self._to_rows(read, picked.scales, out)
 
     def lift(self, vectors: torch.Tensor, channels: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """``B_c^T y`` for ``channels`` (rows of ``vectors``, (S, r)): (S, L), written into ``out`` when given."""
         out = vectors.new_empty(vectors.shape[0], self.columns[-1].stop) if out is None else out
         picked = self._at(channels, keep=False)
-        back = [vectors[:, self.rows[i]:self.rows[i + 1]] @ root.T for i, root in enumerate(self.roots)]
+        back = self._from_rows(vectors)
         for j, (columns, blocks) in enumerate(zip(self.columns, self.errors)):
             reached = _weighted_sum([(picked.scales[i][j], back[i]) for i in range(len(back))], back[0])
             _spread(reached, blocks, out[:, columns]).view(picked.outbound[j].shape).mul_(picked.outbound[j])
@@ -1264,7 +1260,7 @@ class GramFactors:
         out = torch.empty_like(vectors) if out is None else out
         picked = self._at(channels)
         count = vectors.shape[0]
-        back = [vectors[:, self.rows[i]:self.rows[i + 1]] @ root.T for i, root in enumerate(self.roots)]
+        back = self._from_rows(vectors)
         read = []
         for j, (columns, blocks) in enumerate(zip(self.columns, self.errors)):
             # a new (S x M) tensor: each slice of rows is read back in the place it was spread from
@@ -1277,8 +1273,18 @@ class GramFactors:
                 spread = _spread(values[rows], blocks, between[:rows.stop - start]).mul_(picked.squared[j][rows])
                 _read(spread, blocks, values[rows])
             read.append(values)
+        return self._to_rows(read, picked.scales, out)
+
+    def _from_rows(self, vectors: torch.Tensor) -> list[torch.Tensor]:
+        """``R_i y_i`` (S x M) for every producer ``i``, from vectors of B's rows (S, r)."""
+        return [vectors[:, self.rows[i]:self.rows[i + 1]] @ root.T for i, root in enumerate(self.roots)]
+
+    def _to_rows(self, read: list[torch.Tensor], scales: list[list[torch.Tensor | None]],
+                 out: torch.Tensor) -> torch.Tensor:
+        """``R_i^T sum_j D_ij z_j`` into producer ``i``'s rows of ``out`` (S, r), from each consumer's ``z_j`` (S x
+        M)."""
         for i, root in enumerate(self.roots):
-            reached = _weighted_sum([(picked.scales[i][j], read[j]) for j in range(len(read))], read[0])
+            reached = _weighted_sum([(scales[i][j], read[j]) for j in range(len(read))], read[0])
             _product(reached, root, out[:, self.rows[i]:self.rows[i + 1]])
         return out
 
@@ -1472,6 +1478,11 @@ def conv_errors(module: nn.Module, error: torch.Tensor, input_shape: Sequence[in
     padded = F.pad(error.flatten(2), (0, 1))  # (N, V, outputs + 1)
     picked = padded.index_select(2, index.reshape(-1)).view(*error.shape[:2], *index.shape)
     return picked.permute(0, 2, 1, 3).reshape(error.shape[0] * index.shape[0], -1)
+
+
+def _select(value: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """The entries of ``value`` (a pool's input) that ``indices`` (its choice, flat per channel plane) name."""
+    return value.flatten(2).gather(2, indices.flatten(2)).view(indices.shape)
 
 
 def _max_pool_with_indices(module: nn.Module, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

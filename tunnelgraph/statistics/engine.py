@@ -769,8 +769,7 @@ def _matrix_free(
     row = {channel: index for index, channel in enumerate(wanted.tolist())}
     # the results are allocated before the solve's temporaries, which then come and go above them in memory
     direction = torch.empty(wanted.numel(), chain.outbound_size, dtype=dtype, device=device)
-    # a solve of B B^T (GramFactors) runs on vectors of B's few rows; its products' largest values are a
-    # channel's lifted direction
+    # a solve of B B^T (GramFactors) runs on vectors of B's few rows, lifted into ``direction`` when it ends
     short = None if factors is None else factors.size
     start = _start_vectors(chain, device, short)
     work = plan.positions * batch if factors is None else chain.outbound_size

@@ -357,7 +357,7 @@ class _Ledger:
     def triplet(self, steps: int) -> Triplet:
         """The results, sigma and residual on the device; with a ``lift``, every row's Ritz vector lifted,
         normalised and signed into ``direction`` first."""
-        if self.lift is not None and self.short is not None:
+        if self.lift is not None and self.short is not None:  # lifted once: short is then dropped
             rows = torch.arange(self.short.shape[0], device=self.device)
             lifted = self.lift(self.short, rows, self.direction)
             self.short = None
