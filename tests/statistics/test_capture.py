@@ -179,3 +179,52 @@ def test_the_graph_starts_at_the_first_producer(frozen: bool) -> None:
     assert torch.is_grad_enabled()  # the caller's mode is back
     assert torch.equal(capture.errors["_4"], full.errors["_4"])
     assert torch.equal(capture.gradients["_2"], full.gradients["_2"])
+
+
+def test_inbound_gradients_are_summed_as_the_backward_pass_computes_them() -> None:
+    """With ``into``, each producer's gradient goes into its sum (times the batch) during the backward pass:
+    autograd hands back only memory-free zeros for the hooked weights, the capture keeps no gradient, the sums
+    are those of the gradients kept the usual way, and no hook stays on the model."""
+    from tunnelgraph.statistics.engine import InboundGradients
+
+    model, (x, y) = _deep_mlp()
+    chains = [_chain_of(model, x, "_0"), _chain_of(model, x, "_2")]
+    taps = [chain.tap() for chain in chains]
+    parts = [(x[:3], y[:3]), (x[3:], y[3:])]
+    with Recorder(model, chains[0].source, taps) as recorder:
+        kept = [run_batch(model, recorder, xb, yb, squared_error) for xb, yb in parts]
+    expected = {node: sum(capture.gradients[node] * capture.batch for capture in kept) / 7 for node in ("_0", "_2")}
+
+    sums = InboundGradients(chains, torch.device("cpu"))
+    returned: list[torch.Tensor] = []
+    grad = torch.autograd.grad
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        result = grad(*args, **kwargs)
+        returned.extend(result)
+        return result
+
+    torch.autograd.grad = spy  # type: ignore[assignment]
+    try:
+        with Recorder(model, chains[0].source, taps) as recorder:
+            captures = [run_batch(model, recorder, xb, yb, squared_error, into=sums) for xb, yb in parts]
+    finally:
+        torch.autograd.grad = grad
+    assert all(capture.gradients == {} for capture in captures)
+    assert len(returned) == 2 * 4 and all(g.stride() == (0,) * g.dim() and not g.any() for g in returned)
+    for chain, node in zip(chains, ("_0", "_2")):
+        assert relative(sums.mean(chain, 7), expected[node]) <= 1e-12
+    assert all(not module._backward_hooks and all(not p._backward_hooks for p in module.parameters())
+               for module in model)
+
+
+def test_a_gradient_sum_that_is_not_finite_is_refused_naming_the_batch_and_layer() -> None:
+    from tunnelgraph.statistics.engine import InboundGradients
+
+    model, (x, _) = _deep_mlp()
+    chains = [_chain_of(model, x, "_0"), _chain_of(model, x, "_2")]
+    sums = InboundGradients(chains, torch.device("cpu"))
+    sums.check(["_0", "_2"], 4)  # zeros are finite
+    sums.blocks["_2"][1, 2] = float("inf")
+    with pytest.raises(tg.StatisticsError, match="batch 5: the weight gradient of layer '_2' is not finite"):
+        sums.check(["_0", "_2"], 5)

@@ -26,6 +26,7 @@ Two paths compute it, for every channel of a group at once:
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import math
@@ -36,6 +37,7 @@ import torch
 import torch.distributed as dist
 import torch.fx
 import torch.nn as nn
+from torch.utils.hooks import RemovableHandle
 
 from tunnelgraph.analysis.sites import Site
 from tunnelgraph.errors import StatisticsError
@@ -385,10 +387,10 @@ def _measure(
         for index, (inputs, targets) in enumerate(
             progress_bar(batches_iter, total=batches, desc="A-statistics: pass over the data", enabled=progress)
         ):
-            capture = run_batch(model, recorder, inputs, targets, loss_fn, index=index, inbound=inbound)
+            capture = run_batch(model, recorder, inputs, targets, loss_fn, index=index, inbound=inbound,
+                                into=gradients)
             samples += capture.batch
             largest = max(largest, capture.batch)
-            gradients.add(capture)
             for plan in exact_plans:
                 if sums[id(plan)] is None:
                     sums[id(plan)] = ExactSums(plan.chain, plan.channels, torch.float64, device_of(capture))
@@ -475,6 +477,7 @@ def run_batch(
     *,
     index: int | None = None,
     inbound: Collection[str] | None = None,
+    into: InboundGradients | None = None,
 ) -> Capture:
     """One forward and backward pass under the recorder's hooks; parameters' ``.grad`` untouched.
 
@@ -487,6 +490,12 @@ def run_batch(
     gradients need. Where one of those weights is frozen it differentiates
     for the floating-point inputs instead (the whole backward pass, no
     weight gradient), and the capture holds no inbound gradient.
+
+    ``into``: the inbound gradients go there instead of into the capture:
+    each is added to its sum (times the batch) as the backward pass computes
+    it (:meth:`InboundGradients.collect`), so the pass holds one layer's
+    gradient at a time rather than every producer's at once, and the sums
+    are checked to be finite after the batch.
 
     Raises:
         StatisticsError: the loss, or a gradient that A is made of, is not
@@ -524,8 +533,18 @@ def run_batch(
                 "the loss does not depend on the model's parameters or inputs through autograd; "
                 "loss_fn must compute a differentiable loss from the model's output"
             )
-        grads = list(torch.autograd.grad(loss, wrt, allow_unused=True))
+        handles = _gradient_hooks(wrt, parameters, into, recorder.capture.batch)
+        try:
+            grads = list(torch.autograd.grad(loss, wrt, allow_unused=True))
+        finally:
+            for handle in handles:
+                handle.remove()
     capture = recorder.take()
+    if into is not None:
+        del grads  # zeros that the hooks returned
+        check_finite(capture, index)
+        into.check(parameters, index)
+        return capture
     position = 0
     for node, params in parameters.items():
         parts = []
@@ -951,20 +970,46 @@ class InboundGradients:
     def __init__(self, chains: Sequence[GroupChain], device: torch.device) -> None:
         self.sums: dict[str, torch.Tensor] = {}  # group name -> (channels, K)
         self.blocks: dict[str, torch.Tensor] = {}  # producer node -> its columns of the group's sum
+        self.group: dict[str, str] = {}  # producer node -> its group's name
         self.added: set[str] = set()  # producer nodes with at least one gradient added
         for chain in chains:
             total = torch.zeros(chain.group.size, chain.inbound_size, dtype=statistics_dtype(chain), device=device)
             self.sums[chain.group.name] = total
             for spec, rows in zip(chain.producers, chain.row_slices()):
                 self.blocks[spec.node] = total[:, rows]
+                self.group[spec.node] = chain.group.name
 
-    def add(self, capture: Capture) -> None:
-        """Add a capture's inbound gradients (times its batch) to the sums, and drop them from the capture."""
-        for node in list(capture.gradients):
-            gradient = capture.gradients.pop(node)  # given up as it is added: one layer's gradient at a time
-            if node in self.blocks:
-                self.blocks[node].add_(gradient.reshape(self.blocks[node].shape), alpha=capture.batch)
-                self.added.add(node)
+    def sinks(self, parameters: dict[str, list[torch.Tensor]]) -> dict[int, list[torch.Tensor]]:
+        """Where the gradients of the producers' ``parameters`` (fx node -> weight, then the bias if owned) are
+        added: ``id(parameter)`` -> its column blocks of the sums (one per producer it belongs to), each (channels,
+        the entries of one channel of the parameter). See :func:`_gradient_hooks`."""
+        sinks: dict[int, list[torch.Tensor]] = {}
+        for node, params in parameters.items():
+            block = self.blocks.get(node)
+            if block is None:
+                continue
+            start = 0
+            for param in params:
+                width = param[0].numel()  # a channel's entries: its weight row, or one bias
+                sinks.setdefault(id(param), []).append(block[:, start:start + width])
+                start += width
+        return sinks
+
+    def check(self, nodes: Collection[str], index: int | None) -> None:
+        """Record that the sums of the producers ``nodes`` hold a batch's gradients (added by the hooks of
+        :func:`_gradient_hooks`), and raise :class:`StatisticsError` naming the batch ``index`` and a layer if one
+        of them is no longer finite."""
+        nodes = [node for node in nodes if node in self.blocks]
+        self.added.update(nodes)
+        if all_finite(*{id(self.sums[self.group[node]]): self.sums[self.group[node]] for node in nodes}.values()):
+            return
+        for node in nodes:
+            if not all_finite(self.blocks[node]):
+                raise StatisticsError(
+                    f"{_batch_name(index)}: the weight gradient of layer '{node}' is not finite (NaN or infinite "
+                    "values); A-statistics need finite values. Check the batch for NaN or infinite inputs, and the "
+                    "model for an overflow"
+                )
 
     def mean(self, chain: GroupChain, samples: int) -> torch.Tensor | None:
         """The group's ``A 1`` (channels x K) over ``samples`` (all-reduced), or None where it was not captured.
@@ -975,6 +1020,37 @@ class InboundGradients:
             return None
         return _all_reduce(self.sums.pop(chain.group.name)).div_(samples)
 
+
+def _gradient_hooks(wrt: Sequence[torch.Tensor], parameters: dict[str, list[torch.Tensor]],
+                    into: InboundGradients | None, batch: int) -> list[RemovableHandle]:
+    """Hooks on the tensors ``wrt`` of one backward pass, whose gradients nobody keeps: remove them after the pass.
+
+    The gradients of the producers' ``parameters`` are kept for the capture
+    without ``into``; with it, each is added (times ``batch``) to its sums
+    there as the backward pass computes it. Every other gradient (a
+    consumer's weight: differentiating for it only makes the pass compute
+    the error the recorder keeps) is dropped as it is computed. A hooked
+    tensor's gradient is handed back to autograd as a zero that holds no
+    memory (an expanded scalar), so the pass holds one layer's gradient at
+    a time rather than all of them at its end.
+    """
+    sinks = into.sinks(parameters) if into is not None else {}
+    kept = set() if into is not None else {id(param) for params in parameters.values() for param in params}
+    hooked: dict[int, torch.Tensor] = {}
+    for tensor in wrt:
+        if id(tensor) not in kept:
+            hooked.setdefault(id(tensor), tensor)
+    return [tensor.register_hook(functools.partial(_add_gradient, sinks.get(key, []), batch))
+            for key, tensor in hooked.items()]
+
+
+def _add_gradient(parts: list[torch.Tensor], batch: int, gradient: torch.Tensor) -> torch.Tensor:
+    """A hook of :func:`_gradient_hooks`: add ``gradient`` (one row per channel) times ``batch`` to each of
+    ``parts``, and give autograd a zero without memory in its place."""
+    with torch.no_grad():
+        for part in parts:
+            part.add_(gradient.reshape(part.shape), alpha=batch)
+    return gradient.new_zeros(()).expand_as(gradient)
 
 def _start_vectors(chain: GroupChain, device: torch.device, length: int | None = None) -> torch.Tensor:
     """The Lanczos start of every channel: one seeded Gaussian vector of L entries (or ``length``: a solve of ``B
