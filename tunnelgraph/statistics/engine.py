@@ -19,7 +19,9 @@ Two paths compute it, for every channel of a group at once:
   producer weight gradient) and ``A^T u`` (a producer's forward with inbound
   weights ``u``, pushed through the chain to a consumer weight gradient),
   each one batched convolution pass over stored activations and errors,
-  inside Golub-Kahan-Lanczos bidiagonalisation. A is never formed.
+  inside symmetric Lanczos on ``A^T A`` (one product with A, then one with
+  A^T, per step; or a cheaper product with ``B B^T`` where the group's
+  factors allow it). A is never formed.
 
 ``method="auto"`` picks the cheaper by counting multiply-adds.
 """
@@ -64,7 +66,7 @@ from tunnelgraph.statistics.chain import (
     conv_patches,
     host_channels,
 )
-from tunnelgraph.statistics.solve import Operator, Workspace, lanczos_gram_top, lanczos_top, top_singular
+from tunnelgraph.statistics.solve import Operator, Workspace, lanczos_gram_top, top_singular
 
 logger = logging.getLogger(__name__)
 
@@ -176,8 +178,9 @@ def a_statistics(
         memory_budget: bytes of working memory a group's solve aims for:
             the chunks of samples and rows of A on the exact path; the
             Lanczos vectors of a chunk of channels on the matrix-free path
-            (``max_steps`` vectors of K and of L entries per channel), whose
-            chunks cost together what one solve of every channel would.
+            (``max_steps`` vectors of L entries per channel, or of B's rows),
+            whose chunks cost together what one solve of every channel
+            would.
         max_steps, tol: Lanczos limits on the matrix-free path: stop when
             every channel's ``||A^T u - sigma v|| <= tol * sigma`` (1e-4
             gives sigma to about 1e-8 relative and lambda* to a cosine
@@ -775,9 +778,14 @@ def _matrix_free(
     batch of stored captures, or the data's largest batch when replayed).
 
     Each chunk's products run on its channels alone, so the chunks together
-    cost what one solve of every channel would, while the Lanczos bases
-    (``max_steps`` vectors of K and of L entries per channel) and the
-    float64 sums held at once are those of one chunk.
+    cost what one solve of every channel would, while the Lanczos basis
+    (``max_steps`` vectors of L entries per channel, or of B's rows) and
+    the float64 sums held at once are those of one chunk. The solve is
+    symmetric Lanczos on ``A^T A`` (:func:`lanczos_gram_top`): a step is a
+    product with A into a vector of K entries that is not kept, then one
+    with A^T, so only right vectors are kept and re-orthogonalised (the
+    Krylov space and Ritz pair of Golub-Kahan bidiagonalisation, with one
+    basis of L entries rather than two of K and L).
     """
     chain = plan.chain
     product, transposed = linear_operators(chain, stored, samples, cache=isinstance(stored, list))
@@ -792,7 +800,7 @@ def _matrix_free(
     short = None if factors is None else factors.size
     start = _start_vectors(chain, device, short)
     work = plan.positions * batch if factors is None else chain.outbound_size
-    size = lanczos_chunk(chain, max_steps, dtype, memory_budget, work=work, length=short)
+    size = lanczos_chunk(chain, max_steps, dtype, memory_budget, work=work, short=short)
     sigmas, residuals, steps = [], [], 0  # lambda* goes straight into ``direction``
     for offset, part in zip(itertools.count(0, size), wanted.split(size)):
         channels = _Running(part)
@@ -803,13 +811,17 @@ def _matrix_free(
                 out=direction[offset:offset + part.numel()], workspace=workspace,
                 lift=lambda y, running, out, channels=channels: factors.lift(y, channels(running), out),
             )
-        else:
-            solved = lanczos_top(
-                lambda v, running, out, channels=channels: product(v, channels(running), out),
-                lambda u, running, out, channels=channels: transposed(u, channels(running), out),
-                start[part], max_steps=max_steps, tol=tol, dtype=dtype, inbound=chain.inbound_size,
-                out=direction[offset:offset + part.numel()], workspace=workspace,
-            )
+        else:  # A^T A v = A^T (A v): A v goes into ``left`` (K entries per channel), overwritten step after step
+            left = torch.empty(part.numel(), chain.inbound_size, dtype=dtype, device=device)
+
+            def normal(v: torch.Tensor, running: torch.Tensor, out: torch.Tensor | None,
+                       channels: _Running = channels, left: torch.Tensor = left) -> torch.Tensor:
+                picked = channels(running)
+                return transposed(product(v, picked, left[:running.numel()]), picked, out)
+
+            solved = lanczos_gram_top(normal, start[part], max_steps=max_steps, tol=tol, dtype=dtype,
+                                      out=direction[offset:offset + part.numel()], workspace=workspace)
+            del left
         sigmas.append(solved.sigma)
         residuals.append(solved.residual)
         steps = max(steps, solved.steps)
@@ -924,19 +936,23 @@ backward)."""
 
 
 def lanczos_chunk(chain: GroupChain, max_steps: int, dtype: torch.dtype, memory_budget: int, work: int = 0,
-                  length: int | None = None) -> int:
+                  short: int | None = None) -> int:
     """How many channels one Lanczos solve takes at once so that it fits ``memory_budget`` bytes.
 
-    Per channel: ``max_steps`` basis vectors of each side (K and L entries,
-    in ``dtype``; or of ``length`` entries, for a symmetric solve of short
-    vectors); the float64 sums, Ritz vector and work vectors of a step
-    (a few of each length); and the products' passes, which hold
-    :data:`PRODUCT_COPIES` copies of ``work`` entries (the chain's values
-    per channel, times the samples of a pass). At least one channel.
+    Per channel: ``max_steps`` basis vectors, in ``dtype``, of L entries
+    (a solve of ``A^T A``) or of ``short`` (B's rows, a solve of ``B B^T``);
+    a few vectors of the lengths a step works on (``A v``, float64 sums,
+    the Ritz vector: K and L entries, or ``short``), counted in float64;
+    and the products' passes, which hold :data:`PRODUCT_COPIES` copies of
+    ``work`` entries (the chain's values per channel, times the samples of
+    a pass). At least one channel.
     """
-    lengths = chain.inbound_size + chain.outbound_size if length is None else length
     itemsize = torch.finfo(dtype).bits // 8
-    per_channel = max_steps * lengths * itemsize + 4 * lengths * 8 + PRODUCT_COPIES * work * itemsize
+    if short is None:
+        length, vectors = chain.outbound_size, chain.inbound_size + chain.outbound_size
+    else:
+        length = vectors = short
+    per_channel = max_steps * length * itemsize + 4 * vectors * 8 + PRODUCT_COPIES * work * itemsize
     return max(1, memory_budget // per_channel)
 
 

@@ -101,6 +101,10 @@ def lanczos_top(
 ) -> Triplet:
     """Top singular triplets by Golub-Kahan-Lanczos bidiagonalisation, batched over matrices.
 
+    The engine solves by :func:`lanczos_gram_top` (the same Krylov space,
+    one basis instead of two); this is the bidiagonalisation from a pair of
+    operators, for products that are available only as A and A^T.
+
     Args:
         product: ``(v (n, L), channels (n,), out) -> A v (n, K)`` for the
             matrices ``channels`` of the batch (indices into it, ascending);
@@ -189,9 +193,11 @@ def lanczos_gram_top(
 ) -> Triplet:
     """Top singular triplets from products with ``A^T A``: symmetric Lanczos, batched over matrices.
 
-    The same as :func:`lanczos_top` where products with ``A^T A`` come
-    cheaper than one with A and one with A^T (:class:`GramFactors`): one
-    basis, of right vectors, fully re-orthogonalised; the tridiagonal
+    The statistics engine's solver. ``gram`` may be a product with A
+    followed by one with A^T (the Krylov space and Ritz pair of
+    :func:`lanczos_top`'s bidiagonalisation, with one basis of L entries
+    rather than two of K and L), or a cheaper product (:class:`GramFactors`).
+    One basis, of right vectors, fully re-orthogonalised; the tridiagonal
     ``T_j`` (diagonal ``alpha``, off-diagonal ``beta``) has top eigenpair
     ``(theta, s)``, the Ritz vector is ``V_j s`` and ``sigma = sqrt(theta)``.
     A matrix stops when ``||A^T A v - theta v|| = |beta_j s_j| <= tol *
