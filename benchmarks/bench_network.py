@@ -198,9 +198,11 @@ def probe(kind: str, args: argparse.Namespace) -> None:
     }
     _reset_peak()
     base = _rss()
+    start = time.perf_counter()
     result = calls[kind]()
+    seconds = time.perf_counter() - start
     peak = _peak_rss()
-    print(json.dumps({"growth": peak - base, "result": result_bytes(result)}))
+    print(json.dumps({"growth": peak - base, "result": result_bytes(result), "seconds": seconds}))
 
 
 def _reset_peak() -> None:
@@ -238,18 +240,19 @@ PROBES = 3
 peak growth varied from 69 to 97 MiB between single processes (the C heap's layout), the statistics' much less."""
 
 
-def peak_growth(kind: str, args: argparse.Namespace) -> tuple[int, int]:
-    """(median peak resident memory growth, bytes of the returned result) of one call, over :data:`PROBES` fresh
-    processes."""
+def peak_growth(kind: str, args: argparse.Namespace) -> tuple[int, int, float]:
+    """(median peak resident memory growth, bytes of the returned result, median seconds) of one call, over
+    :data:`PROBES` fresh processes."""
     command = [sys.executable, __file__, "--probe", kind, "--batches", str(args.batches), "--batch",
                str(args.batch), "--size", str(args.size)]
-    growths, held = [], 0
+    growths, held, seconds = [], 0, []
     for _ in range(PROBES):
         output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         figures = json.loads(output.strip().splitlines()[-1])
         growths.append(int(figures["growth"]))
+        seconds.append(float(figures["seconds"]))
         held = int(figures["result"])
-    return sorted(growths)[len(growths) // 2], held
+    return sorted(growths)[len(growths) // 2], held, sorted(seconds)[len(seconds) // 2]
 
 
 def _data(args: argparse.Namespace) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -319,9 +322,10 @@ def statistics_figures(name: str, model: nn.Module, data: list[Any], args: argpa
         print(f"{name}: with memory_budget={SMALL_BUDGET >> 20} MiB a_statistics {small_time:.2f} s = "
               f"{small_time / pass_time:.1f}x one forward-backward")
         kinds = ("fb", "stored", "stored_small", "streamed")
-        (plain, _), (stored, held), (small, _), (streamed, _) = (peak_growth(kind, args) for kind in kinds)
+        (plain, _, _), (stored, held, _), (small, _, _), (streamed, _, streamed_time) = (
+            peak_growth(kind, args) for kind in kinds)
         figures.update(peak_fb=plain, peak_stored=stored, peak_stored_small_budget=small, peak_streamed=streamed,
-                       result_bytes=held)
+                       result_bytes=held, a_statistics_streamed_s=streamed_time)
         print(f"{name}: peak resident memory growth (median of {PROBES} fresh processes each): forward-backward "
               f"{plain / 2**20:.0f} MiB; "
               f"matrix-free {stored / 2**20:.0f} MiB ({stored / plain:.1f}x) [target <= 3x], with memory_budget="
@@ -330,6 +334,8 @@ def statistics_figures(name: str, model: nn.Module, data: list[Any], args: argpa
               f"statistics hold {held / 2**20:.0f} MiB ({held / plain:.1f}x: lambda* and gradient of every site, "
               f"float32), leaving {(stored - held) / plain:.1f}x and {(streamed - held) / plain:.1f}x of working "
               "memory")
+        print(f"{name}: a store=False call took {streamed_time:.1f} s (median of the {PROBES} processes) = "
+              f"{streamed_time / pass_time:.0f}x one forward-backward (each product with A or A^T re-runs the pass)")
     return figures
 
 
