@@ -496,7 +496,7 @@ def run_batch(
 
     ``into``: the inbound gradients go there instead of into the capture:
     each is added to its sum (times the batch) as the backward pass computes
-    it (:meth:`InboundGradients.collect`), so the pass holds one layer's
+    it (:func:`_gradient_hooks`), so the pass holds one layer's
     gradient at a time rather than every producer's at once, and the sums
     are checked to be finite after the batch.
 
@@ -543,11 +543,18 @@ def run_batch(
             for handle in handles:
                 handle.remove()
     capture = recorder.take()
+    if into is None:  # else ``grads`` are the zeros the hooks returned: the sums in ``into`` hold the gradients
+        _keep_gradients(capture, parameters, grads)
+    check_finite(capture, index)
     if into is not None:
-        del grads  # zeros that the hooks returned
-        check_finite(capture, index)
         into.check(parameters, index)
-        return capture
+    return capture
+
+
+def _keep_gradients(capture: Capture, parameters: dict[str, list[torch.Tensor]],
+                    grads: list[torch.Tensor | None]) -> None:
+    """Put each producer's gradients (``grads``, in the order of ``parameters``' tensors) in the capture, one
+    (channels, entries) tensor per producer, weight then bias."""
     position = 0
     for node, params in parameters.items():
         parts = []
@@ -557,8 +564,6 @@ def run_batch(
             parts.append(grad.detach().reshape(param.shape[0], -1))
             position += 1
         capture.gradients[node] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-    check_finite(capture, index)
-    return capture
 
 
 def check_finite(capture: Capture, index: int | None) -> None:
@@ -986,14 +991,12 @@ class InboundGradients:
     def __init__(self, chains: Sequence[GroupChain], device: torch.device) -> None:
         self.sums: dict[str, torch.Tensor] = {}  # group name -> (channels, K)
         self.blocks: dict[str, torch.Tensor] = {}  # producer node -> its columns of the group's sum
-        self.group: dict[str, str] = {}  # producer node -> its group's name
         self.added: set[str] = set()  # producer nodes with at least one gradient added
         for chain in chains:
             total = torch.zeros(chain.group.size, chain.inbound_size, dtype=statistics_dtype(chain), device=device)
             self.sums[chain.group.name] = total
             for spec, rows in zip(chain.producers, chain.row_slices()):
                 self.blocks[spec.node] = total[:, rows]
-                self.group[spec.node] = chain.group.name
 
     def sinks(self, parameters: dict[str, list[torch.Tensor]]) -> dict[int, list[torch.Tensor]]:
         """Where the gradients of the producers' ``parameters`` (fx node -> weight, then the bias if owned) are
@@ -1017,7 +1020,7 @@ class InboundGradients:
         of them is no longer finite."""
         nodes = [node for node in nodes if node in self.blocks]
         self.added.update(nodes)
-        if all_finite(*{id(self.sums[self.group[node]]): self.sums[self.group[node]] for node in nodes}.values()):
+        if all_finite(*(self.blocks[node] for node in nodes)):  # one read of each sum's columns
             return
         for node in nodes:
             if not all_finite(self.blocks[node]):
@@ -1067,6 +1070,7 @@ def _add_gradient(parts: list[torch.Tensor], batch: int, gradient: torch.Tensor)
         for part in parts:
             part.add_(gradient.reshape(part.shape), alpha=batch)
     return gradient.new_zeros(()).expand_as(gradient)
+
 
 def _start_vectors(chain: GroupChain, device: torch.device, length: int | None = None) -> torch.Tensor:
     """The Lanczos start of every channel: one seeded Gaussian vector of L entries (or ``length``: a solve of ``B
