@@ -1,8 +1,10 @@
 """Top singular triplets of many small matrices at once: from A itself, or from products with A.
 
-Both solvers are batched over channels: every call handles all channels of
-a group together. The sign of a singular pair is arbitrary; it is fixed so
-that the right singular vector's largest-magnitude entry is positive.
+Both solvers (the exact :func:`top_singular` and the Lanczos
+:func:`lanczos_gram_top`) are batched over channels: every call handles all
+channels of a group together. The sign of a singular pair is arbitrary; it
+is fixed so that the right singular vector's largest-magnitude entry is
+positive.
 """
 
 from __future__ import annotations
@@ -87,99 +89,6 @@ also return a new tensor, which is then copied there.
 """
 
 
-def lanczos_top(
-    product: Operator,
-    transposed: Operator,
-    start: torch.Tensor,
-    *,
-    max_steps: int = 20,
-    tol: float = 1e-4,
-    dtype: torch.dtype | None = None,
-    inbound: int | None = None,
-    out: torch.Tensor | None = None,
-    workspace: Workspace | None = None,
-) -> Triplet:
-    """Top singular triplets by Golub-Kahan-Lanczos bidiagonalisation, batched over matrices.
-
-    The engine solves by :func:`lanczos_gram_top` (the same Krylov space,
-    one basis instead of two); this is the bidiagonalisation from a pair of
-    operators, for products that are available only as A and A^T.
-
-    Args:
-        product: ``(v (n, L), channels (n,), out) -> A v (n, K)`` for the
-            matrices ``channels`` of the batch (indices into it, ascending);
-            see :data:`Operator`.
-        transposed: ``(u (n, K), channels, out) -> A^T u (n, L)``.
-        start: starting right vectors (S, L), e.g. random or a previous answer.
-        max_steps: most products with each of A and A^T.
-        tol: a matrix is done when ``||A^T u - sigma v|| <= tol * sigma``
-            (the residual of the Ritz pair; ``A v - sigma u`` is zero by
-            construction).
-        dtype: the precision of the Lanczos vectors and of the returned
-            directions (default: ``start``'s). The bases are most of the
-            solver's memory; products computed in float32 gain nothing from
-            float64 bases. The small bidiagonal problem, sigma and the
-            residuals are float64, on the host: each step copies its alpha
-            and beta there (on an accelerator, the step's one wait for the
-            device) and sends back only what finishing channels need.
-        inbound: the length K of ``A v``, when known: the first product is
-            then written into the left basis too.
-        out: where the directions go (S, L), in ``dtype``: the returned
-            ``direction``.
-        workspace: memory for the bases, kept from one solve to the next
-            (see :class:`Workspace`); by default they are allocated afresh.
-
-    Each matrix stops on its own: once its triplet has converged its result
-    is kept, and the matrix leaves the batch when a quarter of the batch
-    has finished (compacting the bases costs a copy of them, so it is not
-    done for every straggler); later products are asked only for the
-    matrices still in the batch, so they cost in proportion to those (the
-    engine restricts its convolutions to their channels). The products are
-    written straight into the bases. Both bases are fully
-    re-orthogonalised, so the Ritz values are reliable after a handful of
-    steps; the top one converges at a rate set by the gap between the
-    first two singular values. ``steps`` of the result is the most any
-    matrix used.
-    """
-    device, basis = start.device, dtype or start.dtype
-    ledger = _Ledger(start, basis, max_steps, out)
-    tiny = ledger.tiny
-    memory, right, v = _started(start, basis, max_steps, workspace)
-    left = None if inbound is None else _Basis(start.shape[0], inbound, basis, max_steps, memory)
-    beta = torch.zeros(start.shape[0], dtype=basis, device=device)
-    step = 0
-    for step in range(1, max_steps + 1):
-        if left is None:  # the length of A v is learnt from the first product
-            first = product(v, ledger.batch, None)
-            left = _Basis(start.shape[0], first.shape[1], basis, max_steps, memory)
-            u = left.slot().copy_(first)
-            del first
-        else:
-            u = _apply(product, v, ledger.batch, left.slot())
-        if step > 1:
-            u.addcmul_(beta.unsqueeze(1), left.last(), value=-1)
-        alpha = left.orthogonalise(u)
-        u.div_(alpha.clamp_min(tiny).unsqueeze(1))
-        left.commit()
-        w = _apply(transposed, u, ledger.batch, right.slot())
-        w.addcmul_(alpha.unsqueeze(1), v, value=-1)
-        beta = right.orthogonalise(w)
-        ledger.record(step, alpha, beta)
-
-        bidiagonal = torch.zeros(ledger.rows.numel(), step, step, dtype=torch.float64)
-        index = torch.arange(step)
-        bidiagonal[:, index, index] = ledger.alphas[:, :step]
-        bidiagonal[:, index[:-1], index[1:]] = ledger.betas[:, :step - 1]
-        p, s, qh = torch.linalg.svd(bidiagonal)
-        sigma = s[:, 0]
-        residual = (ledger.betas[:, step - 1] * p[:, -1, 0]).abs()
-        done = (residual <= tol * sigma) | (sigma <= tiny) | (step == max_steps)
-        if ledger.finish(done, right, qh[:, 0, :], sigma, residual):
-            break
-        v, beta = ledger.next_vector(right, beta, left)
-    return ledger.triplet(step)
-
-
 def lanczos_gram_top(
     gram: Operator,
     start: torch.Tensor,
@@ -193,18 +102,27 @@ def lanczos_gram_top(
 ) -> Triplet:
     """Top singular triplets from products with ``A^T A``: symmetric Lanczos, batched over matrices.
 
-    The statistics engine's solver. ``gram`` may be a product with A
-    followed by one with A^T (the Krylov space and Ritz pair of
-    :func:`lanczos_top`'s bidiagonalisation, with one basis of L entries
-    rather than two of K and L), or a cheaper product (:class:`GramFactors`).
-    One basis, of right vectors, fully re-orthogonalised; the tridiagonal
-    ``T_j`` (diagonal ``alpha``, off-diagonal ``beta``) has top eigenpair
-    ``(theta, s)``, the Ritz vector is ``V_j s`` and ``sigma = sqrt(theta)``.
-    A matrix stops when ``||A^T A v - theta v|| = |beta_j s_j| <= tol *
-    theta``, which is :func:`lanczos_top`'s criterion ``||A^T u - sigma v||
-    <= tol * sigma`` for ``u = A v / sigma``; ``residual`` reports
-    ``||A^T u - sigma v||``. Finished matrices leave the batch as in
-    :func:`lanczos_top`.
+    ``gram`` may be a product with A followed by one with A^T (the Krylov
+    space and Ritz pair of Golub-Kahan bidiagonalisation, with one basis of
+    L entries rather than two of K and L), or a cheaper product
+    (:class:`GramFactors`). One basis, of right vectors, fully
+    re-orthogonalised; the tridiagonal ``T_j`` (diagonal ``alpha``,
+    off-diagonal ``beta``) has top eigenpair ``(theta, s)``, the Ritz
+    vector is ``V_j s`` and ``sigma = sqrt(theta)``. A matrix stops when
+    ``||A^T A v - theta v|| = |beta_j s_j| <= tol * theta``, which is
+    ``||A^T u - sigma v|| <= tol * sigma`` for ``u = A v / sigma``;
+    ``residual`` reports ``||A^T u - sigma v||``.
+
+    Each matrix stops on its own: once its triplet has converged its result
+    is kept, and the matrix leaves the batch when a quarter of the batch
+    has finished (compacting the basis costs a copy of it, so it is not
+    done for every straggler); later products are asked only for the
+    matrices still in the batch, so they cost in proportion to those (the
+    engine restricts its convolutions to their channels). The products are
+    written straight into the basis. Full re-orthogonalisation makes the
+    Ritz values reliable after a handful of steps; the top one converges
+    at a rate set by the gap between the first two singular values.
+    ``steps`` of the result is the most any matrix used.
 
     With ``lift``, the solve is of ``B B^T`` for matrices ``B`` whose right
     singular vectors are wanted (A of the description above is ``B^T``):
@@ -219,8 +137,22 @@ def lanczos_gram_top(
 
     Args:
         gram: ``(v (n, L), channels (n,), out) -> A^T A v (n, L)`` for the
-            matrices ``channels`` of the batch (see :data:`Operator`).
-        start, max_steps, tol, dtype, out, workspace: as for :func:`lanczos_top`.
+            matrices ``channels`` of the batch (indices into it, ascending;
+            see :data:`Operator`).
+        start: starting right vectors (S, L), e.g. random or a previous answer.
+        max_steps: most products with ``A^T A`` (with A and with A^T each).
+        tol: the stopping criterion above.
+        dtype: the precision of the Lanczos vectors and of the returned
+            directions (default: ``start``'s). The basis is most of the
+            solver's memory; products computed in float32 gain nothing from
+            a float64 basis. The small tridiagonal problem, sigma and the
+            residuals are float64, on the host: each step copies its alpha
+            and beta there (on an accelerator, the step's one wait for the
+            device) and sends back only what finishing channels need.
+        out: where the directions go (S, L), in ``dtype``: the returned
+            ``direction``.
+        workspace: memory for the basis, kept from one solve to the next
+            (see :class:`Workspace`); by default it is allocated afresh.
         lift: ``(y (n, r), channels (n,), out) -> B^T y (n, L')`` for vectors ``y`` of B's r rows, see above.
     """
     if lift is not None and out is None:
@@ -228,7 +160,7 @@ def lanczos_gram_top(
     basis = dtype or start.dtype
     ledger = _Ledger(start, basis, max_steps, out, lift)
     tiny = ledger.tiny
-    _, right, v = _started(start, basis, max_steps, workspace)
+    right, v = _started(start, basis, max_steps, workspace)
     step = 0
     for step in range(1, max_steps + 1):
         w = _apply(gram, v, ledger.batch, right.slot())
@@ -248,33 +180,33 @@ def lanczos_gram_top(
         # ||A^T u - sigma v|| = ||A^T A x - theta x|| / sigma for u = A x / sigma
         if ledger.finish(done, right, vectors[:, :, -1], sigma, residual / sigma.clamp_min(tiny)):
             break
-        v, _ = ledger.next_vector(right, beta)
+        v = ledger.next_vector(right, beta)
     return ledger.triplet(step)
 
 
 def _started(start: torch.Tensor, dtype: torch.dtype, max_steps: int,
-             workspace: Workspace | None) -> tuple[Workspace, _Basis, torch.Tensor]:
-    """A solve's memory (``workspace``, handed out again from its start, or a fresh one that keeps nothing), its
-    basis of right vectors (room for ``max_steps + 1``) and the first of them: ``start``'s rows, normalised."""
+             workspace: Workspace | None) -> tuple[_Basis, torch.Tensor]:
+    """A solve's basis of right vectors (room for ``max_steps + 1``, from ``workspace`` handed out again from its
+    start, or from a fresh one that keeps nothing) and the first of them: ``start``'s rows, normalised."""
     memory = workspace if workspace is not None else Workspace(start.device, keep=False)
-    memory.reset()  # the last solve's bases are gone: their memory serves this one
+    memory.reset()  # the last solve's basis is gone: its memory serves this one
     right = _Basis(start.shape[0], start.shape[1], dtype, max_steps + 1, memory)
     v = right.slot().copy_(start)
     v.div_(v.norm(dim=1, keepdim=True).clamp_min(torch.finfo(dtype).tiny ** 0.5))
     right.commit()
-    return memory, right, v
+    return right, v
 
 
 class _Ledger:
     """The host bookkeeping of a batched Lanczos solve, and its results.
 
-    Which matrix each row of the bases holds (``rows`` on the host,
+    Which matrix each row of the basis holds (``rows`` on the host,
     ``batch`` where the products index with it), which rows finished, each
     row's recurrence coefficients (``alphas``, ``betas``, float64 on the
     host: each step copies its two there, on an accelerator the step's one
     wait for the device), and the results, written once per matrix when it
     finishes: sigma and residual (float64, host), the Ritz vectors
-    (``direction``, in the bases' precision). With a ``lift`` the Ritz
+    (``direction``, in the basis' precision). With a ``lift`` the Ritz
     vectors are kept as they are (``short``, B's few rows) and lifted all
     together when the solve ends (:meth:`triplet`): one product for every
     matrix, on the channels in their order, rather than one per step on
@@ -291,7 +223,7 @@ class _Ledger:
         self.short = None if lift is None else torch.empty(start.shape, dtype=dtype, device=self.device)
         self.rows = torch.arange(count)
         self.batch = self.rows.to(self.device)
-        self.retired = torch.zeros(count, dtype=torch.bool)  # rows whose result is kept, still in the bases
+        self.retired = torch.zeros(count, dtype=torch.bool)  # rows whose result is kept, still in the basis
         self.alphas = torch.zeros(count, max_steps, dtype=torch.float64)
         self.betas = torch.zeros_like(self.alphas)
 
@@ -329,36 +261,32 @@ class _Ledger:
         self.retired |= new
         return bool(self.retired.all())
 
-    def compact(self, right: _Basis, left: _Basis | None = None) -> torch.Tensor | None:
-        """Once a quarter of the rows finished, drop them from the bases (``right``'s pending vector moves too).
+    def compact(self, right: _Basis) -> torch.Tensor | None:
+        """Once a quarter of the rows finished, drop them from the basis (its pending vector moves too).
 
         Returns the kept rows (on the device, for the caller's per-row
         tensors), or None when nothing moved: compacting costs a copy of the
-        bases, not worth it for a straggler.
+        basis, not worth it for a straggler.
         """
         if 4 * int(self.retired.sum()) < self.retired.numel():
             return None
-        keep = (~self.retired).nonzero().squeeze(1)  # on the host, as the bases read it
+        keep = (~self.retired).nonzero().squeeze(1)  # on the host, as the basis reads it
         right.keep(keep, pending=True)
-        if left is not None:
-            left.keep(keep)
         self.rows, self.retired, self.alphas, self.betas = (
             self.rows[keep], self.retired[keep], self.alphas[keep], self.betas[keep])
         kept = keep.to(self.device)
         self.batch = self.batch[kept]
         return kept
 
-    def next_vector(self, right: _Basis, beta: torch.Tensor,
-                    left: _Basis | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the next right Lanczos vector, its ``beta``): the pending one in ``right``'s slot (orthogonalised, of
-        norm ``beta``) divided by ``beta`` and committed, once finished rows left the bases where due
-        (:meth:`compact`, which drops their ``beta`` too)."""
-        kept = self.compact(right, left)
+    def next_vector(self, right: _Basis, beta: torch.Tensor) -> torch.Tensor:
+        """The next Lanczos vector: the pending one in ``right``'s slot (orthogonalised, of norm ``beta``, one per
+        row) divided by ``beta`` and committed, once finished rows left the basis where due (:meth:`compact`)."""
+        kept = self.compact(right)
         if kept is not None:
             beta = beta[kept]
         right.slot().div_(beta.clamp_min(self.tiny).unsqueeze(1))
         right.commit()
-        return right.last(), beta
+        return right.last()
 
     def triplet(self, steps: int) -> Triplet:
         """The results, sigma and residual on the device; with a ``lift``, every row's Ritz vector lifted,
@@ -434,7 +362,7 @@ class _Basis:
         """Keep the matrices ``rows`` (ascending indices) only, moved down in place.
 
         With ``pending`` the vector in :meth:`slot` moves too. No second copy
-        of the basis is made (the bases are most of a solve's memory): one
+        of the basis is made (the basis is most of a solve's memory): one
         vector's rows at a time are gathered, then written to their places;
         the leading rows that keep their place are not touched. ``rows`` are
         read on the host: pass them there to spare an accelerator the wait.
