@@ -228,3 +228,27 @@ def test_a_gradient_sum_that_is_not_finite_is_refused_naming_the_batch_and_layer
     sums.blocks["_2"][1, 2] = float("inf")
     with pytest.raises(tg.StatisticsError, match="batch 5: the weight gradient of layer '_2' is not finite"):
         sums.check(["_0", "_2"], 5)
+
+
+def test_a_silent_tap_is_summed_but_not_recorded() -> None:
+    """The pass of store=False: a silent group's inbound gradients go into the sums as with a recorded one, none
+    of its layers' values is kept, a recorded group beside it is captured as usual, and a silent producer that
+    does not run is still an error."""
+    from tunnelgraph.statistics.engine import InboundGradients
+
+    model, (x, y) = _deep_mlp()
+    early, late = _chain_of(model, x, "_0"), _chain_of(model, x, "_2")
+    with Recorder(model, early.source, [early.tap(), late.tap()]) as recorder:
+        full = run_batch(model, recorder, x, y, squared_error)
+    sums = InboundGradients([late], torch.device("cpu"))
+    with Recorder(model, early.source, [early.tap()], silent=[late.tap()], graph_from_producers=True) as recorder:
+        assert set(recorder.producer_parameters()) == {"_0", "_2"}
+        capture = run_batch(model, recorder, x, y, squared_error, inbound={"_2"}, into=sums)
+    assert set(capture.inputs) == set(capture.outputs) == {"_0"} and set(capture.errors) == {"_2"}
+    assert torch.equal(capture.outputs["_0"], full.outputs["_0"]) and torch.equal(capture.errors["_2"],
+                                                                                  full.errors["_2"])
+    assert relative(sums.mean(late, 1) / x.shape[0], full.gradients["_2"]) <= 1e-12
+
+    with Recorder(model, early.source, [], silent=[late.tap()]) as recorder:
+        with pytest.raises(tg.StatisticsError, match="did not run layer"):
+            recorder.take()  # no forward ran

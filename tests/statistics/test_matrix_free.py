@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import weakref
+from typing import Any
+
 import pytest
 import torch
 
@@ -98,20 +101,101 @@ def test_statistics_come_in_the_models_precision_one_tensor_per_group(method: st
     assert len(storages) > 1 and all(len(pairs) == 1 for pairs in storages.values())
 
 
-def test_recompute_mode_matches_the_stored_mode() -> None:
-    """store=False re-runs the pass for every product: same answer, memory independent of the data."""
-    entry = ZOO_BY_NAME["resnet_stack"]
+STREAMED = [
+    ("resnet_stack", "matrix_free"),  # residual coupling, batch norm: diagonal chains
+    ("squeeze_excite", "matrix_free"),  # a broadcast gate: the chain linearised per capture
+    ("paper_deep_cnn", "auto"),  # max pools (a selection chain); some groups exact, the others replayed
+    ("global_mean_pool", "auto"),  # a reduced pair into the head, beside an exact group
+]
+
+
+@pytest.mark.parametrize("name, method", STREAMED)
+def test_recompute_mode_matches_the_stored_mode(name: str, method: str) -> None:
+    """store=False re-runs the pass for every product: the same answer as over stored captures.
+
+    Up to where a channel stops (as with chunks of channels, below): the stored captures are merged into one batch
+    and the replayed ones summed batch by batch, so rounding differs and may move a residual across tol, which
+    moves sigma by about tol^2 and lambda* by about tol. The gradient is a plain sum.
+    """
+    entry = ZOO_BY_NAME[name]
     model = entry.build().double()
     data = regression_data(model, entry, torch.float64, batches=3, batch=4)
     sites = tg.find_sites(model, data[0][0], through=tg.THROUGH_OPTIONS)
-    stored = tg.a_statistics(model, sites, data, squared_error, method="matrix_free", progress=False)
-    again = tg.a_statistics(model, sites, data, squared_error, method="matrix_free", progress=False, store=False)
+    stored = tg.a_statistics(model, sites, data, squared_error, method=method, progress=False)
+    again = tg.a_statistics(model, sites, data, squared_error, method=method, progress=False, store=False)
+    assert "matrix_free" in {entry_.method for entry_ in again.values()}
+    assert [entry_.method for entry_ in again.values()] == [entry_.method for entry_ in stored.values()]
     for site in sites:
-        assert again[site.name].sigma == pytest.approx(stored[site.name].sigma, rel=1e-12)
-        assert relative(again[site.name].direction, stored[site.name].direction) <= 1e-10
-        assert relative(again[site.name].gradient, stored[site.name].gradient) <= 1e-12
+        assert again[site.name].sigma == pytest.approx(stored[site.name].sigma, rel=1e-6), site.name
+        assert relative(again[site.name].direction, stored[site.name].direction) <= 1e-3, site.name
+        assert relative(again[site.name].gradient, stored[site.name].gradient) <= 1e-12, site.name
     with pytest.raises(tg.StatisticsError, match="re-iterable"):
         tg.a_statistics(model, sites, iter(data), squared_error, method="matrix_free", store=False)
+
+
+@pytest.mark.parametrize("name, method", STREAMED)
+def test_recompute_mode_holds_one_batch_at_a_time(name: str, method: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under store=False nothing recorded from a batch outlives it, so memory does not grow with the data.
+
+    The first pass keeps no value of the groups solved matrix-free (their inbound gradients are summed as it
+    goes), and when a pass starts, no value an earlier one recorded, nor anything a product derived from one
+    (a chain's Jacobian diagonal, a selection's factors, a linearised chain), is still held.
+    """
+    from tunnelgraph.statistics import engine
+    from tunnelgraph.statistics.chain import GroupChain
+
+    recorded: list[weakref.ref] = []  # what the passes so far recorded or derived
+    passes: list[Any] = []
+    original = engine.run_batch
+
+    def run_batch(*args: Any, **kwargs: Any) -> Any:
+        held = sum(ref() is not None for ref in recorded)
+        assert held == 0, f"pass {len(passes)}: {held} values of earlier passes are still held"
+        capture = original(*args, **kwargs)
+        passes.append(capture.batch)
+        values = [v for key in ("inputs", "outputs", "errors", "externals") for v in getattr(capture, key).values()]
+        if len(passes) == 1:  # the first pass (store=False reads the data again only for the matrix-free groups)
+            free = {spec.node for spec in chains if spec.node in capture.outputs}
+            assert not free, f"the first pass recorded {sorted(free)}, which the solves replay"
+        recorded.extend(weakref.ref(value) for value in values if isinstance(value, torch.Tensor))
+        return capture
+
+    def tracked(method_name: str) -> Any:
+        real = getattr(GroupChain, method_name)
+
+        def derived(self: GroupChain, *args: Any, **kwargs: Any) -> Any:
+            made = real(self, *args, **kwargs)
+            for value in _tensors(made):
+                recorded.append(weakref.ref(value))
+            return made
+
+        return derived
+
+    entry = ZOO_BY_NAME[name]
+    model = entry.build().double()
+    data = regression_data(model, entry, torch.float64, batches=3, batch=4)
+    sites = tg.find_sites(model, data[0][0], through=tg.THROUGH_OPTIONS)
+    kinds = tg.a_statistics(model, sites, data, squared_error, method=method, progress=False)
+    graph = tg.trace(model, data[0][0])
+    free_groups = {entry_.site.group.name: entry_.site.group for entry_ in kinds.values()
+                   if entry_.method == "matrix_free"}
+    chains = [spec for group in free_groups.values() for spec in GroupChain(model, graph, group).producers]
+    monkeypatch.setattr(engine, "run_batch", run_batch)
+    for method_name in ("diagonal_scales", "restrict_scale", "selection_factors", "linearise"):
+        monkeypatch.setattr(GroupChain, method_name, tracked(method_name))
+    tg.a_statistics(model, sites, data, squared_error, method=method, progress=False, store=False)
+    assert len(passes) > len(data), "no pass was replayed"
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    """The tensors in ``value``: a tensor, nested lists and tuples, or an object's attributes."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for item in value for t in _tensors(item)]
+    if hasattr(value, "__dict__"):
+        return [t for item in vars(value).values() for t in _tensors(item)]
+    return []
 
 
 @pytest.mark.parametrize("name", ["paper_cnn", "resnet_stack", "inception_concat", "conv_bn_pool_avg", "mlp_tanh",

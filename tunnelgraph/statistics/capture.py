@@ -176,8 +176,14 @@ class Recorder:
         taps: Sequence[Tap],
         *,
         graph_from_producers: bool = False,
+        silent: Sequence[Tap] = (),
     ) -> None:
         """Record ``taps`` on ``model``; ``source`` is the traced module their fx node names refer to.
+
+        ``silent`` taps are not recorded: their producers are only checked to
+        run, start the graph, and are among :meth:`producer_parameters` (a
+        pass that sums their inbound gradients by hooks and replays the data
+        for the rest keeps none of their layers' values).
 
         With ``graph_from_producers``, a forward run under ``torch.no_grad()``
         (see :attr:`graph_from_producers`) turns autograd on as the first
@@ -198,6 +204,8 @@ class Recorder:
         self.placeholders = [n for n in self.fx_nodes.values() if n.op == "placeholder"]
         self.taps = tuple(taps)
         self.producers = {node: (module, bias) for tap in taps for node, module, bias in tap.producers}
+        self.silent = {node: (module, bias) for tap in silent for node, module, bias in tap.producers
+                       if node not in self.producers}
         self.consumers = {node: module for tap in taps for node, module in tap.consumers}
         self.externals = list(dict.fromkeys(name for tap in taps for name in tap.externals))
         weights = [p for params in self.producer_parameters().values() for p in params] + self.consumer_weights()
@@ -230,6 +238,7 @@ class Recorder:
         self.root_kwargs: dict[str, Any] = {}
         self.module_outputs: dict[str, list[Any]] = {name: [] for name in self.recorded_calls}
         self.consumer_shapes: dict[str, tuple[torch.Size, torch.dtype, torch.device]] = {}
+        self.ran: set[str] = set()  # the producers that ran in this forward
 
     def producer_parameters(self, nodes: Collection[str] | None = None) -> dict[str, list[torch.Tensor]]:
         """Producer fx node -> its inbound parameters (weight, then bias if the group owns one).
@@ -238,7 +247,7 @@ class Recorder:
         """
         return {
             node: [module.weight] + ([module.bias] if bias else [])
-            for node, (module, bias) in self.producers.items() if nodes is None or node in nodes
+            for node, (module, bias) in {**self.producers, **self.silent}.items() if nodes is None or node in nodes
         }
 
     def consumer_weights(self, covered: Collection[str] = ()) -> list[torch.Tensor]:
@@ -263,8 +272,8 @@ class Recorder:
     # -- hooks ---------------------------------------------------------------------
     def __enter__(self) -> "Recorder":
         self.handles.append(self.model.register_forward_pre_hook(self._on_model, with_kwargs=True))
-        for node, (module, _) in self.producers.items():
-            self.handles.append(module.register_forward_hook(self._producer_hook(node)))
+        for node, (module, _) in {**self.producers, **self.silent}.items():
+            self.handles.append(module.register_forward_hook(self._producer_hook(node, record=node in self.producers)))
             if self.graph_from_producers:
                 self.handles.append(module.register_forward_pre_hook(self._start_graph))
         for node, consumer in self.consumers.items():
@@ -288,9 +297,12 @@ class Recorder:
         if self.active:
             torch.set_grad_enabled(True)  # the enclosing no_grad() restores the caller's mode on exit
 
-    def _producer_hook(self, node: str):  # type: ignore[no-untyped-def]
+    def _producer_hook(self, node: str, record: bool = True):  # type: ignore[no-untyped-def]
         def hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> None:
             if not self.active:
+                return
+            self.ran.add(node)
+            if not record:
                 return
             self.capture.inputs[node] = args[0].detach().clone()
             self.capture.outputs[node] = output.detach().clone()
@@ -326,8 +338,8 @@ class Recorder:
     def take(self) -> Capture:
         """The capture of the last forward and backward pass; the recorder is cleared."""
         capture = self.capture
-        missing = [node for node in self.producers if node not in capture.outputs]
-        if missing or not self.consumer_shapes:
+        missing = [node for node in {**self.producers, **self.silent} if node not in self.ran]
+        if missing or (self.consumers and not self.consumer_shapes):
             raise StatisticsError(
                 f"the forward pass did not run layer(s) {', '.join(missing) or 'of the sites'}; pass "
                 "the model the sites were found on, and batches its forward accepts"

@@ -385,8 +385,12 @@ def _measure(
     # A 1 from the pass for the groups solved matrix-free; the exact path sums it from A itself
     inbound = {spec.node for plan in free_plans for spec in plan.chain.producers}
     samples = largest = 0
-    with Recorder(model, plans[0].chain.source if plans else None, [plan.chain.tap() for plan in plans],
-                  graph_from_producers=True) as recorder:
+    # under store=False the solves replay the data: this pass records the exact groups alone, and only sums the
+    # inbound gradients of the others (every layer's values of a batch would otherwise be kept as it runs)
+    recorded = plans if replay is None else exact_plans
+    silent = [] if replay is None else free_plans
+    with Recorder(model, plans[0].chain.source if plans else None, [plan.chain.tap() for plan in recorded],
+                  graph_from_producers=True, silent=[plan.chain.tap() for plan in silent]) as recorder:
         for index, (inputs, targets) in enumerate(
             progress_bar(batches_iter, total=batches, desc="A-statistics: pass over the data", enabled=progress)
         ):
@@ -401,6 +405,7 @@ def _measure(
                 add_exact_a(sums[id(plan)], capture, memory_budget, training=False, scale=capture.batch)
             if free_plans and replay is None:
                 stored.append(capture)
+            del capture  # under store=False the last batch's recording would outlive the pass: every layer's values
     stored = merge(stored)  # one batch of every sample: each product runs every layer once, not once per batch
     total = _all_reduce(torch.tensor(float(samples), dtype=torch.float64, device=model_device(model)))
     samples = int(total.item())
@@ -1125,26 +1130,34 @@ def linear_operators(
 
     def restricted_scales(index: int, capture: Capture, outputs: list[torch.Tensor],
                           channels: torch.Tensor) -> list[list[torch.Tensor | None]]:
-        """The chain's diagonal at the consumers' positions of ``channels`` (kept while they stay the same)."""
+        """The chain's diagonal at the consumers' positions of ``channels`` (kept while they stay the same, for
+        stored captures: a replayed capture's are made for its one product, and kept by nothing)."""
+        def restrict() -> list[list[torch.Tensor | None]]:
+            full = chain_scales(index, capture, outputs)
+            return [[None if full[i][j] is None else chain.restrict_scale(i, j, full[i][j], channels)
+                     for j in consumers] for i in producers]
+
+        if not cache:
+            return restrict()
         key = host_channels(channels)[0]
         if cut.get("channels") != key:
             cut.clear()  # one set at a time: the channels change only when a chunk starts or a channel finishes
             cut["channels"] = key
-        if index not in cut or not cache:
-            full = chain_scales(index, capture, outputs)
-            cut[index] = [[None if full[i][j] is None else chain.restrict_scale(i, j, full[i][j], channels)
-                           for j in consumers] for i in producers]
+        if index not in cut:
+            cut[index] = restrict()
         return cut[index]  # type: ignore[no-any-return]
 
     def restricted_factors(index: int, capture: Capture, outputs: list[torch.Tensor],
                            channels: torch.Tensor) -> SelectionFactors:
-        """A selection chain's factors at ``channels`` (kept while they stay the same)."""
+        """A selection chain's factors at ``channels`` (kept while they stay the same, for stored captures)."""
+        if not cache:
+            return chain.selection_factors(outputs, capture.externals).channels(chain, channels)
         key = host_channels(channels)[0]
         if cut.get("channels") != key:
             cut.clear()
             cut["channels"] = key
-        if index not in cut or not cache:
-            if index not in factors or not cache:
+        if index not in cut:
+            if index not in factors:
                 factors[index] = chain.selection_factors(outputs, capture.externals)
             cut[index] = factors[index].channels(chain, channels)
         return cut[index]  # type: ignore[no-any-return]
@@ -1218,10 +1231,19 @@ def linear_operators(
                 result.mul_(capture.batch / samples)
             return result
         result = torch.zeros(count, size, dtype=torch.float64, device=vectors.device)
-        for index, capture in enumerate(captures):
+
+        def add(index: int, capture: Capture) -> None:
             outputs = [capture.outputs[spec.node] for spec in chain.producers]
             for where, block in blocks(index, capture, outputs, outputs[0].dtype, None):
                 result[:, where].add_(block, alpha=capture.batch)
+
+        # a replayed capture is let go before the next pass records another (enumerate or zip would hold it in
+        # the tuple they reuse until then)
+        index = 0
+        for capture in captures:
+            add(index, capture)
+            del capture
+            index += 1
         result = _all_reduce(result).div_(samples)
         return result if out is None else out.copy_(result)
 
