@@ -25,7 +25,11 @@ just before it, with the median of those ratios):
    ``store=``, against that of the forward-backward pass (targets 3x and
    1.5x), each the median of three fresh processes (the peak RSS over the
    RSS before the call, so allocator caches of earlier work do not hide
-   it).
+   it). With ``--large-batch N`` (default 64; 0 leaves it out) the same
+   three figures again over ``--large-batches`` batches of N images: where
+   a batch's activations, not the returned statistics, decide the pass's
+   peak, and the stored captures grow with the data while ``store=False``
+   holds one batch at a time.
 4. torchvision's ``resnet18`` for items 1 and 2, where torchvision is
    installed.
 5. With ``--floor``: the time in convolution and matrix-product kernels
@@ -336,7 +340,22 @@ def statistics_figures(name: str, model: nn.Module, data: list[Any], args: argpa
               "memory")
         print(f"{name}: a store=False call took {streamed_time:.1f} s (median of the {PROBES} processes) = "
               f"{streamed_time / pass_time:.0f}x one forward-backward (each product with A or A^T re-runs the pass)")
+        if args.large_batch:
+            figures.update(large_batch_memory(name, args, held))
     return figures
+
+
+def large_batch_memory(name: str, args: argparse.Namespace, held: int) -> dict[str, Any]:
+    """Item 4's figures over ``--large-batches`` batches of ``--large-batch`` images, in fresh processes."""
+    large = argparse.Namespace(**{**vars(args), "batch": args.large_batch, "batches": args.large_batches})
+    (plain, _, _), (stored, _, _), (streamed, _, seconds) = (peak_growth(kind, large)
+                                                             for kind in ("fb", "stored", "streamed"))
+    print(f"{name}: with {large.batches} batches of {large.batch}, peak resident memory growth: forward-backward "
+          f"{plain / 2**20:.0f} MiB; matrix-free {stored / 2**20:.0f} MiB ({stored / plain:.1f}x) [target <= 3x]; "
+          f"with store=False {streamed / 2**20:.0f} MiB ({streamed / plain:.1f}x) [target <= 1.5x], of which the "
+          f"returned statistics {held / 2**20:.0f} MiB; the store=False call took {seconds:.1f} s")
+    return {"large_batch": large.batch, "large_batches": large.batches, "large_peak_fb": plain,
+            "large_peak_stored": stored, "large_peak_streamed": streamed, "large_streamed_s": seconds}
 
 
 def cuda_memory(model: nn.Module, sites: list[Any], data: list[Any]) -> dict[str, Any]:
@@ -427,6 +446,9 @@ def main() -> None:
                         help="also profile the time in convolution kernels (the floor of the statistics' cost)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda: where the networks and data live (on "
                         "CUDA, times are taken with CUDA events and memory is the caching allocator's peak)")
+    parser.add_argument("--large-batch", type=int, default=64,
+                        help="also measure item 4's peak memory over batches of this many images (0: leave it out)")
+    parser.add_argument("--large-batches", type=int, default=2)
     parser.add_argument("--probe", choices=("fb", "stored", "streamed", "stored_small"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     global DEVICE
