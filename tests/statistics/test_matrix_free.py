@@ -133,6 +133,23 @@ def test_recompute_mode_matches_the_stored_mode(name: str, method: str) -> None:
         tg.a_statistics(model, sites, iter(data), squared_error, method="matrix_free", store=False)
 
 
+@pytest.mark.parametrize("name, method", [("resnet_stack", "matrix_free"), ("paper_deep_cnn", "auto")])
+def test_recompute_mode_with_a_frozen_weight(name: str, method: str) -> None:
+    """A frozen first weight: the first pass differentiates for the inputs and sums no inbound gradient, so the
+    replayed products give A 1 as well; the same answer as over stored captures, and the flag is left as it was."""
+    entry = ZOO_BY_NAME[name]
+    model = entry.build().double()
+    data = regression_data(model, entry, torch.float64, batches=3, batch=4)
+    sites = tg.find_sites(model, data[0][0], through=tg.THROUGH_OPTIONS)
+    frozen = next(iter(model.parameters())).requires_grad_(False)
+    stored = tg.a_statistics(model, sites, data, squared_error, method=method, progress=False)
+    again = tg.a_statistics(model, sites, data, squared_error, method=method, progress=False, store=False)
+    assert not frozen.requires_grad
+    for site in sites:
+        assert again[site.name].sigma == pytest.approx(stored[site.name].sigma, rel=1e-6), site.name
+        assert relative(again[site.name].gradient, stored[site.name].gradient) <= 1e-12, site.name
+
+
 @pytest.mark.parametrize("name, method", STREAMED)
 def test_recompute_mode_holds_one_batch_at_a_time(name: str, method: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Under store=False nothing recorded from a batch outlives it, so memory does not grow with the data.
