@@ -24,6 +24,17 @@ def test_all_finite_finds_one_nan_or_infinity_anywhere(dtype: torch.dtype) -> No
             assert not all_finite(spoiled[:, 1:].transpose(0, 2)) or where[1] == 0  # views, any strides
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_all_finite_is_not_misled_by_a_sum_that_overflows(dtype: torch.dtype) -> None:
+    """Finite entries whose sum is not finite (the sum settles the usual case) are still all finite."""
+    largest = torch.finfo(dtype).max
+    values = torch.full((3, 5), largest, dtype=dtype)
+    values[1, 2] = -largest / 2
+    assert all_finite(values) and all_finite(torch.ones(4), values)
+    values[2, 4] = float("nan")
+    assert not all_finite(torch.ones(4), values)
+
+
 def test_all_finite_takes_empty_and_integer_tensors() -> None:
     assert all_finite(torch.empty(0))
     assert all_finite(torch.arange(5))
