@@ -69,10 +69,11 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def _hooks(model: nn.Module) -> int:
+    """Hooks on the model's modules and on its parameters (tensor hooks, as a backward pass's may be)."""
     return sum(
         len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) + len(m._backward_pre_hooks)
         for m in model.modules()
-    )
+    ) + sum(len(p._backward_hooks or {}) for p in model.parameters())
 
 
 def _loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -144,6 +145,10 @@ def _calls(model: nn.Module, entry: ZooEntry, tmp_path: Any) -> list[tuple[str, 
                                                                  method="matrix_free"), False),
             ("a_statistics with NaN data", lambda: tg.a_statistics(model, chosen, nan_data, _loss, progress=False),
              True),
+            ("a_statistics store=False", lambda: tg.a_statistics(model, chosen, data, _loss, progress=False,
+                                                                 method="matrix_free", store=False), False),
+            ("a_statistics store=False with NaN data", lambda: tg.a_statistics(
+                model, chosen, nan_data, _loss, progress=False, method="matrix_free", store=False), True),
             ("open_tunnels", lambda: tg.open_tunnels(model, data, _loss, k=2, through=THROUGH, progress=False), False),
             ("open_tunnels with NaN data", lambda: tg.open_tunnels(model, nan_data, _loss, through=THROUGH,
                                                                    progress=False), True),

@@ -204,8 +204,11 @@ class Recorder:
         self.placeholders = [n for n in self.fx_nodes.values() if n.op == "placeholder"]
         self.taps = tuple(taps)
         self.producers = {node: (module, bias) for tap in taps for node, module, bias in tap.producers}
-        self.silent = {node: (module, bias) for tap in silent for node, module, bias in tap.producers
-                       if node not in self.producers}
+        # every producer the forward must run: the recorded ones, then the silent taps'
+        self.watched = dict(self.producers)
+        for tap in silent:
+            for node, module, bias in tap.producers:
+                self.watched.setdefault(node, (module, bias))
         self.consumers = {node: module for tap in taps for node, module in tap.consumers}
         self.externals = list(dict.fromkeys(name for tap in taps for name in tap.externals))
         weights = [p for params in self.producer_parameters().values() for p in params] + self.consumer_weights()
@@ -247,7 +250,7 @@ class Recorder:
         """
         return {
             node: [module.weight] + ([module.bias] if bias else [])
-            for node, (module, bias) in {**self.producers, **self.silent}.items() if nodes is None or node in nodes
+            for node, (module, bias) in self.watched.items() if nodes is None or node in nodes
         }
 
     def consumer_weights(self, covered: Collection[str] = ()) -> list[torch.Tensor]:
@@ -272,7 +275,7 @@ class Recorder:
     # -- hooks ---------------------------------------------------------------------
     def __enter__(self) -> "Recorder":
         self.handles.append(self.model.register_forward_pre_hook(self._on_model, with_kwargs=True))
-        for node, (module, _) in {**self.producers, **self.silent}.items():
+        for node, (module, _) in self.watched.items():
             self.handles.append(module.register_forward_hook(self._producer_hook(node, record=node in self.producers)))
             if self.graph_from_producers:
                 self.handles.append(module.register_forward_pre_hook(self._start_graph))
@@ -338,7 +341,7 @@ class Recorder:
     def take(self) -> Capture:
         """The capture of the last forward and backward pass; the recorder is cleared."""
         capture = self.capture
-        missing = [node for node in {**self.producers, **self.silent} if node not in self.ran]
+        missing = [node for node in self.watched if node not in self.ran]
         if missing or (self.consumers and not self.consumer_shapes):
             raise StatisticsError(
                 f"the forward pass did not run layer(s) {', '.join(missing) or 'of the sites'}; pass "

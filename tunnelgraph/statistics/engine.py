@@ -1121,46 +1121,42 @@ def linear_operators(
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     single = isinstance(captures, list) and len(captures) == 1 and not distributed
 
-    def chain_scales(index: int, capture: Capture, outputs: list[torch.Tensor]) -> list[list[torch.Tensor | None]]:
+    def per_capture(kept: dict[int, Any], index: int, make: Callable[[], Any]) -> Any:
+        """``make()`` for capture ``index``, kept in ``kept`` for stored captures (read product after product); a
+        replayed capture's is made for its one product, and kept by nothing."""
         if not cache:
-            return chain.diagonal_scales(outputs, capture.externals)
-        if index not in scales:
-            scales[index] = chain.diagonal_scales(outputs, capture.externals)
-        return scales[index]
+            return make()
+        if index not in kept:
+            kept[index] = make()
+        return kept[index]
+
+    def per_channels(index: int, channels: torch.Tensor, make: Callable[[], Any]) -> Any:
+        """:func:`per_capture` of ``make()`` at ``channels``, kept (in ``cut``) while the channels stay the same."""
+        if cache:
+            key = host_channels(channels)[0]
+            if cut.get("channels") != key:
+                cut.clear()  # one set at a time: the channels change only when a chunk starts or a channel finishes
+                cut["channels"] = key
+        return per_capture(cut, index, make)
+
+    def chain_scales(index: int, capture: Capture, outputs: list[torch.Tensor]) -> list[list[torch.Tensor | None]]:
+        return per_capture(scales, index, lambda: chain.diagonal_scales(outputs, capture.externals))  # type: ignore[no-any-return]
 
     def restricted_scales(index: int, capture: Capture, outputs: list[torch.Tensor],
                           channels: torch.Tensor) -> list[list[torch.Tensor | None]]:
-        """The chain's diagonal at the consumers' positions of ``channels`` (kept while they stay the same, for
-        stored captures: a replayed capture's are made for its one product, and kept by nothing)."""
+        """The chain's diagonal at the consumers' positions of ``channels``."""
         def restrict() -> list[list[torch.Tensor | None]]:
             full = chain_scales(index, capture, outputs)
             return [[None if full[i][j] is None else chain.restrict_scale(i, j, full[i][j], channels)
                      for j in consumers] for i in producers]
 
-        if not cache:
-            return restrict()
-        key = host_channels(channels)[0]
-        if cut.get("channels") != key:
-            cut.clear()  # one set at a time: the channels change only when a chunk starts or a channel finishes
-            cut["channels"] = key
-        if index not in cut:
-            cut[index] = restrict()
-        return cut[index]  # type: ignore[no-any-return]
+        return per_channels(index, channels, restrict)  # type: ignore[no-any-return]
 
     def restricted_factors(index: int, capture: Capture, outputs: list[torch.Tensor],
                            channels: torch.Tensor) -> SelectionFactors:
-        """A selection chain's factors at ``channels`` (kept while they stay the same, for stored captures)."""
-        if not cache:
-            return chain.selection_factors(outputs, capture.externals).channels(chain, channels)
-        key = host_channels(channels)[0]
-        if cut.get("channels") != key:
-            cut.clear()
-            cut["channels"] = key
-        if index not in cut:
-            if index not in factors:
-                factors[index] = chain.selection_factors(outputs, capture.externals)
-            cut[index] = factors[index].channels(chain, channels)
-        return cut[index]  # type: ignore[no-any-return]
+        """A selection chain's factors at ``channels``."""
+        return per_channels(index, channels, lambda: per_capture(  # type: ignore[no-any-return]
+            factors, index, lambda: chain.selection_factors(outputs, capture.externals)).channels(chain, channels))
 
     def through_selection(index: int, capture: Capture, outputs: list[torch.Tensor], values: list[torch.Tensor],
                           channels: torch.Tensor, *, backward: bool) -> list[torch.Tensor]:
@@ -1237,8 +1233,9 @@ def linear_operators(
             for where, block in blocks(index, capture, outputs, outputs[0].dtype, None):
                 result[:, where].add_(block, alpha=capture.batch)
 
-        # a replayed capture is let go before the next pass records another (enumerate or zip would hold it in
-        # the tuple they reuse until then)
+        # a replayed capture is let go before the next pass records another: the body is a function, so its
+        # locals (the capture's values, the last block) go with it, and the loop counts by hand (enumerate or
+        # zip would hold the capture in the tuple they reuse until the next one is made)
         index = 0
         for capture in captures:
             add(index, capture)
