@@ -103,10 +103,11 @@ def _chain_of(model: nn.Module, x: torch.Tensor, producer: str) -> GroupChain:
     return next(chain for chain in _chains(model, x) if chain.producers[0].node == producer)
 
 
-@pytest.mark.parametrize("frozen", [False, True])
-def test_a_pass_without_inbound_gradients_goes_back_no_further_than_the_consumers(frozen: bool) -> None:
-    """The errors are those of the full pass; no weight gradient before the consumer is computed (where the
-    consumer's weight is frozen, the pass differentiates for the inputs instead and still records them)."""
+@pytest.mark.parametrize("frozen", [(), ("weight",), ("weight", "bias")])
+def test_a_pass_without_inbound_gradients_goes_back_no_further_than_the_consumers(frozen: tuple[str, ...]) -> None:
+    """The errors are those of the full pass; no gradient before the consumer is computed, nor the consumer's
+    weight gradient where its bias is trainable (the bias' gradient, a sum, carries the error there); where
+    both are frozen, the pass differentiates for the inputs instead and still records them."""
     model, (x, y) = _deep_mlp()
     chain = _chain_of(model, x, "_2")  # Linear(6, 5) -> tanh -> Linear(5, 3)
     with Recorder(model, chain.source, [chain.tap()]) as recorder:
@@ -114,6 +115,7 @@ def test_a_pass_without_inbound_gradients_goes_back_no_further_than_the_consumer
     assert set(full.gradients) == {"_2"}
     reached: list[str] = []  # gradients computed before the consumer: weights, and activations on the way back
     hooks = [model[i].weight.register_hook(lambda grad, i=i: reached.append(f"weight {i}")) for i in (0, 2)]
+    hooks += [model[4].weight.register_hook(lambda grad: reached.append("consumer weight"))] if not frozen else []
 
     def watch(index: int) -> Callable[..., None]:
         def hook(module: nn.Module, args: Any, output: torch.Tensor) -> None:
@@ -122,15 +124,16 @@ def test_a_pass_without_inbound_gradients_goes_back_no_further_than_the_consumer
         return hook
 
     hooks += [model[i].register_forward_hook(watch(i)) for i in (1, 3)]
-    model[4].weight.requires_grad_(not frozen)
+    for name in frozen:
+        getattr(model[4], name).requires_grad_(False)
     try:
         with Recorder(model, chain.source, [chain.tap()]) as recorder:
             narrow = run_batch(model, recorder, x, y, squared_error, inbound=())
     finally:
-        model[4].weight.requires_grad_(True)
+        model[4].requires_grad_(True)
         for hook in hooks:
             hook.remove()
-    assert reached == ([] if not frozen else ["output 3", "output 1"]) and narrow.gradients == {}
+    assert reached == (["output 3", "output 1"] if len(frozen) == 2 else []) and narrow.gradients == {}
     assert set(narrow.errors) == set(full.errors) == {"_4"}
     assert torch.equal(narrow.errors["_4"], full.errors["_4"])
 
@@ -155,10 +158,10 @@ def test_inbound_gradients_are_taken_for_the_groups_that_want_them_only() -> Non
     assert all(torch.equal(capture.errors[node], full.errors[node]) for node in ("_2", "_4"))
 
 
-@pytest.mark.parametrize("frozen", [False, True])
-def test_the_graph_starts_at_the_first_producer(frozen: bool) -> None:
+@pytest.mark.parametrize("frozen", [(), ("weight",), ("weight", "bias")])
+def test_the_graph_starts_at_the_first_producer(frozen: tuple[str, ...]) -> None:
     """Layers before the group keep no autograd graph; the errors and gradients are those of a full graph. With
-    a frozen consumer weight the graph starts at the input as usual."""
+    a frozen consumer (weight and bias) the graph starts at the input as usual."""
     model, (x, y) = _deep_mlp()
     chain = _chain_of(model, x, "_2")
     with Recorder(model, chain.source, [chain.tap()]) as recorder:
@@ -166,16 +169,18 @@ def test_the_graph_starts_at_the_first_producer(frozen: bool) -> None:
     graphed: dict[int, bool] = {}
     hooks = [model[i].register_forward_hook(
         lambda module, args, output, i=i: graphed.__setitem__(i, output.requires_grad)) for i in (0, 1, 2)]
-    model[4].weight.requires_grad_(not frozen)
+    for name in frozen:
+        getattr(model[4], name).requires_grad_(False)
+    whole = len(frozen) == 2
     try:
         with Recorder(model, chain.source, [chain.tap()], graph_from_producers=True) as recorder:
-            assert recorder.graph_from_producers is not frozen
+            assert recorder.graph_from_producers is not whole
             capture = run_batch(model, recorder, x, y, squared_error)
     finally:
-        model[4].weight.requires_grad_(True)
+        model[4].requires_grad_(True)
         for hook in hooks:
             hook.remove()
-    assert graphed == {0: frozen, 1: frozen, 2: True}
+    assert graphed == {0: whole, 1: whole, 2: True}
     assert torch.is_grad_enabled()  # the caller's mode is back
     assert torch.equal(capture.errors["_4"], full.errors["_4"])
     assert torch.equal(capture.gradients["_2"], full.gradients["_2"])

@@ -211,7 +211,7 @@ class Recorder:
                 self.watched.setdefault(node, (module, bias))
         self.consumers = {node: module for tap in taps for node, module in tap.consumers}
         self.externals = list(dict.fromkeys(name for tap in taps for name in tap.externals))
-        weights = [p for params in self.producer_parameters().values() for p in params] + self.consumer_weights()
+        weights = [p for params in self.producer_parameters().values() for p in params] + self.consumer_parameters()
         self.graph_from_producers = graph_from_producers and all(weight.requires_grad for weight in weights)
         # nodes to recompute (functions), and module calls to record, for the externals
         self.replay: dict[str, torch.fx.Node] = {}
@@ -253,22 +253,25 @@ class Recorder:
             for node, (module, bias) in self.watched.items() if nodes is None or node in nodes
         }
 
-    def consumer_weights(self, covered: Collection[str] = ()) -> list[torch.Tensor]:
-        """The weights of the consumers of every group none of whose producers is in ``covered``.
+    def consumer_parameters(self, covered: Collection[str] = ()) -> list[torch.Tensor]:
+        """A parameter of each consumer of every group none of whose producers is in ``covered``.
 
         A backward pass that differentiates for them computes the error at
         each of those consumers' outputs, which the recorder keeps, and goes
-        no further back than that (a consumer's weight gradient costs about
-        what its input gradient would). The consumers of a group with a
-        producer in ``covered`` need no weight: differentiating for that
-        producer's parameters already carries the error through them.
+        no further back than that. The parameter is the consumer's bias where
+        it has a trainable one (its gradient is a sum of the error), else its
+        weight (whose gradient costs about what the input gradient would).
+        The consumers of a group with a producer in ``covered`` need none:
+        differentiating for that producer's parameters already carries the
+        error through them.
         """
         weights: dict[int, torch.Tensor] = {}
         for tap in self.taps:
             if any(node in covered for node, _, _ in tap.producers):
                 continue
             for _, module in tap.consumers:
-                weight = module.weight
+                bias = getattr(module, "bias", None)
+                weight = bias if isinstance(bias, torch.Tensor) and bias.requires_grad else module.weight
                 weights.setdefault(id(weight), weight)
         return list(weights.values())
 

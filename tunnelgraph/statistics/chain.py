@@ -805,8 +805,7 @@ class GroupChain:
                 continue
             found: Sequence[torch.Tensor | None] = [None] * len(wanted[j])
             if result.requires_grad:
-                found = torch.autograd.grad(result, [leaves[i] for i in wanted[j]], torch.ones_like(result),
-                                            retain_graph=j < last, allow_unused=True)
+                found = _ones_through(result, [leaves[i] for i in wanted[j]], retain_graph=j < last)
             for i, grad in zip(wanted[j], found):
                 grad = grad if grad is not None else torch.zeros_like(outputs[i])
                 scales[i][j] = grad if self.reduced[i][j] else grad.reshape(result.shape)
@@ -862,10 +861,7 @@ class GroupChain:
             results = self.run(leaves, externals, replace={pool: selected})
 
         def ones_through(result: torch.Tensor, wrt: list[torch.Tensor]) -> list[torch.Tensor | None]:
-            if not result.requires_grad:
-                return [None] * len(wrt)
-            found = torch.autograd.grad(result, wrt, torch.ones_like(result), retain_graph=True, allow_unused=True)
-            return list(found)
+            return _ones_through(result, wrt, retain_graph=True) if result.requires_grad else [None] * len(wrt)
 
         indices = held["indices"]
         before = [None if value is None else _select(value, indices) for value in ones_through(held["input"], leaves)]
@@ -1065,8 +1061,17 @@ class GroupChain:
         channel_step = count if step > 1 else min(count, max(1, slab // max(1, width * samples)))
         step = min(step, block)
         buffer = self._scratch("products")((step, channel_step, width, samples), rows)
-        sums_buffer = self._scratch("sums")((step, depth * count * outputs), rows)
         flat_error = error.T.contiguous() if into_error else error.contiguous()  # (V, N) or (N, V)
+        if into_error and channel_step == count and into.dtype == rows.dtype:
+            # a running sum in the products' dtype takes each product as the matrix product leaves it (beta = 1)
+            for start in range(0, block, step):
+                stop = min(start + step, block)
+                products = torch.mul(factor_of(scales, start, stop), flat_error, out=buffer[:stop - start])
+                into[start:stop].view(stop - start, depth, count * outputs).baddbmm_(
+                    rows[start:stop], products.view(stop - start, -1, samples).transpose(1, 2), alpha=alpha
+                )
+            return
+        sums_buffer = self._scratch("sums")((step, depth * count * outputs), rows)
         for start in range(0, block, step):
             stop = min(start + step, block)
             size = stop - start
@@ -1075,7 +1080,7 @@ class GroupChain:
             for first in range(0, count, channel_step):
                 last = min(first + channel_step, count)
                 products = buffer[:size, :last - first]
-                factor = scales[first:last, start:stop].transpose(0, 1).unsqueeze(2)  # (b, s, 1, N)
+                factor = factor_of(scales[first:last], start, stop)
                 whole = last - first == count
                 if into_error:
                     torch.mul(factor, flat_error, out=products)  # (b, s, V, N)
@@ -1566,6 +1571,24 @@ class LinearisedChain:
             if value is not None:
                 result[place] = value
         return tuple(result)
+
+
+def _ones_through(
+    result: torch.Tensor, wrt: Sequence[torch.Tensor], *, retain_graph: bool
+) -> list[torch.Tensor | None]:
+    """``J^T 1`` from ``result`` to each of ``wrt`` (None where it does not depend on one).
+
+    The ones are one number broadcast: no tensor of them is written, and
+    the first backward function reads one operand less. Through a chain of
+    views alone the result is that broadcast number (read, never written).
+    """
+    ones = torch.ones((), dtype=result.dtype, device=result.device).expand_as(result)
+    return list(torch.autograd.grad(result, list(wrt), ones, retain_graph=retain_graph, allow_unused=True))
+
+
+def factor_of(scales: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """The scales (S, B, N) of positions ``start:stop`` as one factor of the diagonal path's products: (b, S, 1, N)."""
+    return scales[:, start:stop].transpose(0, 1).unsqueeze(2)
 
 
 def _pick(tensor: torch.Tensor, axis: int, weight_slice: ParamSlice, channels: torch.Tensor) -> torch.Tensor:

@@ -400,7 +400,8 @@ def _measure(
             largest = max(largest, capture.batch)
             for plan in exact_plans:
                 if sums[id(plan)] is None:
-                    sums[id(plan)] = ExactSums(plan.chain, plan.channels, torch.float64, device_of(capture))
+                    sums[id(plan)] = ExactSums(plan.chain, plan.channels, torch.float64, device_of(capture),
+                                               working=_working_dtype(capture))
                 # summed straight into float64, weighted by the batch (the loss is a batch mean)
                 add_exact_a(sums[id(plan)], capture, memory_budget, training=False, scale=capture.batch)
             if free_plans and replay is None:
@@ -492,8 +493,9 @@ def run_batch(
     ``inbound``: the producers (fx nodes) whose weight gradients the capture
     holds (``A 1``, see :class:`InboundGradients`); by default every
     producer the recorder taps. The backward pass differentiates for those
-    parameters and for the weights of the consumers of every other group
-    (:meth:`Recorder.consumer_weights`): it computes the errors the
+    parameters and for a parameter of each consumer of every other group
+    (:meth:`Recorder.consumer_parameters`: the bias where it is trainable,
+    else the weight): it computes the errors the
     recorder keeps and goes no further back than they and the wanted
     gradients need. Where one of those weights is frozen it differentiates
     for the floating-point inputs instead (the whole backward pass, no
@@ -528,11 +530,11 @@ def run_batch(
                 "overflow (a learning rate too large, a log of zero)"
             )
         # differentiate for the wanted producers' parameters (their groups' consumers lie on the way, and what
-        # comes out is A 1 of their channels) and for the other groups' consumers' weights (their errors are
+        # comes out is A 1 of their channels) and for the other groups' consumers' parameters (their errors are
         # all those groups need): no gradient that nobody needs is computed, nor any beyond the last one needed
         parameters = recorder.producer_parameters(inbound)
         wrt = [p for params in parameters.values() for p in params]
-        wrt += recorder.consumer_weights(covered=parameters)
+        wrt += recorder.consumer_parameters(covered=parameters)
         if not all(p.requires_grad for p in wrt):
             parameters = {}
             wrt = [x for x in leaves if isinstance(x, torch.Tensor) and x.requires_grad]
@@ -642,27 +644,59 @@ class ExactSums:
     and turned into A's layout once, by :meth:`total`; per capture that
     would be a transpose and a product by the weights, a third as costly as
     the contraction itself. Until then such blocks are held twice.
+
+    With ``working`` (float32 captures summed in float64), such a block is
+    first summed in ``working``, straight from the matrix products that
+    make it, and added to its float64 sum every :attr:`FLUSH_EVERY`
+    captures (:meth:`captured`): converting and adding it after every
+    capture would cost a quarter as much as the products. A sum of 16
+    float32 terms rounds no worse than each term's own matrix product,
+    itself a float32 sum over the batch's samples.
     """
 
-    def __init__(self, chain: GroupChain, channels: Sequence[int], dtype: torch.dtype, device: torch.device) -> None:
+    FLUSH_EVERY = 16
+
+    def __init__(self, chain: GroupChain, channels: Sequence[int], dtype: torch.dtype, device: torch.device,
+                 working: torch.dtype | None = None) -> None:
         self.chain = chain
         self.channels = torch.tensor(list(channels), dtype=torch.long, device=device)
         shape = (len(channels), chain.inbound_size, chain.outbound_size)
         self.a = torch.zeros(shape, dtype=dtype, device=device)
         self.pending: dict[tuple[int, int], torch.Tensor] = {}  # (producer, consumer) -> (positions, K_i, S, V)
+        self.working = working if working != dtype else None
+        self.recent: dict[tuple[int, int], torch.Tensor] = {}  # the same, in ``working``, since the last flush
+        self.added = 0
 
     def diagonal(self, producer: int, consumer: int) -> torch.Tensor:
-        """The running sum of a diagonal pair with a linear consumer: (positions, K_producer, S, V), zeros at first."""
+        """The running sum of a diagonal pair with a linear consumer: (positions, K_producer, S, V), zeros at first.
+
+        In ``working`` precision when the sums have one, else in A's.
+        """
         key = (producer, consumer)
         if key not in self.pending:
             spec = self.chain.consumers[consumer]
             shape = (spec.weight_slice.block, self.chain.producers[producer].size, self.channels.numel(),
                      spec.module.weight.shape[0])
             self.pending[key] = self.a.new_zeros(shape)
-        return self.pending[key]
+            if self.working is not None:
+                self.recent[key] = self.a.new_zeros(shape, dtype=self.working)
+        return self.recent[key] if self.working is not None else self.pending[key]
+
+    def captured(self) -> None:
+        """Count one capture added; every :attr:`FLUSH_EVERY`, the working sums go into the float64 ones."""
+        self.added += 1
+        if self.added % self.FLUSH_EVERY == 0:
+            self._flush()
+
+    def _flush(self) -> None:
+        for key, recent in self.recent.items():
+            self.pending[key].add_(recent)
+            recent.zero_()
 
     def total(self) -> torch.Tensor:
         """A summed so far, (S, K, L): the pending blocks weighed into it (once; they are then dropped)."""
+        self._flush()
+        self.recent.clear()
         columns = self.chain.column_slices()
         for (i, j), sums in self.pending.items():
             rows = slice(self.chain.producers[i].offset, self.chain.producers[i].offset + self.chain.producers[i].size)
@@ -725,6 +759,14 @@ def add_exact_a(sums: ExactSums, capture: Capture, memory_budget: int, *, traini
                     error = part.errors[chain.consumers[j].node]
                     block = chain.contract(j, tangents[j], error, index)
                     result[:, spec.offset + rows.start:spec.offset + rows.stop, columns[j]].add_(block, alpha=scale)
+    sums.captured()
+
+
+def _working_dtype(capture: Capture) -> torch.dtype | None:
+    """The precision a float64 sum over batches first sums a few captures in: float32 for float32 captures (their
+    matrix products are float32 anyway); none for others (half precision would round a sum of a few too much)."""
+    dtype = capture.outputs[next(iter(capture.outputs))].dtype
+    return dtype if dtype == torch.float32 else None
 
 
 def device_of(capture: Capture) -> torch.device:
