@@ -189,9 +189,10 @@ class Recorder:
         (see :attr:`graph_from_producers`) turns autograd on as the first
         producer starts: the layers before it keep no graph and no saved
         activations, which no gradient the statistics need goes through.
-        It applies only where every producer's parameters and every
-        consumer's weight need gradients (else the graph starts at the
-        input as usual). A forward that turns autograd off itself
+        It applies only where every producer's parameters and the
+        parameters of the consumers the pass differentiates for
+        (:meth:`consumer_parameters`) need gradients (else the graph starts
+        at the input as usual). A forward that turns autograd off itself
         (``torch.no_grad()`` inside the model) around a producer would have
         it turned on there: such a model is measured as if the block were
         differentiable.

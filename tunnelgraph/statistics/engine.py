@@ -1094,8 +1094,8 @@ def _gradient_hooks(wrt: Sequence[torch.Tensor], parameters: dict[str, list[torc
     The gradients of the producers' ``parameters`` are kept for the capture
     without ``into``; with it, each is added (times ``batch``) to its sums
     there as the backward pass computes it. Every other gradient (a
-    consumer's weight: differentiating for it only makes the pass compute
-    the error the recorder keeps) is dropped as it is computed. A hooked
+    consumer's bias or weight: differentiating for it only makes the pass
+    compute the error the recorder keeps) is dropped as it is computed. A hooked
     tensor's gradient is handed back to autograd as a zero that holds no
     memory (an expanded scalar), so the pass holds one layer's gradient at
     a time rather than all of them at its end.
