@@ -1016,7 +1016,9 @@ class GroupChain:
         as the products leave it (any float dtype; :meth:`weigh_diagonal`
         turns it into A once the data are summed): a transpose and a product
         by the weights per batch would cost a third as much as the products
-        themselves. The operands are x and the element-wise product of d
+        themselves. Where ``into`` has the rows' dtype and the scale goes
+        into the error, the products add into it themselves (``baddbmm``),
+        with no separate sum and add. The operands are x and the element-wise product of d
         with e (or with x, whichever is smaller), made ``slab`` entries at a
         time in a buffer that stays in cache and read by the matrix product
         at once. Default ``slab``: 2**19 entries (2 MiB in float32) on the

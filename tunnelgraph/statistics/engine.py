@@ -402,7 +402,8 @@ def _measure(
                 if sums[id(plan)] is None:
                     sums[id(plan)] = ExactSums(plan.chain, plan.channels, torch.float64, device_of(capture),
                                                working=_working_dtype(capture))
-                # summed straight into float64, weighted by the batch (the loss is a batch mean)
+                # summed into float64 (float32 captures through a float32 sum of a few), weighted by the batch
+                # (the loss is a batch mean)
                 add_exact_a(sums[id(plan)], capture, memory_budget, training=False, scale=capture.batch)
             if free_plans and replay is None:
                 stored.append(capture)
@@ -497,7 +498,7 @@ def run_batch(
     (:meth:`Recorder.consumer_parameters`: the bias where it is trainable,
     else the weight): it computes the errors the
     recorder keeps and goes no further back than they and the wanted
-    gradients need. Where one of those weights is frozen it differentiates
+    gradients need. Where one of those parameters is frozen it differentiates
     for the floating-point inputs instead (the whole backward pass, no
     weight gradient), and the capture holds no inbound gradient.
 
@@ -643,7 +644,8 @@ class ExactSums:
     without the outbound weights (which do not change between captures),
     and turned into A's layout once, by :meth:`total`; per capture that
     would be a transpose and a product by the weights, a third as costly as
-    the contraction itself. Until then such blocks are held twice.
+    the contraction itself. Until then such blocks are held twice (three
+    times with ``working``).
 
     With ``working`` (float32 captures summed in float64), such a block is
     first summed in ``working``, straight from the matrix products that
