@@ -31,7 +31,7 @@ def fix_sign(vectors: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
     """Flip each row so that its largest-magnitude entry is positive (ties: the first one).
 
     A new tensor, or ``vectors`` itself with ``inplace``. Each row's sign is
-    read off its minimum and maximum in one pass; a row whose largest
+    read off its minimum and maximum; a row whose largest
     magnitude is reached with both signs is settled by its first such entry.
     """
     if vectors.numel() == 0:
@@ -43,7 +43,9 @@ def fix_sign(vectors: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
 def signs(vectors: torch.Tensor) -> torch.Tensor:
     """(rows, 1): +1 or -1 per row of ``vectors``, what :func:`fix_sign` multiplies it by (a positive factor of a row
     leaves its sign as it is)."""
-    low, high = torch.aminmax(vectors, dim=-1, keepdim=True)
+    # two reductions: torch's aminmax along a dimension is many times slower on the CPU (2.8 against 0.12 ms on
+    # 512 rows of 4,608)
+    low, high = vectors.amin(dim=-1, keepdim=True), vectors.amax(dim=-1, keepdim=True)
     negative = -low > high
     tied = (-low == high) & (high > 0)
     # rare: decide by the first entry of largest magnitude (on an accelerator, without waiting to learn whether)
