@@ -212,8 +212,9 @@ class Recorder:
                 self.watched.setdefault(node, (module, bias))
         self.consumers = {node: module for tap in taps for node, module in tap.consumers}
         self.externals = list(dict.fromkeys(name for tap in taps for name in tap.externals))
-        weights = [p for params in self.producer_parameters().values() for p in params] + self.consumer_parameters()
-        self.graph_from_producers = graph_from_producers and all(weight.requires_grad for weight in weights)
+        differentiated = [p for params in self.producer_parameters().values() for p in params]
+        differentiated += self.consumer_parameters()
+        self.graph_from_producers = graph_from_producers and all(p.requires_grad for p in differentiated)
         # nodes to recompute (functions), and module calls to record, for the externals
         self.replay: dict[str, torch.fx.Node] = {}
         self.recorded_calls: dict[str, list[str]] = {}  # module name -> its fx nodes in call order
@@ -266,15 +267,15 @@ class Recorder:
         differentiating for that producer's parameters already carries the
         error through them.
         """
-        weights: dict[int, torch.Tensor] = {}
+        chosen: dict[int, torch.Tensor] = {}
         for tap in self.taps:
             if any(node in covered for node, _, _ in tap.producers):
                 continue
             for _, module in tap.consumers:
                 bias = getattr(module, "bias", None)
-                weight = bias if isinstance(bias, torch.Tensor) and bias.requires_grad else module.weight
-                weights.setdefault(id(weight), weight)
-        return list(weights.values())
+                parameter = bias if isinstance(bias, torch.Tensor) and bias.requires_grad else module.weight
+                chosen.setdefault(id(parameter), parameter)
+        return list(chosen.values())
 
     # -- hooks ---------------------------------------------------------------------
     def __enter__(self) -> "Recorder":

@@ -1068,7 +1068,7 @@ class GroupChain:
             # a running sum in the products' dtype takes each product as the matrix product leaves it (beta = 1)
             for start in range(0, block, step):
                 stop = min(start + step, block)
-                products = torch.mul(factor_of(scales, start, stop), flat_error, out=buffer[:stop - start])
+                products = torch.mul(_factor_of(scales, start, stop), flat_error, out=buffer[:stop - start])
                 into[start:stop].view(stop - start, depth, count * outputs).baddbmm_(
                     rows[start:stop], products.view(stop - start, -1, samples).transpose(1, 2), alpha=alpha
                 )
@@ -1082,7 +1082,7 @@ class GroupChain:
             for first in range(0, count, channel_step):
                 last = min(first + channel_step, count)
                 products = buffer[:size, :last - first]
-                factor = factor_of(scales[first:last], start, stop)
+                factor = _factor_of(scales[first:last], start, stop)
                 whole = last - first == count
                 if into_error:
                     torch.mul(factor, flat_error, out=products)  # (b, s, V, N)
@@ -1588,7 +1588,7 @@ def _ones_through(
     return list(torch.autograd.grad(result, list(wrt), ones, retain_graph=retain_graph, allow_unused=True))
 
 
-def factor_of(scales: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+def _factor_of(scales: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     """The scales (S, B, N) of positions ``start:stop`` as one factor of the diagonal path's products: (b, S, 1, N)."""
     return scales[:, start:stop].transpose(0, 1).unsqueeze(2)
 

@@ -767,7 +767,7 @@ def add_exact_a(sums: ExactSums, capture: Capture, memory_budget: int, *, traini
 def _working_dtype(capture: Capture) -> torch.dtype | None:
     """The precision a float64 sum over batches first sums a few captures in: float32 for float32 captures (their
     matrix products are float32 anyway); none for others (half precision would round a sum of a few too much)."""
-    dtype = capture.outputs[next(iter(capture.outputs))].dtype
+    dtype = next(iter(capture.outputs.values())).dtype
     return dtype if dtype == torch.float32 else None
 
 
