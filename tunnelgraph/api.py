@@ -403,7 +403,10 @@ def open_tunnels(
         t: the radius of ``lambda_t``.
         sites: candidate sites; default: every site of ``model`` (found on
             the first batch's inputs with ``through``) for which A is
-            defined (see :attr:`ChannelGroup.self_consumers`).
+            defined (see :attr:`ChannelGroup.self_consumers`). With
+            ``k > 1`` they must be sites :func:`find_sites` gives with the
+            same ``through``: each tunnel after the first finds its site
+            again, by name, on the widened model.
         through: per-channel operations sites may pass (see :func:`find_sites`).
 
     Returns:
@@ -419,6 +422,8 @@ def open_tunnels(
     Raises:
         StatisticsError: a loss, activation or gradient over ``data`` is
             NaN or infinite; nothing is opened.
+        SiteError: with ``k > 1``, one of ``sites`` is not a site of
+            ``model`` under ``through``; checked before anything is measured.
     """
     import torch
 
@@ -452,6 +457,8 @@ def open_tunnels(
         if sites is not None:
             raise ValueError("sites= is empty: pass sites from tg.find_sites, or sites=None to measure every site")
         raise _no_sites_error(adapter, example, chosen)
+    if sites is not None and k > 1:
+        _check_found_with(adapter, example, candidates, chosen)
     stats = a_statistics(
         model, candidates, data, loss_fn, batches=batches, device=device, progress=progress, method=method
     )
@@ -472,6 +479,26 @@ def open_tunnels(
         opened.append(OpenedTunnel(entry.site, site.group.size, lam, entry))
         logger.info("opened %s (sigma %.3g) as channel %d", entry.name, entry.sigma, site.group.size)
     return result, opened
+
+
+def _check_found_with(adapter: Adapter[Any], example: Any, sites: Sequence[Site], through: tuple[str, ...]) -> None:
+    """Raise :class:`SiteError` unless every one of ``sites`` is a site ``find_sites`` gives under ``through``.
+
+    :func:`open_tunnels` finds each tunnel's site after the first again, by
+    name, on the widened model and under its own ``through=``: a site found
+    with other options would fail there, or in another group layout be
+    passed over, after every site was measured. Checked before measuring.
+    """
+    groups = {group.name: group for group in channel_groups(adapter.graph(example), through)}
+    for site in sites:
+        group = groups.get(site.group_name)
+        if group is None or group != site.group or not group.legal:
+            rules = f"with {through_hint(through)}" if through else "under the default rules (no through=)"
+            raise SiteError(
+                f"site {site.name} is not a site of this model {rules}: with k > 1, open_tunnels finds each "
+                "tunnel's site after the first again on the widened model, under its own through=; pass it the "
+                "through= you gave tg.find_sites"
+            )
 
 
 def _no_sites_error(adapter: Adapter[Any], example: Any, chosen: tuple[str, ...]) -> SiteError:

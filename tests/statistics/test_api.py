@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import tunnelgraph as tg
+import tunnelgraph.statistics.engine as engine
 from conftest import inbound_gradient, mean_gradients, regression_data, relative, squared_error
 from zoo import ZOO_BY_NAME
 
@@ -178,3 +179,48 @@ def test_the_tracker_skips_a_non_finite_iteration_and_keeps_its_average() -> Non
         stats = tracker.statistics()
     assert tracker.updates == 2 and tracker.skipped == 1
     assert all(torch.isfinite(entry.a).all() for entry in stats.values())
+
+
+class _ConvBatchNorm(torch.nn.Module):
+    """conv -> batch norm -> ReLU -> conv -> global pool -> linear: its sites pass batch norm or pooling."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(2, 4, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(4)
+        self.conv2 = torch.nn.Conv2d(4, 3, 3, padding=1)
+        self.head = torch.nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv2(torch.relu(self.bn(self.conv(x))))
+        return self.head(y.mean((2, 3)))
+
+
+def test_open_tunnels_refuses_sites_of_other_through_options_before_measuring(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """With k > 1 each tunnel after the first finds its site again under the call's own through=: sites found with
+    other options are refused up front, naming the way out, with nothing measured and the model untouched."""
+    torch.manual_seed(0)
+    model = _ConvBatchNorm().double().eval()
+    data = [(torch.randn(4, 2, 6, 6, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)) for _ in range(2)]
+    sites = tg.find_sites(model, data[0][0], through=("batchnorm", "pooling"))
+    assert {site.group_name for site in sites} == {"conv", "conv2"}
+    assert tg.find_sites(model, data[0][0]) == []  # under the default rules neither group is legal
+    before = copy.deepcopy(model.state_dict())
+    measured: list[int] = []  # open_tunnels imports a_statistics from the engine when called
+    real = engine.a_statistics
+    monkeypatch.setattr(engine, "a_statistics", lambda *args, **kwargs: measured.append(1) or real(*args, **kwargs))
+    with pytest.raises(tg.SiteError, match=r"conv\[0\] is not a site of this model under the default rules.*"
+                                           r"pass it the through= you gave tg.find_sites"):
+        tg.open_tunnels(model, data, squared_error, k=2, sites=sites, progress=False)
+    with pytest.raises(tg.SiteError, match=r'with through=\("pooling",\)'):
+        tg.open_tunnels(model, data, squared_error, k=2, sites=sites, through=("pooling",), progress=False)
+    assert measured == []
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # with the options the sites were found with, both tunnels open and the function is kept
+    new, opened = tg.open_tunnels(model, data, squared_error, k=2, sites=sites, through=("batchnorm", "pooling"),
+                                  progress=False)
+    assert len(opened) == 2 and measured == [1]
+    assert tg.verify(model, new, data[0][0]).passed
+    # one tunnel needs no second search: the site given is opened as it is, whatever the call's through=
+    _, [single] = tg.open_tunnels(model, data, squared_error, k=1, sites=sites, progress=False)
+    assert single.site.name == opened[0].site.name
