@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Callable
 
 import pytest
@@ -184,12 +185,28 @@ def test_a_detector_needs_the_loss() -> None:
         controller.step()
 
 
-def test_a_model_without_sites_gets_a_clear_error_at_the_event() -> None:
+def test_a_model_without_sites_gets_a_clear_error_when_the_controller_is_made() -> None:
+    """Not at the first event, which may come hours into training."""
     model = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    controller = TunnelController(model, optimizer, F.cross_entropy, _loader(), open_at=[1])
     with pytest.raises(ValueError, match="no site to open"):
-        _train(controller, optimizer, _loader(), 1)
+        TunnelController(model, optimizer, F.cross_entropy, _loader(), open_at=[1])
+
+
+def test_site_names_that_are_no_site_are_refused_when_the_controller_is_made() -> None:
+    model = paper_cnn()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"sites=\['conv\[99\]', 'head\[0\]'\] name no site of this model under "
+                                         r"the default rules .*tg.find_sites"):
+        TunnelController(model, optimizer, F.cross_entropy, _loader(), sites=["conv[3]", "conv[99]", "head[0]"],
+                         open_at=[1])
+    with pytest.raises(ValueError, match="no site to open in this model among sites="):
+        TunnelController(model, optimizer, F.cross_entropy, _loader(), sites=["head[0]"], open_at=[1])
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    controller = TunnelController(model, optimizer, F.cross_entropy, _loader(), sites=["conv[3]"], open_at=[1])
+    [event] = _train(controller, optimizer, _loader(), 1)
+    assert event.sites == ("conv[3]",)
 
 
 def test_hooks_and_a_compiled_wrapper_keep_working_after_the_controller_rewrites() -> None:

@@ -46,6 +46,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from tunnelgraph.analysis.groups import through_hint
 from tunnelgraph.analysis.sites import Site
 from tunnelgraph.api import find_sites, function_change, merge, rewrite, rewrite_records
 from tunnelgraph.runtime import batch_parts, model_device, to_device, unwrap_model
@@ -143,7 +144,10 @@ class TunnelController:
         max_events: at most this many opening/reorganising events.
         batches: batches of ``data`` used per event.
         sites: candidate sites (names or :class:`Site`); default: every
-            site of the model for which A is defined.
+            site of the model for which A is defined. That the model has a
+            site to open, and that every name here is one (under
+            ``through``), is checked when the controller is made: a
+            ValueError then, not at the first event.
         through: per-channel operations sites may pass (see
             :func:`tunnelgraph.find_sites`).
         track: keep A as a moving average during training with a
@@ -233,8 +237,10 @@ class TunnelController:
         self._opened = 0
         self._example = self._draw(1)[0][0]
         self._tracker: StatisticsTracker | None = None
+        candidates = self._candidates()  # no site to open, or a name in sites= that is none: said now, not mid-run
+        self._check_names(candidates)
         if track:
-            self._tracker = self._new_tracker()
+            self._tracker = StatisticsTracker(self.module, candidates, example_inputs=self._example, decay=self.decay)
 
     # -- the loop's interface ---------------------------------------------------------------
 
@@ -460,6 +466,19 @@ class TunnelController:
                 + "; see tg.analyze(model, x) for why, and through= for the operations sites may pass"
             )
         return found
+
+    def _check_names(self, candidates: Sequence[Site]) -> None:
+        """Raise ValueError naming the entries of ``sites=`` that are no site of the model among ``candidates``."""
+        if self.site_names is None:
+            return
+        found = {site.name for site in candidates}
+        unknown = [name for name in self.site_names if name not in found]
+        if unknown:
+            rules = f"with {through_hint(self.through)}" if self.through else "under the default rules (no through=)"
+            raise ValueError(
+                f"sites={unknown} name no site of this model {rules} for which A is measured; pass names that "
+                "tg.find_sites(model, x) gives with this controller's through=, or the through= you found them with"
+            )
 
     def _site(self, name: str) -> Site:
         sites = {site.name: site for site in find_sites(self.module, self._example, through=self.through)}
