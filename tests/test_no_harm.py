@@ -20,6 +20,7 @@ import tunnelgraph as tg
 from tunnelgraph.rewrite import edits
 from tunnelgraph.runtime import preserved
 from tunnelgraph.statistics.engine import measurable as statistics_defined
+from tunnelgraph.train import TunnelController
 from zoo import SPECIAL, ZOO, ZOO_BY_NAME, ZooEntry, example_input
 
 MODELS = ZOO + SPECIAL
@@ -152,7 +153,14 @@ def _calls(model: nn.Module, entry: ZooEntry, tmp_path: Any) -> list[tuple[str, 
             ("open_tunnels", lambda: tg.open_tunnels(model, data, _loss, k=2, through=THROUGH, progress=False), False),
             ("open_tunnels with NaN data", lambda: tg.open_tunnels(model, nan_data, _loss, through=THROUGH,
                                                                    progress=False), True),
+            ("a tunnel controller with a site name that is none", lambda: TunnelController(
+                model, torch.optim.SGD(model.parameters(), lr=0.1), _loss, data, sites=[chosen[0].name, "nowhere[0]"],
+                through=THROUGH, open_at=[1]), True),
         ]
+        default = {site.group_name: site.group for site in tg.find_sites(model, x)}
+        if any(default.get(site.group_name) != site.group for site in chosen):  # refused before anything is measured
+            calls.append(("open_tunnels with sites of other through= options", lambda: tg.open_tunnels(
+                model, data, _loss, k=2, sites=chosen, progress=False), True))
     return calls
 
 

@@ -23,7 +23,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from tunnelgraph.adapters import Adapter, adapter_for
-from tunnelgraph.analysis.groups import THROUGH_OPTIONS, ChannelGroup, channel_groups, check_through, through_hint
+from tunnelgraph.analysis.groups import (
+    THROUGH_OPTIONS,
+    ChannelGroup,
+    channel_groups,
+    check_through,
+    through_hint,
+    through_rules,
+)
 from tunnelgraph.analysis.sites import AnalysisReport, Site, analyze_graph, find_site, sites_of
 from tunnelgraph.errors import SiteError
 from tunnelgraph.ir import Graph
@@ -491,13 +498,11 @@ def _check_found_with(adapter: Adapter[Any], example: Any, sites: Sequence[Site]
     """
     groups = {group.name: group for group in channel_groups(adapter.graph(example), through)}
     for site in sites:
-        group = groups.get(site.group_name)
-        if group is None or group != site.group or not group.legal:
-            rules = f"with {through_hint(through)}" if through else "under the default rules (no through=)"
+        if groups.get(site.group_name) != site.group:
             raise SiteError(
-                f"site {site.name} is not a site of this model {rules}: with k > 1, open_tunnels finds each "
-                "tunnel's site after the first again on the widened model, under its own through=; pass it the "
-                "through= you gave tg.find_sites"
+                f"site {site.name} is not a site of this model {through_rules(through)}: with k > 1, open_tunnels "
+                "finds each tunnel's site after the first again on the widened model, under its own through=; pass "
+                "it the through= you gave tg.find_sites"
             )
 
 
@@ -505,7 +510,7 @@ def _no_sites_error(adapter: Adapter[Any], example: Any, chosen: tuple[str, ...]
     """The error for a model without sites, naming the smallest ``through=`` that would give it some."""
     graph = adapter.graph(example)
     name = adapter.name
-    rules = f"with {through_hint(chosen)}" if chosen else "under the default rules"
+    rules = through_rules(chosen)
     others = [option for option in THROUGH_OPTIONS if option not in chosen]
     for size in range(1, len(others) + 1):
         counts = {

@@ -38,6 +38,12 @@ def hint_style(style: HintStyle) -> Iterator[None]:
         _HINT_STYLE.reset(token)
 
 
+def through_rules(options: Iterable[str]) -> str:
+    """The rules a message says sites were looked for under: ``with through=(...)``, or the default ones."""
+    chosen = tuple(options)
+    return f"with {through_hint(chosen)}" if chosen else "under the default rules (no through=)"
+
+
 def through_hint(options: Iterable[str]) -> str:
     """How a caller asks for ``options``: ``through=("batchnorm",)``, or ``--through batchnorm`` in the CLI."""
     chosen = tuple(options)

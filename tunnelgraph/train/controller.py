@@ -46,7 +46,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from tunnelgraph.analysis.groups import through_hint
+from tunnelgraph.analysis.groups import through_rules
 from tunnelgraph.analysis.sites import Site
 from tunnelgraph.api import find_sites, function_change, merge, rewrite, rewrite_records
 from tunnelgraph.runtime import batch_parts, model_device, to_device, unwrap_model
@@ -240,7 +240,7 @@ class TunnelController:
         candidates = self._candidates()  # no site to open, or a name in sites= that is none: said now, not mid-run
         self._check_names(candidates)
         if track:
-            self._tracker = StatisticsTracker(self.module, candidates, example_inputs=self._example, decay=self.decay)
+            self._tracker = self._new_tracker(candidates)
 
     # -- the loop's interface ---------------------------------------------------------------
 
@@ -474,10 +474,10 @@ class TunnelController:
         found = {site.name for site in candidates}
         unknown = [name for name in self.site_names if name not in found]
         if unknown:
-            rules = f"with {through_hint(self.through)}" if self.through else "under the default rules (no through=)"
             raise ValueError(
-                f"sites={unknown} name no site of this model {rules} for which A is measured; pass names that "
-                "tg.find_sites(model, x) gives with this controller's through=, or the through= you found them with"
+                f"sites={unknown} name no site of this model {through_rules(self.through)} for which A is measured; "
+                "pass names that tg.find_sites(model, x) gives with this controller's through=, or the through= you "
+                "found them with"
             )
 
     def _site(self, name: str) -> Site:
@@ -493,8 +493,11 @@ class TunnelController:
         device = model_device(self.module)
         return [to_device(batch_parts(batch), device) for batch in batches]
 
-    def _new_tracker(self) -> StatisticsTracker:
-        return StatisticsTracker(self.module, self._candidates(), example_inputs=self._example, decay=self.decay)
+    def _new_tracker(self, candidates: Sequence[Site] | None = None) -> StatisticsTracker:
+        """A tracker of ``candidates`` (default: the model's candidate sites now)."""
+        if candidates is None:
+            candidates = self._candidates()
+        return StatisticsTracker(self.module, list(candidates), example_inputs=self._example, decay=self.decay)
 
     def _rewrapped(self) -> nn.Module:
         if self.wrap is not None:
